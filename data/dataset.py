@@ -1,0 +1,101 @@
+"""Datasets and loaders over uint8 image arrays, with seeded host-side augmentation."""
+
+import numpy as np
+from paddle.io import DataLoader, Dataset, DistributedBatchSampler
+from paddle.vision.transforms import functional as F
+from PIL import Image
+
+from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
+from data.digits import digits_class_names, load_digits
+from utils.errors import UserError
+
+
+def load_split(data_cfg, mode):
+    """Load a whole split named by ``data.name``: ``(images, labels, class_names)``."""
+    if data_cfg.name == "digits":
+        images, labels = load_digits(mode)
+        return images, labels, digits_class_names()
+    path = locate_cifar100(data_cfg.path)
+    images, labels = load_cifar100(path, mode)
+    return images, labels, cifar100_class_names(path)
+
+
+def subset_indices(total, size, seed, key):
+    """A seeded, sorted choice of ``size`` of ``total`` indices (all of them when ``size`` is None)."""
+    if size is None:
+        return np.arange(total)
+    if not 0 < size <= total:
+        raise UserError(f"{key}={size} must be between 1 and the split size {total}")
+    return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 ``[N, H, W, 3]`` images and int64 labels, augmented on the CPU.
+
+    Each sample's flip and rotation are drawn from a generator seeded by
+    ``(seed, epoch, index)``, so an epoch is the same whatever the number of
+    workers and whichever worker loads the sample.
+    """
+
+    def __init__(self, images, labels, hflip_prob=0.0, rotation=0.0, seed=0):
+        super().__init__()
+        self.images = images
+        self.labels = labels
+        self.hflip_prob = hflip_prob
+        self.rotation = rotation
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        """Select the augmentation draws of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        if self.hflip_prob > 0 or self.rotation > 0:
+            rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+            if rng.random() < self.hflip_prob:
+                image = image[:, ::-1]
+            if self.rotation > 0:
+                angle = rng.uniform(-self.rotation, self.rotation)
+                image = np.asarray(F.rotate(Image.fromarray(np.ascontiguousarray(image)), angle,
+                                            interpolation="bilinear"))
+        return np.ascontiguousarray(image), self.labels[index]
+
+
+def build_loader(dataset, batch_size, num_workers, train):
+    """A DataLoader over ``dataset``; training shuffles and drops the last partial batch.
+
+    The DistributedBatchSampler shards across ranks when there are several and
+    is a plain batch sampler on one process.
+    """
+    sampler = DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=train,
+                                      drop_last=train)
+    if train and len(sampler) == 0:
+        raise UserError(f"the training split has {len(dataset)} images, fewer than one "
+                        f"batch of {batch_size}; lower data.batch_size")
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+
+
+def eval_loader(images, labels, data_cfg):
+    """A loader over every sample in order (no shuffle, nothing dropped), without augmentation."""
+    batch = data_cfg.eval_batch_size or data_cfg.batch_size
+    return build_loader(ImageArrayDataset(images, labels), batch, data_cfg.num_workers, train=False)
+
+
+def check_labels(labels, num_classes, split):
+    """Stop when a label does not fit a ``num_classes``-way head."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"the {split} split has labels in [{labels.min()}, {labels.max()}], "
+                        f"outside [0, {num_classes}); set model.num_classes")
+
+
+def set_epoch(loader, epoch):
+    """Select ``epoch``'s shuffle order and augmentation draws, both derived from the seed."""
+    dataset = loader.dataset
+    dataset.set_epoch(epoch)
+    order_seed = np.random.SeedSequence((dataset.seed, epoch)).generate_state(1)[0]
+    loader.batch_sampler.set_epoch(int(order_seed))

@@ -1,0 +1,156 @@
+"""Build a PPIM DeiT/ViT with a new classification head and load pretrained weights."""
+
+import os
+import sys
+
+import paddle
+import paddle.nn as nn
+
+from utils.download import download_weights
+from utils.errors import UserError
+
+# ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
+IMAGENET_CLASSES = 1000
+
+
+class MLPHeadClassifier(nn.Layer):
+    """The original repo's head: the 1000-class model, then 1000→hidden→Tanh→Dropout→classes."""
+
+    def __init__(self, backbone, hidden, num_classes, dropout):
+        super().__init__()
+        self.backbone = backbone
+        self.fc1 = nn.Linear(IMAGENET_CLASSES, hidden)
+        self.act = nn.Tanh()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(self.backbone(x)))))
+
+
+def _constructor(name):
+    import ppim
+
+    constructor = getattr(ppim, name, None)
+    if constructor is None or not callable(constructor) or name.startswith("_"):
+        raise UserError(f"model.name {name!r} is not a PPIM model; try deit_b_distilled_384, "
+                        f"deit_s_distilled, deit_b_384 or DistilledVisionTransformer")
+    return constructor
+
+
+def pretrained_url(name):
+    """The ImageNet weights URL PPIM lists for constructor ``name``."""
+    module = sys.modules[_constructor(name).__module__]
+    url = getattr(module, "urls", {}).get(name)
+    if url is None:
+        raise UserError(f"PPIM has no pretrained weights for model.name {name!r}; "
+                        f"set model.pretrained to false or to a .pdparams path")
+    return url
+
+
+def build_model(model_cfg, load_pretrained=True):
+    """The model described by the ``model`` config section, with weights per ``model.pretrained``.
+
+    ``num_classes`` sizes both the class head and, on distilled models, the
+    distillation head (PPIM averages the two). ``load_pretrained=False`` skips
+    the weights (evaluation loads a checkpoint instead).
+    """
+    mlp = model_cfg.head == "mlp"
+    kwargs = dict(
+        class_dim=IMAGENET_CLASSES if mlp else model_cfg.num_classes,
+        drop_rate=model_cfg.drop_rate,
+        attn_drop_rate=model_cfg.attn_drop_rate,
+        drop_path_rate=model_cfg.drop_path_rate,
+    )
+    kwargs.update(model_cfg.kwargs)
+    try:
+        backbone = _constructor(model_cfg.name)(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
+    model = (MLPHeadClassifier(backbone, model_cfg.mlp_hidden, model_cfg.num_classes,
+                               model_cfg.drop_rate) if mlp else backbone)
+    if load_pretrained and model_cfg.pretrained:
+        if model_cfg.pretrained is True:
+            fix = ("download it where there is internet and pass -o model.pretrained=/path/to/"
+                   "file.pdparams, or train from scratch with -o model.pretrained=false")
+            path = download_weights(pretrained_url(model_cfg.name),
+                                    f"PPIM's {model_cfg.name} ImageNet weights", fix)
+        else:
+            path = model_cfg.pretrained
+        summary = load_weights(model, path)
+        print(describe_load(path, summary), flush=True)
+    return model
+
+
+def input_size(model):
+    """The square image side the model's patch embedding expects."""
+    backbone = getattr(model, "backbone", model)
+    return backbone.patch_embed.img_size[0]
+
+
+def resolve_image_size(data_cfg, model):
+    """``data.image_size``, or the model's own when unset; it must match the model."""
+    native = input_size(model)
+    size = data_cfg.image_size or native
+    if size != native:
+        raise UserError(f"data.image_size={size} but the model expects {native}x{native} "
+                        f"images; set -o data.image_size={native}")
+    return size
+
+
+def read_state_dict(path):
+    """Read a ``.pdparams`` file into a dict of tensors."""
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {path} not found")
+    try:
+        state = paddle.load(path)
+    except Exception as exc:  # paddle raises many kinds for a broken file
+        raise UserError(f"cannot read weights file {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state dict")
+    return state
+
+
+def load_weights(model, path, strict=False):
+    """Load the tensors of ``path`` that fit ``model``; report loaded, skipped and missing.
+
+    A file of the bare PPIM model also loads into the MLP-head wrapper's
+    backbone. Tensors whose shape differs (the 1000-class heads) are skipped and
+    keep the fresh initialisation; with ``strict`` any skipped or missing tensor
+    is an error instead.
+    """
+    state = read_state_dict(path)
+    target = model
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+        own = set(model.state_dict())
+        if sum(k in own for k in state) < sum(k in backbone.state_dict() for k in state):
+            target = backbone
+    expected = target.state_dict()
+    loaded, skipped = {}, {}
+    for key, value in state.items():
+        if key not in expected:
+            skipped[key] = "not in the model"
+        elif list(value.shape) != list(expected[key].shape):
+            skipped[key] = f"shape {list(value.shape)} != model {list(expected[key].shape)}"
+        else:
+            loaded[key] = value
+    if not loaded:
+        raise UserError(f"weights file {path} holds no tensor of this model; "
+                        f"is it for another model.name?")
+    missing = [key for key in expected if key not in loaded]
+    if strict and (skipped or missing):
+        problems = [f"{k}: {why}" for k, why in skipped.items()] + [f"{k}: missing" for k in missing]
+        raise UserError(f"weights file {path} does not fit this model ({len(problems)} tensors differ, "
+                        f"e.g. {'; '.join(problems[:3])}); check -c/-o match the training config")
+    target.set_state_dict({**expected, **loaded})  # the full dict: no warning per new tensor
+    return {"loaded": len(loaded), "skipped": skipped, "missing": missing}
+
+
+def describe_load(path, summary):
+    """One line summarising :func:`load_weights`."""
+    skipped = "; ".join(f"{k}: {why}" for k, why in summary["skipped"].items())
+    missing = ", ".join(summary["missing"])
+    return (f"weights {os.path.basename(path)}: loaded {summary['loaded']} tensors, "
+            f"skipped {len(summary['skipped'])}" + (f" ({skipped})" if skipped else "")
+            + f", newly initialised {len(summary['missing'])}" + (f" ({missing})" if missing else ""))

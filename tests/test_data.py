@@ -1,0 +1,144 @@
+"""The CIFAR-100 reader against Paddle's own Cifar100, the digits demo data and the loaders."""
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from data import cifar
+from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
+from data.dataset import ImageArrayDataset, build_loader, eval_loader, set_epoch, subset_indices
+from data.digits import load_digits
+from utils.config import Node
+from utils.errors import UserError
+
+FINE_NAMES = [f"class_{i}" for i in range(100)]
+
+
+def _batch(images, labels):
+    """One CIFAR-100 pickle: rows of 3072 bytes, channel-first, as the real archive stores them."""
+    return {b"batch_label": b"test batch", b"filenames": [b"x.png"] * len(labels),
+            b"fine_labels": [int(v) for v in labels], b"coarse_labels": [int(v) // 5 for v in labels],
+            b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1)}
+
+
+def _real_digit_images(mode):
+    """Real digit scans with three different channels, so a channel mix-up shows."""
+    images, labels = load_digits(mode)
+    grey = images[..., 0]
+    rgb = np.stack([grey, 255 - grey, grey[:, :, ::-1]], axis=-1)
+    return np.ascontiguousarray(rgb), labels * 7 + 3  # spread labels over 100 classes
+
+
+@pytest.fixture(scope="module")
+def cifar_archive(tmp_path_factory):
+    """A cifar-100-python.tar.gz written from real digit images."""
+    root = tmp_path_factory.mktemp("cifar")
+    path = root / cifar.ARCHIVE_NAME
+    members = {"train": _batch(*_real_digit_images("train")),
+               "test": _batch(*_real_digit_images("test")),
+               "meta": {b"fine_label_names": [n.encode() for n in FINE_NAMES],
+                        b"coarse_label_names": [b"c"] * 20}}
+    with tarfile.open(path, "w:gz") as archive:
+        for name, payload in members.items():
+            blob = pickle.dumps(payload, protocol=2)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_reader_is_byte_identical_to_paddle_cifar100(cifar_archive, mode):
+    from paddle.vision.datasets import Cifar100
+
+    images, labels = load_cifar100(cifar_archive, mode)
+    reference = Cifar100(data_file=cifar_archive, mode=mode, download=False, backend="pil")
+    assert images.dtype == np.uint8 and images.shape == (len(reference), 32, 32, 3)
+    assert labels.dtype == np.int64 and labels.shape == (len(reference),)
+    for index in range(len(reference)):
+        image, label = reference[index]
+        assert np.asarray(image).tobytes() == images[index].tobytes()
+        assert int(label) == labels[index]
+    expected, expected_labels = _real_digit_images(mode)
+    assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels)
+
+
+def test_reader_reads_an_extracted_folder_the_same(cifar_archive, tmp_path):
+    with tarfile.open(cifar_archive) as archive:
+        archive.extractall(tmp_path, filter="data")
+    for folder in (tmp_path, tmp_path / "cifar-100-python"):
+        images, labels = load_cifar100(str(folder), "test")
+        ref_images, ref_labels = load_cifar100(cifar_archive, "test")
+        assert np.array_equal(images, ref_images) and np.array_equal(labels, ref_labels)
+    assert cifar100_class_names(str(tmp_path)) == FINE_NAMES
+    assert cifar100_class_names(cifar_archive) == FINE_NAMES
+
+
+def test_missing_archive_offline_names_file_and_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar, "default_archive_path", lambda: str(tmp_path / cifar.ARCHIVE_NAME))
+
+    def unreachable(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr("utils.download.socket.create_connection", unreachable)
+    with pytest.raises(UserError) as info:
+        locate_cifar100(None)
+    message = str(info.value)
+    assert str(tmp_path / cifar.ARCHIVE_NAME) in message
+    assert "-o data.path=" in message and "Name or service not known" in message
+    with pytest.raises(UserError, match="data.path /nope does not exist"):
+        locate_cifar100("/nope")
+
+
+def test_digits_demo_split_is_stratified_fixed_and_held_out():
+    train_images, train_labels = load_digits("train")
+    test_images, test_labels = load_digits("test")
+    assert train_images.shape == (1437, 32, 32, 3) and train_images.dtype == np.uint8
+    assert test_images.shape == (360, 32, 32, 3)
+    assert len(test_labels) / (len(test_labels) + len(train_labels)) >= 0.2
+    per_class = np.bincount(train_labels) + np.bincount(test_labels)
+    assert np.all(np.abs(np.bincount(test_labels) - 0.2 * per_class) <= 1)  # stratified
+    again, _ = load_digits("test")
+    assert np.array_equal(again, test_images)
+    assert (train_images[..., 0] == train_images[..., 2]).all() and train_images.max() > 200
+
+
+def test_subsets_are_seeded_sorted_and_bounded():
+    first = subset_indices(50, 10, (3, 0), "data.train_subset")
+    assert np.array_equal(first, subset_indices(50, 10, (3, 0), "data.train_subset"))
+    assert not np.array_equal(first, subset_indices(50, 10, (4, 0), "data.train_subset"))
+    assert np.all(np.diff(first) > 0) and len(set(first)) == 10
+    assert np.array_equal(subset_indices(5, None, 0, "k"), np.arange(5))
+    with pytest.raises(UserError, match="data.val_subset=60 must be between 1 and the split size 50"):
+        subset_indices(50, 60, 0, "data.val_subset")
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    images, labels = load_digits("test")
+    dataset = ImageArrayDataset(images, labels, hflip_prob=0.5, rotation=15.0, seed=1)
+    dataset.set_epoch(2)
+    first = [dataset[i][0] for i in range(8)]
+    assert [np.array_equal(a, dataset[i][0]) for i, a in enumerate(first)] == [True] * 8
+    dataset.set_epoch(3)
+    assert not all(np.array_equal(a, dataset[i][0]) for i, a in enumerate(first))
+    plain = ImageArrayDataset(images, labels)
+    assert np.array_equal(plain[5][0], images[5])
+
+
+def test_train_loader_ships_uint8_and_eval_loader_sees_every_sample():
+    images, labels = load_digits("test")
+    data_cfg = Node(batch_size=64, eval_batch_size=None, num_workers=0)
+    train = build_loader(ImageArrayDataset(images, labels, seed=0), 64, 0, train=True)
+    set_epoch(train, 0)
+    batches = list(train)
+    assert len(batches) == 360 // 64 and str(batches[0][0].dtype).endswith("uint8")
+    assert list(batches[0][0].shape) == [64, 32, 32, 3]
+    order0 = np.concatenate([b[1].numpy() for b in batches])
+    set_epoch(train, 1)
+    order1 = np.concatenate([b[1].numpy() for b in train])
+    assert not np.array_equal(order0, order1)
+    seen = np.concatenate([b[1].numpy() for b in eval_loader(images, labels, data_cfg)])
+    assert np.array_equal(seen, labels)

@@ -1,0 +1,79 @@
+"""The bundled demo end to end, through main.py and val.py as a user runs them."""
+
+import json
+import os
+import re
+import socket
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from conftest import run_script
+
+from data.cifar import CIFAR100_URL
+from data.digits import load_digits
+from utils.config import load_config
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Train the demo once (about two minutes on two cores) into a temporary folder."""
+    out = str(tmp_path_factory.mktemp("demo"))
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_demo_trains_every_stage_and_epoch(demo_run):
+    out, proc = demo_run
+    cfg = load_config("configs/demo.yaml")
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    assert len(records) == sum(stage.epochs for stage in cfg.stages)
+    assert [r["stage"] for r in records] == [i for i, s in enumerate(cfg.stages)
+                                             for _ in range(s.epochs)]
+    assert records[-1]["train_loss"] < 0.5 * records[0]["train_loss"]
+    assert "best val top1" in proc.stdout
+
+
+def test_val_reports_demo_accuracy_per_sample(demo_run):
+    out, _ = demo_run
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"top1=(\S+) top5=(\S+) loss=(\S+) n=(\d+)", last)
+    assert match, last
+    top1, top5, loss, n = float(match[1]), float(match[2]), float(match[3]), int(match[4])
+    assert n == 360 and top1 >= 0.95 and top5 >= top1 and loss < 0.5
+    with open(os.path.join(out, "val_metrics.json"), encoding="utf-8") as handle:
+        report = json.load(handle)
+    assert report["num_samples"] == 360 and report["top1"] == pytest.approx(top1, abs=1e-4)
+    assert list(report["per_class_top1"]) == [str(d) for d in range(10)]
+    # Per-sample accuracy: the class accuracies weighted by class sizes give top-1 back.
+    sizes = np.bincount(load_digits("test")[1])
+    weighted = sum(a * s for a, s in zip(report["per_class_top1"].values(), sizes)) / 360
+    assert weighted == pytest.approx(report["top1"])
+    with open(os.path.join(out, "best.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["val_top1"] == pytest.approx(report["top1"])
+
+
+def test_val_without_checkpoint_is_one_error_line(tmp_path):
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no weights at {tmp_path}/best.pdparams")
+    assert "Traceback" not in proc.stderr
+
+
+def test_default_run_offline_fails_fast_with_one_line(tmp_path):
+    try:
+        socket.create_connection((urlparse(CIFAR100_URL).hostname, 443), timeout=3).close()
+        pytest.skip("the CIFAR-100 host is reachable: plain main.py would download it")
+    except OSError:
+        pass
+    proc = run_script("main.py", env={"HOME": str(tmp_path)}, timeout=120)  # empty Paddle cache
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CIFAR-100")
+    assert "-o data.path=" in lines[0] and "Traceback" not in proc.stderr
+

@@ -1,0 +1,96 @@
+"""Building PPIM models with a new head, loading weights and skipping the ImageNet heads."""
+
+import numpy as np
+import paddle
+import pytest
+from conftest import TINY_MODEL_KWARGS
+
+from models.build import build_model, input_size, load_weights, pretrained_url, resolve_image_size
+from utils.config import Node, validate
+from utils.errors import UserError
+from utils.schema import MODEL
+
+
+def test_tiny_distilled_vit_has_new_heads_and_dropout(tiny_model_cfg):
+    paddle.seed(0)
+    model = build_model(tiny_model_cfg)
+    assert model.head.weight.shape == [64, 10] and model.head_dist.weight.shape == [64, 10]
+    assert model.blocks[0].mlp.drop.p == 0.1 and len(model.blocks) == 2
+    model.eval()
+    out = model(paddle.rand([3, 3, 32, 32]))
+    assert out.shape == [3, 10]
+    model.train()
+    x = paddle.rand([2, 3, 32, 32])
+    doubled = model(paddle.concat([x, x]))
+    assert not np.allclose(doubled[:2].numpy(), doubled[2:].numpy())  # two dropout masks
+
+
+def test_imagenet_heads_are_skipped_and_backbone_loaded(tmp_path, tiny_model_cfg):
+    paddle.seed(1)
+    source_cfg = Node(tiny_model_cfg, num_classes=1000)
+    source = build_model(source_cfg)
+    path = str(tmp_path / "imagenet.pdparams")
+    paddle.save(source.state_dict(), path)
+    paddle.seed(2)
+    model = build_model(Node(tiny_model_cfg, pretrained=path))
+    summary = load_weights(model, path)
+    heads = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    assert set(summary["skipped"]) == heads and set(summary["missing"]) == heads
+    assert summary["skipped"]["head.weight"] == "shape [64, 1000] != model [64, 10]"
+    assert summary["loaded"] == len(source.state_dict()) - 4
+    assert np.array_equal(model.pos_embed.numpy(), source.pos_embed.numpy())
+    assert np.array_equal(model.blocks[1].attn.qkv.weight.numpy(),
+                          source.blocks[1].attn.qkv.weight.numpy())
+    with pytest.raises(UserError, match="does not fit this model"):
+        load_weights(model, path, strict=True)
+
+
+def test_mlp_head_keeps_imagenet_heads_and_adds_the_originals_head(tmp_path, tiny_model_cfg):
+    source = build_model(Node(tiny_model_cfg, num_classes=1000))
+    path = str(tmp_path / "imagenet.pdparams")
+    paddle.save(source.state_dict(), path)
+    model = build_model(Node(tiny_model_cfg, head="mlp", mlp_hidden=16, pretrained=path))
+    assert model.fc1.weight.shape == [1000, 16] and model.fc2.weight.shape == [16, 10]
+    assert np.array_equal(model.backbone.head.weight.numpy(), source.head.weight.numpy())
+    model.eval()
+    assert model(paddle.rand([2, 3, 32, 32])).shape == [2, 10]
+    own = str(tmp_path / "own.pdparams")
+    paddle.save(model.state_dict(), own)
+    assert load_weights(model, own, strict=True)["loaded"] == len(model.state_dict())
+
+
+def test_real_deit_b_distilled_384_gives_100_logits_at_384px():
+    cfg = validate({"num_classes": 100, "pretrained": False, "drop_rate": 0.3}, MODEL, "model")
+    paddle.seed(0)
+    model = build_model(cfg)
+    assert input_size(model) == 384
+    assert sum(int(np.prod(p.shape)) for p in model.parameters()) > 85_000_000
+    model.eval()
+    with paddle.no_grad():
+        out = model(paddle.rand([2, 3, 384, 384]))
+    assert out.shape == [2, 100] and np.isfinite(out.numpy()).all()
+    assert pretrained_url("deit_b_distilled_384").startswith("https://")
+
+
+def test_wrong_model_name_kwargs_and_image_size_are_user_errors(tiny_model_cfg):
+    with pytest.raises(UserError, match="model.name 'resnet' is not a PPIM model"):
+        build_model(Node(tiny_model_cfg, name="resnet"))
+    with pytest.raises(UserError, match="model.kwargs do not fit deit_s"):
+        build_model(Node(tiny_model_cfg, name="deit_s", kwargs=dict(TINY_MODEL_KWARGS)))
+    model = build_model(tiny_model_cfg)
+    assert resolve_image_size(Node(image_size=None), model) == 32
+    with pytest.raises(UserError, match="data.image_size=64 but the model expects 32x32"):
+        resolve_image_size(Node(image_size=64), model)
+
+
+def test_pretrained_download_offline_is_one_clear_error(monkeypatch, tiny_model_cfg):
+    def unreachable(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr("utils.download.socket.create_connection", unreachable)
+    monkeypatch.setattr("utils.download.os.path.isfile", lambda path: False)
+    cfg = Node(tiny_model_cfg, name="deit_ti", kwargs={}, pretrained=True)
+    with pytest.raises(UserError) as info:
+        build_model(cfg)
+    assert "PPIM's deit_ti ImageNet weights is not available offline" in str(info.value)
+    assert "-o model.pretrained=" in str(info.value)

@@ -1,0 +1,1 @@
+"""Shared helpers: config, errors, downloads, checkpoints, logging."""

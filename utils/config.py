@@ -1,0 +1,207 @@
+"""Load a YAML config, apply ``-o section.key=value`` overrides and validate it.
+
+Every unknown key, missing key or wrong type is a :class:`UserError` that names
+the key, so that a typo never silently falls back to a default.
+"""
+
+import copy
+import os
+import re
+
+import yaml
+
+from utils.errors import UserError
+from utils.schema import CONFIG, REQUIRED, Field, ListOf, Section, Tagged
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = "configs/rdrop_deit_b_384_cifar100.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 needs ``1.0e-4``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class Node(dict):
+    """A validated config mapping whose keys also read as attributes."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def parse_value(text):
+    """Parse one override value as YAML (``1e-4`` → float, ``[1, 2]`` → list)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot parse override value {text!r}: {exc}") from None
+
+
+def read_yaml(path):
+    """Read a YAML mapping from ``path`` (relative paths also tried from the project root)."""
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(PROJECT_ROOT, path)):
+        path = os.path.join(PROJECT_ROOT, path)
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found (pass an existing file with -c)")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.load(handle, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections")
+    return raw
+
+
+def apply_override(raw, assignment):
+    """Apply one ``a.b.0.c=value`` assignment to the raw (unvalidated) mapping."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {assignment!r} must look like section.key=value")
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(
+                    f"override {key!r}: {where} is a list of {len(node)}, "
+                    f"{part!r} is not an index in it")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise UserError(f"override {key!r}: {where} is a value, not a section")
+        if last:
+            node[part] = parse_value(text)
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def _type_name(types):
+    return " or ".join(t.__name__ for t in types)
+
+
+def _check_field(value, field, path):
+    if value is None:
+        if field.nullable:
+            return None
+        raise UserError(f"config key '{path}' must be {_type_name(field.types)}, got null")
+    if float in field.types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and bool not in field.types:
+        raise UserError(f"config key '{path}' must be {_type_name(field.types)}, got bool {value}")
+    if not isinstance(value, field.types):
+        raise UserError(
+            f"config key '{path}' must be {_type_name(field.types)}, "
+            f"got {type(value).__name__} {value!r}")
+    if field.choices and value not in field.choices:
+        raise UserError(f"config key '{path}' must be one of {', '.join(field.choices)}; got {value!r}")
+    if field.minimum is not None and value < field.minimum:
+        raise UserError(f"config key '{path}' must be >= {field.minimum}, got {value!r}")
+    if field.maximum is not None and value > field.maximum:
+        raise UserError(f"config key '{path}' must be <= {field.maximum}, got {value!r}")
+    if field.item_type is not None:
+        value = [_check_field(item, Field(field.item_type), f"{path}.{i}") for i, item in enumerate(value)]
+        if field.length is not None and len(value) != field.length:
+            raise UserError(f"config key '{path}' must have {field.length} items, got {len(value)}")
+    return copy.deepcopy(value)
+
+
+def _check_section(value, section, path, tag_keys=()):
+    where = path or "the top level"
+    if not isinstance(value, dict):
+        raise UserError(f"config key '{path}' must be a section (mapping), got {type(value).__name__}")
+    unknown = sorted(set(value) - set(section.fields), key=str)
+    if unknown:
+        valid = ", ".join([*tag_keys, *section.fields])
+        raise UserError(
+            f"config key '{_join(path, unknown[0])}' is unknown; valid keys at {where}: {valid}")
+    result = Node()
+    for key, schema in section.fields.items():
+        key_path = _join(path, key)
+        if key in value:
+            result[key] = validate(value[key], schema, key_path)
+        elif section.partial:
+            continue
+        elif isinstance(schema, Field) and schema.default is not REQUIRED:
+            result[key] = copy.deepcopy(schema.default)
+        elif isinstance(schema, Section):
+            result[key] = validate({}, schema, key_path)
+        elif isinstance(schema, Tagged) and schema.default_name is not REQUIRED:
+            result[key] = validate({"name": schema.default_name}, schema, key_path)
+        else:
+            raise UserError(f"config key '{key_path}' is missing")
+    return result
+
+
+def _join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+def validate(value, schema, path=""):
+    """Check ``value`` against ``schema``; return it with defaults filled in."""
+    if isinstance(schema, Field):
+        return _check_field(value, schema, path)
+    if isinstance(schema, Section):
+        return _check_section(value, schema, path)
+    if isinstance(schema, Tagged):
+        names = ", ".join(schema.variants)
+        if not isinstance(value, dict) or "name" not in value:
+            raise UserError(f"config key '{path}.name' is missing; one of {names}")
+        name = value["name"]
+        if name not in schema.variants:
+            raise UserError(f"config key '{path}.name' must be one of {names}; got {name!r}")
+        body = {k: v for k, v in value.items() if k != "name"}
+        result = Node(name=name)
+        result.update(_check_section(body, schema.variants[name], path, tag_keys=("name",)))
+        return result
+    if isinstance(schema, ListOf):
+        if not isinstance(value, list) or not value:
+            raise UserError(f"config key '{path}' must be a non-empty list")
+        return [validate(item, schema.item, f"{path}.{i}") for i, item in enumerate(value)]
+    raise TypeError(f"unknown schema node {schema!r}")
+
+
+def load_config(path=DEFAULT_CONFIG, overrides=()):
+    """Read ``path``, apply ``overrides`` (``section.key=value`` strings) and validate."""
+    raw = read_yaml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw, CONFIG)
+
+
+def to_plain(node):
+    """Turn a validated config back into plain dicts and lists (for YAML/JSON)."""
+    if isinstance(node, dict):
+        return {key: to_plain(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [to_plain(item) for item in node]
+    return node
+
+
+def dump_config(cfg):
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
+
+
+def add_config_args(parser):
+    """Add the shared ``-c/--config`` and ``-o/--override`` options to a parser."""
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help=f"YAML recipe (default: {DEFAULT_CONFIG})")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. -o data.batch_size=32 or "
+                             "-o stages.0.optimizer.lr=1e-4 (repeatable; values are YAML)")

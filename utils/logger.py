@@ -1,0 +1,34 @@
+"""Run logs: one JSON line per epoch in ``metrics.jsonl`` and VisualDL scalars under ``vdl/``."""
+
+import json
+import numbers
+import os
+
+
+class RunLogger:
+    """Writes the per-epoch records and per-step training scalars of one run."""
+
+    def __init__(self, output_dir):
+        from visualdl import LogWriter
+
+        os.makedirs(output_dir, exist_ok=True)
+        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        open(self.metrics_path, "w", encoding="utf-8").close()
+        self.writer = LogWriter(logdir=os.path.join(output_dir, "vdl"))
+
+    def log_step(self, step, values):
+        """Scalars of one optimizer step (``train/loss``, ``train/lr``, ...)."""
+        for name, value in values.items():
+            self.writer.add_scalar(tag=f"train/{name}", value=float(value), step=step)
+
+    def log_epoch(self, epoch_index, record):
+        """Append ``record`` to metrics.jsonl and mirror its numbers to VisualDL."""
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if isinstance(value, numbers.Number) and not isinstance(value, bool):
+                self.writer.add_scalar(tag=f"epoch/{name}", value=float(value), step=epoch_index)
+
+    def close(self):
+        """Flush and close the VisualDL writer."""
+        self.writer.close()

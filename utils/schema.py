@@ -1,0 +1,133 @@
+"""Declarative config schema: which keys exist, their types and defaults.
+
+Recipe values (learning rates, epochs, dropout, alpha of a reproduction) live in
+the YAML files under ``configs/``; the defaults here are neutral values that a
+config may leave out.
+"""
+
+REQUIRED = object()
+
+
+class Field:
+    """One leaf key: accepted Python types, default, allowed values."""
+
+    def __init__(self, types, default=REQUIRED, choices=None, nullable=False,
+                 item_type=None, length=None, minimum=None, maximum=None):
+        self.types = types if isinstance(types, tuple) else (types,)
+        self.default = default
+        self.choices = choices
+        self.nullable = nullable
+        self.item_type = item_type
+        self.length = length
+        self.minimum = minimum
+        self.maximum = maximum
+
+
+class Section:
+    """A mapping of named keys. ``partial`` sections only keep the keys given."""
+
+    def __init__(self, fields, partial=False):
+        self.fields = fields
+        self.partial = partial
+
+
+class Tagged:
+    """A mapping whose ``name`` key selects which of several sections applies."""
+
+    def __init__(self, variants, default_name=REQUIRED):
+        self.variants = variants
+        self.default_name = default_name
+
+
+class ListOf:
+    """A non-empty list whose items all follow one schema."""
+
+    def __init__(self, item):
+        self.item = item
+
+
+def _nullable(types, minimum=None):
+    return Field(types, default=None, nullable=True, minimum=minimum)
+
+
+DATA = Section({
+    "name": Field(str, "cifar100", choices=("cifar100", "digits")),
+    "path": _nullable(str),
+    "train_subset": _nullable(int, minimum=1),
+    "val_subset": _nullable(int, minimum=1),
+    "image_size": _nullable(int, minimum=1),
+    "batch_size": Field(int, minimum=1),
+    "eval_batch_size": _nullable(int, minimum=1),
+    "num_workers": Field(int, 2, minimum=0),
+    "hflip_prob": Field(float, 0.5, minimum=0.0, maximum=1.0),
+    "rotation": Field(float, 0.0, minimum=0.0, maximum=180.0),
+})
+
+# What a stage may change in the data section.
+STAGE_DATA = Section(
+    {key: _nullable(DATA.fields[key].types, minimum=DATA.fields[key].minimum)
+     for key in ("train_subset", "val_subset", "hflip_prob", "rotation", "batch_size")},
+    partial=True,
+)
+
+MODEL = Section({
+    "name": Field(str, "deit_b_distilled_384"),
+    "pretrained": Field((bool, str), True),
+    "num_classes": Field(int, minimum=1),
+    "drop_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
+    "attn_drop_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
+    "drop_path_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
+    "head": Field(str, "linear", choices=("linear", "mlp")),
+    "mlp_hidden": Field(int, 512, minimum=1),
+    "kwargs": Field(dict, {}),
+})
+
+LOSS = Section({
+    "rdrop": Field(bool, True),
+    "alpha": Field(float, 5.0, minimum=0.0),
+    "kl_reduction": Field(str, "batchmean", choices=("batchmean", "sum")),
+})
+
+TRAIN = Section({
+    "output_dir": Field(str, "output"),
+    "seed": Field(int, 0),
+})
+
+OPTIMIZER = Tagged({
+    "AdamW": Section({
+        "lr": Field(float, minimum=0.0),
+        "betas": Field(list, [0.9, 0.999], item_type=float, length=2),
+        "epsilon": Field(float, 1e-8),
+        "weight_decay": Field(float, 0.01),
+    }),
+    "Momentum": Section({
+        "lr": Field(float, minimum=0.0),
+        "momentum": Field(float, 0.9),
+        "l2_decay": Field(float, 0.0),
+        "use_nesterov": Field(bool, False),
+    }),
+})
+
+LR_SCHEDULE = Tagged({
+    "constant": Section({}),
+    "polynomial": Section({
+        "end_lr": Field(float, 0.0),
+        "power": Field(float, 1.0),
+    }),
+}, default_name="constant")
+
+STAGE = Section({
+    "name": _nullable(str),
+    "epochs": Field(int, minimum=1),
+    "optimizer": OPTIMIZER,
+    "lr_schedule": LR_SCHEDULE,
+    "data": STAGE_DATA,
+})
+
+CONFIG = Section({
+    "data": DATA,
+    "model": MODEL,
+    "loss": LOSS,
+    "train": TRAIN,
+    "stages": ListOf(STAGE),
+})

@@ -1,0 +1,64 @@
+"""Evaluate trained weights on the whole test split: top-1, top-5 and loss, per sample.
+
+Examples:
+  python val.py                                  # best checkpoint of the reproduction
+  python val.py -c configs/demo.yaml             # best checkpoint of the CPU demo
+  python val.py --weights output/last.pdparams   # any weights file of this model
+"""
+
+import argparse
+import os
+
+from utils import cli
+from utils.config import add_config_args, load_config
+from utils.errors import UserError
+
+
+def parse_args(argv=None):
+    """Command-line options of the evaluation entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--weights", metavar="PATH",
+                        help="weights to evaluate (default: best.pdparams in train.output_dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Evaluate and write ``val_metrics.json`` next to the checkpoints."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.override)
+    from data.dataset import check_labels, eval_loader, load_split
+    from data.preprocess import DevicePreprocess
+    from engine import evaluate
+    from models.build import build_model, describe_load, load_weights, resolve_image_size
+    from utils.checkpoint import weights_path, write_json
+
+    out = cfg.train.output_dir
+    weights = args.weights or weights_path(out, "best")
+    if not os.path.isfile(weights):
+        raise UserError(f"no weights at {weights}; train first (python main.py -c {args.config}) "
+                        f"or pass --weights PATH")
+    cli.select_device()
+    images, labels, class_names = load_split(cfg.data, "test")
+    check_labels(labels, cfg.model.num_classes, "test")
+    model = build_model(cfg.model, load_pretrained=False)
+    print(describe_load(weights, load_weights(model, weights, strict=True)), flush=True)
+    preprocess = DevicePreprocess(resolve_image_size(cfg.data, model))
+    result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
+                      cfg.model.num_classes)
+    report = {
+        "weights": os.path.abspath(weights),
+        "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
+        "num_samples": result["num_samples"],
+        "per_class_top1": dict(zip(class_names, result["per_class_top1"])),
+    }
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "val_metrics.json"), report)
+    print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} loss={result['loss']:.4f} "
+          f"n={result['num_samples']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
