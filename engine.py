@@ -9,48 +9,82 @@ from tqdm import tqdm
 from losses.rdrop import log_softmax, nll
 
 
-def train_step(model, criterion, preprocess, images, labels):
-    """Forward and backward of one batch; returns the loss parts.
+def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0):
+    """Forward and backward of one (micro-)batch; returns the unscaled loss parts.
 
     With R-Drop (``criterion.copies == 2``) the batch is doubled as ``[x; x]`` and
     passed once: both copies see independent dropout masks at the same rate, at
     the cost of one forward over 2B images instead of two separate passes.
+    ``loss_scale`` (1/accum_steps) makes accumulated gradients equal those of
+    one batch holding all the micro-batches.
     """
     x = preprocess(images)
     if criterion.copies == 2:
         x = paddle.concat([x, x])
     parts = criterion(model(x), labels)
-    parts["loss"].backward()
+    (parts["loss"] * loss_scale).backward()
     return parts
 
 
-def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler,
-                    on_step=None, desc="train"):
-    """Train over ``loader`` once; return the per-sample mean loss parts and images/s."""
+class EpochProgress:
+    """Where an epoch stands: micro-batches done, samples seen, loss sums, seconds spent.
+
+    Saved in mid-epoch checkpoints so that a resumed epoch reports the same means.
+    """
+
+    def __init__(self, micro=0, seen=0, sums=None, elapsed=0.0):
+        self.micro = micro
+        self.seen = seen
+        self.sums = dict(sums) if sums else {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+        self.elapsed = elapsed
+
+    def to_dict(self):
+        """A JSON-ready copy."""
+        return {"micro": self.micro, "seen": self.seen, "sums": dict(self.sums),
+                "elapsed": self.elapsed}
+
+    def means(self):
+        """Per-sample means of the loss parts, and images per second."""
+        result = {name: total / max(self.seen, 1) for name, total in self.sums.items()}
+        result["images_per_s"] = self.seen / self.elapsed if self.elapsed > 0 else 0.0
+        return result
+
+
+def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, progress,
+                    accum_steps=1, before_micro=None, on_step=None, desc="train"):
+    """Train over ``loader`` (which yields the batches not yet done in ``progress``).
+
+    Gradients of ``accum_steps`` micro-batches are summed before each optimizer
+    step. ``before_micro(micro)`` runs before each micro-batch (the trainer seeds
+    dropout there); ``on_step(values)`` after each optimizer step. Returns the
+    per-sample means of the loss parts and images/s.
+    """
     model.train()
-    sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-    seen = 0
-    start = time.perf_counter()
+    start = time.perf_counter() - progress.elapsed
     bar = tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0)
     for images, labels in bar:
-        parts = train_step(model, criterion, preprocess, images, labels)
-        optimizer.step()
-        optimizer.clear_grad()
-        lr = optimizer.get_lr()
-        if scheduler is not None:
-            scheduler.step()
+        if before_micro is not None:
+            before_micro(progress.micro)
+        parts = train_step(model, criterion, preprocess, images, labels, 1.0 / accum_steps)
         values = {name: float(value) for name, value in parts.items()}
         batch = labels.shape[0]
-        seen += batch
-        for name in sums:
-            sums[name] += values[name] * batch
+        progress.seen += batch
+        for name in progress.sums:
+            progress.sums[name] += values[name] * batch
+        progress.micro += 1
+        if progress.micro % accum_steps:
+            continue
+        lr = optimizer.get_lr()
+        optimizer.step()
+        optimizer.clear_grad()
+        if scheduler is not None:
+            scheduler.step()
+        progress.elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         if on_step is not None:
             on_step(dict(values, lr=lr))
-    elapsed = time.perf_counter() - start
-    result = {name: total / max(seen, 1) for name, total in sums.items()}
-    result["images_per_s"] = seen / elapsed if elapsed > 0 else 0.0
-    return result
+    progress.elapsed = time.perf_counter() - start
+    return progress.means()
 
 
 @paddle.no_grad()

@@ -6,20 +6,30 @@ Examples:
   python main.py -o loss.rdrop=false            # the plain cross-entropy baseline
   python main.py -o stages.0.optimizer.lr=1e-4  # change one stage's learning rate
   python main.py --dry-run                      # print the resolved config and stage plan
+  python main.py --resume                       # continue after an interruption
+  python main.py --init-from output/subset      # carry weights of an earlier run
 """
 
 import argparse
+import os
 
 from utils import cli
 from utils.config import add_config_args, dump_config, load_config
-from utils.optim import describe_stage, stage_data
+from utils.optim import describe_run, describe_stage, stage_data, stage_loss
 
 
 def parse_args(argv=None):
     """Command-line options of the training entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
+    parser.add_argument("--resume", nargs="?", const=True, metavar="PATH",
+                        help="continue an interrupted run exactly where its last checkpoint "
+                             "stands (default: train.output_dir; or an output dir / last/ folder)")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start from weights of an earlier run (a .pdparams file or an output "
+                             "dir, whose best.pdparams is used); same as -o model.pretrained=PATH")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the stage plan, then exit "
                              "(loads no data and no weights)")
@@ -29,21 +39,29 @@ def parse_args(argv=None):
 def print_plan(cfg):
     """The resolved config followed by one line per stage."""
     print(dump_config(cfg), end="")
+    print("training: " + describe_run(cfg))
     print("stage plan:")
     for index, stage in enumerate(cfg.stages):
-        print("  " + describe_stage(index, stage, stage_data(cfg.data, stage)))
+        print("  " + describe_stage(index, stage, stage_data(cfg.data, stage),
+                                    stage_loss(cfg.loss, stage)))
 
 
 def main(argv=None):
     """Train (or, with ``--dry-run``, show what would be trained)."""
     args = parse_args(argv)
-    cfg = load_config(args.config, args.override)
+    overrides = list(args.override)
+    if args.init_from:
+        path = args.init_from
+        if os.path.isdir(path):
+            path = os.path.join(path, "best.pdparams")
+        overrides.append(f"model.pretrained={path}")
+    cfg = load_config(args.config, overrides)
     if args.dry_run:
         print_plan(cfg)
         return 0
     from trainer import fit
 
-    fit(cfg)
+    fit(cfg, resume=args.resume)
     return 0
 
 

@@ -1,6 +1,14 @@
-"""The staged training run: stages of epochs, each with its optimizer, schedule and data."""
+"""The staged training run: stages of epochs, each with its optimizer, schedule, data and loss.
+
+Everything a run does is a function of the config and its position (stage, epoch,
+micro-batch): the shuffle order and augmentation come from (seed, epoch), dropout from
+Paddle re-seeded with (seed, epoch, micro-batch). A run resumed from a checkpoint
+therefore continues exactly as the uninterrupted run would have.
+"""
 
 import os
+
+import paddle
 
 from data.dataset import (
     ImageArrayDataset,
@@ -12,16 +20,28 @@ from data.dataset import (
     subset_indices,
 )
 from data.preprocess import DevicePreprocess
-from engine import evaluate, train_one_epoch
+from engine import EpochProgress, evaluate, train_one_epoch
 from losses import build_loss
 from models.build import build_model, resolve_image_size
-from utils.checkpoint import save_checkpoint, weights_path
-from utils.cli import seed_everything, select_device
-from utils.config import dump_config
+from utils.averaging import EMA, SWA
+from utils.checkpoint import find_last, load_last, save_best, save_last, weights_path
+from utils.cli import derived_seed, seed_everything, select_device
+from utils.config import dump_config, to_plain
+from utils.errors import UserError
 from utils.logger import RunLogger
-from utils.optim import build_optimizer, describe_stage, stage_data
+from utils.optim import (
+    build_optimizer,
+    describe_stage,
+    optimizer_state_for,
+    portable_optimizer_state,
+    stage_data,
+    stage_loss,
+)
 
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM = 0, 1
+KINDS = ("raw", "ema", "swa")
+# Keys that may change between a run and its resume without changing the results.
+RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir")
 
 
 def _stage_loaders(cfg, data_cfg, train_split, test_split):
@@ -46,62 +66,203 @@ def _is_better(val, best):
     return (val["num_samples"], val["top1"]) > (best["val_num_samples"], best["val_top1"])
 
 
-def fit(cfg):
-    """Run every stage of ``cfg``; write checkpoints, metrics.jsonl and VisualDL logs."""
-    out = cfg.train.output_dir
-    device = select_device()
-    seed_everything(cfg.train.seed)
-    train_images, train_labels, _ = load_split(cfg.data, "train")
-    test_images, test_labels, _ = load_split(cfg.data, "test")
-    check_labels(train_labels, cfg.model.num_classes, "train")
-    check_labels(test_labels, cfg.model.num_classes, "test")
-    model = build_model(cfg.model)
-    preprocess = DevicePreprocess(resolve_image_size(cfg.data, model))
-    criterion = build_loss(cfg.loss)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as handle:
-        handle.write(dump_config(cfg))
-    print(f"device {device}; {len(train_labels)} train / {len(test_labels)} val images; "
-          f"output in {out}", flush=True)
+def _first_difference(saved, current, path=""):
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if sub not in RESUMABLE_CHANGES:
+                found = _first_difference(saved.get(key), current.get(key), sub)
+                if found:
+                    return found
+        return None
+    return None if saved == current else path
 
-    logger = RunLogger(out)
-    best, epoch_index, step = None, 0, 0
 
-    def on_step(values):
-        nonlocal step
-        logger.log_step(step, values)
-        step += 1
+def resume_folder(resume, output_dir):
+    """The checkpoint folder that ``--resume [PATH]`` names (an output dir or a ``last/`` folder)."""
+    folder = find_last(resume if isinstance(resume, str) else output_dir)
+    if folder is None and isinstance(resume, str) and os.path.isfile(os.path.join(resume, "state.json")):
+        folder = resume
+    if folder is None:
+        where = resume if isinstance(resume, str) else output_dir
+        raise UserError(f"no checkpoint to resume in {where}; start without --resume")
+    return folder
 
-    for stage_index, stage in enumerate(cfg.stages):
-        data_cfg = stage_data(cfg.data, stage)
-        print(describe_stage(stage_index, stage, data_cfg), flush=True)
-        train_loader, val_loader = _stage_loaders(cfg, data_cfg, (train_images, train_labels),
-                                                  (test_images, test_labels))
-        optimizer, scheduler = build_optimizer(stage, model.parameters(),
-                                               stage.epochs * len(train_loader))
-        for epoch in range(stage.epochs):
-            set_epoch(train_loader, epoch_index)
-            desc = f"stage {stage_index} epoch {epoch + 1}/{stage.epochs}"
-            stats = train_one_epoch(model, criterion, preprocess, train_loader, optimizer,
-                                    scheduler, on_step=on_step, desc=desc)
-            val = evaluate(model, preprocess, val_loader, cfg.model.num_classes, desc="val")
-            record = {
-                "stage": stage_index, "epoch": epoch, "lr": optimizer.get_lr(),
-                "train_loss": stats["loss"], "train_ce": stats["ce"], "train_kl": stats["kl"],
-                "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
-                "images_per_s": stats["images_per_s"],
-            }
-            logger.log_epoch(epoch_index, record)
-            meta = dict(record, epoch_index=epoch_index, val_num_samples=val["num_samples"])
-            save_checkpoint(out, "last", model, meta, optimizer)
-            if _is_better(val, best):
-                best = meta
-                save_checkpoint(out, "best", model, meta)
-            print(f"{desc}: loss {stats['loss']:.4f} (ce {stats['ce']:.4f}, kl {stats['kl']:.4f}) "
-                  f"val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss {val['loss']:.4f} "
-                  f"on {val['num_samples']} | {stats['images_per_s']:.1f} img/s", flush=True)
-            epoch_index += 1
-    logger.close()
-    print(f"best val top1 {best['val_top1']:.4f} (stage {best['stage']} epoch {best['epoch'] + 1}); "
-          f"weights in {weights_path(out, 'best')}", flush=True)
-    return best
+
+def _averages(train_cfg, model, state, tensors):
+    averages = {}
+    if train_cfg.ema.enabled:
+        averages["ema"] = EMA(model, train_cfg.ema.decay, train_cfg.ema.warmup)
+    if train_cfg.swa.enabled:
+        averages["swa"] = SWA(model)
+    for kind, average in averages.items():
+        if f"{kind}.pdparams" in tensors:
+            average.load(tensors[f"{kind}.pdparams"], state["updates"][kind])
+    return averages
+
+
+def _evaluate_kinds(model, averages, run_eval):
+    """Evaluate the raw weights and every average that has been updated, side by side."""
+    results = {"raw": run_eval()}
+    ready = {kind: average for kind, average in averages.items() if average.updates > 0}
+    if ready:
+        raw = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        for kind, average in ready.items():
+            model.set_state_dict(average.state_dict())
+            results[kind] = run_eval()
+        model.set_state_dict(raw)
+    return results
+
+
+class Trainer:
+    """One training run over all stages of a config, resumable at any optimizer step."""
+
+    def __init__(self, cfg, resume=None):
+        self.cfg, self.out, self.seed = cfg, cfg.train.output_dir, cfg.train.seed
+        device = select_device()
+        seed_everything(self.seed)
+        images, labels, _ = load_split(cfg.data, "train")
+        test_images, test_labels, _ = load_split(cfg.data, "test")
+        check_labels(labels, cfg.model.num_classes, "train")
+        check_labels(test_labels, cfg.model.num_classes, "test")
+        self.splits = ((images, labels), (test_images, test_labels))
+        self.state = {"position": {"stage": 0, "epoch": 0, "micro": 0}, "epoch_index": 0,
+                      "global_step": 0, "best": None, "progress": None, "updates": {},
+                      "config": to_plain(cfg)}
+        self.tensors = {}
+        if resume:
+            folder = resume_folder(resume, self.out)
+            self.state, self.tensors = load_last(folder)
+            changed = _first_difference(self.state["config"], to_plain(cfg))
+            if changed:
+                raise UserError(f"the checkpoint in {folder} was trained with another config "
+                                f"('{changed}' differs); resume with the same -c/-o")
+        self.model = build_model(cfg.model, load_pretrained=not resume)
+        if resume:
+            self.model.set_state_dict(self.tensors["model.pdparams"])
+            print(f"resuming from {folder} at {self.state['position']}", flush=True)
+        self.preprocess = DevicePreprocess(resolve_image_size(cfg.data, self.model))
+        self.averages = _averages(cfg.train, self.model, self.state, self.tensors)
+        self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as handle:
+            handle.write(dump_config(cfg))
+        print(f"device {device}; {len(labels)} train / {len(test_labels)} val images; "
+              f"output in {self.out}", flush=True)
+        self.logger = RunLogger(self.out, keep_records=self.state["epoch_index"])
+
+    def fit(self):
+        """Run the stages from the current position; return the best record."""
+        start = dict(self.state["position"])
+        for stage_index in range(start["stage"], len(self.cfg.stages)):
+            self._run_stage(stage_index, start if stage_index == start["stage"] else None)
+        self.logger.close()
+        best = self.state["best"]
+        if best is not None:
+            print(f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, stage "
+                  f"{best['stage']} epoch {best['epoch'] + 1}); weights in "
+                  f"{weights_path(self.out, 'best')}", flush=True)
+        return best
+
+    def _run_stage(self, stage_index, start):
+        """Build the stage's loss, loaders and optimizer; run its epochs until done or ``until``."""
+        cfg, stage = self.cfg, self.cfg.stages[stage_index]
+        data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
+        self.criterion = build_loss(loss_cfg)
+        print(describe_stage(stage_index, stage, data_cfg, loss_cfg), flush=True)
+        self.train_loader, self.val_loader = _stage_loaders(cfg, data_cfg, *self.splits)
+        sampler = self.train_loader.batch_sampler
+        steps_per_epoch = sampler.full_length() // cfg.train.accum_steps
+        if steps_per_epoch == 0:
+            raise UserError(f"stage {stage_index}: fewer batches per epoch than "
+                            f"train.accum_steps={cfg.train.accum_steps}")
+        sampler.stop = steps_per_epoch * cfg.train.accum_steps
+        self.optimizer, self.scheduler = build_optimizer(stage, self.model, steps_per_epoch,
+                                                         cfg.train)
+        first_epoch, micro = (start["epoch"], start["micro"]) if start else (0, 0)
+        if (first_epoch, micro) != (0, 0):
+            self.optimizer.set_state_dict(
+                optimizer_state_for(self.model, self.tensors["optimizer.pdopt"]))
+        for epoch in range(first_epoch, stage.epochs):
+            if self._run_epoch(stage_index, epoch, micro if epoch == first_epoch else 0):
+                break
+
+    def _run_epoch(self, stage_index, epoch, resumed_micro):
+        """Train, average, evaluate, log and checkpoint one epoch; True when the stage is done."""
+        cfg, stage, state = self.cfg, self.cfg.stages[stage_index], self.state
+        epoch_index = state["epoch_index"]
+        progress = EpochProgress(**state["progress"]) if resumed_micro else EpochProgress()
+        set_epoch(self.train_loader, epoch_index, start=resumed_micro)
+
+        def before_micro(micro):
+            paddle.seed(derived_seed(self.seed, epoch_index, micro))
+
+        def on_step(values):
+            self.logger.log_step(state["global_step"], values)
+            state["global_step"] += 1
+            if "ema" in self.averages:
+                self.averages["ema"].update(self.model)
+            every = cfg.train.save_every_steps
+            if (every and state["global_step"] % every == 0
+                    and progress.micro < self.train_loader.batch_sampler.stop):
+                self._checkpoint({"stage": stage_index, "epoch": epoch, "micro": progress.micro},
+                                 progress.to_dict())
+
+        desc = f"stage {stage_index} epoch {epoch + 1}/{stage.epochs}"
+        stats = train_one_epoch(self.model, self.criterion, self.preprocess, self.train_loader,
+                                self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
+                                before_micro, on_step, desc)
+        if "swa" in self.averages and (stage_index, epoch) >= self.swa_start:
+            self.averages["swa"].update(self.model)
+        results = _evaluate_kinds(self.model, self.averages, lambda: evaluate(
+            self.model, self.preprocess, self.val_loader, cfg.model.num_classes, desc="val"))
+        val = results["raw"]
+        record = {
+            "stage": stage_index, "epoch": epoch, "lr": self.optimizer.get_lr(),
+            "train_loss": stats["loss"], "train_ce": stats["ce"], "train_kl": stats["kl"],
+            "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
+            "images_per_s": stats["images_per_s"],
+        }
+        for kind in self.averages:
+            record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
+        self.logger.log_epoch(epoch_index, record)
+        self._update_best(record, results, epoch_index)
+        reached = [key for key, goal in stage.until.items()
+                   if goal is not None and val[key[len("val_"):]] >= goal]
+        done = bool(reached) or epoch + 1 == stage.epochs
+        state["epoch_index"] += 1
+        self._checkpoint({"stage": stage_index + 1, "epoch": 0, "micro": 0} if done else
+                         {"stage": stage_index, "epoch": epoch + 1, "micro": 0}, None)
+        print(f"{desc}: loss {stats['loss']:.4f} (ce {stats['ce']:.4f}, kl {stats['kl']:.4f}) "
+              f"val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss {val['loss']:.4f} "
+              f"on {val['num_samples']}"
+              + "".join(f", {k} top1 {results[k]['top1']:.4f}" for k in self.averages if k in results)
+              + f" | {stats['images_per_s']:.1f} img/s", flush=True)
+        if reached:
+            print(f"stage {stage_index} ends early: {', '.join(reached)} reached", flush=True)
+        return done
+
+    def _update_best(self, record, results, epoch_index):
+        """Keep the best of the raw, EMA and SWA weights if it beats the best so far."""
+        kind = max(results, key=lambda k: (results[k]["top1"], -KINDS.index(k)))
+        if _is_better(results[kind], self.state["best"]):
+            self.state["best"] = dict(record, kind=kind, epoch_index=epoch_index,
+                                      val_top1=results[kind]["top1"],
+                                      val_num_samples=results[kind]["num_samples"])
+            weights = (self.model.state_dict() if kind == "raw"
+                       else self.averages[kind].state_dict())
+            save_best(self.out, weights, self.state["best"])
+
+    def _checkpoint(self, position, progress):
+        """Write the resume checkpoint for ``position`` (the next thing to do)."""
+        self.state.update(position=position, progress=progress,
+                          updates={kind: avg.updates for kind, avg in self.averages.items()})
+        files = {"model.pdparams": self.model.state_dict(),
+                 "optimizer.pdopt": portable_optimizer_state(self.model, self.optimizer)}
+        files.update({f"{kind}.pdparams": avg.state_dict() for kind, avg in self.averages.items()})
+        save_last(self.out, files, self.state)
+
+
+def fit(cfg, resume=None):
+    """Run every stage of ``cfg`` (from a checkpoint with ``resume``: True or a path)."""
+    return Trainer(cfg, resume).fit()

@@ -3,7 +3,8 @@
 Examples:
   python val.py                                  # best checkpoint of the reproduction
   python val.py -c configs/demo.yaml             # best checkpoint of the CPU demo
-  python val.py --weights output/last.pdparams   # any weights file of this model
+  python val.py --kind ema                       # the last checkpoint's EMA weights
+  python val.py --weights output/demo/last/model.pdparams   # any weights file of this model
 """
 
 import argparse
@@ -16,11 +17,15 @@ from utils.errors import UserError
 
 def parse_args(argv=None):
     """Command-line options of the evaluation entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--weights", metavar="PATH",
                         help="weights to evaluate (default: best.pdparams in train.output_dir)")
+    parser.add_argument("--kind", choices=("raw", "ema", "swa"),
+                        help="evaluate the last checkpoint's raw weights, EMA or SWA average "
+                             "instead of the best weights")
     return parser.parse_args(argv)
 
 
@@ -35,7 +40,10 @@ def main(argv=None):
     from utils.checkpoint import weights_path, write_json
 
     out = cfg.train.output_dir
-    weights = args.weights or weights_path(out, "best")
+    if args.weights and args.kind:
+        raise UserError("give --weights or --kind, not both")
+    tag = {"raw": "model", "ema": "ema", "swa": "swa"}.get(args.kind, "best")
+    weights = args.weights or weights_path(out, tag)
     if not os.path.isfile(weights):
         raise UserError(f"no weights at {weights}; train first (python main.py -c {args.config}) "
                         f"or pass --weights PATH")

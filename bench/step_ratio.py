@@ -33,7 +33,8 @@ def _step(model, optimizer, loss_fn, logits_fn, images, labels):
 
 def main(argv=None):
     """Measure and print the JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.set_defaults(config="configs/demo.yaml")
@@ -60,7 +61,7 @@ def main(argv=None):
     model = build_model(cfg.model)
     model.train()
     preprocess = DevicePreprocess(resolve_image_size(cfg.data, model))
-    optimizer, _ = build_optimizer(cfg.stages[0], model.parameters(), total_steps=1)
+    optimizer, _ = build_optimizer(cfg.stages[0], model, 1, cfg.train)
     rdrop = RDropLoss(alpha=cfg.loss.alpha, kl_reduction=cfg.loss.kl_reduction)
     variants = {
         "rdrop_concat": (rdrop, lambda m, x: m(paddle.concat([preprocess(x)] * 2))),

@@ -7,6 +7,7 @@ from PIL import Image
 
 from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
 from data.digits import digits_class_names, load_digits
+from utils.cli import derived_seed
 from utils.errors import UserError
 
 
@@ -66,14 +67,42 @@ class ImageArrayDataset(Dataset):
         return np.ascontiguousarray(image), self.labels[index]
 
 
+class WindowedBatchSampler(DistributedBatchSampler):
+    """DistributedBatchSampler that yields only batches ``start .. stop-1`` of an epoch.
+
+    ``start`` skips the batches a resumed epoch already did, without loading them;
+    ``stop`` drops the micro-batches that would not fill a gradient accumulation.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start, self.stop = 0, None
+
+    def full_length(self):
+        """Batches in a whole epoch."""
+        return super().__len__()
+
+    def __iter__(self):
+        stop = self.full_length() if self.stop is None else self.stop
+        for index, batch in enumerate(super().__iter__()):
+            if index >= stop:
+                break
+            if index >= self.start:
+                yield batch
+
+    def __len__(self):
+        stop = self.full_length() if self.stop is None else self.stop
+        return max(stop - self.start, 0)
+
+
 def build_loader(dataset, batch_size, num_workers, train):
     """A DataLoader over ``dataset``; training shuffles and drops the last partial batch.
 
-    The DistributedBatchSampler shards across ranks when there are several and
-    is a plain batch sampler on one process.
+    The sampler shards across ranks when there are several and is a plain batch
+    sampler on one process.
     """
-    sampler = DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=train,
-                                      drop_last=train)
+    sampler = WindowedBatchSampler(dataset, batch_size=batch_size, shuffle=train,
+                                   drop_last=train)
     if train and len(sampler) == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one "
                         f"batch of {batch_size}; lower data.batch_size")
@@ -93,9 +122,10 @@ def check_labels(labels, num_classes, split):
                         f"outside [0, {num_classes}); set model.num_classes")
 
 
-def set_epoch(loader, epoch):
-    """Select ``epoch``'s shuffle order and augmentation draws, both derived from the seed."""
+def set_epoch(loader, epoch, start=0):
+    """Select ``epoch``'s shuffle order and augmentation draws (both derived from the seed),
+    beginning at batch ``start``."""
     dataset = loader.dataset
     dataset.set_epoch(epoch)
-    order_seed = np.random.SeedSequence((dataset.seed, epoch)).generate_state(1)[0]
-    loader.batch_sampler.set_epoch(int(order_seed))
+    loader.batch_sampler.set_epoch(derived_seed(dataset.seed, epoch))
+    loader.batch_sampler.start = start

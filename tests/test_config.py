@@ -13,6 +13,7 @@ def test_reproduction_config_expresses_the_original_path():
     assert cfg.model.num_classes == 100 and cfg.model.drop_rate == 0.3
     assert cfg.loss.rdrop and cfg.loss.alpha == 5.0
     first, full, momentum, low = cfg.stages
+    assert first.until == {"val_top1": 0.6} and full.until == {"val_top1": 0.85}
     assert first.optimizer.name == "AdamW" and first.optimizer.lr == 1e-4
     assert first.data == {"train_subset": 1000, "val_subset": 100}
     assert full.optimizer.name == "AdamW" and full.data == {}
@@ -96,10 +97,14 @@ def test_dry_run_prints_config_and_stage_plan():
     plan = proc.stdout.split("stage plan:")[1].strip().splitlines()
     assert len(plan) == 4
     assert "train 1000 / val 100 images" in plan[0] and "AdamW lr=0.0001" in plan[0]
+    assert "until val_top1 >= 0.6" in plan[0] and "20 steps of linear warmup" in plan[0]
     assert "Momentum lr=0.001" in plan[2] and "l2_decay=0.01" in plan[2]
     assert "polynomial decay" in plan[2]
     assert "Momentum lr=0.0003" in plan[3] and "hflip p=0.8" in plan[3]
     assert "name: deit_b_distilled_384" in proc.stdout
+    run_line = proc.stdout.split("training: ")[1].splitlines()[0]
+    assert "clip global norm 1" in run_line and "EMA decay 0.9998" in run_line
+    assert "SWA from stage 3 epoch 1" in run_line
 
 
 def test_help_describes_options():

@@ -32,6 +32,11 @@ def seed_everything(seed):
     random.seed(seed)
 
 
+def derived_seed(*keys):
+    """A 32-bit seed derived from integers (seed, epoch, step, ...), stable across runs."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
 def run(main):
     """Call ``main()`` and exit with its code; a :class:`UserError` becomes one ``error:`` line."""
     try:

@@ -8,12 +8,19 @@ import os
 class RunLogger:
     """Writes the per-epoch records and per-step training scalars of one run."""
 
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, keep_records=0):
+        """Start ``metrics.jsonl`` afresh, or keep its first ``keep_records`` lines (a resume:
+        lines of epochs after the checkpoint are dropped, those epochs run again)."""
         from visualdl import LogWriter
 
         os.makedirs(output_dir, exist_ok=True)
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        open(self.metrics_path, "w", encoding="utf-8").close()
+        kept = []
+        if keep_records and os.path.isfile(self.metrics_path):
+            with open(self.metrics_path, encoding="utf-8") as handle:
+                kept = handle.readlines()[:keep_records]
+        with open(self.metrics_path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
         self.writer = LogWriter(logdir=os.path.join(output_dir, "vdl"))
 
     def log_step(self, step, values):

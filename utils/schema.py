@@ -88,9 +88,27 @@ LOSS = Section({
     "kl_reduction": Field(str, "batchmean", choices=("batchmean", "sum")),
 })
 
+EMA = Section({
+    "enabled": Field(bool, False),
+    "decay": Field(float, 0.9998, minimum=0.0, maximum=1.0),
+    "warmup": Field(bool, True),
+})
+
+SWA = Section({
+    "enabled": Field(bool, False),
+    "stage": Field(int, -1),
+    "start_epoch": Field(int, 0, minimum=0),
+})
+
 TRAIN = Section({
     "output_dir": Field(str, "output"),
     "seed": Field(int, 0),
+    "accum_steps": Field(int, 1, minimum=1),
+    "clip_grad_norm": _nullable(float, minimum=0.0),
+    "exclude_from_decay": Field(bool, True),
+    "save_every_steps": _nullable(int, minimum=1),
+    "ema": EMA,
+    "swa": SWA,
 })
 
 OPTIMIZER = Tagged({
@@ -116,12 +134,26 @@ LR_SCHEDULE = Tagged({
     }),
 }, default_name="constant")
 
+WARMUP = Section({
+    "steps": Field(int, 0, minimum=0),
+    "epochs": Field(float, 0.0, minimum=0.0),
+    "start_lr": Field(float, 0.0, minimum=0.0),
+})
+
+UNTIL = Section({
+    "val_top1": _nullable(float, minimum=0.0),
+    "val_top5": _nullable(float, minimum=0.0),
+}, partial=True)
+
 STAGE = Section({
     "name": _nullable(str),
     "epochs": Field(int, minimum=1),
+    "until": UNTIL,
     "optimizer": OPTIMIZER,
     "lr_schedule": LR_SCHEDULE,
+    "warmup": WARMUP,
     "data": STAGE_DATA,
+    "loss": Section({"alpha": _nullable(float, minimum=0.0)}, partial=True),
 })
 
 CONFIG = Section({

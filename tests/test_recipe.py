@@ -1,0 +1,237 @@
+"""The recipe's mechanics: stage conditions, warmup, accumulation, clipping, decay exclusions,
+EMA/SWA, exact resume after SIGKILL and warm start."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+from conftest import ROOT, run_script
+
+from data.digits import load_digits
+from data.preprocess import DevicePreprocess
+from engine import train_step
+from losses import RDropLoss
+from models.build import build_model
+from trainer import fit
+from utils.averaging import EMA, SWA
+from utils.config import Node, load_config
+from utils.optim import (
+    build_optimizer,
+    build_schedule,
+    decay_groups,
+    optimizer_state_for,
+    portable_optimizer_state,
+)
+
+SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
+
+
+def _cfg(*overrides):
+    return load_config("configs/demo.yaml", [*SMALL, *overrides])
+
+
+def _records(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_stage_ends_early_on_threshold_and_otherwise_runs_its_epochs(tmp_path):
+    out = str(tmp_path / "run")
+    fit(_cfg(f"train.output_dir={out}", "stages.0.epochs=3", "stages.0.until={val_top1: 0.0}",
+             "stages.1.epochs=2", "stages.1.until={val_top1: 1.0}"))
+    assert [(r["stage"], r["epoch"]) for r in _records(out)] == [(0, 0), (1, 0), (1, 1)]
+
+
+def test_warmup_then_polynomial_decay_lr_values():
+    cfg = _cfg("stages.1.warmup={steps: 4, start_lr: 0.001}", "stages.1.epochs=2")
+    stage = cfg.stages[1]  # Momentum lr 0.01, polynomial to 0, power 1
+    schedule = build_schedule(stage, steps_per_epoch=7)
+    lrs = []
+    for _ in range(14):
+        lrs.append(schedule())
+        schedule.step()
+    warm = [0.001 + (0.01 - 0.001) * t / 4 for t in range(4)]
+    decay = [0.01 * (1 - t / 10) for t in range(10)]
+    assert lrs == pytest.approx(warm + decay)
+    in_epochs = build_schedule(_cfg("stages.1.warmup={epochs: 0.5}").stages[1], steps_per_epoch=10)
+    assert in_epochs.warmup_steps == 5
+
+
+def test_warmup_in_steps_and_epochs_together_or_to_a_lower_lr_is_an_error():
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="warmup.steps or warmup.epochs, not both"):
+        build_schedule(_cfg("stages.0.warmup={steps: 2, epochs: 1}").stages[0], steps_per_epoch=5)
+    with pytest.raises(UserError, match="warmup.start_lr=0.5 must be below optimizer.lr=0.003"):
+        build_schedule(_cfg("stages.0.warmup.start_lr=0.5").stages[0], steps_per_epoch=5)
+
+
+def test_accumulated_gradients_equal_the_big_batch_gradients(tiny_model_cfg):
+    images, labels = load_digits("train")
+    x, y = paddle.to_tensor(images[:16]), paddle.to_tensor(labels[:16])
+    paddle.seed(0)
+    model = build_model(Node(tiny_model_cfg, drop_rate=0.0))  # no dropout: same function twice
+    loss, prep = RDropLoss(alpha=5.0), DevicePreprocess(32)
+    train_step(model, loss, prep, x, y)
+    big = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
+    model.clear_gradients()
+    for part in range(4):
+        train_step(model, loss, prep, x[part * 4:(part + 1) * 4], y[part * 4:(part + 1) * 4], 0.25)
+    for name, param in model.named_parameters():
+        assert np.allclose(param.grad.numpy(), big[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_clipping_by_global_norm_limits_the_update():
+    cfg = _cfg("train.clip_grad_norm=1.0", "stages.1.optimizer={name: Momentum, lr: 1.0, momentum: 0.0}")
+    layer = paddle.nn.Linear(4, 1, bias_attr=False)
+    layer.weight.set_value(paddle.zeros([4, 1]))
+    optimizer, _ = build_optimizer(cfg.stages[1], layer, 1, cfg.train)
+    (layer.weight * paddle.full([4, 1], 5.0)).sum().backward()  # gradient norm 10
+    optimizer.step()
+    assert np.linalg.norm(layer.weight.numpy()) == pytest.approx(1.0, rel=1e-5)
+    assert np.allclose(layer.weight.numpy(), -0.5)
+
+
+def test_no_weight_decay_on_biases_norms_position_embedding_and_tokens(tiny_model_cfg):
+    model = build_model(tiny_model_cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = decay_groups(model, exclude=True)
+    excluded = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "cls_token", "dist_token", "norm.weight", "norm.bias", "head.bias",
+            "blocks.0.norm1.weight", "blocks.1.attn.qkv.bias"} <= excluded
+    assert all(n.endswith(("bias", "pos_embed", "cls_token", "dist_token")) or "norm" in n
+               for n in excluded)
+    assert {names[id(p)] for p in decay["params"]} >= {"blocks.0.attn.qkv.weight", "head.weight",
+                                                       "patch_embed.proj.weight"}
+    assert len(decay_groups(model, exclude=False)) == 1
+    # Behaviour: with zero gradients AdamW only decays, and only the decayed group moves.
+    cfg = _cfg("stages.0.optimizer.weight_decay=0.5", "stages.0.warmup.epochs=0")
+    optimizer, _ = build_optimizer(cfg.stages[0], model, 1, cfg.train)
+    before = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    sum((p * 0.0).sum() for p in model.parameters()).backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        moved = not np.array_equal(param.numpy(), before[name])
+        assert moved == (name not in excluded), name
+
+
+def test_ema_and_swa_match_hand_computation():
+    layer = paddle.nn.Linear(1, 1, bias_attr=False)
+    values = [1.0, 3.0, 7.0, 15.0]
+    ema, ema_plain, swa = None, None, None
+    for value in values:
+        layer.weight.set_value(paddle.full([1, 1], value))
+        if ema is None:
+            ema, ema_plain, swa = EMA(layer, 0.9, True), EMA(layer, 0.5, False), SWA(layer)
+        ema.update(layer)
+        ema_plain.update(layer)
+        swa.update(layer)
+    expected, expected_plain = values[0], values[0]
+    for t, value in enumerate(values):
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * value
+        expected_plain = 0.5 * expected_plain + 0.5 * value
+    assert ema.state_dict()["weight"].numpy().item() == pytest.approx(expected, rel=1e-6)
+    assert ema_plain.state_dict()["weight"].numpy().item() == pytest.approx(expected_plain)
+    assert swa.state_dict()["weight"].numpy().item() == pytest.approx(np.mean(values))
+    assert swa.updates == 4 and ema.updates == 4
+
+
+def test_optimizer_state_moves_between_processes_with_other_parameter_names(tiny_model_cfg):
+    cfg = _cfg()
+    first = build_model(tiny_model_cfg)
+    optimizer, _ = build_optimizer(cfg.stages[0], first, 1, cfg.train)
+    sum((p * p).sum() for p in first.parameters()).backward()
+    optimizer.step()
+    portable = portable_optimizer_state(first, optimizer)
+    assert any(key.startswith("@blocks.0.attn.qkv.weight_") for key in portable)
+    second = build_model(tiny_model_cfg)  # Paddle names its parameters anew
+    assert second.head.weight.name != first.head.weight.name
+    mapped = optimizer_state_for(second, portable)
+    own = [p.name + "_" for p in second.parameters()]
+    accumulators = [key for key in mapped if key not in ("LR_Scheduler", "master_weights")]
+    assert accumulators and all(key.startswith(tuple(own)) for key in accumulators)
+
+
+KILL_RUN = ["-c", "configs/demo.yaml", *[a for o in SMALL for a in ("-o", o)],
+            "-o", "stages.0.epochs=2", "-o", "stages.1.epochs=2", "-o", "train.save_every_steps=3",
+            "-o", "train.ema.enabled=true", "-o", "train.swa.enabled=true",
+            "-o", "stages.0.warmup={steps: 4}", "-o", "train.accum_steps=2",
+            "-o", "train.clip_grad_norm=5.0"]
+
+
+def _kill_midway(out):
+    """Start the run and SIGKILL it once a mid-epoch checkpoint of the second stage exists."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *KILL_RUN,
+                             "-o", f"train.output_dir={out}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_path = os.path.join(out, "last", "state.json")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with open(state_path, encoding="utf-8") as handle:
+                    position = json.load(handle)["position"]
+            except (OSError, ValueError):
+                position = None
+            if position and position["stage"] == 1 and position["micro"] > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        proc.wait()
+    return proc.returncode, position
+
+
+def test_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert run_script("main.py", *KILL_RUN, "-o", f"train.output_dir={whole}").returncode == 0
+    code, position = _kill_midway(killed)
+    assert code == -signal.SIGKILL and position["stage"] == 1
+    assert len(_records(killed)) < 4
+    resumed = run_script("main.py", *KILL_RUN, "-o", f"train.output_dir={killed}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    expected, got = _records(whole), _records(killed)
+    assert len(got) == len(expected) == 4
+    for want, have in zip(expected, got):
+        assert set(want) == set(have)
+        for key in want:
+            if want[key] is None:  # SWA not started yet
+                assert have[key] is None, key
+            elif key != "images_per_s":
+                assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-12), key
+    assert expected[-1]["train_loss"] < expected[0]["train_loss"]
+    with open(os.path.join(killed, "best.json"), encoding="utf-8") as handle:
+        best = json.load(handle)
+    assert best["kind"] in ("raw", "ema", "swa")
+    for kind in ("raw", "ema", "swa"):
+        proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={killed}",
+                          "--kind", kind)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1].startswith("top1=")
+    changed = run_script("main.py", *KILL_RUN, "-o", f"train.output_dir={killed}",
+                         "-o", "loss.alpha=2.0", "--resume")
+    assert changed.returncode == 2 and "'loss.alpha' differs" in changed.stderr
+
+
+def test_warm_start_from_our_own_checkpoint(tmp_path):
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    fit(_cfg(f"train.output_dir={first}", "stages.0.epochs=2", "stages.1.epochs=1"))
+    with open(os.path.join(first, "best.json"), encoding="utf-8") as handle:
+        best = json.load(handle)
+    # LR 0: the carried weights are evaluated unchanged after one epoch.
+    proc = run_script("main.py", "-c", "configs/demo.yaml", *[a for o in SMALL for a in ("-o", o)],
+                      "-o", f"train.output_dir={second}", "-o", "stages.0.epochs=1",
+                      "-o", "stages.0.optimizer.lr=0.0", "-o", "stages.0.warmup.epochs=0",
+                      "-o", "stages.1.epochs=1",
+                      "--init-from", first)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "weights best.pdparams: loaded" in proc.stdout and "skipped 0" in proc.stdout
+    assert _records(second)[0]["val_top1"] == pytest.approx(best["val_top1"])

@@ -1,0 +1,67 @@
+"""Weight averages kept beside the model: EMA (every optimizer step) and SWA (every epoch).
+
+Paddle's ``paddle.incubate.ModelAverage`` averages over a sliding window of steps
+inside the optimizer and ``paddle.static.ExponentialMovingAverage`` is for static
+graphs only, so neither gives a dygraph EMA with decay warm-up nor an equal-weight
+average per epoch; both are a few lines here.
+"""
+
+import paddle
+
+
+class WeightAverage:
+    """A copy of the model's float tensors, updated as an average of its weights."""
+
+    def __init__(self, model):
+        self.average = {key: value.detach().clone() for key, value in model.state_dict().items()
+                        if value.dtype in (paddle.float32, paddle.float64)}
+        self.updates = 0
+
+    @paddle.no_grad()
+    def _blend(self, model, keep):
+        """average ← keep·average + (1 − keep)·weights."""
+        for key, value in model.state_dict().items():
+            if key in self.average:
+                self.average[key] = keep * self.average[key] + (1.0 - keep) * value.detach()
+        self.updates += 1
+
+    def state_dict(self):
+        """The averaged tensors, loadable into the model."""
+        return dict(self.average)
+
+    def load(self, tensors, updates):
+        """Restore a saved average and its update count."""
+        self.average = {key: paddle.to_tensor(value) for key, value in tensors.items()}
+        self.updates = updates
+
+
+class EMA(WeightAverage):
+    """Exponential moving average: ``decay`` per step, or ``min(decay, (1+t)/(10+t))`` with warm-up."""
+
+    def __init__(self, model, decay, warmup):
+        super().__init__(model)
+        self.decay = decay
+        self.warmup = warmup
+
+    def current_decay(self):
+        """The decay the next update uses."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+
+    def update(self, model):
+        """Fold the model's current weights in (call after each optimizer step)."""
+        self._blend(model, self.current_decay())
+
+
+class SWA(WeightAverage):
+    """Stochastic weight averaging: the equal-weight mean of the weights at each epoch's end."""
+
+    def update(self, model):
+        """Add the model's current weights as one more equally weighted sample."""
+        if self.updates == 0:
+            self.average = {key: value.detach().clone() for key, value in model.state_dict().items()
+                            if key in self.average}
+            self.updates = 1
+            return
+        self._blend(model, self.updates / (self.updates + 1.0))
