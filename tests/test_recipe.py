@@ -66,8 +66,10 @@ def test_warmup_then_polynomial_decay_lr_values():
 def test_warmup_in_steps_and_epochs_together_or_to_a_lower_lr_is_an_error():
     from utils.errors import UserError
 
-    with pytest.raises(UserError, match="warmup.steps or warmup.epochs, not both"):
-        build_schedule(_cfg("stages.0.warmup={steps: 2, epochs: 1}").stages[0], steps_per_epoch=5)
+    with pytest.raises(UserError, match=r"'stages.0.warmup.steps' and '.epochs': give one"):
+        _cfg("stages.0.warmup={steps: 2, epochs: 1}")
+    with pytest.raises(UserError, match="'train.swa.stage' must name one of the 2 stages"):
+        _cfg("train.swa.stage=2")
     with pytest.raises(UserError, match="warmup.start_lr=0.5 must be below optimizer.lr=0.003"):
         build_schedule(_cfg("stages.0.warmup.start_lr=0.5").stages[0], steps_per_epoch=5)
 

@@ -181,7 +181,21 @@ def load_config(path=DEFAULT_CONFIG, overrides=()):
     raw = read_yaml(path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate(raw, CONFIG)
+    cfg = validate(raw, CONFIG)
+    check_relations(cfg)
+    return cfg
+
+
+def check_relations(cfg):
+    """Checks that involve more than one key."""
+    stages = len(cfg.stages)
+    if not -stages <= cfg.train.swa.stage < stages:
+        raise UserError(f"config key 'train.swa.stage' must name one of the {stages} stages "
+                        f"(0..{stages - 1}, or -1 for the last); got {cfg.train.swa.stage}")
+    for index, stage in enumerate(cfg.stages):
+        if stage.warmup.steps and stage.warmup.epochs:
+            raise UserError(f"config keys 'stages.{index}.warmup.steps' and '.epochs': "
+                            f"give one of them, not both")
 
 
 def to_plain(node):

@@ -9,12 +9,10 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 
 
 def warmup_steps(stage, steps_per_epoch):
-    """The stage's warmup length in optimizer steps (given in steps or in epochs)."""
-    if stage.warmup.steps and stage.warmup.epochs:
-        raise UserError(f"stage {stage.name or ''}: give warmup.steps or warmup.epochs, not both")
+    """The stage's warmup length in optimizer steps (given in steps or in epochs, not both)."""
     steps = stage.warmup.steps or int(round(stage.warmup.epochs * steps_per_epoch))
     if steps and stage.warmup.start_lr >= stage.optimizer.lr:
-        raise UserError(f"stage {stage.name or ''}: warmup.start_lr={stage.warmup.start_lr:g} must "
+        raise UserError(f"stage '{stage.name}': warmup.start_lr={stage.warmup.start_lr:g} must "
                         f"be below optimizer.lr={stage.optimizer.lr:g}; lower it or drop the warmup")
     return steps
 
