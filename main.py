@@ -15,7 +15,7 @@ import os
 
 from utils import cli
 from utils.config import add_config_args, dump_config, load_config
-from utils.optim import describe_run, describe_stage, stage_data, stage_loss
+from utils.stages import describe_run, describe_stage, stage_data, stage_loss
 
 
 def parse_args(argv=None):

@@ -29,14 +29,8 @@ from utils.cli import derived_seed, seed_everything, select_device
 from utils.config import dump_config, to_plain
 from utils.errors import UserError
 from utils.logger import RunLogger
-from utils.optim import (
-    build_optimizer,
-    describe_stage,
-    optimizer_state_for,
-    portable_optimizer_state,
-    stage_data,
-    stage_loss,
-)
+from utils.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
+from utils.stages import describe_stage, stage_data, stage_loss
 
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM = 0, 1
 KINDS = ("raw", "ema", "swa")
@@ -80,11 +74,11 @@ def _first_difference(saved, current, path=""):
 
 def resume_folder(resume, output_dir):
     """The checkpoint folder that ``--resume [PATH]`` names (an output dir or a ``last/`` folder)."""
-    folder = find_last(resume if isinstance(resume, str) else output_dir)
-    if folder is None and isinstance(resume, str) and os.path.isfile(os.path.join(resume, "state.json")):
-        folder = resume
+    where = resume if isinstance(resume, str) else output_dir
+    folder = find_last(where)
+    if folder is None and os.path.isfile(os.path.join(where, "state.json")):
+        folder = where
     if folder is None:
-        where = resume if isinstance(resume, str) else output_dir
         raise UserError(f"no checkpoint to resume in {where}; start without --resume")
     return folder
 
