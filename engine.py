@@ -1,5 +1,6 @@
 """One training epoch and one evaluation pass, the same on CPU, one GPU or N ranks."""
 
+import math
 import time
 
 import numpy as np
@@ -29,23 +30,26 @@ def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0):
 class EpochProgress:
     """Where an epoch stands: micro-batches done, samples seen, loss sums, seconds spent.
 
-    Saved in mid-epoch checkpoints so that a resumed epoch reports the same means.
+    ``excluded`` counts the samples of non-finite losses, left out of the sums. Saved in
+    mid-epoch checkpoints so that a resumed epoch reports the same means.
     """
 
-    def __init__(self, micro=0, seen=0, sums=None, elapsed=0.0):
+    def __init__(self, micro=0, seen=0, sums=None, elapsed=0.0, excluded=0):
         self.micro = micro
         self.seen = seen
         self.sums = dict(sums) if sums else {"loss": 0.0, "ce": 0.0, "kl": 0.0}
         self.elapsed = elapsed
+        self.excluded = excluded
 
     def to_dict(self):
         """A JSON-ready copy."""
         return {"micro": self.micro, "seen": self.seen, "sums": dict(self.sums),
-                "elapsed": self.elapsed}
+                "elapsed": self.elapsed, "excluded": self.excluded}
 
     def means(self):
         """Per-sample means of the loss parts, and images per second."""
-        result = {name: total / max(self.seen, 1) for name, total in self.sums.items()}
+        counted = max(self.seen - self.excluded, 1)
+        result = {name: total / counted for name, total in self.sums.items()}
         result["images_per_s"] = self.seen / self.elapsed if self.elapsed > 0 else 0.0
         return result
 
@@ -55,13 +59,16 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
     """Train over ``loader`` (which yields the batches not yet done in ``progress``).
 
     Gradients of ``accum_steps`` micro-batches are summed before each optimizer
-    step. ``before_micro(micro)`` runs before each micro-batch (the trainer seeds
-    dropout there); ``on_step(values)`` after each optimizer step. Returns the
-    per-sample means of the loss parts and images/s.
+    step. A step with a non-finite loss in any of its micro-batches is not applied:
+    its gradients are dropped and the weights stay as they were.
+    ``before_micro(micro)`` runs before each micro-batch (the trainer seeds dropout
+    there); ``on_step(values, skipped)`` after each step, applied or not (it may
+    raise to stop). Returns the per-sample means of the finite loss parts and images/s.
     """
     model.train()
     start = time.perf_counter() - progress.elapsed
     bar = tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    nonfinite = False
     for images, labels in bar:
         if before_micro is not None:
             before_micro(progress.micro)
@@ -69,29 +76,36 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
         values = {name: float(value) for name, value in parts.items()}
         batch = labels.shape[0]
         progress.seen += batch
-        for name in progress.sums:
-            progress.sums[name] += values[name] * batch
+        if all(math.isfinite(value) for value in values.values()):
+            for name in progress.sums:
+                progress.sums[name] += values[name] * batch
+        else:
+            nonfinite = True
+            progress.excluded += batch
         progress.micro += 1
         if progress.micro % accum_steps:
             continue
         lr = optimizer.get_lr()
-        optimizer.step()
+        if not nonfinite:
+            optimizer.step()
         optimizer.clear_grad()
         if scheduler is not None:
             scheduler.step()
         progress.elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         if on_step is not None:
-            on_step(dict(values, lr=lr))
+            on_step(dict(values, lr=lr), nonfinite)
+        nonfinite = False
     progress.elapsed = time.perf_counter() - start
     return progress.means()
 
 
 @paddle.no_grad()
-def evaluate(model, preprocess, loader, num_classes, desc="eval"):
+def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=None):
     """Top-1, top-5 and cross-entropy averaged per sample, plus per-class top-1.
 
     Every sample counts once, whatever the batch sizes (the last batch included).
+    ``check_stop()`` runs before each batch (it may raise to abandon the pass).
     """
     model.eval()
     topk = min(5, num_classes)
@@ -100,6 +114,8 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval"):
     class_correct = np.zeros(num_classes, dtype=np.int64)
     class_total = np.zeros(num_classes, dtype=np.int64)
     for images, labels in tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0):
+        if check_stop is not None:
+            check_stop()
         logits = model(preprocess(images)).astype("float32")
         labels = labels.reshape([-1]).astype("int64")
         batch = labels.shape[0]

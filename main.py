@@ -12,9 +12,13 @@ Examples:
 
 import argparse
 import os
+import shlex
+import sys
 
 from utils import cli
+from utils.checkpoint import weights_path
 from utils.config import add_config_args, dump_config, load_config
+from utils.errors import Interrupted
 from utils.stages import describe_run, describe_stage, stage_data, stage_loss
 
 
@@ -28,8 +32,9 @@ def parse_args(argv=None):
                         help="continue an interrupted run exactly where its last checkpoint "
                              "stands (default: train.output_dir; or an output dir / last/ folder)")
     parser.add_argument("--init-from", metavar="PATH",
-                        help="start from weights of an earlier run (a .pdparams file or an output "
-                             "dir, whose best.pdparams is used); same as -o model.pretrained=PATH")
+                        help="start from weights of an earlier run (a .safetensors or .pdparams file, "
+                             "or an output dir, whose best.safetensors is used); same as "
+                             "-o model.pretrained=PATH")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the stage plan, then exit "
                              "(loads no data and no weights)")
@@ -53,7 +58,7 @@ def main(argv=None):
     if args.init_from:
         path = args.init_from
         if os.path.isdir(path):
-            path = os.path.join(path, "best.pdparams")
+            path = weights_path(path, "best")
         overrides.append(f"model.pretrained={path}")
     cfg = load_config(args.config, overrides)
     if args.dry_run:
@@ -61,8 +66,20 @@ def main(argv=None):
         return 0
     from trainer import fit
 
-    fit(cfg, resume=args.resume)
+    try:
+        fit(cfg, resume=args.resume)
+    except Interrupted as stop:
+        raise Interrupted(stop.signum, f"{stop}; continue with: "
+                          f"{resume_command(argv)}") from None
     return 0
+
+
+def resume_command(argv=None):
+    """The command line that continues this run from its last checkpoint."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg == "--resume" or arg.startswith("--resume=") for arg in args):
+        args.append("--resume")
+    return " ".join(shlex.quote(arg) for arg in ["python", "main.py", *args])
 
 
 if __name__ == "__main__":

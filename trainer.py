@@ -23,19 +23,32 @@ from data.preprocess import DevicePreprocess
 from engine import EpochProgress, evaluate, train_one_epoch
 from losses import build_loss
 from models.build import build_model, resolve_image_size
-from utils.averaging import EMA, SWA
-from utils.checkpoint import find_last, load_last, save_best, save_last, weights_path
+from utils.averaging import build_averages, evaluate_kinds
+from utils.checkpoint import (
+    find_last,
+    first_difference,
+    load_last,
+    resume_folder,
+    save_best,
+    save_last,
+    weights_path,
+)
 from utils.cli import derived_seed, seed_everything, select_device
 from utils.config import dump_config, to_plain
-from utils.errors import UserError
+from utils.errors import Interrupted, UserError
 from utils.logger import RunLogger
 from utils.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
+from utils.signals import StopRequests
 from utils.stages import describe_stage, stage_data, stage_loss
+from utils.tensor_io import as_paddle
 
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM = 0, 1
 KINDS = ("raw", "ema", "swa")
 # Keys that may change between a run and its resume without changing the results.
-RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir")
+# nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
+# would have stopped or skipped (a resume after such a stop may relax them).
+RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
+                     "train.nan_policy", "train.nan_max_skips")
 
 
 def _stage_loaders(cfg, data_cfg, train_split, test_split):
@@ -60,52 +73,8 @@ def _is_better(val, best):
     return (val["num_samples"], val["top1"]) > (best["val_num_samples"], best["val_top1"])
 
 
-def _first_difference(saved, current, path=""):
-    if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if sub not in RESUMABLE_CHANGES:
-                found = _first_difference(saved.get(key), current.get(key), sub)
-                if found:
-                    return found
-        return None
-    return None if saved == current else path
-
-
-def resume_folder(resume, output_dir):
-    """The checkpoint folder that ``--resume [PATH]`` names (an output dir or a ``last/`` folder)."""
-    where = resume if isinstance(resume, str) else output_dir
-    folder = find_last(where)
-    if folder is None and os.path.isfile(os.path.join(where, "state.json")):
-        folder = where
-    if folder is None:
-        raise UserError(f"no checkpoint to resume in {where}; start without --resume")
-    return folder
-
-
-def _averages(train_cfg, model, state, tensors):
-    averages = {}
-    if train_cfg.ema.enabled:
-        averages["ema"] = EMA(model, train_cfg.ema.decay, train_cfg.ema.warmup)
-    if train_cfg.swa.enabled:
-        averages["swa"] = SWA(model)
-    for kind, average in averages.items():
-        if f"{kind}.pdparams" in tensors:
-            average.load(tensors[f"{kind}.pdparams"], state["updates"][kind])
-    return averages
-
-
-def _evaluate_kinds(model, averages, run_eval):
-    """Evaluate the raw weights and every average that has been updated, side by side."""
-    results = {"raw": run_eval()}
-    ready = {kind: average for kind, average in averages.items() if average.updates > 0}
-    if ready:
-        raw = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        for kind, average in ready.items():
-            model.set_state_dict(average.state_dict())
-            results[kind] = run_eval()
-        model.set_state_dict(raw)
-    return results
+class _StopRequested(Exception):
+    """Raised inside an evaluation pass to abandon it after a stop signal."""
 
 
 class Trainer:
@@ -121,22 +90,22 @@ class Trainer:
         check_labels(test_labels, cfg.model.num_classes, "test")
         self.splits = ((images, labels), (test_images, test_labels))
         self.state = {"position": {"stage": 0, "epoch": 0, "micro": 0}, "epoch_index": 0,
-                      "global_step": 0, "best": None, "progress": None, "updates": {},
-                      "config": to_plain(cfg)}
-        self.tensors = {}
+                      "global_step": 0, "skipped_steps": 0, "best": None, "progress": None,
+                      "updates": {}, "config": to_plain(cfg)}
+        self.trees = {}
         if resume:
             folder = resume_folder(resume, self.out)
-            self.state, self.tensors = load_last(folder)
-            changed = _first_difference(self.state["config"], to_plain(cfg))
+            self.state, self.trees = load_last(folder)
+            changed = first_difference(self.state["config"], to_plain(cfg), RESUMABLE_CHANGES)
             if changed:
                 raise UserError(f"the checkpoint in {folder} was trained with another config "
                                 f"('{changed}' differs); resume with the same -c/-o")
         self.model = build_model(cfg.model, load_pretrained=not resume)
         if resume:
-            self.model.set_state_dict(self.tensors["model.pdparams"])
+            self.model.set_state_dict(as_paddle(self.trees["model"]))
             print(f"resuming from {folder} at {self.state['position']}", flush=True)
         self.preprocess = DevicePreprocess(resolve_image_size(cfg.data, self.model))
-        self.averages = _averages(cfg.train, self.model, self.state, self.tensors)
+        self.averages = build_averages(cfg.train, self.model, self.state, self.trees)
         self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
         os.makedirs(self.out, exist_ok=True)
         with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as handle:
@@ -144,13 +113,21 @@ class Trainer:
         print(f"device {device}; {len(labels)} train / {len(test_labels)} val images; "
               f"output in {self.out}", flush=True)
         self.logger = RunLogger(self.out, keep_records=self.state["epoch_index"])
+        self.stops = StopRequests()
 
     def fit(self):
-        """Run the stages from the current position; return the best record."""
+        """Run the stages from the current position; return the best record.
+
+        SIGINT/SIGTERM end the run at the next step with a checkpoint and
+        :class:`Interrupted`; a non-finite loss per ``train.nan_policy``.
+        """
         start = dict(self.state["position"])
-        for stage_index in range(start["stage"], len(self.cfg.stages)):
-            self._run_stage(stage_index, start if stage_index == start["stage"] else None)
-        self.logger.close()
+        with self.stops:
+            try:
+                for stage_index in range(start["stage"], len(self.cfg.stages)):
+                    self._run_stage(stage_index, start if stage_index == start["stage"] else None)
+            finally:
+                self.logger.close()
         best = self.state["best"]
         if best is not None:
             print(f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, stage "
@@ -173,43 +150,62 @@ class Trainer:
         sampler.stop = steps_per_epoch * cfg.train.accum_steps
         self.optimizer, self.scheduler = build_optimizer(stage, self.model, steps_per_epoch,
                                                          cfg.train)
-        first_epoch, micro = (start["epoch"], start["micro"]) if start else (0, 0)
-        if (first_epoch, micro) != (0, 0):
+        first_epoch = start["epoch"] if start else 0
+        resumed = start if start and (start["micro"] or start.get("evaluating")) else None
+        if start and (first_epoch, start["micro"]) != (0, 0):
             self.optimizer.set_state_dict(
-                optimizer_state_for(self.model, self.tensors["optimizer.pdopt"]))
+                optimizer_state_for(self.model, as_paddle(self.trees["optimizer"])))
         for epoch in range(first_epoch, stage.epochs):
-            if self._run_epoch(stage_index, epoch, micro if epoch == first_epoch else 0):
+            if self._run_epoch(stage_index, epoch, resumed if epoch == first_epoch else None):
                 break
 
-    def _run_epoch(self, stage_index, epoch, resumed_micro):
-        """Train, average, evaluate, log and checkpoint one epoch; True when the stage is done."""
+    def _run_epoch(self, stage_index, epoch, resumed):
+        """Train, average, evaluate, log and checkpoint one epoch; True when the stage is done.
+
+        ``resumed`` is the saved position when the epoch was interrupted after some steps.
+        """
         cfg, stage, state = self.cfg, self.cfg.stages[stage_index], self.state
         epoch_index = state["epoch_index"]
-        progress = EpochProgress(**state["progress"]) if resumed_micro else EpochProgress()
-        set_epoch(self.train_loader, epoch_index, start=resumed_micro)
+        progress = EpochProgress(**state["progress"]) if resumed else EpochProgress()
+        set_epoch(self.train_loader, epoch_index, start=progress.micro)
+        here = {"stage": stage_index, "epoch": epoch}
 
         def before_micro(micro):
             paddle.seed(derived_seed(self.seed, epoch_index, micro))
 
-        def on_step(values):
-            self.logger.log_step(state["global_step"], values)
+        def on_step(values, skipped):
+            if skipped:
+                self._nonfinite(values, stage_index, epoch, progress)
+            else:
+                self.logger.log_step(state["global_step"], values)
+                if "ema" in self.averages:
+                    self.averages["ema"].update(self.model)
             state["global_step"] += 1
-            if "ema" in self.averages:
-                self.averages["ema"].update(self.model)
             every = cfg.train.save_every_steps
-            if (every and state["global_step"] % every == 0
-                    and progress.micro < self.train_loader.batch_sampler.stop):
-                self._checkpoint({"stage": stage_index, "epoch": epoch, "micro": progress.micro},
-                                 progress.to_dict())
+            if self.stops.requested or (every and state["global_step"] % every == 0
+                                        and progress.micro < self.train_loader.batch_sampler.stop):
+                self._checkpoint(dict(here, micro=progress.micro), progress.to_dict())
+            if self.stops.requested:
+                raise self._interrupted(here)
+
+        def check_stop():
+            if self.stops.requested:
+                raise _StopRequested
 
         desc = f"stage {stage_index} epoch {epoch + 1}/{stage.epochs}"
         stats = train_one_epoch(self.model, self.criterion, self.preprocess, self.train_loader,
                                 self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
                                 before_micro, on_step, desc)
-        if "swa" in self.averages and (stage_index, epoch) >= self.swa_start:
+        if ("swa" in self.averages and (stage_index, epoch) >= self.swa_start
+                and not (resumed and resumed.get("evaluating"))):
             self.averages["swa"].update(self.model)
-        results = _evaluate_kinds(self.model, self.averages, lambda: evaluate(
-            self.model, self.preprocess, self.val_loader, cfg.model.num_classes, desc="val"))
+        try:
+            results = evaluate_kinds(self.model, self.averages, lambda: evaluate(
+                self.model, self.preprocess, self.val_loader, cfg.model.num_classes, desc="val",
+                check_stop=check_stop))
+        except _StopRequested:
+            self._checkpoint(dict(here, micro=progress.micro, evaluating=True), progress.to_dict())
+            raise self._interrupted(here) from None
         val = results["raw"]
         record = {
             "stage": stage_index, "epoch": epoch, "lr": self.optimizer.get_lr(),
@@ -234,7 +230,37 @@ class Trainer:
               + f" | {stats['images_per_s']:.1f} img/s", flush=True)
         if reached:
             print(f"stage {stage_index} ends early: {', '.join(reached)} reached", flush=True)
+        if self.stops.requested:
+            raise self._interrupted(here)
         return done
+
+    def _nonfinite(self, values, stage_index, epoch, progress):
+        """Stop on a non-finite loss, or count it as skipped under ``train.nan_policy: skip``."""
+        train = self.cfg.train
+        step = progress.micro // train.accum_steps
+        where = (f"stage {stage_index} epoch {epoch + 1} step {step} (lr {values['lr']:.3g}, "
+                 f"loss {values['loss']})")
+        last = find_last(self.out)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        fix = (f"lower stages.{stage_index}.optimizer.lr, add a warmup "
+               f"(stages.{stage_index}.warmup.steps) or set train.clip_grad_norm")
+        if train.nan_policy == "stop":
+            raise UserError(f"the loss is not finite at {where}; {kept}; {fix}, or set "
+                            f"train.nan_policy=skip to drop such steps")
+        self.state["skipped_steps"] += 1
+        if self.state["skipped_steps"] > train.nan_max_skips:
+            raise UserError(f"{self.state['skipped_steps']} steps had a non-finite loss, more "
+                            f"than train.nan_max_skips={train.nan_max_skips} (last at {where}); "
+                            f"{kept}; {fix}")
+        print(f"skipped the update of {where}: non-finite loss "
+              f"({self.state['skipped_steps']}/{train.nan_max_skips} allowed)", flush=True)
+
+    def _interrupted(self, here):
+        """The :class:`Interrupted` to raise once the stop checkpoint is saved."""
+        return Interrupted(self.stops.signum,
+                           f"{self.stops.requested} at stage {here['stage']} epoch "
+                           f"{here['epoch'] + 1} (step {self.state['global_step']}); checkpoint "
+                           f"saved in {find_last(self.out)}")
 
     def _update_best(self, record, results, epoch_index):
         """Keep the best of the raw, EMA and SWA weights if it beats the best so far."""
@@ -251,10 +277,10 @@ class Trainer:
         """Write the resume checkpoint for ``position`` (the next thing to do)."""
         self.state.update(position=position, progress=progress,
                           updates={kind: avg.updates for kind, avg in self.averages.items()})
-        files = {"model.pdparams": self.model.state_dict(),
-                 "optimizer.pdopt": portable_optimizer_state(self.model, self.optimizer)}
-        files.update({f"{kind}.pdparams": avg.state_dict() for kind, avg in self.averages.items()})
-        save_last(self.out, files, self.state)
+        trees = {"model": self.model.state_dict(),
+                 "optimizer": portable_optimizer_state(self.model, self.optimizer)}
+        trees.update({kind: avg.state_dict() for kind, avg in self.averages.items()})
+        save_last(self.out, trees, self.state)
 
 
 def fit(cfg, resume=None):

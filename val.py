@@ -4,7 +4,7 @@ Examples:
   python val.py                                  # best checkpoint of the reproduction
   python val.py -c configs/demo.yaml             # best checkpoint of the CPU demo
   python val.py --kind ema                       # the last checkpoint's EMA weights
-  python val.py --weights output/demo/last/model.pdparams   # any weights file of this model
+  python val.py --weights output/demo/last/model.safetensors   # any weights file of this model
 """
 
 import argparse
@@ -22,7 +22,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--weights", metavar="PATH",
-                        help="weights to evaluate (default: best.pdparams in train.output_dir)")
+                        help="weights to evaluate: .safetensors, or .pdparams read without running "
+                             "code (default: best.safetensors in train.output_dir)")
     parser.add_argument("--kind", choices=("raw", "ema", "swa"),
                         help="evaluate the last checkpoint's raw weights, EMA or SWA average "
                              "instead of the best weights")
@@ -37,7 +38,8 @@ def main(argv=None):
     from data.preprocess import DevicePreprocess
     from engine import evaluate
     from models.build import build_model, describe_load, load_weights, resolve_image_size
-    from utils.checkpoint import weights_path, write_json
+    from utils.checkpoint import weights_path
+    from utils.files import write_json
 
     out = cfg.train.output_dir
     if args.weights and args.kind:

@@ -5,18 +5,22 @@ and returns the same bytes, but as two arrays instead of a list of samples.
 """
 
 import os
-import pickle
 import tarfile
+import zlib
 
 import numpy as np
 
 from utils.download import download_dataset
 from utils.errors import UserError
+from utils.safe_pickle import safe_unpickle
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 CIFAR100_URL = "https://dataset.bj.bcebos.com/cifar/" + ARCHIVE_NAME
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 MODES = ("train", "test")
+IMAGE_BYTES = 3 * 32 * 32
+# What a damaged archive raises while it is read: cut short, bad gzip, bad tar.
+DAMAGED = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 def default_archive_path():
@@ -56,8 +60,32 @@ def _read_members(path):
             yield name, archive.extractfile(name)
 
 
-def _load_pickle(handle):
-    return pickle.load(handle, encoding="bytes")
+def _members(path, wanted):
+    """``(name, unpickled content)`` of the members whose name ``wanted`` accepts; a damaged
+    archive is one clear error."""
+    try:
+        for name, handle in _read_members(path):
+            if wanted(name):
+                yield name, safe_unpickle(handle, f"CIFAR member {name} of {path}",
+                                          encoding="bytes")
+    except DAMAGED as exc:
+        raise UserError(f"{path} is damaged or truncated ({exc.__class__.__name__}: {exc}); "
+                        f"download {ARCHIVE_NAME} again") from None
+
+
+def _batch_arrays(batch, source):
+    """Images ``[N, 32, 32, 3]`` and labels ``[N]`` of one CIFAR batch, checked."""
+    labels = batch.get(b"labels", batch.get(b"fine_labels")) if isinstance(batch, dict) else None
+    if labels is None or b"data" not in batch:
+        raise UserError(f"{source} is not a CIFAR batch (no data and labels)")
+    data = np.asarray(batch[b"data"])
+    if data.ndim != 2 or data.shape[1] != IMAGE_BYTES or data.dtype != np.uint8:
+        raise UserError(f"{source} holds data of shape {list(data.shape)} and type {data.dtype}; "
+                        f"CIFAR images are uint8 rows of 3x32x32 = {IMAGE_BYTES} values")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise UserError(f"{source} has {len(data)} images but labels of shape {list(labels.shape)}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def load_cifar100(path, mode):
@@ -65,23 +93,23 @@ def load_cifar100(path, mode):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     images, labels = [], []
-    for name, handle in _read_members(path):
-        if mode not in name:
-            continue
-        batch = _load_pickle(handle)
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        batch_labels = batch.get(b"labels", batch.get(b"fine_labels"))
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch_labels, dtype=np.int64))
+    for name, batch in _members(path, lambda name: mode in name):
+        batch_images, batch_labels = _batch_arrays(batch, f"CIFAR member {name} of {path}")
+        images.append(batch_images)
+        labels.append(batch_labels)
     if not images:
         raise UserError(f"no '{mode}' split found in {path}; is it the {ARCHIVE_NAME} archive?")
-    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+    images, labels = np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+    if len(labels) == 0:
+        raise UserError(f"the '{mode}' split in {path} is empty; download {ARCHIVE_NAME} again")
+    return images, labels
 
 
 def cifar100_class_names(path):
     """The 100 fine class names from the archive's ``meta`` member."""
-    for name, handle in _read_members(path):
-        if os.path.basename(name) == "meta":
-            meta = _load_pickle(handle)
-            return [n.decode("utf-8") for n in meta[b"fine_label_names"]]
+    for name, meta in _members(path, lambda name: os.path.basename(name) == "meta"):
+        names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
+        if names is None:
+            raise UserError(f"CIFAR member {name} of {path} has no fine_label_names")
+        return [n.decode("utf-8") for n in names]
     raise UserError(f"no 'meta' member in {path}; is it the {ARCHIVE_NAME} archive?")

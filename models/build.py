@@ -3,11 +3,11 @@
 import os
 import sys
 
-import paddle
 import paddle.nn as nn
 
 from utils.download import download_weights
 from utils.errors import UserError
+from utils.tensor_io import as_paddle, load_tensors
 
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
 IMAGENET_CLASSES = 1000
@@ -98,28 +98,16 @@ def resolve_image_size(data_cfg, model):
     return size
 
 
-def read_state_dict(path):
-    """Read a ``.pdparams`` file into a dict of tensors."""
-    if not os.path.isfile(path):
-        raise UserError(f"weights file {path} not found")
-    try:
-        state = paddle.load(path)
-    except Exception as exc:  # paddle raises many kinds for a broken file
-        raise UserError(f"cannot read weights file {path}: {exc}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"weights file {path} does not hold a state dict")
-    return state
-
-
 def load_weights(model, path, strict=False):
-    """Load the tensors of ``path`` that fit ``model``; report loaded, skipped and missing.
+    """Load the tensors of ``path`` (``.safetensors``, or ``.pdparams`` read without running
+    code) that fit ``model``; report loaded, skipped and missing.
 
     A file of the bare PPIM model also loads into the MLP-head wrapper's
     backbone. Tensors whose shape differs (the 1000-class heads) are skipped and
     keep the fresh initialisation; with ``strict`` any skipped or missing tensor
     is an error instead.
     """
-    state = read_state_dict(path)
+    state, _ = load_tensors(path)
     target = model
     backbone = getattr(model, "backbone", None)
     if backbone is not None:
@@ -136,14 +124,16 @@ def load_weights(model, path, strict=False):
         else:
             loaded[key] = value
     if not loaded:
-        raise UserError(f"weights file {path} holds no tensor of this model; "
-                        f"is it for another model.name?")
+        examples = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:3])
+        raise UserError(f"weights file {path} holds no tensor of this model ({len(skipped)} "
+                        f"tensors do not fit, e.g. {examples}); is it for another model.name "
+                        f"or model.kwargs?")
     missing = [key for key in expected if key not in loaded]
     if strict and (skipped or missing):
         problems = [f"{k}: {why}" for k, why in skipped.items()] + [f"{k}: missing" for k in missing]
         raise UserError(f"weights file {path} does not fit this model ({len(problems)} tensors differ, "
                         f"e.g. {'; '.join(problems[:3])}); check -c/-o match the training config")
-    target.set_state_dict({**expected, **loaded})  # the full dict: no warning per new tensor
+    target.set_state_dict({**expected, **as_paddle(loaded)})  # the full dict: no warning per new tensor
     return {"loaded": len(loaded), "skipped": skipped, "missing": missing}
 
 

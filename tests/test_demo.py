@@ -61,7 +61,7 @@ def test_val_without_checkpoint_is_one_error_line(tmp_path):
     proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={tmp_path}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: no weights at {tmp_path}/best.pdparams")
+    assert len(lines) == 1 and lines[0].startswith(f"error: no weights at {tmp_path}/best.safetensors")
     assert "Traceback" not in proc.stderr
 
 

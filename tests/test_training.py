@@ -90,8 +90,8 @@ def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     assert all(r["images_per_s"] > 0 and 0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in records)
     assert records[0]["lr"] == pytest.approx(3e-3)  # AdamW, constant
     assert records[2]["lr"] < records[1]["lr"]  # polynomial decay within the Momentum stage
-    for name in ("best.pdparams", "best.json", "last/model.pdparams", "last/optimizer.pdopt",
-                 "last/state.json", "config.yaml"):
+    for name in ("best.safetensors", "best.json", "last/model.safetensors",
+                 "last/optimizer.safetensors", "last/state.json", "config.yaml"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert os.listdir(os.path.join(out, "vdl"))
     # The 50-image subset stage cannot be "best" against the 100-image validation set.

@@ -65,3 +65,34 @@ class SWA(WeightAverage):
             self.updates = 1
             return
         self._blend(model, self.updates / (self.updates + 1.0))
+
+
+def build_averages(train_cfg, model, state=None, trees=None):
+    """The averages ``train`` enables, restored from a checkpoint's ``state``/``trees`` if given."""
+    averages = {}
+    if train_cfg.ema.enabled:
+        averages["ema"] = EMA(model, train_cfg.ema.decay, train_cfg.ema.warmup)
+    if train_cfg.swa.enabled:
+        averages["swa"] = SWA(model)
+    for kind, average in averages.items():
+        if trees and kind in trees:
+            average.load(trees[kind], state["updates"][kind])
+    return averages
+
+
+def evaluate_kinds(model, averages, run_eval):
+    """Evaluate the raw weights and every average that has been updated, side by side.
+
+    The model gets its raw weights back even when an evaluation is abandoned.
+    """
+    results = {"raw": run_eval()}
+    ready = {kind: average for kind, average in averages.items() if average.updates > 0}
+    if ready:
+        raw = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        try:
+            for kind, average in ready.items():
+                model.set_state_dict(average.state_dict())
+                results[kind] = run_eval()
+        finally:
+            model.set_state_dict(raw)
+    return results

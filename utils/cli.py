@@ -1,7 +1,9 @@
 """What the command-line entry points share: quiet imports, device choice, seeding, errors."""
 
+import errno
 import random
 import sys
+import traceback
 import warnings
 
 import numpy as np
@@ -9,7 +11,10 @@ import numpy as np
 # Paddle warns about a missing C++ compiler cache on import; this project builds no extension.
 warnings.filterwarnings("ignore", message="No ccache found")
 
-from utils.errors import UserError  # noqa: E402
+from utils.errors import Interrupted, UserError  # noqa: E402
+
+# OS errors a user fixes (free space, fix permissions) rather than bugs: one line each.
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def select_device():
@@ -37,11 +42,34 @@ def derived_seed(*keys):
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
+def _report(message, debug):
+    if debug:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+
+
 def run(main):
-    """Call ``main()`` and exit with its code; a :class:`UserError` becomes one ``error:`` line."""
+    """Call ``main()`` and exit with its code.
+
+    Expected failures (:class:`UserError`, a full disk, a denied write, Ctrl-C outside
+    training) print one ``error:`` line and exit non-zero without a traceback, unless
+    ``--debug`` is among the arguments; an :class:`Interrupted` run exits 128 + signal.
+    """
+    debug = "--debug" in sys.argv[1:]
     try:
         code = main()
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _report("interrupted (SIGINT)", debug)
+        code = 130
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc, debug)
+        code = 2
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS:
+            raise
+        _report(f"{exc.strerror}: {exc.filename}", debug)
         code = 2
     sys.exit(code or 0)

@@ -110,14 +110,16 @@ def _check_field(value, field, path):
             f"got {type(value).__name__} {value!r}")
     if field.choices and value not in field.choices:
         raise UserError(f"config key '{path}' must be one of {', '.join(field.choices)}; got {value!r}")
+    if field.item_type is not None:  # bounds apply to each item
+        item = Field(field.item_type, minimum=field.minimum, maximum=field.maximum)
+        value = [_check_field(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+        if field.length is not None and len(value) != field.length:
+            raise UserError(f"config key '{path}' must have {field.length} items, got {len(value)}")
+        return value
     if field.minimum is not None and value < field.minimum:
         raise UserError(f"config key '{path}' must be >= {field.minimum}, got {value!r}")
     if field.maximum is not None and value > field.maximum:
         raise UserError(f"config key '{path}' must be <= {field.maximum}, got {value!r}")
-    if field.item_type is not None:
-        value = [_check_field(item, Field(field.item_type), f"{path}.{i}") for i, item in enumerate(value)]
-        if field.length is not None and len(value) != field.length:
-            raise UserError(f"config key '{path}' must have {field.length} items, got {len(value)}")
     return copy.deepcopy(value)
 
 
@@ -213,9 +215,11 @@ def dump_config(cfg):
 
 
 def add_config_args(parser):
-    """Add the shared ``-c/--config`` and ``-o/--override`` options to a parser."""
+    """Add the shared ``-c/--config``, ``-o/--override`` and ``--debug`` options to a parser."""
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                         help=f"YAML recipe (default: {DEFAULT_CONFIG})")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. -o data.batch_size=32 or "
                              "-o stages.0.optimizer.lr=1e-4 (repeatable; values are YAML)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of one line")

@@ -1,9 +1,22 @@
-"""The one exception type for failures the user can fix."""
+"""Exceptions the command-line entry points turn into one line instead of a traceback."""
 
 
 class UserError(Exception):
-    """An expected failure: bad config, missing file, no network.
+    """An expected failure: bad config, missing or damaged file, no network, divergence.
 
     The command-line entry points print its message as a single ``error:`` line
-    and exit non-zero, without a traceback.
+    and exit non-zero, without a traceback (``--debug`` shows it).
     """
+
+
+class Interrupted(Exception):
+    """A run stopped on SIGINT/SIGTERM after saving its checkpoint.
+
+    The entry point prints the message (where the checkpoint is, how to resume) and
+    exits with ``128 + signal number``, as a shell does for a killed process.
+    """
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

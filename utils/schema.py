@@ -107,6 +107,9 @@ TRAIN = Section({
     "clip_grad_norm": _nullable(float, minimum=0.0),
     "exclude_from_decay": Field(bool, True),
     "save_every_steps": _nullable(int, minimum=1),
+    # What a non-finite loss does: stop the run, or skip that update (at most nan_max_skips).
+    "nan_policy": Field(str, "stop", choices=("stop", "skip")),
+    "nan_max_skips": Field(int, 10, minimum=0),
     "ema": EMA,
     "swa": SWA,
 })
@@ -114,14 +117,14 @@ TRAIN = Section({
 OPTIMIZER = Tagged({
     "AdamW": Section({
         "lr": Field(float, minimum=0.0),
-        "betas": Field(list, [0.9, 0.999], item_type=float, length=2),
-        "epsilon": Field(float, 1e-8),
-        "weight_decay": Field(float, 0.01),
+        "betas": Field(list, [0.9, 0.999], item_type=float, length=2, minimum=0.0, maximum=1.0),
+        "epsilon": Field(float, 1e-8, minimum=0.0),
+        "weight_decay": Field(float, 0.01, minimum=0.0),
     }),
     "Momentum": Section({
         "lr": Field(float, minimum=0.0),
-        "momentum": Field(float, 0.9),
-        "l2_decay": Field(float, 0.0),
+        "momentum": Field(float, 0.9, minimum=0.0, maximum=1.0),
+        "l2_decay": Field(float, 0.0, minimum=0.0),
         "use_nesterov": Field(bool, False),
     }),
 })
@@ -129,8 +132,8 @@ OPTIMIZER = Tagged({
 LR_SCHEDULE = Tagged({
     "constant": Section({}),
     "polynomial": Section({
-        "end_lr": Field(float, 0.0),
-        "power": Field(float, 1.0),
+        "end_lr": Field(float, 0.0, minimum=0.0),
+        "power": Field(float, 1.0, minimum=0.0),
     }),
 }, default_name="constant")
 
@@ -141,8 +144,8 @@ WARMUP = Section({
 })
 
 UNTIL = Section({
-    "val_top1": _nullable(float, minimum=0.0),
-    "val_top5": _nullable(float, minimum=0.0),
+    "val_top1": Field(float, None, nullable=True, minimum=0.0, maximum=1.0),
+    "val_top5": Field(float, None, nullable=True, minimum=0.0, maximum=1.0),
 }, partial=True)
 
 STAGE = Section({

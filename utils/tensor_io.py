@@ -1,0 +1,114 @@
+"""Tensor files: safetensors for everything this project writes, ``.pdparams`` read safely.
+
+A safetensors file is a JSON header plus raw tensor bytes: it cannot carry code.
+``.pdparams`` files (PPIM's downloads, weights from elsewhere) are pickles and go
+through :mod:`utils.safe_pickle`. Nested states (an optimizer's) are stored flat, with
+``/``-joined keys for the tensors and the remaining plain values as JSON metadata.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from utils.errors import UserError
+from utils.files import write_atomically
+from utils.safe_pickle import safe_unpickle
+
+SAFETENSORS = ".safetensors"
+# Entries paddle.save adds next to the tensors: a name table, not weights.
+PADDLE_META_SUFFIX = "@@"
+
+
+def _as_array(value):
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "numpy"):  # a paddle.Tensor, on whatever device
+        return value.numpy()
+    return None
+
+
+def pack(tree, prefix=""):
+    """Split a nested dict into ``(flat tensors by '/'-joined key, the rest as a plain dict)``."""
+    tensors, rest = {}, {}
+    for key, value in tree.items():
+        array = _as_array(value)
+        if array is not None:
+            tensors[prefix + key] = np.ascontiguousarray(array)
+        elif isinstance(value, dict):
+            sub_tensors, sub_rest = pack(value, f"{prefix}{key}/")
+            tensors.update(sub_tensors)
+            rest[key] = sub_rest
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+def unpack(tensors, rest):
+    """Invert :func:`pack`: the nested dict with NumPy arrays at the tensor leaves."""
+    tree = json.loads(json.dumps(rest))
+    for flat_key, array in tensors.items():
+        *parents, leaf = flat_key.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = array
+    return tree
+
+
+def as_paddle(tree):
+    """The nested dict with its NumPy arrays turned into Paddle tensors on the current device."""
+    import paddle
+
+    return {key: (paddle.to_tensor(value) if isinstance(value, np.ndarray)
+                  else as_paddle(value) if isinstance(value, dict) else value)
+            for key, value in tree.items()}
+
+
+def save_tensors(path, tree, metadata=None):
+    """Write a (nested) state as safetensors, durably; ``metadata`` is a JSON-ready dict."""
+    from safetensors.numpy import save
+
+    tensors, rest = pack(tree)
+    header = {"rest": json.dumps(rest), "metadata": json.dumps(metadata or {})}
+    write_atomically(path, save(tensors, metadata=header))
+
+
+def _load_safetensors(path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # SafetensorError, OSError: truncated or foreign bytes
+        raise UserError(f"{path} is truncated or not a safetensors file ({exc}); "
+                        f"use another copy or the previous checkpoint") from None
+    rest = json.loads(header.get("rest", "{}"))
+    return unpack(tensors, rest), json.loads(header.get("metadata", "{}"))
+
+
+def _load_pdparams(path):
+    with open(path, "rb") as handle:
+        state = safe_unpickle(handle, f"weights file {path}")
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state dict "
+                        f"(found {type(state).__name__})")
+    tensors = {}
+    for key, value in state.items():
+        if str(key).endswith(PADDLE_META_SUFFIX):
+            continue
+        if not isinstance(value, np.ndarray):
+            raise UserError(f"weights file {path} does not hold a state dict of tensors "
+                            f"({key!r} is a {type(value).__name__})")
+        tensors[key] = value
+    return tensors, {}
+
+
+def load_tensors(path):
+    """``(state, metadata)`` of a ``.safetensors`` or ``.pdparams`` file; tensors as NumPy arrays."""
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {path} not found")
+    if path.endswith(SAFETENSORS):
+        return _load_safetensors(path)
+    return _load_pdparams(path)
