@@ -4,6 +4,7 @@ import os
 import sys
 
 import paddle.nn as nn
+import ppim  # at import time, not in build_model: importing PPIM draws from Paddle's RNG
 
 from utils.download import download_weights
 from utils.errors import UserError
@@ -29,8 +30,6 @@ class MLPHeadClassifier(nn.Layer):
 
 
 def _constructor(name):
-    import ppim
-
     constructor = getattr(ppim, name, None)
     if constructor is None or not callable(constructor) or name.startswith("_"):
         raise UserError(f"model.name {name!r} is not a PPIM model; try deit_b_distilled_384, "

@@ -1,8 +1,12 @@
 """Shared test helpers: project imports, a tiny PPIM model config and CLI subprocesses."""
 
+import io
+import json
 import os
+import pickle
 import subprocess
 import sys
+import tarfile
 import warnings
 
 import pytest
@@ -21,6 +25,41 @@ def run_script(script, *args, env=None, timeout=600):
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
                           env=dict(os.environ, **(env or {})), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def read_records(output_dir):
+    """The per-epoch records of a run's metrics.jsonl."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def assert_one_error(proc, *fragments, code=2):
+    """The process failed with ``code``, one ``error:`` line holding ``fragments``, no traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def cifar_batch(images, labels):
+    """One CIFAR-100 pickle: rows of 3072 bytes, channel-first, as the real archive stores them."""
+    return {b"batch_label": b"test batch", b"filenames": [b"x.png"] * len(labels),
+            b"fine_labels": [int(v) for v in labels], b"coarse_labels": [int(v) // 5 for v in labels],
+            b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1)}
+
+
+def write_cifar_archive(path, members):
+    """A ``cifar-100-python.tar.gz`` at ``path``: member name -> object (pickled) or raw bytes."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name, payload in members.items():
+            blob = payload if isinstance(payload, bytes) else pickle.dumps(payload, protocol=2)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+    return str(path)
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
 """The CIFAR-100 reader against Paddle's own Cifar100, the digits demo data and the loaders."""
 
-import io
-import pickle
 import tarfile
 
 import numpy as np
 import pytest
+from conftest import cifar_batch, write_cifar_archive
 
 from data import cifar
 from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
@@ -15,13 +14,6 @@ from utils.config import Node
 from utils.errors import UserError
 
 FINE_NAMES = [f"class_{i}" for i in range(100)]
-
-
-def _batch(images, labels):
-    """One CIFAR-100 pickle: rows of 3072 bytes, channel-first, as the real archive stores them."""
-    return {b"batch_label": b"test batch", b"filenames": [b"x.png"] * len(labels),
-            b"fine_labels": [int(v) for v in labels], b"coarse_labels": [int(v) // 5 for v in labels],
-            b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1)}
 
 
 def _real_digit_images(mode):
@@ -35,19 +27,12 @@ def _real_digit_images(mode):
 @pytest.fixture(scope="module")
 def cifar_archive(tmp_path_factory):
     """A cifar-100-python.tar.gz written from real digit images."""
-    root = tmp_path_factory.mktemp("cifar")
-    path = root / cifar.ARCHIVE_NAME
-    members = {"train": _batch(*_real_digit_images("train")),
-               "test": _batch(*_real_digit_images("test")),
+    path = tmp_path_factory.mktemp("cifar") / cifar.ARCHIVE_NAME
+    members = {"train": cifar_batch(*_real_digit_images("train")),
+               "test": cifar_batch(*_real_digit_images("test")),
                "meta": {b"fine_label_names": [n.encode() for n in FINE_NAMES],
                         b"coarse_label_names": [b"c"] * 20}}
-    with tarfile.open(path, "w:gz") as archive:
-        for name, payload in members.items():
-            blob = pickle.dumps(payload, protocol=2)
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(blob)
-            archive.addfile(info, io.BytesIO(blob))
-    return str(path)
+    return write_cifar_archive(path, members)
 
 
 @pytest.mark.parametrize("mode", ["train", "test"])

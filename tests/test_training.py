@@ -1,12 +1,11 @@
 """Training steps, staged optimizers, outputs of a run and its repeatability."""
 
-import json
 import os
 
 import numpy as np
 import paddle
 import pytest
-from conftest import TINY_MODEL_KWARGS
+from conftest import TINY_MODEL_KWARGS, read_records
 
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
@@ -27,11 +26,6 @@ def _small_run(output_dir, *extra):
         f"train.output_dir={output_dir}", "data.train_subset=200", "data.val_subset=100",
         "data.batch_size=32", "stages.0.epochs=1", "stages.0.warmup.epochs=0", "stages.1.epochs=2",
         *extra])
-
-
-def _records(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
 
 
 def test_a_few_rdrop_steps_lower_the_loss(tiny_model_cfg):
@@ -84,7 +78,7 @@ def test_momentum_stage_applies_l2_decay():
 def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     out = str(tmp_path / "run")
     best = fit(_small_run(out, "stages.0.data={train_subset: 100, val_subset: 50}"))
-    records = _records(out)
+    records = read_records(out)
     assert [(r["stage"], r["epoch"]) for r in records] == [(0, 0), (1, 0), (1, 1)]
     assert all(set(r) == RECORD_KEYS for r in records)
     assert all(r["images_per_s"] > 0 and 0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in records)
@@ -103,7 +97,7 @@ def test_same_seed_same_run_and_baseline_differs(tmp_path):
     runs = []
     for name, extra in (("a", ()), ("b", ()), ("c", ("loss.rdrop=false",))):
         fit(_small_run(str(tmp_path / name), *extra))
-        runs.append(_records(str(tmp_path / name)))
+        runs.append(read_records(str(tmp_path / name)))
     first, again, baseline = runs
     for row in runs:
         for record in row:

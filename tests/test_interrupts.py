@@ -1,0 +1,245 @@
+"""Interruptions: SIGKILL, SIGTERM and SIGINT during a run, kills during a save, a full disk.
+
+Each interrupted run is continued with ``--resume`` and must end exactly like the
+uninterrupted one (same metrics.jsonl), which is trained once for the module.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, assert_one_error, read_records, run_script
+
+import trainer as trainer_module
+from trainer import fit
+from utils.checkpoint import find_last, load_last, weights_path
+from utils.config import load_config
+from utils.errors import Interrupted
+from utils.tensor_io import load_tensors
+
+SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
+RUN = ["-c", "configs/demo.yaml", *[a for o in SMALL for a in ("-o", o)],
+       "-o", "stages.0.epochs=2", "-o", "stages.1.epochs=2", "-o", "train.save_every_steps=3",
+       "-o", "train.ema.enabled=true", "-o", "train.swa.enabled=true",
+       "-o", "stages.0.warmup={steps: 4}", "-o", "train.accum_steps=2",
+       "-o", "train.clip_grad_norm=5.0"]
+
+
+def _main(out):
+    return [sys.executable, os.path.join(ROOT, "main.py"), *RUN, "-o", f"train.output_dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted run's metrics.jsonl records."""
+    out = str(tmp_path_factory.mktemp("whole"))
+    proc = subprocess.run(_main(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return read_records(out)
+
+
+def _assert_same_records(expected, got, epochs=4):
+    assert len(got) == len(expected) == epochs
+    for want, have in zip(expected, got):
+        assert set(want) == set(have)
+        for key in want:
+            if want[key] is None:  # SWA not started yet
+                assert have[key] is None, key
+            elif key != "images_per_s":
+                assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-12), key
+
+
+def _kill_midway(out):
+    """Start the run and SIGKILL it once a mid-epoch checkpoint of the second stage exists."""
+    proc = subprocess.Popen(_main(out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state_path = os.path.join(out, "last", "state.json")
+    deadline = time.time() + 300
+    position = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with open(state_path, encoding="utf-8") as handle:
+                    position = json.load(handle)["position"]
+            except (OSError, ValueError):
+                position = None
+            if position and position["stage"] == 1 and position["micro"] > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        proc.wait()
+    return proc.returncode, position
+
+
+def test_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(whole, tmp_path):
+    killed = str(tmp_path / "killed")
+    code, position = _kill_midway(killed)
+    assert code == -signal.SIGKILL and position["stage"] == 1
+    assert len(read_records(killed)) < 4
+    resumed = run_script("main.py", *RUN, "-o", f"train.output_dir={killed}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    _assert_same_records(whole, read_records(killed))
+    assert whole[-1]["train_loss"] < whole[0]["train_loss"]
+    with open(os.path.join(killed, "best.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["kind"] in ("raw", "ema", "swa")
+    for kind in ("raw", "ema", "swa"):
+        proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={killed}",
+                          "--kind", kind)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1].startswith("top1=")
+    changed = run_script("main.py", *RUN, "-o", f"train.output_dir={killed}",
+                         "-o", "loss.alpha=2.0", "--resume")
+    assert_one_error(changed, "'loss.alpha' differs")
+
+
+def _signal_at_stage_1(out, *signums):
+    """Run, send ``signums`` as soon as stage 1 starts; return (exit code, stderr)."""
+    proc = subprocess.Popen(_main(out), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("[1] "):
+            for signum in signums:
+                os.kill(proc.pid, signum)
+            break
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_sigterm_saves_says_how_to_resume_and_the_resumed_run_matches(whole, tmp_path):
+    out = str(tmp_path / "term")
+    code, err = _signal_at_stage_1(out, signal.SIGTERM)
+    assert code == 143, err[-2000:]
+    assert "Traceback" not in err
+    line = [text for text in err.splitlines() if text.startswith("interrupted: ")][0]
+    assert "SIGTERM at stage 1 epoch 1" in line and f"checkpoint saved in {out}/last" in line
+    state, _ = load_last(find_last(out))
+    assert state["position"]["stage"] == 1 and 0 < state["position"]["micro"] < 8
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:2] == ["python", "main.py"] and command[-1] == "--resume"
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_records(whole, read_records(out))
+
+
+def test_sigint_exits_130_with_a_checkpoint(tmp_path):
+    out = str(tmp_path / "int")
+    code, err = _signal_at_stage_1(out, signal.SIGINT)
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted: SIGINT at stage 1" in err
+    state, trees = load_last(find_last(out))
+    assert state["position"]["stage"] == 1 and set(trees) == {"model", "optimizer", "ema", "swa"}
+
+
+def test_a_second_signal_exits_at_once_keeping_the_saved_checkpoint(tmp_path):
+    out = str(tmp_path / "twice")
+    code, err = _signal_at_stage_1(out, signal.SIGINT, signal.SIGTERM)
+    assert code == 143 and "Traceback" not in err
+    assert "error: second SIGTERM: exiting now" in err and "interrupted:" not in err
+    state, trees = load_last(find_last(out))  # stage 0's end, saved before the signals
+    assert state["position"] == {"stage": 1, "epoch": 0, "micro": 0} and "model" in trees
+
+
+def test_stop_during_evaluation_resumes_without_averaging_twice(tmp_path, monkeypatch):
+    overrides = [*SMALL, "stages.0.epochs=1", "stages.1.epochs=2", "train.ema.enabled=true",
+                 "train.swa.enabled=true"]
+    whole_out, stopped_out = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    fit(load_config("configs/demo.yaml", [*overrides, f"train.output_dir={whole_out}"]))
+    cfg = load_config("configs/demo.yaml", [*overrides, f"train.output_dir={stopped_out}"])
+    real_evaluate, calls = trainer_module.evaluate, []
+
+    def evaluate_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # stage 1 epoch 1: raw, then EMA (now), then SWA
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_signal)
+    with pytest.raises(Interrupted) as stop:
+        fit(cfg)
+    assert stop.value.exit_code == 143
+    state, trees = load_last(find_last(stopped_out))
+    assert state["position"] == {"stage": 1, "epoch": 0, "micro": 8, "evaluating": True}
+    assert state["updates"]["swa"] == 1
+    monkeypatch.undo()
+    fit(cfg, resume=True)
+    _assert_same_records(read_records(whole_out), read_records(stopped_out), epochs=3)
+    final_whole, _ = load_last(find_last(whole_out))
+    final_stopped, _ = load_last(find_last(stopped_out))
+    assert final_stopped["updates"] == final_whole["updates"] == {"ema": 24, "swa": 2}
+
+
+SAVE_LOOP = """
+import sys
+import numpy as np
+from utils.checkpoint import save_best, save_last
+out = sys.argv[1]
+for version in range(1, 100000):
+    model = {f"w{i}": np.full((256, 1024), version, np.float32) for i in range(4)}
+    optimizer = {"m": np.full(4096, version, np.float32), "LR_Scheduler": {"last_epoch": version}}
+    save_last(out, {"model": model, "optimizer": optimizer}, {"version": version})
+    save_best(out, model, {"version": version})
+    if version == 1:
+        print("saved", flush=True)
+"""
+
+
+def test_sigkill_at_random_moments_of_saving_leaves_a_loadable_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    versions = set()
+    for attempt in range(20):
+        out = str(tmp_path / f"kill{attempt}")
+        proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, out], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "saved\n"
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+        state, trees = load_last(find_last(out))
+        version = state["version"]
+        versions.add(version)
+        assert all(np.all(array == version) for array in trees["model"].values())
+        assert np.all(trees["optimizer"]["m"] == version)
+        assert trees["optimizer"]["LR_Scheduler"] == {"last_epoch": version}
+        best, metadata = load_tensors(weights_path(out, "best"))
+        assert all(np.all(array == metadata["record"]["version"]) for array in best.values())
+    assert len(versions) > 1  # the kills did land at different points of the loop
+
+
+ENOSPC_AFTER_FIRST_EPOCH = """
+import errno, os, runpy, sys
+out = sys.argv[1]
+metrics = os.path.join(out, "metrics.jsonl")
+real_fsync = os.fsync
+def fsync(fd):
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_fsync(fd)
+os.fsync = fsync
+sys.argv = ["main.py", *sys.argv[2:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(whole, tmp_path):
+    out = str(tmp_path / "full")
+    proc = subprocess.run([sys.executable, "-c", ENOSPC_AFTER_FIRST_EPOCH, out, *RUN,
+                           "-o", f"train.output_dir={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert_one_error(proc, f"cannot save the checkpoint in {out} (No space left on device",
+                     "the previous checkpoint there is kept", "--resume")
+    state, _ = load_last(find_last(out))
+    assert state["position"] == {"stage": 0, "epoch": 0, "micro": 6}  # save_every_steps=3, accum 2
+    leftovers = [name for name in os.listdir(out) if name.endswith(".tmp") or "partial" in name]
+    assert leftovers == [] and not os.path.exists(os.path.join(out, "best.safetensors"))
+    resumed = run_script("main.py", *RUN, "-o", f"train.output_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_records(whole, read_records(out))
