@@ -12,6 +12,8 @@ from utils.tensor_io import as_paddle, load_tensors
 
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
 IMAGENET_CLASSES = 1000
+# PPIM's classification heads (DeiT: class and distillation): sized by the class count.
+CLASS_HEADS = ("head", "head_dist")
 
 
 class MLPHeadClassifier(nn.Layer):
@@ -102,9 +104,10 @@ def load_weights(model, path, strict=False):
     code) that fit ``model``; report loaded, skipped and missing.
 
     A file of the bare PPIM model also loads into the MLP-head wrapper's
-    backbone. Tensors whose shape differs (the 1000-class heads) are skipped and
-    keep the fresh initialisation; with ``strict`` any skipped or missing tensor
-    is an error instead.
+    backbone. The class heads may differ in shape (ImageNet's 1000 classes): they
+    are skipped and keep the fresh initialisation. Any other tensor of another
+    shape means the file is for another model: an error naming a few. With
+    ``strict`` any skipped or missing tensor is an error.
     """
     state, _ = load_tensors(path)
     target = model
@@ -122,16 +125,20 @@ def load_weights(model, path, strict=False):
             skipped[key] = f"shape {list(value.shape)} != model {list(expected[key].shape)}"
         else:
             loaded[key] = value
-    if not loaded:
-        examples = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:3])
-        raise UserError(f"weights file {path} holds no tensor of this model ({len(skipped)} "
-                        f"tensors do not fit, e.g. {examples}); is it for another model.name "
-                        f"or model.kwargs?")
     missing = [key for key in expected if key not in loaded]
+    misfits = {k: why for k, why in skipped.items()
+               if why.startswith("shape") and k.split(".")[0] not in CLASS_HEADS}
     if strict and (skipped or missing):
         problems = [f"{k}: {why}" for k, why in skipped.items()] + [f"{k}: missing" for k in missing]
-        raise UserError(f"weights file {path} does not fit this model ({len(problems)} tensors differ, "
-                        f"e.g. {'; '.join(problems[:3])}); check -c/-o match the training config")
+        raise UserError(f"weights file {path} does not fit this model ({len(problems)} tensors "
+                        f"differ, e.g. {'; '.join(problems[:3])}); check -c/-o match the "
+                        f"training config")
+    if misfits or not loaded:
+        problems = misfits or skipped
+        examples = "; ".join(f"{k}: {why}" for k, why in list(problems.items())[:3])
+        raise UserError(f"weights file {path} is for another model ({len(problems)} tensors do "
+                        f"not fit, e.g. {examples}); is it for another model.name or "
+                        f"model.kwargs?")
     target.set_state_dict({**expected, **as_paddle(loaded)})  # the full dict: no warning per new tensor
     return {"loaded": len(loaded), "skipped": skipped, "missing": missing}
 

@@ -48,7 +48,7 @@ def cifar_batch(images, labels):
     """One CIFAR-100 pickle: rows of 3072 bytes, channel-first, as the real archive stores them."""
     return {b"batch_label": b"test batch", b"filenames": [b"x.png"] * len(labels),
             b"fine_labels": [int(v) for v in labels], b"coarse_labels": [int(v) // 5 for v in labels],
-            b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1)}
+            b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), 3 * 32 * 32)}
 
 
 def write_cifar_archive(path, members):

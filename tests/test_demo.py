@@ -7,12 +7,14 @@ import socket
 from urllib.parse import urlparse
 
 import numpy as np
+import paddle
 import pytest
-from conftest import run_script
+from conftest import assert_one_error, run_script
 
 from data.cifar import CIFAR100_URL
 from data.digits import load_digits
 from utils.config import load_config
+from utils.tensor_io import load_tensors
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +59,31 @@ def test_val_reports_demo_accuracy_per_sample(demo_run):
         assert json.load(handle)["val_top1"] == pytest.approx(report["top1"])
 
 
+def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_run, tmp_path):
+    out, _ = demo_run
+    for folder, _, files in os.walk(out):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.relpath(path, out).startswith("vdl"):
+                continue
+            assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml")), path
+            with open(path, "rb") as handle:
+                assert handle.read(1) != b"\x80", path  # no pickle opcode stream
+    state, _ = load_tensors(os.path.join(out, "best.safetensors"))
+    converted = str(tmp_path / "best.pdparams")
+    paddle.save({key: paddle.to_tensor(value) for key, value in state.items()}, converted)
+    lines = []
+    for weights in (os.path.join(out, "best.safetensors"), converted):
+        proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={tmp_path}",
+                          "--weights", weights)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines.append(proc.stdout.strip().splitlines()[-1])
+    assert lines[0] == lines[1] and lines[0].startswith("top1=")
+
+
 def test_val_without_checkpoint_is_one_error_line(tmp_path):
     proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={tmp_path}")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: no weights at {tmp_path}/best.safetensors")
-    assert "Traceback" not in proc.stderr
+    assert_one_error(proc, f"no weights at {tmp_path}/best.safetensors", "train first")
 
 
 def _cifar_host_reachable():

@@ -9,7 +9,7 @@ from conftest import TINY_MODEL_KWARGS, read_records
 
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from engine import train_step
+from engine import EpochProgress, train_one_epoch, train_step
 from losses import RDropLoss
 from models.build import build_model
 from trainer import fit
@@ -45,6 +45,38 @@ def test_a_few_rdrop_steps_lower_the_loss(tiny_model_cfg):
         losses.append(float(parts["loss"]))
     assert seen_batches == [64] * 20  # one forward over [x; x], never two
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_a_step_with_a_non_finite_loss_is_not_applied(tiny_model_cfg):
+    paddle.seed(0)
+    model = build_model(tiny_model_cfg)
+    images, labels = load_digits("train")
+    batches = [(paddle.to_tensor(images[i:i + 16]), paddle.to_tensor(labels[i:i + 16]))
+               for i in range(0, 48, 16)]
+    rdrop, calls = RDropLoss(alpha=1.0), []
+
+    def nan_on_second_batch(logits, target):
+        calls.append(1)
+        parts = rdrop(logits, target)
+        return {k: v * float("nan") for k, v in parts.items()} if len(calls) == 2 else parts
+
+    nan_on_second_batch.copies = 2
+    cfg = load_config("configs/demo.yaml", ["stages.0.warmup.epochs=0"])
+    optimizer, _ = build_optimizer(cfg.stages[0], model, 3, cfg.train)
+    snapshots, flags = [], []
+
+    def on_step(values, skipped):
+        flags.append(skipped)
+        snapshots.append(model.head.weight.numpy().copy())
+
+    progress = EpochProgress()
+    means = train_one_epoch(model, nan_on_second_batch, DevicePreprocess(32), batches, optimizer,
+                            None, progress, on_step=on_step)
+    assert flags == [False, True, False]
+    assert np.array_equal(snapshots[0], snapshots[1]) and not np.array_equal(snapshots[1],
+                                                                             snapshots[2])
+    assert progress.excluded == 16 and progress.seen == 48
+    assert np.isfinite(means["loss"]) and means["loss"] > 0
 
 
 def test_stage_optimizers_and_polynomial_decay():

@@ -45,7 +45,8 @@ def derived_seed(*keys):
 def _report(message, debug):
     if debug:
         traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr)
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"error: {'; '.join(lines)}", file=sys.stderr)
 
 
 def run(main):

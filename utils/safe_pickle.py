@@ -3,7 +3,7 @@
 A pickle can name any importable callable and have it called while loading, which is
 how a malicious file runs code. The unpickler here resolves only what a CIFAR batch or
 a Paddle state dict holds: NumPy array reconstruction, dtypes, NumPy scalars, ordered
-dicts and the bytes helper of protocol-2 pickles. Any other global is refused before it
+dicts and the bytes helpers of protocol-2 pickles. Any other global is refused before it
 is imported, so nothing from the file runs.
 """
 
@@ -15,24 +15,27 @@ import numpy as np
 from utils.errors import UserError
 
 
-def _multiarray():
+def _numpy_core(name):
     try:  # NumPy 2 moved numpy.core to numpy._core; pickles name either
-        return importlib.import_module("numpy._core.multiarray")
+        return importlib.import_module(f"numpy._core.{name}")
     except ImportError:
-        return importlib.import_module("numpy.core.multiarray")
+        return importlib.import_module(f"numpy.core.{name}")
 
 
 def _allowed_globals():
-    multiarray = _multiarray()
     import codecs
     import collections
 
+    multiarray, numeric = _numpy_core("multiarray"), _numpy_core("numeric")
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
                ("collections", "OrderedDict"): collections.OrderedDict,
-               ("_codecs", "encode"): codecs.encode}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
+               ("_codecs", "encode"): codecs.encode,
+               # Python 2's name of bytes, in protocol-2 pickles of empty arrays
+               ("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
     return allowed
 
 
