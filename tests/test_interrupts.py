@@ -100,14 +100,15 @@ def test_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(whole, tmp_pa
     assert_one_error(changed, "'loss.alpha' differs")
 
 
-def _signal_at_stage_1(out, *signums):
-    """Run, send ``signums`` as soon as stage 1 starts; return (exit code, stderr)."""
-    proc = subprocess.Popen(_main(out), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _signal_at_stage_1(out, *signums, extra=(), group=False):
+    """Run, send ``signums`` as soon as stage 1 starts (to the whole process group, loader
+    workers included, as Ctrl-C in a terminal does, with ``group``); return (exit code, stderr)."""
+    proc = subprocess.Popen([*_main(out), *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=group)
     for line in proc.stdout:
         if line.startswith("[1] "):
             for signum in signums:
-                os.kill(proc.pid, signum)
+                (os.killpg if group else os.kill)(proc.pid, signum)
             break
     _, err = proc.communicate(timeout=300)
     return proc.returncode, err
@@ -130,9 +131,10 @@ def test_sigterm_saves_says_how_to_resume_and_the_resumed_run_matches(whole, tmp
     _assert_same_records(whole, read_records(out))
 
 
-def test_sigint_exits_130_with_a_checkpoint(tmp_path):
+def test_ctrl_c_with_loader_workers_exits_130_with_a_checkpoint(tmp_path):
     out = str(tmp_path / "int")
-    code, err = _signal_at_stage_1(out, signal.SIGINT)
+    code, err = _signal_at_stage_1(out, signal.SIGINT, extra=["-o", "data.num_workers=2"],
+                                   group=True)
     assert code == 130 and "Traceback" not in err
     assert "interrupted: SIGINT at stage 1" in err
     state, trees = load_last(find_last(out))
