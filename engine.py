@@ -1,5 +1,6 @@
 """One training epoch and one evaluation pass, the same on CPU, one GPU or N ranks."""
 
+import contextlib
 import math
 import time
 
@@ -8,22 +9,29 @@ import paddle
 from tqdm import tqdm
 
 from losses.rdrop import log_softmax, nll
+from utils.amp import Precision
+from utils.dist import all_sum, any_rank, is_main
 
 
-def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0):
+def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None):
     """Forward and backward of one (micro-)batch; returns the unscaled loss parts.
 
     With R-Drop (``criterion.copies == 2``) the batch is doubled as ``[x; x]`` and
     passed once: both copies see independent dropout masks at the same rate, at
     the cost of one forward over 2B images instead of two separate passes.
     ``loss_scale`` (1/accum_steps) makes accumulated gradients equal those of
-    one batch holding all the micro-batches.
+    one batch holding all the micro-batches. ``precision`` (a :class:`Precision`)
+    runs the forward under AMP and scales the loss for fp16; the loss itself is
+    computed in float32.
     """
+    precision = precision or Precision()
     x = preprocess(images)
     if criterion.copies == 2:
         x = paddle.concat([x, x])
-    parts = criterion(model(x), labels)
-    (parts["loss"] * loss_scale).backward()
+    with precision.autocast():
+        logits = model(x)
+    parts = criterion(logits, labels)
+    precision.scaled(parts["loss"] * loss_scale).backward()
     return parts
 
 
@@ -46,6 +54,23 @@ class EpochProgress:
         return {"micro": self.micro, "seen": self.seen, "sums": dict(self.sums),
                 "elapsed": self.elapsed, "excluded": self.excluded}
 
+    def summed(self):
+        """:meth:`to_dict` with counts and sums added over all ranks (what a checkpoint and
+        the epoch record hold)."""
+        local = self.to_dict()
+        names = sorted(local["sums"])
+        totals = all_sum([local["seen"], local["excluded"], *(local["sums"][n] for n in names)])
+        return dict(local, seen=int(totals[0]), excluded=int(totals[1]),
+                    sums={n: float(v) for n, v in zip(names, totals[2:])})
+
+    @classmethod
+    def resumed(cls, saved):
+        """The progress of a resumed epoch: rank 0 carries the saved sums of all ranks, the
+        others restart theirs from zero."""
+        if is_main():
+            return cls(**saved)
+        return cls(micro=saved["micro"], elapsed=saved["elapsed"])
+
     def means(self):
         """Per-sample means of the loss parts, and images per second."""
         counted = max(self.seen - self.excluded, 1)
@@ -55,16 +80,19 @@ class EpochProgress:
 
 
 def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, progress,
-                    accum_steps=1, before_micro=None, on_step=None, desc="train"):
+                    accum_steps=1, before_micro=None, on_step=None, desc="train",
+                    precision=None):
     """Train over ``loader`` (which yields the batches not yet done in ``progress``).
 
     Gradients of ``accum_steps`` micro-batches are summed before each optimizer
-    step. A step with a non-finite loss in any of its micro-batches is not applied:
-    its gradients are dropped and the weights stay as they were.
+    step (under DataParallel, ranks exchange gradients only on the last of them).
+    A step with a non-finite loss in any of its micro-batches, on any rank, is not
+    applied: its gradients are dropped and the weights stay as they were.
     ``before_micro(micro)`` runs before each micro-batch (the trainer seeds dropout
     there); ``on_step(values, skipped)`` after each step, applied or not (it may
     raise to stop). Returns the per-sample means of the finite loss parts and images/s.
     """
+    precision = precision or Precision()
     model.train()
     start = time.perf_counter() - progress.elapsed
     bar = tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0)
@@ -72,7 +100,11 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
     for images, labels in bar:
         if before_micro is not None:
             before_micro(progress.micro)
-        parts = train_step(model, criterion, preprocess, images, labels, 1.0 / accum_steps)
+        last_micro = (progress.micro + 1) % accum_steps == 0
+        with (contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync")
+              else model.no_sync()):
+            parts = train_step(model, criterion, preprocess, images, labels, 1.0 / accum_steps,
+                               precision)
         values = {name: float(value) for name, value in parts.items()}
         batch = labels.shape[0]
         progress.seen += batch
@@ -86,8 +118,9 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
         if progress.micro % accum_steps:
             continue
         lr = optimizer.get_lr()
+        nonfinite = any_rank(nonfinite)
         if not nonfinite:
-            optimizer.step()
+            precision.step(optimizer)
         optimizer.clear_grad()
         if scheduler is not None:
             scheduler.step()
@@ -101,12 +134,16 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
 
 
 @paddle.no_grad()
-def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=None):
+def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=None,
+             precision=None):
     """Top-1, top-5 and cross-entropy averaged per sample, plus per-class top-1.
 
     Every sample counts once, whatever the batch sizes (the last batch included).
-    ``check_stop()`` runs before each batch (it may raise to abandon the pass).
+    With several ranks each evaluates its shard and the counts are summed, so the
+    result is that of one process. ``check_stop()`` runs before each batch (it may
+    raise to abandon the pass).
     """
+    precision = precision or Precision()
     model.eval()
     topk = min(5, num_classes)
     correct1 = correct5 = 0
@@ -116,7 +153,9 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=Non
     for images, labels in tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0):
         if check_stop is not None:
             check_stop()
-        logits = model(preprocess(images)).astype("float32")
+        with precision.autocast():
+            logits = model(preprocess(images))
+        logits = logits.astype("float32")
         labels = labels.reshape([-1]).astype("int64")
         batch = labels.shape[0]
         loss_sum += float(nll(log_softmax(logits), labels)) * batch
@@ -127,6 +166,9 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=Non
         correct5 += int((top == truth[:, None]).any(axis=1).sum())
         class_total += np.bincount(truth, minlength=num_classes)
         class_correct += np.bincount(truth[hit1], minlength=num_classes)
+    sums = all_sum(np.concatenate([[correct1, correct5, loss_sum], class_correct, class_total]))
+    correct1, correct5, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])
+    class_correct, class_total = sums[3:3 + num_classes], sums[3 + num_classes:]
     total = int(class_total.sum())
     per_class = np.where(class_total > 0, class_correct / np.maximum(class_total, 1), np.nan)
     return {

@@ -7,6 +7,7 @@ therefore continues exactly as the uninterrupted run would have.
 """
 
 import os
+import signal
 
 import paddle
 
@@ -23,6 +24,7 @@ from data.preprocess import DevicePreprocess
 from engine import EpochProgress, evaluate, train_one_epoch
 from losses import build_loss
 from models.build import build_model, resolve_image_size
+from utils.amp import Precision
 from utils.averaging import build_averages, evaluate_kinds
 from utils.checkpoint import (
     find_last,
@@ -35,6 +37,7 @@ from utils.checkpoint import (
 )
 from utils.cli import derived_seed, seed_everything, select_device
 from utils.config import dump_config, to_plain
+from utils.dist import any_rank, init, is_main, rank, world_size, wrap
 from utils.errors import Interrupted, UserError
 from utils.logger import RunLogger
 from utils.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
@@ -83,6 +86,7 @@ class Trainer:
     def __init__(self, cfg, resume=None):
         self.cfg, self.out, self.seed = cfg, cfg.train.output_dir, cfg.train.seed
         device = select_device()
+        init()
         seed_everything(self.seed)
         images, labels, _ = load_split(cfg.data, "train")
         test_images, test_labels, _ = load_split(cfg.data, "test")
@@ -100,19 +104,25 @@ class Trainer:
             if changed:
                 raise UserError(f"the checkpoint in {folder} was trained with another config "
                                 f"('{changed}' differs); resume with the same -c/-o")
-        self.model = build_model(cfg.model, load_pretrained=not resume)
+        self.precision = Precision(cfg.train.amp, device)
+        if "scaler" in self.trees and self.precision.mode == "fp16":
+            self.precision.scaler.load_state_dict(self.trees["scaler"])
+        self.model = build_model(cfg.model, load_pretrained=not resume, amp=self.precision.mode)
         if resume:
             self.model.set_state_dict(as_paddle(self.trees["model"]))
             print(f"resuming from {folder} at {self.state['position']}", flush=True)
+        self.train_model = wrap(self.model)  # DataParallel with several ranks
         self.preprocess = DevicePreprocess(resolve_image_size(cfg.data, self.model))
         self.averages = build_averages(cfg.train, self.model, self.state, self.trees)
         self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
-        os.makedirs(self.out, exist_ok=True)
-        with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as handle:
-            handle.write(dump_config(cfg))
-        print(f"device {device}; {len(labels)} train / {len(test_labels)} val images; "
-              f"output in {self.out}", flush=True)
-        self.logger = RunLogger(self.out, keep_records=self.state["epoch_index"])
+        if is_main():
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as handle:
+                handle.write(dump_config(cfg))
+        print(f"device {device}, rank {rank()} of {world_size()}; {len(labels)} train / "
+              f"{len(test_labels)} val images; output in {self.out}", flush=True)
+        self.logger = RunLogger(self.out, keep_records=self.state["epoch_index"],
+                                enabled=is_main())
         self.stops = StopRequests()
 
     def fit(self):
@@ -166,12 +176,14 @@ class Trainer:
         """
         cfg, stage, state = self.cfg, self.cfg.stages[stage_index], self.state
         epoch_index = state["epoch_index"]
-        progress = EpochProgress(**state["progress"]) if resumed else EpochProgress()
+        progress = EpochProgress.resumed(state["progress"]) if resumed else EpochProgress()
         set_epoch(self.train_loader, epoch_index, start=progress.micro)
         here = {"stage": stage_index, "epoch": epoch}
+        # Ranks draw different dropout masks; one process keeps the key it always had.
+        rank_key = (rank(),) if world_size() > 1 else ()
 
         def before_micro(micro):
-            paddle.seed(derived_seed(self.seed, epoch_index, micro))
+            paddle.seed(derived_seed(self.seed, epoch_index, micro, *rank_key))
 
         def on_step(values, skipped):
             if skipped:
@@ -182,29 +194,32 @@ class Trainer:
                     self.averages["ema"].update(self.model)
             state["global_step"] += 1
             every = cfg.train.save_every_steps
-            if self.stops.requested or (every and state["global_step"] % every == 0
-                                        and progress.micro < self.train_loader.batch_sampler.stop):
-                self._checkpoint(dict(here, micro=progress.micro), progress.to_dict())
-            if self.stops.requested:
+            stop = any_rank(self.stops.requested)
+            if stop or (every and state["global_step"] % every == 0
+                        and progress.micro < self.train_loader.batch_sampler.stop):
+                self._checkpoint(dict(here, micro=progress.micro), progress.summed())
+            if stop:
                 raise self._interrupted(here)
 
-        def check_stop():
-            if self.stops.requested:
+        def check_stop():  # ranks cannot agree inside a pass: with several, it finishes
+            if self.stops.requested and world_size() == 1:
                 raise _StopRequested
 
         desc = f"stage {stage_index} epoch {epoch + 1}/{stage.epochs}"
-        stats = train_one_epoch(self.model, self.criterion, self.preprocess, self.train_loader,
-                                self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
-                                before_micro, on_step, desc)
+        train_one_epoch(self.train_model, self.criterion, self.preprocess, self.train_loader,
+                        self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
+                        before_micro, on_step, desc, self.precision)
+        stats = EpochProgress(**progress.summed()).means()
         if ("swa" in self.averages and (stage_index, epoch) >= self.swa_start
                 and not (resumed and resumed.get("evaluating"))):
             self.averages["swa"].update(self.model)
         try:
             results = evaluate_kinds(self.model, self.averages, lambda: evaluate(
                 self.model, self.preprocess, self.val_loader, cfg.model.num_classes, desc="val",
-                check_stop=check_stop))
+                check_stop=check_stop, precision=self.precision))
         except _StopRequested:
-            self._checkpoint(dict(here, micro=progress.micro, evaluating=True), progress.to_dict())
+            self._checkpoint(dict(here, micro=progress.micro, evaluating=True),
+                             progress.summed())
             raise self._interrupted(here) from None
         val = results["raw"]
         record = {
@@ -230,7 +245,7 @@ class Trainer:
               + f" | {stats['images_per_s']:.1f} img/s", flush=True)
         if reached:
             print(f"stage {stage_index} ends early: {', '.join(reached)} reached", flush=True)
-        if self.stops.requested:
+        if any_rank(self.stops.requested):
             raise self._interrupted(here)
         return done
 
@@ -257,8 +272,8 @@ class Trainer:
 
     def _interrupted(self, here):
         """The :class:`Interrupted` to raise once the stop checkpoint is saved."""
-        return Interrupted(self.stops.signum,
-                           f"{self.stops.requested} at stage {here['stage']} epoch "
+        return Interrupted(self.stops.signum or signal.SIGTERM,
+                           f"{self.stops.requested or 'SIGTERM'} at stage {here['stage']} epoch "
                            f"{here['epoch'] + 1} (step {self.state['global_step']}); checkpoint "
                            f"saved in {find_last(self.out)}")
 
@@ -271,7 +286,8 @@ class Trainer:
                                       val_num_samples=results[kind]["num_samples"])
             weights = (self.model.state_dict() if kind == "raw"
                        else self.averages[kind].state_dict())
-            save_best(self.out, weights, self.state["best"])
+            if is_main():
+                save_best(self.out, weights, self.state["best"])
 
     def _checkpoint(self, position, progress):
         """Write the resume checkpoint for ``position`` (the next thing to do)."""
@@ -280,7 +296,10 @@ class Trainer:
         trees = {"model": self.model.state_dict(),
                  "optimizer": portable_optimizer_state(self.model, self.optimizer)}
         trees.update({kind: avg.state_dict() for kind, avg in self.averages.items()})
-        save_last(self.out, trees, self.state)
+        if self.precision.mode == "fp16":
+            trees["scaler"] = self.precision.scaler.state_dict()
+        if is_main():
+            save_last(self.out, trees, self.state)
 
 
 def fit(cfg, resume=None):

@@ -38,6 +38,7 @@ def main(argv=None):
     from data.preprocess import DevicePreprocess
     from engine import evaluate
     from models.build import build_model, describe_load, load_weights, resolve_image_size
+    from utils.amp import Precision
     from utils.checkpoint import weights_path
     from utils.files import write_json
 
@@ -49,14 +50,14 @@ def main(argv=None):
     if not os.path.isfile(weights):
         raise UserError(f"no weights at {weights}; train first (python main.py -c {args.config}) "
                         f"or pass --weights PATH")
-    cli.select_device()
+    precision = Precision(cfg.train.amp, cli.select_device())
     images, labels, class_names = load_split(cfg.data, "test")
     check_labels(labels, cfg.model.num_classes, "test")
-    model = build_model(cfg.model, load_pretrained=False)
+    model = build_model(cfg.model, load_pretrained=False, amp=precision.mode)
     print(describe_load(weights, load_weights(model, weights, strict=True)), flush=True)
     preprocess = DevicePreprocess(resolve_image_size(cfg.data, model))
     result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
-                      cfg.model.num_classes)
+                      cfg.model.num_classes, precision=precision)
     report = {
         "weights": os.path.abspath(weights),
         "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],

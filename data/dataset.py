@@ -8,6 +8,7 @@ from PIL import Image
 from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
 from data.digits import digits_class_names, load_digits
 from utils.cli import derived_seed
+from utils.dist import rank, world_size
 from utils.errors import UserError
 
 
@@ -98,11 +99,12 @@ class WindowedBatchSampler(DistributedBatchSampler):
 def build_loader(dataset, batch_size, num_workers, train):
     """A DataLoader over ``dataset``; training shuffles and drops the last partial batch.
 
-    The sampler shards across ranks when there are several and is a plain batch
-    sampler on one process.
+    Training batches are sharded across ranks (DistributedBatchSampler); evaluation
+    loaders get a dataset already sharded by :func:`eval_loader` and take all of it.
     """
+    shard = {} if train else {"num_replicas": 1, "rank": 0}
     sampler = WindowedBatchSampler(dataset, batch_size=batch_size, shuffle=train,
-                                   drop_last=train)
+                                   drop_last=train, **shard)
     if train and len(sampler) == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one "
                         f"batch of {batch_size}; lower data.batch_size")
@@ -110,9 +112,12 @@ def build_loader(dataset, batch_size, num_workers, train):
 
 
 def eval_loader(images, labels, data_cfg):
-    """A loader over every sample in order (no shuffle, nothing dropped), without augmentation."""
+    """A loader over this rank's share of the samples (every ``world_size``-th from ``rank``,
+    all of them on one process), in order, nothing dropped, nothing repeated, no augmentation."""
     batch = data_cfg.eval_batch_size or data_cfg.batch_size
-    return build_loader(ImageArrayDataset(images, labels), batch, data_cfg.num_workers, train=False)
+    share = slice(rank(), None, world_size())
+    return build_loader(ImageArrayDataset(images[share], labels[share]), batch,
+                        data_cfg.num_workers, train=False)
 
 
 def check_labels(labels, num_classes, split):

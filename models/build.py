@@ -3,9 +3,11 @@
 import os
 import sys
 
+import paddle
 import paddle.nn as nn
 import ppim  # at import time, not in build_model: importing PPIM draws from Paddle's RNG
 
+from models.attention import use_fused_attention
 from utils.download import download_weights
 from utils.errors import UserError
 from utils.tensor_io import as_paddle, load_tensors
@@ -49,12 +51,13 @@ def pretrained_url(name):
     return url
 
 
-def build_model(model_cfg, load_pretrained=True):
+def build_model(model_cfg, load_pretrained=True, amp="off"):
     """The model described by the ``model`` config section, with weights per ``model.pretrained``.
 
     ``num_classes`` sizes both the class head and, on distilled models, the
     distillation head (PPIM averages the two). ``load_pretrained=False`` skips
-    the weights (evaluation loads a checkpoint instead).
+    the weights (evaluation loads a checkpoint instead). ``amp`` (the precision in
+    effect) decides, with ``model.fused_attention``, whether attention is fused.
     """
     mlp = model_cfg.head == "mlp"
     kwargs = dict(
@@ -68,6 +71,10 @@ def build_model(model_cfg, load_pretrained=True):
         backbone = _constructor(model_cfg.name)(**kwargs)
     except TypeError as exc:
         raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
+    fused = use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp)
+    if fused:
+        print(f"attention: {fused} layers use paddle.nn.functional.scaled_dot_product_attention",
+              flush=True)
     model = (MLPHeadClassifier(backbone, model_cfg.mlp_hidden, model_cfg.num_classes,
                                model_cfg.drop_rate) if mlp else backbone)
     if load_pretrained and model_cfg.pretrained:

@@ -18,12 +18,18 @@ DEFAULT_CONFIG = "configs/rdrop_deit_b_384_cifar100.yaml"
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 needs ``1.0e-4``)."""
+    """SafeLoader with YAML 1.2's scalars: ``1e-4`` is a float (YAML 1.1 needs ``1.0e-4``)
+    and only true/false are booleans (YAML 1.1 also reads on/off/yes/no, so
+    ``amp: off`` would not be the string ``off``)."""
 
 
+BOOL_TAG = "tag:yaml.org,2002:bool"
 _Loader.yaml_implicit_resolvers = {
-    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    key: [(tag, regexp) for tag, regexp in value if tag != BOOL_TAG]
+    for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -77,6 +77,8 @@ MODEL = Section({
     "drop_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
     "attn_drop_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
     "drop_path_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
+    # PPIM attention through Paddle's fused kernel: auto = on a GPU with AMP.
+    "fused_attention": Field(str, "auto", choices=("auto", "on", "off")),
     "head": Field(str, "linear", choices=("linear", "mlp")),
     "mlp_hidden": Field(int, 512, minimum=1),
     "kwargs": Field(dict, {}),
@@ -104,6 +106,7 @@ TRAIN = Section({
     "output_dir": Field(str, "output"),
     "seed": Field(int, 0),
     "accum_steps": Field(int, 1, minimum=1),
+    "amp": Field(str, "off", choices=("off", "fp16", "bf16")),
     "clip_grad_norm": _nullable(float, minimum=0.0),
     "exclude_from_decay": Field(bool, True),
     "save_every_steps": _nullable(int, minimum=1),

@@ -33,13 +33,16 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
 
 
 def describe_run(cfg):
-    """One line of the run-wide training settings: batch, accumulation, clipping, averages."""
+    """One line of the run-wide training settings: batch, accumulation, clipping, precision,
+    averages."""
     train = cfg.train
     parts = [f"batch {cfg.data.batch_size} x accum {train.accum_steps} = "
              f"{cfg.data.batch_size * train.accum_steps} images per update (per rank)",
              f"clip global norm {train.clip_grad_norm:g}" if train.clip_grad_norm else "no clipping",
              "no decay on biases/norms/pos_embed/tokens" if train.exclude_from_decay
-             else "decay on every parameter"]
+             else "decay on every parameter",
+             f"AMP {train.amp} (O1)" if train.amp != "off" else "float32",
+             f"fused attention {cfg.model.fused_attention}"]
     if train.ema.enabled:
         parts.append(f"EMA decay {train.ema.decay:g}" + (" with warm-up" if train.ema.warmup else ""))
     if train.swa.enabled:

@@ -1,0 +1,154 @@
+"""Speed paths on the CPU: fused attention against PPIM's, AMP's fallback, two data-parallel
+ranks (gloo) through Paddle's launcher, and the throughput benchmark."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+from conftest import ROOT, TINY_MODEL_KWARGS, read_records, run_script
+
+import models.attention as attention
+from models.build import build_model
+from utils.config import Node
+
+SMALL = ["-o", "data.train_subset=256", "-o", "data.val_subset=100"]
+
+
+def _tiny(fused, drop=0.0, attn_drop=0.0):
+    paddle.seed(0)
+    return build_model(Node(name="DistilledVisionTransformer", pretrained=False, num_classes=10,
+                            drop_rate=drop, attn_drop_rate=attn_drop, drop_path_rate=0.0,
+                            head="linear", mlp_hidden=1, fused_attention=fused,
+                            kwargs=dict(TINY_MODEL_KWARGS)))
+
+
+def test_fused_attention_matches_ppims_with_the_same_weights():
+    plain, fused = _tiny("off"), _tiny("on")
+    assert [type(b.attn).__name__ for b in fused.blocks] == ["FusedAttention"] * 2
+    assert list(fused.state_dict()) == list(plain.state_dict())  # PPIM's names: weights load
+    fused.set_state_dict(plain.state_dict())
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype("float32"))
+    outputs = []
+    for model in (plain, fused):
+        model.train()  # dropout rates are 0: train mode is deterministic here
+        out = model(x)
+        out.sum().backward()
+        outputs.append((out.numpy(), model.blocks[0].attn.qkv.weight.grad.numpy()))
+    assert np.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+    assert np.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
+
+
+def test_fused_attention_applies_the_layers_dropout_rate(monkeypatch):
+    model, seen = _tiny("on", attn_drop=0.3), []
+    real = attention.F.scaled_dot_product_attention
+
+    def record(*args, **kwargs):
+        seen.append((kwargs["dropout_p"], kwargs["training"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", record)
+    x = paddle.zeros([2, 3, 32, 32])
+    model.train()
+    model(x)
+    model.eval()
+    model(x)
+    assert seen == [(0.3, True)] * 2 + [(0.0, False)] * 2
+
+
+def test_auto_fuses_only_on_a_gpu_with_amp():
+    assert attention.use_fused_attention(_tiny("off"), "auto", "cpu", "bf16") == 0
+    assert attention.use_fused_attention(_tiny("off"), "auto", "gpu:0", "off") == 0
+    assert attention.use_fused_attention(_tiny("off"), "auto", "gpu:0", "fp16") == 2
+
+
+def test_amp_without_support_says_so_once_and_trains_in_float32(tmp_path):
+    out = str(tmp_path / "amp")
+    proc = run_script("main.py", "-c", "configs/demo.yaml", *SMALL, "-o", "stages.0.epochs=1",
+                      "-o", "stages.1.epochs=1", "-o", f"train.output_dir={out}",
+                      "-o", "train.amp=bf16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: train.amp=bf16 is not available on cpu (Paddle applies "
+                        "bfloat16 AMP on GPUs that support it); using float32"]
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}",
+                      "-o", "train.amp=fp16")
+    assert proc.returncode == 0 and "warning: train.amp=fp16 is not available" in proc.stdout
+    plan = run_script("main.py", "-c", "configs/rdrop_deit_b_384_cifar100.yaml", "--dry-run")
+    assert "AMP fp16 (O1); fused attention auto" in plan.stdout
+
+
+def _launch(out, *extra, log_dir, new_session=False):
+    """``python -m paddle.distributed.launch --nproc_per_node 2 main.py`` on the demo."""
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+               "--log_dir", log_dir, "main.py", "-c", "configs/demo.yaml",
+               "-o", "data.batch_size=32", "-o", f"train.output_dir={out}", *extra]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=new_session)
+
+
+def _epoch_lines(log):
+    with open(log, encoding="utf-8", errors="replace") as handle:
+        return [line.split("|")[0] for line in handle.read().replace("\r", "\n").splitlines()
+                if line.startswith("stage ") and " val top1 " in line]
+
+
+def test_two_cpu_ranks_train_the_demo_to_its_accuracy(tmp_path):
+    out, logs = str(tmp_path / "dp"), str(tmp_path / "logs")
+    assert _launch(out, log_dir=logs).wait(timeout=900) == 0
+    records = read_records(out)
+    assert len(records) == 30  # rank 0 alone writes: one line per epoch
+    rank0, rank1 = (_epoch_lines(os.path.join(logs, f"workerlog.{r}")) for r in (0, 1))
+    assert len(rank0) == 30 and rank0 == rank1  # both ranks report the same all-reduced numbers
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    top1 = float(proc.stdout.strip().splitlines()[-1].split()[0].split("=")[1])
+    assert top1 >= 0.93
+
+
+SHORT = [*SMALL, "-o", "stages.0.epochs=1", "-o", "stages.1.epochs=2",
+         "-o", "train.save_every_steps=2", "-o", "train.ema.enabled=true"]
+
+
+def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path):
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert _launch(whole, *SHORT, log_dir=str(tmp_path / "l1")).wait(timeout=600) == 0
+    proc = _launch(killed, *SHORT, log_dir=str(tmp_path / "l2"), new_session=True)
+    state_path, deadline = os.path.join(killed, "last", "state.json"), time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            with open(state_path, encoding="utf-8") as handle:
+                position = json.load(handle)["position"]
+        except (OSError, ValueError):
+            position = None
+        if position and position["stage"] == 1 and position["micro"] > 0:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert len(read_records(killed)) < 3
+    assert _launch(killed, *SHORT, "--resume", log_dir=str(tmp_path / "l3")).wait(timeout=600) == 0
+    expected, got = read_records(whole), read_records(killed)
+    assert len(got) == len(expected) == 3
+    for want, have in zip(expected, got):
+        for key in want:
+            if key != "images_per_s":
+                assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-12), key
+
+
+def test_throughput_quick_prints_one_json_line():
+    proc = run_script("bench/throughput.py", "--quick", "--steps", "2", "--warmup", "1",
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert {"images_per_s", "seed_loop_images_per_s", "speedup_over_seed_loop",
+            "device"} <= set(result)
+    assert result["device"] == "cpu" and result["image_size"] == 64 and result["mfu"] is None
+    assert result["speedup_over_seed_loop"] == pytest.approx(
+        result["images_per_s"] / result["seed_loop_images_per_s"], rel=0.01)

@@ -1,0 +1,51 @@
+"""One code path for one process and for N ranks started by ``paddle.distributed.launch``.
+
+Without the launcher the world has one rank and every helper here is a no-op, so the
+single-process run pays nothing and takes no other branch of the training loop.
+"""
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+
+def world_size():
+    """Ranks in the job (1 without the launcher)."""
+    return dist.get_world_size()
+
+
+def rank():
+    """This process's rank (0 without the launcher)."""
+    return dist.get_rank()
+
+
+def is_main():
+    """Whether this rank writes checkpoints, logs and reports."""
+    return rank() == 0
+
+
+def init():
+    """Join the process group when started by the launcher (NCCL on GPUs, gloo on CPUs)."""
+    if world_size() > 1:
+        dist.init_parallel_env()
+
+
+def wrap(model):
+    """``paddle.DataParallel(model)`` (gradients averaged over ranks in backward) with
+    several ranks; the model itself with one."""
+    return paddle.DataParallel(model) if world_size() > 1 else model
+
+
+def all_sum(values):
+    """Element-wise sum of a float array over ranks (float64, so counts stay exact)."""
+    values = np.asarray(values, dtype=np.float64)
+    if world_size() == 1:
+        return values
+    tensor = paddle.to_tensor(values)
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def any_rank(flag):
+    """True when ``flag`` is true on any rank: a decision every rank then takes together."""
+    return bool(all_sum([float(bool(flag))])[0] > 0) if world_size() > 1 else bool(flag)
