@@ -62,12 +62,19 @@ def write_cifar_archive(path, members):
     return str(path)
 
 
-@pytest.fixture
-def tiny_model_cfg():
-    """A validated ``model`` section for the tiny distilled ViT (random init, 10 classes)."""
+def tiny_model_config(kwargs=None, **fields):
+    """A validated ``model`` section for the tiny distilled ViT (random init, 10 classes);
+    ``kwargs`` update the constructor's arguments, ``fields`` the section's keys."""
     from utils.config import validate
     from utils.schema import MODEL
 
     return validate({"name": "DistilledVisionTransformer", "pretrained": False,
-                     "num_classes": 10, "drop_rate": 0.1, "kwargs": dict(TINY_MODEL_KWARGS)},
+                     "num_classes": 10, "drop_rate": 0.1,
+                     "kwargs": dict(TINY_MODEL_KWARGS, **(kwargs or {})), **fields},
                     MODEL, "model")
+
+
+@pytest.fixture
+def tiny_model_cfg():
+    """:func:`tiny_model_config` as a fixture."""
+    return tiny_model_config()

@@ -13,17 +13,16 @@ import numpy as np
 import paddle
 import pytest
 from conftest import (
-    TINY_MODEL_KWARGS,
     assert_one_error,
     cifar_batch,
     run_script,
+    tiny_model_config,
     write_cifar_archive,
 )
 
 from data.digits import load_digits
 from models.build import build_model
 from utils.checkpoint import find_last, load_last
-from utils.config import Node
 from utils.tensor_io import save_tensors
 
 DEMO = ["-c", "configs/demo.yaml"]
@@ -159,9 +158,7 @@ def test_bad_config_value_names_the_key(override, message):
 def _tiny_weights(tmp_path, name, **kwargs):
     """Weights of the demo's tiny model (or of a variant with ``kwargs``) as ``name``."""
     paddle.seed(0)
-    model = build_model(Node(name="DistilledVisionTransformer", pretrained=False, num_classes=10,
-                             drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, head="linear",
-                             mlp_hidden=1, kwargs=dict(TINY_MODEL_KWARGS, **kwargs)))
+    model = build_model(tiny_model_config(kwargs))
     path = str(tmp_path / name)
     if name.endswith(".pdparams"):
         paddle.save(model.state_dict(), path)

@@ -11,21 +11,18 @@ import time
 import numpy as np
 import paddle
 import pytest
-from conftest import ROOT, TINY_MODEL_KWARGS, read_records, run_script
+from conftest import ROOT, read_records, run_script, tiny_model_config
 
 import models.attention as attention
 from models.build import build_model
-from utils.config import Node
 
 SMALL = ["-o", "data.train_subset=256", "-o", "data.val_subset=100"]
 
 
-def _tiny(fused, drop=0.0, attn_drop=0.0):
+def _tiny(fused, attn_drop=0.0):
     paddle.seed(0)
-    return build_model(Node(name="DistilledVisionTransformer", pretrained=False, num_classes=10,
-                            drop_rate=drop, attn_drop_rate=attn_drop, drop_path_rate=0.0,
-                            head="linear", mlp_hidden=1, fused_attention=fused,
-                            kwargs=dict(TINY_MODEL_KWARGS)))
+    return build_model(tiny_model_config(drop_rate=0.0, attn_drop_rate=attn_drop,
+                                         fused_attention=fused))
 
 
 def test_fused_attention_matches_ppims_with_the_same_weights():
