@@ -43,7 +43,7 @@ from utils.logger import RunLogger
 from utils.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
 from utils.signals import StopRequests
 from utils.stages import describe_stage, stage_data, stage_loss
-from utils.tensor_io import as_paddle
+from utils.tensor_io import as_paddle, load_state
 
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM = 0, 1
 KINDS = ("raw", "ema", "swa")
@@ -104,14 +104,14 @@ class Trainer:
             if changed:
                 raise UserError(f"the checkpoint in {folder} was trained with another config "
                                 f"('{changed}' differs); resume with the same -c/-o")
-        self.precision = Precision(cfg.train.amp, device)
+        self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
         if "scaler" in self.trees and self.precision.mode == "fp16":
             self.precision.scaler.load_state_dict(self.trees["scaler"])
         self.model = build_model(cfg.model, load_pretrained=not resume, amp=self.precision.mode)
         if resume:
-            self.model.set_state_dict(as_paddle(self.trees["model"]))
+            load_state(self.model, self.trees["model"])
             print(f"resuming from {folder} at {self.state['position']}", flush=True)
-        self.train_model = wrap(self.model)  # DataParallel with several ranks
+        self.train_model = wrap(self.precision.prepare(self.model))  # DataParallel with ranks
         self.preprocess = DevicePreprocess(resolve_image_size(cfg.data, self.model))
         self.averages = build_averages(cfg.train, self.model, self.state, self.trees)
         self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
@@ -159,7 +159,7 @@ class Trainer:
                             f"train.accum_steps={cfg.train.accum_steps}")
         sampler.stop = steps_per_epoch * cfg.train.accum_steps
         self.optimizer, self.scheduler = build_optimizer(stage, self.model, steps_per_epoch,
-                                                         cfg.train)
+                                                         cfg.train, self.precision.half_weights)
         first_epoch = start["epoch"] if start else 0
         resumed = start if start and (start["micro"] or start.get("evaluating")) else None
         if start and (first_epoch, start["micro"]) != (0, 0):

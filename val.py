@@ -50,10 +50,10 @@ def main(argv=None):
     if not os.path.isfile(weights):
         raise UserError(f"no weights at {weights}; train first (python main.py -c {args.config}) "
                         f"or pass --weights PATH")
-    precision = Precision(cfg.train.amp, cli.select_device())
+    precision = Precision(cfg.train.amp, cli.select_device(), cfg.train.amp_level)
     images, labels, class_names = load_split(cfg.data, "test")
     check_labels(labels, cfg.model.num_classes, "test")
-    model = build_model(cfg.model, load_pretrained=False, amp=precision.mode)
+    model = precision.prepare(build_model(cfg.model, load_pretrained=False, amp=precision.mode))
     print(describe_load(weights, load_weights(model, weights, strict=True)), flush=True)
     preprocess = DevicePreprocess(resolve_image_size(cfg.data, model))
     result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),

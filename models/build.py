@@ -10,7 +10,7 @@ import ppim  # at import time, not in build_model: importing PPIM draws from Pad
 from models.attention import use_fused_attention
 from utils.download import download_weights
 from utils.errors import UserError
-from utils.tensor_io import as_paddle, load_tensors
+from utils.tensor_io import load_state, load_tensors
 
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
 IMAGENET_CLASSES = 1000
@@ -146,7 +146,7 @@ def load_weights(model, path, strict=False):
         raise UserError(f"weights file {path} is for another model ({len(problems)} tensors do "
                         f"not fit, e.g. {examples}); is it for another model.name or "
                         f"model.kwargs?")
-    target.set_state_dict({**expected, **as_paddle(loaded)})  # the full dict: no warning per new tensor
+    load_state(target, {**expected, **loaded})  # the full dict: no warning per new tensor
     return {"loaded": len(loaded), "skipped": skipped, "missing": missing}
 
 

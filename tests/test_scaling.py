@@ -149,3 +149,44 @@ def test_throughput_quick_prints_one_json_line():
     assert result["device"] == "cpu" and result["image_size"] == 64 and result["mfu"] is None
     assert result["speedup_over_seed_loop"] == pytest.approx(
         result["images_per_s"] / result["seed_loop_images_per_s"], rel=0.01)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_weights_save_average_and_load_as_float32(tmp_path, half):
+    """What AMP O2 leaves in the model (half-precision weights) goes through checkpoints,
+    EMA and weight swaps; on a CPU the weights are cast by hand (Paddle runs O2 on GPUs)."""
+    from utils.averaging import EMA, evaluate_kinds
+    from utils.tensor_io import load_state, load_tensors, save_tensors
+
+    model = _tiny("off")
+    reference = {key: value.numpy().copy() for key, value in model.state_dict().items()}
+    model.to(dtype=half)
+    ema = EMA(model, decay=0.5, warmup=False)
+    ema.update(model)
+    assert all(str(value.dtype).endswith("float32") for value in ema.state_dict().values())
+    path = str(tmp_path / "half.safetensors")
+    save_tensors(path, model.state_dict())
+    saved, _ = load_tensors(path)
+    assert all(array.dtype == np.float32 for array in saved.values())
+    for key, array in saved.items():  # the half-precision values, exactly, as float32
+        assert np.allclose(array, reference[key], rtol=1e-2, atol=1e-2), key
+    fresh = _tiny("off")
+    fresh.to(dtype=half)
+    load_state(fresh, saved)
+    assert fresh.blocks[0].attn.qkv.weight.dtype == model.blocks[0].attn.qkv.weight.dtype
+    assert np.array_equal(fresh.head.weight.astype("float32").numpy(), saved["head.weight"])
+    swapped = []
+    results = evaluate_kinds(fresh, {"ema": ema}, lambda: swapped.append(
+        fresh.head.weight.astype("float32").numpy().copy()) or {"top1": 0.0})
+    assert set(results) == {"raw", "ema"}
+    assert np.allclose(swapped[1], ema.state_dict()["head.weight"].numpy(), atol=1e-2)
+    assert np.array_equal(fresh.head.weight.astype("float32").numpy(), saved["head.weight"])
+
+
+def test_o2_on_a_cpu_falls_back_and_keeps_float32_weights(capsys):
+    from utils.amp import Precision
+
+    precision = Precision("bf16", "cpu", "O2")
+    model = precision.prepare(_tiny("off"))
+    assert "warning: train.amp=bf16 is not available on cpu" in capsys.readouterr().out
+    assert not precision.half_weights and model.head.weight.dtype == paddle.float32

@@ -8,13 +8,26 @@ average per epoch; both are a few lines here.
 
 import paddle
 
+from utils.tensor_io import load_state
+
+FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _is_float(tensor):
+    return any(tensor.dtype == getattr(paddle, name) for name in FLOAT_TYPES)
+
+
+def _float32(tensor):
+    return tensor.detach().astype("float32").clone()
+
 
 class WeightAverage:
-    """A copy of the model's float tensors, updated as an average of its weights."""
+    """A float32 copy of the model's floating-point tensors (half-precision ones under AMP
+    O2 included), updated as an average of its weights."""
 
     def __init__(self, model):
-        self.average = {key: value.detach().clone() for key, value in model.state_dict().items()
-                        if value.dtype in (paddle.float32, paddle.float64)}
+        self.average = {key: _float32(value) for key, value in model.state_dict().items()
+                        if _is_float(value)}
         self.updates = 0
 
     @paddle.no_grad()
@@ -22,7 +35,7 @@ class WeightAverage:
         """average ← keep·average + (1 − keep)·weights."""
         for key, value in model.state_dict().items():
             if key in self.average:
-                self.average[key] = keep * self.average[key] + (1.0 - keep) * value.detach()
+                self.average[key] = keep * self.average[key] + (1.0 - keep) * _float32(value)
         self.updates += 1
 
     def state_dict(self):
@@ -60,7 +73,7 @@ class SWA(WeightAverage):
     def update(self, model):
         """Add the model's current weights as one more equally weighted sample."""
         if self.updates == 0:
-            self.average = {key: value.detach().clone() for key, value in model.state_dict().items()
+            self.average = {key: _float32(value) for key, value in model.state_dict().items()
                             if key in self.average}
             self.updates = 1
             return
@@ -91,7 +104,7 @@ def evaluate_kinds(model, averages, run_eval):
         raw = {key: value.detach().clone() for key, value in model.state_dict().items()}
         try:
             for kind, average in ready.items():
-                model.set_state_dict(average.state_dict())
+                load_state(model, average.state_dict())
                 results[kind] = run_eval()
         finally:
             model.set_state_dict(raw)

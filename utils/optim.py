@@ -51,8 +51,11 @@ def decay_groups(model, exclude):
     return groups
 
 
-def build_optimizer(stage, model, steps_per_epoch, train_cfg):
-    """The stage's optimizer and LR scheduler (``None`` for a constant LR without warmup)."""
+def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=False):
+    """The stage's optimizer and LR scheduler (``None`` for a constant LR without warmup).
+
+    ``master_weights`` keeps float32 copies of half-precision weights (AMP O2).
+    """
     lr = build_schedule(stage, steps_per_epoch)
     opt = stage.optimizer
     groups = decay_groups(model, train_cfg.exclude_from_decay)
@@ -61,12 +64,13 @@ def build_optimizer(stage, model, steps_per_epoch, train_cfg):
     if opt.name == "AdamW":
         optimizer = paddle.optimizer.AdamW(learning_rate=lr, beta1=opt.betas[0], beta2=opt.betas[1],
                                            epsilon=opt.epsilon, weight_decay=opt.weight_decay,
-                                           parameters=groups, grad_clip=clip)
+                                           parameters=groups, grad_clip=clip,
+                                           multi_precision=master_weights)
     else:
         optimizer = paddle.optimizer.Momentum(
             learning_rate=lr, momentum=opt.momentum, use_nesterov=opt.use_nesterov,
             weight_decay=paddle.regularizer.L2Decay(opt.l2_decay) if opt.l2_decay else None,
-            parameters=groups, grad_clip=clip)
+            parameters=groups, grad_clip=clip, multi_precision=master_weights)
     scheduler = lr if isinstance(lr, paddle.optimizer.lr.LRScheduler) else None
     return optimizer, scheduler
 

@@ -107,6 +107,7 @@ TRAIN = Section({
     "seed": Field(int, 0),
     "accum_steps": Field(int, 1, minimum=1),
     "amp": Field(str, "off", choices=("off", "fp16", "bf16")),
+    "amp_level": Field(str, "O1", choices=("O1", "O2")),
     "clip_grad_norm": _nullable(float, minimum=0.0),
     "exclude_from_decay": Field(bool, True),
     "save_every_steps": _nullable(int, minimum=1),

@@ -41,7 +41,7 @@ def describe_run(cfg):
              f"clip global norm {train.clip_grad_norm:g}" if train.clip_grad_norm else "no clipping",
              "no decay on biases/norms/pos_embed/tokens" if train.exclude_from_decay
              else "decay on every parameter",
-             f"AMP {train.amp} (O1)" if train.amp != "off" else "float32",
+             f"AMP {train.amp} ({train.amp_level})" if train.amp != "off" else "float32",
              f"fused attention {cfg.model.fused_attention}"]
     if train.ema.enabled:
         parts.append(f"EMA decay {train.ema.decay:g}" + (" with warm-up" if train.ema.warmup else ""))

@@ -1,5 +1,7 @@
 """Tensor files: safetensors for everything this project writes, ``.pdparams`` read safely.
 
+Half-precision tensors (AMP O2 weights) are written as float32: NumPy has no bfloat16.
+
 A safetensors file is a JSON header plus raw tensor bytes: it cannot carry code.
 ``.pdparams`` files (PPIM's downloads, weights from elsewhere) are pickles and go
 through :mod:`utils.safe_pickle`. Nested states (an optimizer's) are stored flat, with
@@ -24,8 +26,16 @@ def _as_array(value):
     if isinstance(value, np.ndarray):
         return value
     if hasattr(value, "numpy"):  # a paddle.Tensor, on whatever device
+        if value.dtype in _half_dtypes():  # AMP O2 weights; NumPy has no bfloat16
+            value = value.astype("float32")
         return value.numpy()
     return None
+
+
+def _half_dtypes():
+    import paddle
+
+    return (paddle.float16, paddle.bfloat16)
 
 
 def pack(tree, prefix=""):
@@ -63,6 +73,14 @@ def as_paddle(tree):
     return {key: (paddle.to_tensor(value) if isinstance(value, np.ndarray)
                   else as_paddle(value) if isinstance(value, dict) else value)
             for key, value in tree.items()}
+
+
+def load_state(layer, state):
+    """``layer.set_state_dict(state)`` with every value cast to its tensor's dtype, so that
+    float32 files load into half-precision (AMP O2) weights and back."""
+    own = layer.state_dict()
+    layer.set_state_dict({key: (as_paddle({key: value})[key].astype(own[key].dtype)
+                                if key in own else value) for key, value in state.items()})
 
 
 def save_tensors(path, tree, metadata=None):
