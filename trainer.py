@@ -23,7 +23,7 @@ from data.dataset import (
 from data.preprocess import DevicePreprocess
 from engine import EpochProgress, evaluate, train_one_epoch
 from losses import build_loss
-from models.build import build_model, resolve_image_size
+from models.build import build_model, input_size
 from utils.amp import Precision
 from utils.averaging import build_averages, evaluate_kinds
 from utils.checkpoint import (
@@ -41,6 +41,7 @@ from utils.dist import any_rank, init, is_main, rank, world_size, wrap
 from utils.errors import Interrupted, UserError
 from utils.logger import RunLogger
 from utils.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
+from utils.plots import plot_curves
 from utils.signals import StopRequests
 from utils.stages import describe_stage, stage_data, stage_loss
 from utils.tensor_io import as_paddle, load_state
@@ -107,12 +108,13 @@ class Trainer:
         self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
         if "scaler" in self.trees and self.precision.mode == "fp16":
             self.precision.scaler.load_state_dict(self.trees["scaler"])
-        self.model = build_model(cfg.model, load_pretrained=not resume, amp=self.precision.mode)
+        self.model = build_model(cfg.model, load_pretrained=not resume, amp=self.precision.mode,
+                                 image_size=cfg.data.image_size)
         if resume:
             load_state(self.model, self.trees["model"])
             print(f"resuming from {folder} at {self.state['position']}", flush=True)
         self.train_model = wrap(self.precision.prepare(self.model))  # DataParallel with ranks
-        self.preprocess = DevicePreprocess(resolve_image_size(cfg.data, self.model))
+        self.preprocess = DevicePreprocess(input_size(self.model))
         self.averages = build_averages(cfg.train, self.model, self.state, self.trees)
         self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
         if is_main():
@@ -138,6 +140,8 @@ class Trainer:
                     self._run_stage(stage_index, start if stage_index == start["stage"] else None)
             finally:
                 self.logger.close()
+        if is_main():
+            print(f"curves in {plot_curves(self.out)}", flush=True)
         best = self.state["best"]
         if best is not None:
             print(f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, stage "

@@ -24,6 +24,9 @@ def parse_args(argv=None):
     parser.add_argument("--weights", metavar="PATH",
                         help="weights to evaluate: .safetensors, or .pdparams read without running "
                              "code (default: best.safetensors in train.output_dir)")
+    parser.add_argument("--plot", action="store_true",
+                        help="also write per_class_top1.png (a bar per class) next to "
+                             "val_metrics.json")
     parser.add_argument("--kind", choices=("raw", "ema", "swa"),
                         help="evaluate the last checkpoint's raw weights, EMA or SWA average "
                              "instead of the best weights")
@@ -37,7 +40,7 @@ def main(argv=None):
     from data.dataset import check_labels, eval_loader, load_split
     from data.preprocess import DevicePreprocess
     from engine import evaluate
-    from models.build import build_model, describe_load, load_weights, resolve_image_size
+    from models.build import build_model, describe_load, input_size, load_weights
     from utils.amp import Precision
     from utils.checkpoint import weights_path
     from utils.files import write_json
@@ -53,9 +56,10 @@ def main(argv=None):
     precision = Precision(cfg.train.amp, cli.select_device(), cfg.train.amp_level)
     images, labels, class_names = load_split(cfg.data, "test")
     check_labels(labels, cfg.model.num_classes, "test")
-    model = precision.prepare(build_model(cfg.model, load_pretrained=False, amp=precision.mode))
+    model = precision.prepare(build_model(cfg.model, load_pretrained=False, amp=precision.mode,
+                                          image_size=cfg.data.image_size))
     print(describe_load(weights, load_weights(model, weights, strict=True)), flush=True)
-    preprocess = DevicePreprocess(resolve_image_size(cfg.data, model))
+    preprocess = DevicePreprocess(input_size(model))
     result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
                       cfg.model.num_classes, precision=precision)
     report = {
@@ -66,6 +70,12 @@ def main(argv=None):
     }
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "val_metrics.json"), report)
+    if args.plot:
+        from utils.plots import PER_CLASS, plot_per_class
+
+        print(plot_per_class(report["per_class_top1"], os.path.join(out, PER_CLASS),
+                             f"per-class top-1 of {os.path.basename(weights)} "
+                             f"(top-1 {result['top1']:.4f})"), flush=True)
     print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} loss={result['loss']:.4f} "
           f"n={result['num_samples']}", flush=True)
     return 0

@@ -48,7 +48,7 @@ def main(argv=None):
     from data.dataset import ImageArrayDataset, build_loader, load_split
     from data.preprocess import DevicePreprocess
     from losses import CrossEntropyLoss, RDropLoss
-    from models.build import build_model, resolve_image_size
+    from models.build import build_model, input_size
     from utils.optim import build_optimizer
 
     device = cli.select_device()
@@ -60,7 +60,7 @@ def main(argv=None):
     host_bytes = batch_images.numpy().nbytes / batch_images.shape[0]
     model = build_model(cfg.model)
     model.train()
-    preprocess = DevicePreprocess(resolve_image_size(cfg.data, model))
+    preprocess = DevicePreprocess(input_size(model))
     optimizer, _ = build_optimizer(cfg.stages[0], model, 1, cfg.train)
     rdrop = RDropLoss(alpha=cfg.loss.alpha, kl_reduction=cfg.loss.kl_reduction)
     variants = {

@@ -8,6 +8,7 @@ import paddle.nn as nn
 import ppim  # at import time, not in build_model: importing PPIM draws from Paddle's RNG
 
 from models.attention import use_fused_attention
+from models.resolution import extra_tokens, resample_pos_embed, set_resolution
 from utils.download import download_weights
 from utils.errors import UserError
 from utils.tensor_io import load_state, load_tensors
@@ -51,13 +52,15 @@ def pretrained_url(name):
     return url
 
 
-def build_model(model_cfg, load_pretrained=True, amp="off"):
+def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
     """The model described by the ``model`` config section, with weights per ``model.pretrained``.
 
     ``num_classes`` sizes both the class head and, on distilled models, the
     distillation head (PPIM averages the two). ``load_pretrained=False`` skips
     the weights (evaluation loads a checkpoint instead). ``amp`` (the precision in
     effect) decides, with ``model.fused_attention``, whether attention is fused.
+    ``image_size`` other than the model's own resamples its position embedding
+    (:mod:`models.resolution`); weights from another resolution are resampled on load.
     """
     mlp = model_cfg.head == "mlp"
     kwargs = dict(
@@ -71,6 +74,8 @@ def build_model(model_cfg, load_pretrained=True, amp="off"):
         backbone = _constructor(model_cfg.name)(**kwargs)
     except TypeError as exc:
         raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
+    if image_size:
+        set_resolution(backbone, image_size)
     fused = use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp)
     if fused:
         print(f"attention: {fused} layers use paddle.nn.functional.scaled_dot_product_attention",
@@ -96,16 +101,6 @@ def input_size(model):
     return backbone.patch_embed.img_size[0]
 
 
-def resolve_image_size(data_cfg, model):
-    """``data.image_size``, or the model's own when unset; it must match the model."""
-    native = input_size(model)
-    size = data_cfg.image_size or native
-    if size != native:
-        raise UserError(f"data.image_size={size} but the model expects {native}x{native} "
-                        f"images; set -o data.image_size={native}")
-    return size
-
-
 def load_weights(model, path, strict=False):
     """Load the tensors of ``path`` (``.safetensors``, or ``.pdparams`` read without running
     code) that fit ``model``; report loaded, skipped and missing.
@@ -124,8 +119,15 @@ def load_weights(model, path, strict=False):
         if sum(k in own for k in state) < sum(k in backbone.state_dict() for k in state):
             target = backbone
     expected = target.state_dict()
-    loaded, skipped = {}, {}
+    loaded, skipped, resampled = {}, {}, []
     for key, value in state.items():
+        if (key.endswith("pos_embed") and key in expected
+                and list(value.shape) != list(expected[key].shape)
+                and value.shape[-1] == expected[key].shape[-1]):  # another resolution
+            tokens = extra_tokens(target)
+            value = resample_pos_embed(value, tokens,
+                                       int(round((expected[key].shape[1] - tokens) ** 0.5)))
+            resampled.append(key)
         if key not in expected:
             skipped[key] = "not in the model"
         elif list(value.shape) != list(expected[key].shape):
@@ -147,7 +149,7 @@ def load_weights(model, path, strict=False):
                         f"not fit, e.g. {examples}); is it for another model.name or "
                         f"model.kwargs?")
     load_state(target, {**expected, **loaded})  # the full dict: no warning per new tensor
-    return {"loaded": len(loaded), "skipped": skipped, "missing": missing}
+    return {"loaded": len(loaded), "skipped": skipped, "missing": missing, "resampled": resampled}
 
 
 def describe_load(path, summary):
@@ -156,4 +158,5 @@ def describe_load(path, summary):
     missing = ", ".join(summary["missing"])
     return (f"weights {os.path.basename(path)}: loaded {summary['loaded']} tensors, "
             f"skipped {len(summary['skipped'])}" + (f" ({skipped})" if skipped else "")
-            + f", newly initialised {len(summary['missing'])}" + (f" ({missing})" if missing else ""))
+            + f", newly initialised {len(summary['missing'])}" + (f" ({missing})" if missing else "")
+            + "".join(f"; {key} resampled to this resolution" for key in summary["resampled"]))

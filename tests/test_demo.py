@@ -4,12 +4,14 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 from urllib.parse import urlparse
 
 import numpy as np
 import paddle
 import pytest
-from conftest import assert_one_error, run_script
+from conftest import ROOT, assert_one_error, run_script
 
 from data.cifar import CIFAR100_URL
 from data.digits import load_digits
@@ -67,7 +69,7 @@ def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_ru
             path = os.path.join(folder, name)
             if os.path.relpath(path, out).startswith("vdl"):
                 continue
-            assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml")), path
+            assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml", ".png")), path
             with open(path, "rb") as handle:
                 assert handle.read(1) != b"\x80", path  # no pickle opcode stream
     state, _ = load_tensors(os.path.join(out, "best.safetensors"))
@@ -80,6 +82,34 @@ def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_ru
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines.append(proc.stdout.strip().splitlines()[-1])
     assert lines[0] == lines[1] and lines[0].startswith("top1=")
+
+
+def test_val_at_another_resolution_resamples_the_position_embedding(demo_run, tmp_path):
+    out, _ = demo_run
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}",
+                      "-o", "data.image_size=48")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pos_embed resampled to this resolution" in proc.stdout
+    top1 = float(proc.stdout.strip().splitlines()[-1].split()[0].split("=")[1])
+    assert 0.1 < top1 <= 1.0
+
+
+def _is_png(path):
+    with open(path, "rb") as handle:
+        return handle.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 10_000
+
+
+def test_curves_are_drawn_at_the_end_and_on_demand(demo_run):
+    out, proc = demo_run
+    curves = os.path.join(out, "curves.png")
+    assert _is_png(curves) and f"curves in {curves}" in proc.stdout
+    os.remove(curves)
+    regenerated = subprocess.run([sys.executable, "-m", "utils.plots", out], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300)
+    assert regenerated.returncode == 0 and _is_png(curves), regenerated.stderr[-2000:]
+    plotted = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}",
+                         "--plot")
+    assert plotted.returncode == 0 and _is_png(os.path.join(out, "per_class_top1.png"))
 
 
 def test_val_without_checkpoint_is_one_error_line(tmp_path):

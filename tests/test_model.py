@@ -5,10 +5,12 @@ import paddle
 import pytest
 from conftest import TINY_MODEL_KWARGS
 
-from models.build import build_model, input_size, load_weights, pretrained_url, resolve_image_size
+from models.build import build_model, input_size, load_weights, pretrained_url
+from models.resolution import resample_pos_embed
 from utils.config import Node, validate
 from utils.errors import UserError
 from utils.schema import MODEL
+from utils.tensor_io import save_tensors
 
 
 def test_tiny_distilled_vit_has_new_heads_and_dropout(tiny_model_cfg):
@@ -77,10 +79,37 @@ def test_wrong_model_name_kwargs_and_image_size_are_user_errors(tiny_model_cfg):
         build_model(Node(tiny_model_cfg, name="resnet"))
     with pytest.raises(UserError, match="model.kwargs do not fit deit_s"):
         build_model(Node(tiny_model_cfg, name="deit_s", kwargs=dict(TINY_MODEL_KWARGS)))
-    model = build_model(tiny_model_cfg)
-    assert resolve_image_size(Node(image_size=None), model) == 32
-    with pytest.raises(UserError, match="data.image_size=64 but the model expects 32x32"):
-        resolve_image_size(Node(image_size=64), model)
+    with pytest.raises(UserError, match="data.image_size=36 must be a multiple of the patch size 8"):
+        build_model(tiny_model_cfg, image_size=36)
+
+
+def test_another_resolution_resamples_position_embedding_and_keeps_tokens(tmp_path, tiny_model_cfg):
+    paddle.seed(0)
+    trained = build_model(tiny_model_cfg)
+    path = str(tmp_path / "w.safetensors")
+    save_tensors(path, trained.state_dict())
+    same = build_model(tiny_model_cfg, image_size=32)
+    summary = load_weights(same, path, strict=True)
+    assert summary["resampled"] == [] and input_size(same) == 32
+    x = paddle.rand([2, 3, 32, 32])
+    trained.eval()
+    same.eval()
+    assert np.array_equal(same(x).numpy(), trained(x).numpy())  # identity at its resolution
+    larger = build_model(tiny_model_cfg, image_size=48)
+    summary = load_weights(larger, path, strict=True)
+    assert summary["resampled"] == ["pos_embed"] and input_size(larger) == 48
+    old, new = trained.pos_embed.numpy(), larger.pos_embed.numpy()
+    assert new.shape == (1, 2 + 6 * 6, 64) and old.shape == (1, 2 + 4 * 4, 64)
+    assert np.array_equal(new[:, :2], old[:, :2])  # class and distillation tokens kept
+    assert np.allclose(resample_pos_embed(old, 2, 4), old)
+    larger.eval()
+    assert larger(paddle.rand([2, 3, 48, 48])).shape == [2, 10]
+    # Bicubic resampling of a smooth (linear) grid stays close to the linear grid at 6x6.
+    ramp = np.linspace(0, 1, 4, dtype=np.float32)
+    smooth = np.broadcast_to(ramp[None, :, None] + ramp[:, None, None], (4, 4, 3)).reshape(1, 16, 3)
+    fine = resample_pos_embed(np.concatenate([np.zeros((1, 2, 3), np.float32), smooth], 1), 2, 6)
+    grid = fine[0, 2:, 0].reshape(6, 6)
+    assert np.all(np.diff(grid, axis=0) > 0) and np.all(np.diff(grid, axis=1) > 0)
 
 
 def test_pretrained_download_offline_is_one_clear_error(monkeypatch, tiny_model_cfg):

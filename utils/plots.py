@@ -1,0 +1,107 @@
+"""Pictures of a run: training curves from metrics.jsonl and per-class accuracy from val.py.
+
+  python -m utils.plots OUTPUT_DIR     # (re)write OUTPUT_DIR/curves.png
+"""
+
+import json
+import os
+import sys
+
+CURVES = "curves.png"
+PER_CLASS = "per_class_top1.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(output_dir):
+    """The epoch records of ``output_dir/metrics.jsonl``."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        from utils.errors import UserError
+
+        raise UserError(f"no metrics.jsonl in {output_dir}; train first")
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_curves(output_dir):
+    """Write ``curves.png``: loss parts, learning rate and validation top-1 per epoch, with
+    the stages shaded; return its path."""
+    records = read_metrics(output_dir)
+    plt = _pyplot()
+    epochs = list(range(1, len(records) + 1))
+    figure, (loss_ax, lr_ax, top1_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, style in (("train_loss", "-"), ("train_ce", "--"), ("train_kl", ":")):
+        loss_ax.plot(epochs, [r[name] for r in records], style, label=name[len("train_"):])
+    loss_ax.set(title="training loss (per sample)", xlabel="epoch")
+    lr_ax.plot(epochs, [r["lr"] for r in records], color="tab:purple")
+    lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for key, label in (("val_top1", "raw"), ("val_top1_ema", "EMA"), ("val_top1_swa", "SWA")):
+        values = [r.get(key) for r in records]
+        if any(v is not None for v in values):
+            top1_ax.plot(epochs, [float("nan") if v is None else v for v in values],
+                         marker=".", label=label)
+    top1_ax.set(title="validation top-1", xlabel="epoch", ylim=(0, 1))
+    for axis in (loss_ax, lr_ax, top1_ax):
+        _shade_stages(axis, records)
+        axis.grid(alpha=0.3)
+    loss_ax.legend()
+    top1_ax.legend(loc="center right")
+    figure.tight_layout()
+    path = os.path.join(output_dir, CURVES)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _shade_stages(axis, records):
+    """Alternate the background per stage and name each stage at the top."""
+    start = 0
+    for index in range(1, len(records) + 1):
+        if index == len(records) or records[index]["stage"] != records[start]["stage"]:
+            stage = records[start]["stage"]
+            axis.axvspan(start + 0.5, index + 0.5, color="0.92" if stage % 2 else "white",
+                         zorder=0)
+            axis.text((start + index + 1) / 2, 0.02, f"stage {stage}", ha="center", va="bottom",
+                      fontsize=8, color="0.4", transform=axis.get_xaxis_transform())
+            start = index
+
+
+def plot_per_class(per_class, path, title):
+    """Write a bar chart of per-class top-1 (a mapping class name → accuracy) to ``path``."""
+    plt = _pyplot()
+    names = list(per_class)
+    values = [0.0 if per_class[n] is None else per_class[n] for n in names]
+    figure, axis = plt.subplots(figsize=(max(6, 0.18 * len(names)), 4))
+    axis.bar(range(len(names)), values, color="tab:blue")
+    axis.set_xticks(range(len(names)))
+    axis.set_xticklabels(names, rotation=90, fontsize=7 if len(names) > 20 else 9)
+    axis.set(ylim=(0, 1), ylabel="top-1", title=title)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def main(argv=None):
+    """Regenerate ``curves.png`` of the output folder given on the command line."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m utils.plots OUTPUT_DIR", file=sys.stderr)
+        return 2
+    print(plot_curves(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    from utils import cli
+
+    cli.run(main)
