@@ -40,7 +40,7 @@ def main(argv=None):
     from data.dataset import check_labels, eval_loader, load_split
     from data.preprocess import DevicePreprocess
     from engine import evaluate
-    from models.build import build_model, describe_load, input_size, load_weights
+    from models.build import build_trained, input_size, trained_weights
     from utils.amp import Precision
     from utils.checkpoint import weights_path
     from utils.files import write_json
@@ -48,17 +48,13 @@ def main(argv=None):
     out = cfg.train.output_dir
     if args.weights and args.kind:
         raise UserError("give --weights or --kind, not both")
-    tag = {"raw": "model", "ema": "ema", "swa": "swa"}.get(args.kind, "best")
-    weights = args.weights or weights_path(out, tag)
-    if not os.path.isfile(weights):
-        raise UserError(f"no weights at {weights}; train first (python main.py -c {args.config}) "
-                        f"or pass --weights PATH")
+    kind = {"raw": "model", "ema": "ema", "swa": "swa"}.get(args.kind)
+    weights = trained_weights(out, args.weights or (weights_path(out, kind) if kind else None),
+                              args.config)
     precision = Precision(cfg.train.amp, cli.select_device(), cfg.train.amp_level)
     images, labels, class_names = load_split(cfg.data, "test")
     check_labels(labels, cfg.model.num_classes, "test")
-    model = precision.prepare(build_model(cfg.model, load_pretrained=False, amp=precision.mode,
-                                          image_size=cfg.data.image_size))
-    print(describe_load(weights, load_weights(model, weights, strict=True)), flush=True)
+    model = build_trained(cfg, weights, precision)
     preprocess = DevicePreprocess(input_size(model))
     result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
                       cfg.model.num_classes, precision=precision)

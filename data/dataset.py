@@ -1,11 +1,18 @@
 """Datasets and loaders over uint8 image arrays, with seeded host-side augmentation."""
 
+import os
+
 import numpy as np
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from paddle.vision.transforms import functional as F
 from PIL import Image
 
-from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
+from data.cifar import (
+    cifar100_class_names,
+    default_archive_path,
+    load_cifar100,
+    locate_cifar100,
+)
 from data.digits import digits_class_names, load_digits
 from utils.cli import derived_seed
 from utils.dist import rank, world_size
@@ -20,6 +27,17 @@ def load_split(data_cfg, mode):
     path = locate_cifar100(data_cfg.path)
     images, labels = load_cifar100(path, mode)
     return images, labels, cifar100_class_names(path)
+
+
+def class_names(data_cfg, num_classes):
+    """Class names for reports, without downloading anything: the digits, CIFAR-100's from
+    the archive's meta when the archive is here, otherwise the class indices."""
+    if data_cfg.name == "digits":
+        return digits_class_names()
+    archive = data_cfg.path or default_archive_path()
+    if os.path.exists(archive):
+        return cifar100_class_names(archive)
+    return [str(index) for index in range(num_classes)]
 
 
 def subset_indices(total, size, seed, key):

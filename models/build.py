@@ -160,3 +160,23 @@ def describe_load(path, summary):
             f"skipped {len(summary['skipped'])}" + (f" ({skipped})" if skipped else "")
             + f", newly initialised {len(summary['missing'])}" + (f" ({missing})" if missing else "")
             + "".join(f"; {key} resampled to this resolution" for key in summary["resampled"]))
+
+
+def trained_weights(output_dir, weights=None, config="CONFIG"):
+    """``weights`` or the run's best weights; an error saying how to get them when missing."""
+    from utils.checkpoint import weights_path
+
+    path = weights or weights_path(output_dir, "best")
+    if not os.path.isfile(path):
+        raise UserError(f"no weights at {path}; train first (python main.py -c {config}) "
+                        f"or pass --weights PATH")
+    return path
+
+
+def build_trained(cfg, weights, precision):
+    """The config's model with ``weights`` loaded strictly, in eval mode, at ``data.image_size``."""
+    model = precision.prepare(build_model(cfg.model, load_pretrained=False, amp=precision.mode,
+                                          image_size=cfg.data.image_size))
+    print(describe_load(weights, load_weights(model, weights, strict=True)), flush=True)
+    model.eval()
+    return model

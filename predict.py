@@ -1,0 +1,87 @@
+"""Classify image files with trained weights, or with a model exported by export.py.
+
+Examples:
+  python predict.py -c configs/demo.yaml digit.png                # best weights of the demo
+  python predict.py photos/ "more/*.jpg" --topk 3 --json out.json # folders and globs
+  python predict.py -c configs/demo.yaml --model-dir output/demo/inference digit.png
+Images of any size and PIL-readable format are converted to RGB, resized (bicubic) and
+normalised exactly as in training.
+"""
+
+import argparse
+
+from utils import cli
+from utils.config import add_config_args, load_config
+
+
+def parse_args(argv=None):
+    """Command-line options of the prediction entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE",
+                        help="image files, folders (searched recursively) or glob patterns")
+    parser.add_argument("--weights", metavar="PATH",
+                        help="weights to use (default: best.safetensors in train.output_dir)")
+    parser.add_argument("--model-dir", metavar="DIR",
+                        help="use the model exported there (paddle.inference) instead")
+    parser.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image")
+    parser.add_argument("--json", metavar="FILE", help="also write the predictions as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Print the top-k classes of each image (and write them as JSON with ``--json``)."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.override)
+    import numpy as np
+    import paddle
+
+    from data.dataset import class_names
+    from data.images import find_images, read_rgb
+    from data.preprocess import DevicePreprocess
+    from utils.errors import UserError
+    from utils.files import write_json
+
+    if args.topk < 1:
+        raise UserError("--topk must be at least 1")
+    files = find_images(args.inputs)
+    device = cli.select_device()
+    if args.model_dir:
+        from models.inference import ExportedModel
+
+        exported = ExportedModel(args.model_dir)
+        size, names = exported.contract["image_size"], exported.contract["class_names"]
+
+        def run(images):
+            return exported(images.numpy())
+    else:
+        from models.build import build_trained, input_size, trained_weights
+        from utils.amp import Precision
+
+        weights = trained_weights(cfg.train.output_dir, args.weights, args.config)
+        model = build_trained(cfg, weights, Precision("off", device))
+        size, names = input_size(model), class_names(cfg.data, cfg.model.num_classes)
+
+        def run(images):
+            return model(images).numpy()
+    preprocess = DevicePreprocess(size)
+    results = []
+    with paddle.no_grad():
+        for path in files:
+            logits = run(preprocess(paddle.to_tensor(read_rgb(path)[None])))[0].astype(np.float64)
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            top = np.argsort(-probs, kind="stable")[:args.topk]
+            results.append({"file": path, "topk": [
+                {"index": int(i), "class": names[i], "prob": float(probs[i])} for i in top]})
+            print(f"{path}: " + ", ".join(f"{t['class']} {t['prob']:.4f}"
+                                          for t in results[-1]["topk"]), flush=True)
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
