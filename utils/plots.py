@@ -11,13 +11,12 @@ CURVES = "curves.png"
 PER_CLASS = "per_class_top1.png"
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib Figure outside pyplot: written to files, never shown, backend untouched
+    (a notebook's inline plots keep working)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def read_metrics(output_dir):
@@ -35,9 +34,9 @@ def plot_curves(output_dir):
     """Write ``curves.png``: loss parts, learning rate and validation top-1 per epoch, with
     the stages shaded; return its path."""
     records = read_metrics(output_dir)
-    plt = _pyplot()
     epochs = list(range(1, len(records) + 1))
-    figure, (loss_ax, lr_ax, top1_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure = _figure(figsize=(15, 4.2))
+    loss_ax, lr_ax, top1_ax = figure.subplots(1, 3)
     for name, style in (("train_loss", "-"), ("train_ce", "--"), ("train_kl", ":")):
         loss_ax.plot(epochs, [r[name] for r in records], style, label=name[len("train_"):])
     loss_ax.set(title="training loss (per sample)", xlabel="epoch")
@@ -57,7 +56,6 @@ def plot_curves(output_dir):
     figure.tight_layout()
     path = os.path.join(output_dir, CURVES)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 
@@ -76,10 +74,10 @@ def _shade_stages(axis, records):
 
 def plot_per_class(per_class, path, title):
     """Write a bar chart of per-class top-1 (a mapping class name → accuracy) to ``path``."""
-    plt = _pyplot()
     names = list(per_class)
     values = [0.0 if per_class[n] is None else per_class[n] for n in names]
-    figure, axis = plt.subplots(figsize=(max(6, 0.18 * len(names)), 4))
+    figure = _figure(figsize=(max(6, 0.18 * len(names)), 4))
+    axis = figure.subplots()
     axis.bar(range(len(names)), values, color="tab:blue")
     axis.set_xticks(range(len(names)))
     axis.set_xticklabels(names, rotation=90, fontsize=7 if len(names) > 20 else 9)
@@ -87,7 +85,6 @@ def plot_per_class(per_class, path, title):
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 
