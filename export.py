@@ -6,19 +6,15 @@ Examples:
   python predict.py -c configs/demo.yaml --model-dir DIR IMAGE...   # use the export
 """
 
-import argparse
 import os
 
 from utils import cli
-from utils.config import add_config_args, load_config
+from utils.config import config_parser, load_config
 
 
 def parse_args(argv=None):
     """Command-line options of the export entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser = config_parser(__doc__)
     parser.add_argument("--weights", metavar="PATH",
                         help="weights to export (default: best.safetensors in train.output_dir)")
     parser.add_argument("--out", metavar="DIR",

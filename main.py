@@ -10,24 +10,20 @@ Examples:
   python main.py --init-from output/subset      # carry weights of an earlier run
 """
 
-import argparse
 import os
 import shlex
 import sys
 
 from utils import cli
 from utils.checkpoint import weights_path
-from utils.config import add_config_args, dump_config, load_config
+from utils.config import config_parser, dump_config, load_config
 from utils.errors import Interrupted
 from utils.stages import describe_run, describe_stage, stage_data, stage_loss
 
 
 def parse_args(argv=None):
     """Command-line options of the training entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser = config_parser(__doc__)
     parser.add_argument("--resume", nargs="?", const=True, metavar="PATH",
                         help="continue an interrupted run exactly where its last checkpoint "
                              "stands (default: train.output_dir; or an output dir / last/ folder)")

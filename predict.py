@@ -8,18 +8,14 @@ Images of any size and PIL-readable format are converted to RGB, resized (bicubi
 normalised exactly as in training.
 """
 
-import argparse
 
 from utils import cli
-from utils.config import add_config_args, load_config
+from utils.config import config_parser, load_config
 
 
 def parse_args(argv=None):
     """Command-line options of the prediction entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser = config_parser(__doc__)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE",
                         help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--weights", metavar="PATH",

@@ -7,20 +7,16 @@ Examples:
   python val.py --weights output/demo/last/model.safetensors   # any weights file of this model
 """
 
-import argparse
 import os
 
 from utils import cli
-from utils.config import add_config_args, load_config
+from utils.config import config_parser, load_config
 from utils.errors import UserError
 
 
 def parse_args(argv=None):
     """Command-line options of the evaluation entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser = config_parser(__doc__)
     parser.add_argument("--weights", metavar="PATH",
                         help="weights to evaluate: .safetensors, or .pdparams read without running "
                              "code (default: best.safetensors in train.output_dir)")

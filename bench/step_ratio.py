@@ -10,7 +10,6 @@ and prints one JSON line with the ratios and the bytes the host ships per image.
   python bench/step_ratio.py -c configs/rdrop_deit_b_384_cifar100.yaml -o model.pretrained=false
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -20,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import cli  # noqa: E402  (quiets Paddle's import warning first)
-from utils.config import add_config_args, load_config  # noqa: E402
+from utils.config import config_parser, load_config  # noqa: E402
 
 
 def _step(model, optimizer, loss_fn, logits_fn, images, labels):
@@ -33,10 +32,7 @@ def _step(model, optimizer, loss_fn, logits_fn, images, labels):
 
 def main(argv=None):
     """Measure and print the JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser = config_parser(__doc__)
     parser.set_defaults(config="configs/demo.yaml")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median)")

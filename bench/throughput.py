@@ -15,7 +15,6 @@ forward FLOPs per image: two copies, backward ≈ 2× forward) over the device's
   python bench/throughput.py           # deit_b_distilled_384 at 384 px, batch 32/64/128, fp16 + bf16
 """
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import cli  # noqa: E402  (quiets Paddle's import warning first)
-from utils.config import add_config_args, load_config  # noqa: E402
+from utils.config import config_parser, load_config  # noqa: E402
 
 # Dense fp16/bf16 tensor-core peaks (FLOP/s) by device-name fragment, from NVIDIA's sheets.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12,
@@ -133,10 +132,7 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
 
 def main(argv=None):
     """Measure and print one JSON line per batch size and AMP mode."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser = config_parser(__doc__)
     parser.set_defaults(config=None)
     parser.add_argument("--quick", action="store_true",
                         help="the demo's tiny ViT at 64 px, batch 32, float32: a CPU check")

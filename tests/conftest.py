@@ -4,9 +4,11 @@ import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 
 import pytest
@@ -31,6 +33,27 @@ def read_records(output_dir):
     """The per-epoch records of a run's metrics.jsonl."""
     with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
+
+
+def kill_in_stage_1(proc, output_dir, group=False):
+    """SIGKILL ``proc`` (its whole process group with ``group``) once the run in
+    ``output_dir`` has a mid-epoch checkpoint of stage 1; return that position."""
+    state_path, deadline, position = os.path.join(output_dir, "last", "state.json"), \
+        time.time() + 300, None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with open(state_path, encoding="utf-8") as handle:
+                    position = json.load(handle)["position"]
+            except (OSError, ValueError):
+                position = None
+            if position and position["stage"] == 1 and position["micro"] > 0:
+                (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        proc.wait()
+    return position
 
 
 def assert_one_error(proc, *fragments, code=2):

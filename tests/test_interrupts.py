@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_error, read_records, run_script
+from conftest import ROOT, assert_one_error, kill_in_stage_1, read_records, run_script
 
 import trainer as trainer_module
 from trainer import fit
@@ -59,22 +59,7 @@ def _kill_midway(out):
     """Start the run and SIGKILL it once a mid-epoch checkpoint of the second stage exists."""
     proc = subprocess.Popen(_main(out), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state_path = os.path.join(out, "last", "state.json")
-    deadline = time.time() + 300
-    position = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with open(state_path, encoding="utf-8") as handle:
-                    position = json.load(handle)["position"]
-            except (OSError, ValueError):
-                position = None
-            if position and position["stage"] == 1 and position["micro"] > 0:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        proc.wait()
+    position = kill_in_stage_1(proc, out)
     return proc.returncode, position
 
 

@@ -3,15 +3,13 @@ ranks (gloo) through Paddle's launcher, and the throughput benchmark."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import paddle
 import pytest
-from conftest import ROOT, read_records, run_script, tiny_model_config
+from conftest import ROOT, kill_in_stage_1, read_records, run_script, tiny_model_config
 
 import models.attention as attention
 from models.build import build_model
@@ -116,18 +114,7 @@ def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert _launch(whole, *SHORT, log_dir=str(tmp_path / "l1")).wait(timeout=600) == 0
     proc = _launch(killed, *SHORT, log_dir=str(tmp_path / "l2"), new_session=True)
-    state_path, deadline = os.path.join(killed, "last", "state.json"), time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            with open(state_path, encoding="utf-8") as handle:
-                position = json.load(handle)["position"]
-        except (OSError, ValueError):
-            position = None
-        if position and position["stage"] == 1 and position["micro"] > 0:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
+    kill_in_stage_1(proc, killed, group=True)
     assert len(read_records(killed)) < 3
     assert _launch(killed, *SHORT, "--resume", log_dir=str(tmp_path / "l3")).wait(timeout=600) == 0
     expected, got = read_records(whole), read_records(killed)

@@ -220,8 +220,13 @@ def dump_config(cfg):
     return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
 
 
-def add_config_args(parser):
-    """Add the shared ``-c/--config``, ``-o/--override`` and ``--debug`` options to a parser."""
+def config_parser(doc):
+    """An argument parser described by a script's docstring (first line, then the examples),
+    with the shared ``-c/--config``, ``-o/--override`` and ``--debug`` options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                         help=f"YAML recipe (default: {DEFAULT_CONFIG})")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
@@ -229,3 +234,4 @@ def add_config_args(parser):
                              "-o stages.0.optimizer.lr=1e-4 (repeatable; values are YAML)")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error instead of one line")
+    return parser
