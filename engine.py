@@ -11,6 +11,7 @@ from tqdm import tqdm
 from losses.rdrop import log_softmax, nll
 from utils.amp import Precision
 from utils.dist import all_sum, any_rank, is_main
+from utils.grads import apply_update, trainable
 
 
 def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None):
@@ -36,27 +37,42 @@ def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, pre
 
 
 class EpochProgress:
-    """Where an epoch stands: micro-batches done, samples seen, loss sums, seconds spent.
+    """Where an epoch stands: micro-batches done, samples seen, loss sums, seconds spent, and
+    the optimizer steps: applied, skipped for an fp16 overflow, and their gradient norms.
 
     ``excluded`` counts the samples of non-finite losses, left out of the sums. Saved in
     mid-epoch checkpoints so that a resumed epoch reports the same means.
     """
 
-    def __init__(self, micro=0, seen=0, sums=None, elapsed=0.0, excluded=0):
+    def __init__(self, micro=0, seen=0, sums=None, elapsed=0.0, excluded=0, steps=0,
+                 overflow_steps=0, grad_norm_sum=0.0, grad_norm_max=None):
         self.micro = micro
         self.seen = seen
         self.sums = dict(sums) if sums else {"loss": 0.0, "ce": 0.0, "kl": 0.0}
         self.elapsed = elapsed
         self.excluded = excluded
+        self.steps = steps
+        self.overflow_steps = overflow_steps
+        self.grad_norm_sum = grad_norm_sum
+        self.grad_norm_max = grad_norm_max
 
     def to_dict(self):
         """A JSON-ready copy."""
         return {"micro": self.micro, "seen": self.seen, "sums": dict(self.sums),
-                "elapsed": self.elapsed, "excluded": self.excluded}
+                "elapsed": self.elapsed, "excluded": self.excluded, "steps": self.steps,
+                "overflow_steps": self.overflow_steps, "grad_norm_sum": self.grad_norm_sum,
+                "grad_norm_max": self.grad_norm_max}
+
+    def add_step(self, grad_norm):
+        """Count one applied optimizer step and its gradient norm (before clipping)."""
+        self.steps += 1
+        self.grad_norm_sum += grad_norm
+        self.grad_norm_max = max(grad_norm, self.grad_norm_max or 0.0)
 
     def summed(self):
-        """:meth:`to_dict` with counts and sums added over all ranks (what a checkpoint and
-        the epoch record hold)."""
+        """:meth:`to_dict` with sample counts and loss sums added over all ranks (what a
+        checkpoint and the epoch record hold). Step counts and gradient norms are the same
+        on every rank (gradients are all-reduced before they are measured)."""
         local = self.to_dict()
         names = sorted(local["sums"])
         totals = all_sum([local["seen"], local["excluded"], *(local["sums"][n] for n in names)])
@@ -66,34 +82,45 @@ class EpochProgress:
     @classmethod
     def resumed(cls, saved):
         """The progress of a resumed epoch: rank 0 carries the saved sums of all ranks, the
-        others restart theirs from zero."""
+        others restart theirs from zero; every rank takes the saved step counts."""
         if is_main():
             return cls(**saved)
-        return cls(micro=saved["micro"], elapsed=saved["elapsed"])
+        return cls(micro=saved["micro"], elapsed=saved["elapsed"],
+                   **{key: saved[key] for key in ("steps", "overflow_steps", "grad_norm_sum",
+                                                  "grad_norm_max") if key in saved})
 
     def means(self):
-        """Per-sample means of the loss parts, and images per second."""
+        """Per-sample means of the loss parts, images per second, the mean and largest
+        gradient norm of the applied steps (``None`` without any) and the overflow count."""
         counted = max(self.seen - self.excluded, 1)
         result = {name: total / counted for name, total in self.sums.items()}
         result["images_per_s"] = self.seen / self.elapsed if self.elapsed > 0 else 0.0
+        result["grad_norm"] = self.grad_norm_sum / self.steps if self.steps else None
+        result["grad_norm_max"] = self.grad_norm_max
+        result["overflow_steps"] = self.overflow_steps
         return result
 
 
 def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, progress,
                     accum_steps=1, before_micro=None, on_step=None, desc="train",
-                    precision=None):
+                    precision=None, clip_norm=None):
     """Train over ``loader`` (which yields the batches not yet done in ``progress``).
 
     Gradients of ``accum_steps`` micro-batches are summed before each optimizer
-    step (under DataParallel, ranks exchange gradients only on the last of them).
-    A step with a non-finite loss in any of its micro-batches, on any rank, is not
-    applied: its gradients are dropped and the weights stay as they were.
+    step (under DataParallel, ranks exchange gradients only on the last of them),
+    then clipped to the global norm ``clip_norm`` (:func:`utils.grads.apply_update`).
+    A step is ``"applied"``, or not applied and leaves the weights, the optimizer and
+    the LR schedule as they were: ``"nonfinite"`` when a micro-batch's loss (on any
+    rank) or, without fp16 loss scaling, the gradient is not finite; ``"overflow"``
+    when fp16 gradients overflowed (the loss scaler then lowers its scale).
     ``before_micro(micro)`` runs before each micro-batch (the trainer seeds dropout
-    there); ``on_step(values, skipped)`` after each step, applied or not (it may
-    raise to stop). Returns the per-sample means of the finite loss parts and images/s.
+    there); ``on_step(values, status)`` after each step (it may raise to stop), with
+    the loss parts, ``lr`` and ``grad_norm`` (``None`` when not measured).
+    Returns :meth:`EpochProgress.means`.
     """
     precision = precision or Precision()
     model.train()
+    params = trainable(model)
     start = time.perf_counter() - progress.elapsed
     bar = tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0)
     nonfinite = False
@@ -118,16 +145,21 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
         if progress.micro % accum_steps:
             continue
         lr = optimizer.get_lr()
-        nonfinite = any_rank(nonfinite)
-        if not nonfinite:
-            precision.step(optimizer)
+        grad_norm, status = None, "nonfinite"
+        if not any_rank(nonfinite):
+            grad_norm, applied = apply_update(optimizer, params, precision, clip_norm)
+            status = "applied" if applied else "overflow" if precision.scaling else "nonfinite"
         optimizer.clear_grad()
-        if scheduler is not None:
-            scheduler.step()
+        if status == "applied":
+            progress.add_step(grad_norm)
+            if scheduler is not None:
+                scheduler.step()
+        elif status == "overflow":
+            progress.overflow_steps += 1
         progress.elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         if on_step is not None:
-            on_step(dict(values, lr=lr), nonfinite)
+            on_step(dict(values, lr=lr, grad_norm=grad_norm), status)
         nonfinite = False
     progress.elapsed = time.perf_counter() - start
     return progress.means()

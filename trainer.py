@@ -40,7 +40,7 @@ from utils.config import dump_config, to_plain
 from utils.dist import any_rank, init, is_main, rank, world_size, wrap
 from utils.errors import Interrupted, UserError
 from utils.logger import RunLogger
-from utils.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
+from utils.optim import MasterCopies, build_optimizer, optimizer_state_for, portable_optimizer_state
 from utils.plots import plot_curves
 from utils.signals import StopRequests
 from utils.stages import describe_stage, stage_data, stage_loss
@@ -68,6 +68,16 @@ def _stage_loaders(cfg, data_cfg, train_split, test_split):
     keep = subset_indices(len(test_labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
                           "data.val_subset")
     return train_loader, eval_loader(test_images[keep], test_labels[keep], data_cfg)
+
+
+def _describe_steps(stats):
+    """The epoch line's gradient part: mean and largest norm, fp16 overflow steps."""
+    text = ""
+    if stats["grad_norm"] is not None:
+        text = f" | grad norm {stats['grad_norm']:.3g} (max {stats['grad_norm_max']:.3g})"
+    if stats["overflow_steps"]:
+        text += f", {stats['overflow_steps']} fp16 overflow steps skipped"
+    return text
 
 
 def _is_better(val, best):
@@ -106,16 +116,20 @@ class Trainer:
                 raise UserError(f"the checkpoint in {folder} was trained with another config "
                                 f"('{changed}' differs); resume with the same -c/-o")
         self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
-        if "scaler" in self.trees and self.precision.mode == "fp16":
+        if "scaler" in self.trees and self.precision.scaling:
             self.precision.scaler.load_state_dict(self.trees["scaler"])
         self.model = build_model(cfg.model, load_pretrained=not resume, amp=self.precision.mode,
                                  image_size=cfg.data.image_size)
         if resume:
             load_state(self.model, self.trees["model"])
             print(f"resuming from {folder} at {self.state['position']}", flush=True)
-        self.train_model = wrap(self.precision.prepare(self.model))  # DataParallel with ranks
+        self.masters = MasterCopies(self.model, self.precision,  # casts the weights for O2
+                                    as_paddle(self.trees["optimizer"]) if resume else None)
+        self.optimizer = None
+        self.train_model = wrap(self.model)  # DataParallel with ranks
         self.preprocess = DevicePreprocess(input_size(self.model))
-        self.averages = build_averages(cfg.train, self.model, self.state, self.trees)
+        self.averages = build_averages(cfg.train, self.model, self.state, self.trees,
+                                       self.masters.by_path())
         self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
         if is_main():
             os.makedirs(self.out, exist_ok=True)
@@ -163,7 +177,8 @@ class Trainer:
                             f"train.accum_steps={cfg.train.accum_steps}")
         sampler.stop = steps_per_epoch * cfg.train.accum_steps
         self.optimizer, self.scheduler = build_optimizer(stage, self.model, steps_per_epoch,
-                                                         cfg.train, self.precision.half_weights)
+                                                         cfg.train, self.precision.half_weights,
+                                                         self.masters.by_name)
         first_epoch = start["epoch"] if start else 0
         resumed = start if start and (start["micro"] or start.get("evaluating")) else None
         if start and (first_epoch, start["micro"]) != (0, 0):
@@ -172,6 +187,7 @@ class Trainer:
         for epoch in range(first_epoch, stage.epochs):
             if self._run_epoch(stage_index, epoch, resumed if epoch == first_epoch else None):
                 break
+        self.masters.carry(self.optimizer)
 
     def _run_epoch(self, stage_index, epoch, resumed):
         """Train, average, evaluate, log and checkpoint one epoch; True when the stage is done.
@@ -189,17 +205,20 @@ class Trainer:
         def before_micro(micro):
             paddle.seed(derived_seed(self.seed, epoch_index, micro, *rank_key))
 
-        def on_step(values, skipped):
-            if skipped:
+        def on_step(values, status):
+            # Only applied updates count as steps: a skipped one (non-finite loss under
+            # nan_policy=skip, fp16 overflow) moves neither the schedule nor the EMA.
+            if status == "nonfinite":
                 self._nonfinite(values, stage_index, epoch, progress)
-            else:
+            applied = status == "applied"
+            if applied:
                 self.logger.log_step(state["global_step"], values)
                 if "ema" in self.averages:
-                    self.averages["ema"].update(self.model)
-            state["global_step"] += 1
+                    self.averages["ema"].update(self.model, self.masters.by_path(self.optimizer))
+                state["global_step"] += 1
             every = cfg.train.save_every_steps
             stop = any_rank(self.stops.requested)
-            if stop or (every and state["global_step"] % every == 0
+            if stop or (applied and every and state["global_step"] % every == 0
                         and progress.micro < self.train_loader.batch_sampler.stop):
                 self._checkpoint(dict(here, micro=progress.micro), progress.summed())
             if stop:
@@ -212,11 +231,11 @@ class Trainer:
         desc = f"stage {stage_index} epoch {epoch + 1}/{stage.epochs}"
         train_one_epoch(self.train_model, self.criterion, self.preprocess, self.train_loader,
                         self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
-                        before_micro, on_step, desc, self.precision)
+                        before_micro, on_step, desc, self.precision, cfg.train.clip_grad_norm)
         stats = EpochProgress(**progress.summed()).means()
         if ("swa" in self.averages and (stage_index, epoch) >= self.swa_start
                 and not (resumed and resumed.get("evaluating"))):
-            self.averages["swa"].update(self.model)
+            self.averages["swa"].update(self.model, self.masters.by_path(self.optimizer))
         try:
             results = evaluate_kinds(self.model, self.averages, lambda: evaluate(
                 self.model, self.preprocess, self.val_loader, cfg.model.num_classes, desc="val",
@@ -230,7 +249,8 @@ class Trainer:
             "stage": stage_index, "epoch": epoch, "lr": self.optimizer.get_lr(),
             "train_loss": stats["loss"], "train_ce": stats["ce"], "train_kl": stats["kl"],
             "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
-            "images_per_s": stats["images_per_s"],
+            "images_per_s": stats["images_per_s"], "grad_norm": stats["grad_norm"],
+            "grad_norm_max": stats["grad_norm_max"], "overflow_steps": stats["overflow_steps"],
         }
         for kind in self.averages:
             record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
@@ -246,7 +266,7 @@ class Trainer:
               f"val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss {val['loss']:.4f} "
               f"on {val['num_samples']}"
               + "".join(f", {k} top1 {results[k]['top1']:.4f}" for k in self.averages if k in results)
-              + f" | {stats['images_per_s']:.1f} img/s", flush=True)
+              + _describe_steps(stats) + f" | {stats['images_per_s']:.1f} img/s", flush=True)
         if reached:
             print(f"stage {stage_index} ends early: {', '.join(reached)} reached", flush=True)
         if any_rank(self.stops.requested):
@@ -254,24 +274,28 @@ class Trainer:
         return done
 
     def _nonfinite(self, values, stage_index, epoch, progress):
-        """Stop on a non-finite loss, or count it as skipped under ``train.nan_policy: skip``."""
+        """Stop on a non-finite loss (or float32/bf16 gradient), or count it as skipped under
+        ``train.nan_policy: skip``."""
         train = self.cfg.train
         step = progress.micro // train.accum_steps
+        what = "loss" if values["grad_norm"] is None else "gradient"
         where = (f"stage {stage_index} epoch {epoch + 1} step {step} (lr {values['lr']:.3g}, "
-                 f"loss {values['loss']})")
+                 f"loss {values['loss']}"
+                 + ("" if values["grad_norm"] is None else f", gradient norm {values['grad_norm']}")
+                 + ")")
         last = find_last(self.out)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         fix = (f"lower stages.{stage_index}.optimizer.lr, add a warmup "
                f"(stages.{stage_index}.warmup.steps) or set train.clip_grad_norm")
         if train.nan_policy == "stop":
-            raise UserError(f"the loss is not finite at {where}; {kept}; {fix}, or set "
+            raise UserError(f"the {what} is not finite at {where}; {kept}; {fix}, or set "
                             f"train.nan_policy=skip to drop such steps")
         self.state["skipped_steps"] += 1
         if self.state["skipped_steps"] > train.nan_max_skips:
-            raise UserError(f"{self.state['skipped_steps']} steps had a non-finite loss, more "
-                            f"than train.nan_max_skips={train.nan_max_skips} (last at {where}); "
-                            f"{kept}; {fix}")
-        print(f"skipped the update of {where}: non-finite loss "
+            raise UserError(f"{self.state['skipped_steps']} steps had a non-finite loss or "
+                            f"gradient, more than train.nan_max_skips={train.nan_max_skips} "
+                            f"(last at {where}); {kept}; {fix}")
+        print(f"skipped the update of {where}: non-finite {what} "
               f"({self.state['skipped_steps']}/{train.nan_max_skips} allowed)", flush=True)
 
     def _interrupted(self, here):
@@ -288,8 +312,10 @@ class Trainer:
             self.state["best"] = dict(record, kind=kind, epoch_index=epoch_index,
                                       val_top1=results[kind]["top1"],
                                       val_num_samples=results[kind]["num_samples"])
-            weights = (self.model.state_dict() if kind == "raw"
-                       else self.averages[kind].state_dict())
+            if kind == "raw":
+                weights = dict(self.model.state_dict(), **self.masters.by_path(self.optimizer))
+            else:
+                weights = self.averages[kind].state_dict()
             if is_main():
                 save_best(self.out, weights, self.state["best"])
 
@@ -300,7 +326,7 @@ class Trainer:
         trees = {"model": self.model.state_dict(),
                  "optimizer": portable_optimizer_state(self.model, self.optimizer)}
         trees.update({kind: avg.state_dict() for kind, avg in self.averages.items()})
-        if self.precision.mode == "fp16":
+        if self.precision.scaling:
             trees["scaler"] = self.precision.scaler.state_dict()
         if is_main():
             save_last(self.out, trees, self.state)

@@ -92,6 +92,7 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     from losses import RDropLoss
     from models.build import build_model, input_size
     from utils.amp import Precision
+    from utils.grads import apply_update, trainable
 
     images, labels = load_digits("train")
     criterion = RDropLoss(alpha=cfg.loss.alpha)
@@ -105,10 +106,11 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     optimizers = [paddle.optimizer.AdamW(learning_rate=1e-5, parameters=m.parameters())
                   for m in models]
     preprocess = DevicePreprocess(size)
+    params = trainable(ours)
 
     def our_step(batch, target):
         parts = train_step(ours, criterion, preprocess, batch, target, precision=precision)
-        precision.step(optimizers[0])
+        apply_update(optimizers[0], params, precision, cfg.train.clip_grad_norm)
         optimizers[0].clear_grad()
         float(parts["loss"])  # wait for the device
 

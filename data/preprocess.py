@@ -12,7 +12,9 @@ class DevicePreprocess(paddle.nn.Layer):
     """Resize (bicubic) and ImageNet-normalise a uint8 ``[B, H, W, 3]`` batch where it lives.
 
     The host only ships the small uint8 images; the 384×384 float tensors are made
-    on the accelerator.
+    on the accelerator. Paddle's bicubic kernel (a = -0.75) overshoots at edges
+    (values far outside [0, 1] on 32 -> 384 upsampling); the result is clamped to
+    [0, 1] as PIL's uint8 resize (a = -0.5), which the ImageNet weights saw, is.
     """
 
     def __init__(self, image_size):
@@ -25,5 +27,5 @@ class DevicePreprocess(paddle.nn.Layer):
         x = images.astype("float32").transpose([0, 3, 1, 2]) / 255.0
         if x.shape[-2:] != [self.image_size, self.image_size]:
             x = F.interpolate(x, size=[self.image_size, self.image_size],
-                              mode="bicubic", align_corners=False)
+                              mode="bicubic", align_corners=False).clip(0.0, 1.0)
         return (x - self.mean) / self.std

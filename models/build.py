@@ -76,10 +76,8 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
         raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
     if image_size:
         set_resolution(backbone, image_size)
-    fused = use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp)
-    if fused:
-        print(f"attention: {fused} layers use paddle.nn.functional.scaled_dot_product_attention",
-              flush=True)
+    print(use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp,
+                              tokens=backbone.pos_embed.shape[1]), flush=True)
     model = (MLPHeadClassifier(backbone, model_cfg.mlp_hidden, model_cfg.num_classes,
                                model_cfg.drop_rate) if mlp else backbone)
     if load_pretrained and model_cfg.pretrained:

@@ -101,3 +101,4 @@ def tiny_model_config(kwargs=None, **fields):
 def tiny_model_cfg():
     """:func:`tiny_model_config` as a fixture."""
     return tiny_model_config()
+

@@ -48,7 +48,7 @@ def test_val_reports_demo_accuracy_per_sample(demo_run):
     match = re.fullmatch(r"top1=(\S+) top5=(\S+) loss=(\S+) n=(\d+)", last)
     assert match, last
     top1, top5, loss, n = float(match[1]), float(match[2]), float(match[3]), int(match[4])
-    # 0.9694 on Paddle 3.3.1, 0.9472 on 2.6.2 (other CPU kernels); chance is 0.1.
+    # 0.9694 to 0.9806 on Paddle 3.3.1 (by the CPU), 0.9472 on 2.6.2; chance is 0.1.
     assert n == 360 and top1 >= 0.93 and top5 >= top1 and loss < 0.5
     with open(os.path.join(out, "val_metrics.json"), encoding="utf-8") as handle:
         report = json.load(handle)
@@ -71,7 +71,11 @@ def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_ru
                 continue
             assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml", ".png")), path
             with open(path, "rb") as handle:
-                assert handle.read(1) != b"\x80", path  # no pickle opcode stream
+                head = handle.read(9)
+            if name.endswith(".safetensors"):  # u64 header length, then the JSON header
+                assert head[8:9] == b"{", path
+            else:
+                assert head[:1] != b"\x80", path  # no pickle opcode stream
     state, _ = load_tensors(os.path.join(out, "best.safetensors"))
     converted = str(tmp_path / "best.pdparams")
     paddle.save({key: paddle.to_tensor(value) for key, value in state.items()}, converted)

@@ -226,5 +226,5 @@ def test_skipping_non_finite_steps_is_bounded(tmp_path):
     out = str(tmp_path / "out")
     proc = run_script("main.py", *DIVERGE, "-o", f"train.output_dir={out}",
                       "-o", "train.nan_policy=skip", "-o", "train.nan_max_skips=2")
-    assert_one_error(proc, "3 steps had a non-finite loss, more than train.nan_max_skips=2")
+    assert_one_error(proc, "3 steps had a non-finite loss or gradient, more than train.nan_max_skips=2")
     assert proc.stdout.count("skipped the update of stage 0 epoch 1") == 2

@@ -56,10 +56,74 @@ def test_fused_attention_applies_the_layers_dropout_rate(monkeypatch):
     assert seen == [(0.3, True)] * 2 + [(0.0, False)] * 2
 
 
-def test_auto_fuses_only_on_a_gpu_with_amp():
-    assert attention.use_fused_attention(_tiny("off"), "auto", "cpu", "bf16") == 0
-    assert attention.use_fused_attention(_tiny("off"), "auto", "gpu:0", "off") == 0
-    assert attention.use_fused_attention(_tiny("off"), "auto", "gpu:0", "fp16") == 2
+def _probe_says(monkeypatch, reason):
+    """Replace the kernel probe by a fixed outcome; return the probes it was asked for."""
+    asked = []
+    monkeypatch.setattr(attention, "probe_kernel", lambda *args: asked.append(args) or reason)
+    return asked
+
+
+def test_auto_fuses_only_on_a_gpu_with_amp_where_the_kernel_passes_its_probe(monkeypatch):
+    asked = _probe_says(monkeypatch, None)
+    assert "PPIM's" in attention.use_fused_attention(_tiny("off"), "auto", "cpu", "bf16", 17)
+    assert "PPIM's" in attention.use_fused_attention(_tiny("off"), "auto", "gpu:0", "off", 17)
+    assert asked == []  # nothing to probe: auto never fuses there
+    model = _tiny("off")
+    line = attention.use_fused_attention(model, "auto", "gpu:0", "fp16", 17)
+    assert line == ("attention: 2 layers use paddle.nn.functional.scaled_dot_product_attention "
+                    "in float16 (probed on gpu:0)")
+    assert asked == [("gpu:0", "float16", 17, 2, 32, 0.0)]  # tokens, heads, head_dim, dropout
+    assert [b.attn.kernel_dtypes for b in model.blocks] == [("float16",)] * 2
+
+
+def test_a_failed_probe_keeps_ppims_attention_with_auto_and_is_an_error_with_on(monkeypatch,
+                                                                                 capsys):
+    from utils.errors import UserError
+
+    reason = "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+    _probe_says(monkeypatch, reason)
+    model = _tiny("off")
+    capsys.readouterr()
+    line = attention.use_fused_attention(model, "auto", "gpu:0", "fp16", 17)
+    assert line == "attention: PPIM's (the fused kernel failed its probe on gpu:0)"
+    assert capsys.readouterr().out == (
+        f"warning: model.fused_attention=auto: scaled_dot_product_attention fails on gpu:0 in "
+        f"float16 ({reason}); using PPIM's attention\n")
+    assert {type(b.attn).__name__ for b in model.blocks} == {"Attention"}
+    with pytest.raises(UserError, match="model.fused_attention=on, but scaled_dot_product_"
+                                        "attention fails on gpu:0 in bfloat16 .RuntimeError"):
+        attention.use_fused_attention(_tiny("off"), "on", "gpu:0", "bf16", 17)
+
+
+def test_a_float32_call_of_a_layer_fused_for_float16_takes_ppims_path(monkeypatch):
+    plain = _tiny("off")
+    _probe_says(monkeypatch, None)
+    fused = _tiny("off")
+    attention.use_fused_attention(fused, "auto", "gpu:0", "fp16", 17)
+    fused.set_state_dict(plain.state_dict())
+
+    def kernel(*args, **kwargs):
+        raise AssertionError("the fused kernel was called with float32 inputs")
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", kernel)
+    x = paddle.to_tensor(np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype("float32"))
+    results = []
+    for model in (plain, fused):
+        model.train()
+        out = model(x)
+        out.sum().backward()
+        results.append((out.numpy(), model.blocks[1].attn.qkv.weight.grad.numpy()))
+    assert np.array_equal(results[0][0], results[1][0])  # PPIM's computation, exactly
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_the_real_probe_runs_here_and_leaves_the_random_stream_alone():
+    paddle.seed(3)
+    expected = paddle.rand([4]).numpy()
+    paddle.seed(3)
+    assert attention.probe_kernel.__wrapped__("cpu", "float32", 17, 2, 32, 0.1) is None
+    assert np.array_equal(paddle.rand([4]).numpy(), expected)
+    assert attention.probe_kernel("cpu", "float64x", 17, 2, 32, 0.0) is not None  # a bad dtype
 
 
 def test_amp_without_support_says_so_once_and_trains_in_float32(tmp_path):

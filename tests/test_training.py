@@ -17,7 +17,8 @@ from utils.config import Node, load_config
 from utils.optim import build_optimizer
 
 RECORD_KEYS = {"stage", "epoch", "lr", "train_loss", "train_ce", "train_kl", "val_top1", "val_top5",
-               "val_loss", "images_per_s", "val_top1_ema"}  # the demo keeps an EMA
+               "val_loss", "images_per_s", "grad_norm", "grad_norm_max", "overflow_steps",
+               "val_top1_ema"}  # the demo keeps an EMA
 
 
 def _small_run(output_dir, *extra):
@@ -65,14 +66,14 @@ def test_a_step_with_a_non_finite_loss_is_not_applied(tiny_model_cfg):
     optimizer, _ = build_optimizer(cfg.stages[0], model, 3, cfg.train)
     snapshots, flags = [], []
 
-    def on_step(values, skipped):
-        flags.append(skipped)
+    def on_step(values, status):
+        flags.append(status)
         snapshots.append(model.head.weight.numpy().copy())
 
     progress = EpochProgress()
     means = train_one_epoch(model, nan_on_second_batch, DevicePreprocess(32), batches, optimizer,
                             None, progress, on_step=on_step)
-    assert flags == [False, True, False]
+    assert flags == ["applied", "nonfinite", "applied"]
     assert np.array_equal(snapshots[0], snapshots[1]) and not np.array_equal(snapshots[1],
                                                                              snapshots[2])
     assert progress.excluded == 16 and progress.seen == 48
@@ -116,6 +117,8 @@ def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     assert all(r["images_per_s"] > 0 and 0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in records)
     assert records[0]["lr"] == pytest.approx(3e-3)  # AdamW, constant
     assert records[2]["lr"] < records[1]["lr"]  # polynomial decay within the Momentum stage
+    assert all(r["grad_norm_max"] >= r["grad_norm"] > 0 and r["overflow_steps"] == 0
+               for r in records)
     for name in ("best.safetensors", "best.json", "last/model.safetensors",
                  "last/optimizer.safetensors", "last/state.json", "config.yaml"):
         assert os.path.isfile(os.path.join(out, name)), name

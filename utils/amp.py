@@ -1,5 +1,5 @@
 """Mixed precision (``train.amp``, ``train.amp_level``): ``paddle.amp.auto_cast`` around the
-forward pass and, for fp16, ``paddle.amp.GradScaler`` dynamic loss scaling.
+forward pass and, for fp16, dynamic loss scaling.
 
 O1 keeps the weights and optimizer state in float32 and runs matmuls and convolutions in
 the half type, softmax and norms in float32. O2 also stores the weights (norms excepted)
@@ -11,11 +11,14 @@ and trains in float32.
 
 import contextlib
 
+import numpy as np
 import paddle
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
-# GradScaler's first loss scale (Paddle's default); it adapts from there.
+# The first loss scale (Paddle's and PyTorch's default); it adapts from there.
 INIT_LOSS_SCALE = 2.0 ** 15
+# Updates in a row without an overflow after which the scale doubles (Paddle's default).
+GROWTH_INTERVAL = 1000
 
 
 def _supported(mode, device):
@@ -23,6 +26,44 @@ def _supported(mode, device):
         return False
     return (paddle.amp.is_float16_supported() if mode == "fp16"
             else paddle.amp.is_bfloat16_supported())
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: the loss is multiplied by ``scale`` before the backward
+    pass so that small gradients survive in float16; an update whose gradients overflowed
+    is skipped and halves the scale, ``GROWTH_INTERVAL`` updates in a row without one
+    double it. The scale stays a power of two, so unscaling is exact.
+
+    Paddle's ``paddle.amp.GradScaler`` does the same but does not tell whether it skipped
+    an update (the LR schedule, the EMA and the step count must know), and in Paddle
+    3.3.1 with NumPy >= 2.4 it raises a ``TypeError`` at its first overflow (its log line
+    calls ``float()`` on a one-element tensor).
+    """
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.scale = INIT_LOSS_SCALE if enabled else 1.0
+        self.good_steps = 0
+
+    def update(self, finite):
+        """Adapt the scale after an update whose gradients were ``finite`` or not."""
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2.0, 0
+            return
+        self.good_steps += 1
+        if self.good_steps == GROWTH_INTERVAL:
+            self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self):
+        """The scale and the count of updates since it last changed."""
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict`; also reads ``paddle.amp.GradScaler``'s (``incr_count``)."""
+        self.scale = float(np.asarray(state["scale"]).reshape(-1)[0])
+        self.good_steps = int(np.asarray(state.get("good_steps", state.get("incr_count", 0))))
 
 
 class Precision:
@@ -35,8 +76,7 @@ class Precision:
             mode = "off"
         self.mode = mode
         self.level = level
-        self.scaler = paddle.amp.GradScaler(enable=mode == "fp16",
-                                            init_loss_scaling=INIT_LOSS_SCALE)
+        self.scaler = LossScaler(enabled=mode == "fp16")
 
     def autocast(self):
         """The context for forward passes."""
@@ -56,11 +96,12 @@ class Precision:
             paddle.amp.decorate(models=model, level="O2", dtype=DTYPES[self.mode])
         return model
 
-    def scaled(self, loss):
-        """``loss`` multiplied by the current loss scale (fp16), for ``backward``."""
-        return self.scaler.scale(loss)
+    @property
+    def scaling(self):
+        """Whether fp16 loss scaling is active (an update with overflowed gradients is then an
+        expected skip, not a divergence)."""
+        return self.scaler.enabled
 
-    def step(self, optimizer):
-        """Unscale the gradients, skip the update if they overflowed (fp16), step."""
-        self.scaler.step(optimizer)
-        self.scaler.update()
+    def scaled(self, loss):
+        """``loss`` multiplied by the current loss scale, for ``backward``."""
+        return loss * self.scaler.scale if self.scaling else loss

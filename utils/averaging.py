@@ -21,19 +21,30 @@ def _float32(tensor):
     return tensor.detach().astype("float32").clone()
 
 
+def _current(model, masters):
+    """The model's weights, with the float32 master copies (AMP O2) in place of the
+    half-precision parameters they stand for."""
+    weights = model.state_dict()
+    weights.update(masters or {})
+    return weights
+
+
 class WeightAverage:
     """A float32 copy of the model's floating-point tensors (half-precision ones under AMP
-    O2 included), updated as an average of its weights."""
+    O2 included), updated as an average of its weights.
 
-    def __init__(self, model):
-        self.average = {key: _float32(value) for key, value in model.state_dict().items()
+    ``masters`` (state-dict path -> float32 tensor), where given, are averaged instead
+    of the half-precision weights, which are their roundings."""
+
+    def __init__(self, model, masters=None):
+        self.average = {key: _float32(value) for key, value in _current(model, masters).items()
                         if _is_float(value)}
         self.updates = 0
 
     @paddle.no_grad()
-    def _blend(self, model, keep):
+    def _blend(self, model, keep, masters=None):
         """average ← keep·average + (1 − keep)·weights."""
-        for key, value in model.state_dict().items():
+        for key, value in _current(model, masters).items():
             if key in self.average:
                 self.average[key] = keep * self.average[key] + (1.0 - keep) * _float32(value)
         self.updates += 1
@@ -51,8 +62,8 @@ class WeightAverage:
 class EMA(WeightAverage):
     """Exponential moving average: ``decay`` per step, or ``min(decay, (1+t)/(10+t))`` with warm-up."""
 
-    def __init__(self, model, decay, warmup):
-        super().__init__(model)
+    def __init__(self, model, decay, warmup, masters=None):
+        super().__init__(model, masters)
         self.decay = decay
         self.warmup = warmup
 
@@ -62,31 +73,33 @@ class EMA(WeightAverage):
             return self.decay
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
 
-    def update(self, model):
+    def update(self, model, masters=None):
         """Fold the model's current weights in (call after each optimizer step)."""
-        self._blend(model, self.current_decay())
+        self._blend(model, self.current_decay(), masters)
 
 
 class SWA(WeightAverage):
     """Stochastic weight averaging: the equal-weight mean of the weights at each epoch's end."""
 
-    def update(self, model):
+    def update(self, model, masters=None):
         """Add the model's current weights as one more equally weighted sample."""
         if self.updates == 0:
-            self.average = {key: _float32(value) for key, value in model.state_dict().items()
+            self.average = {key: _float32(value)
+                            for key, value in _current(model, masters).items()
                             if key in self.average}
             self.updates = 1
             return
-        self._blend(model, self.updates / (self.updates + 1.0))
+        self._blend(model, self.updates / (self.updates + 1.0), masters)
 
 
-def build_averages(train_cfg, model, state=None, trees=None):
-    """The averages ``train`` enables, restored from a checkpoint's ``state``/``trees`` if given."""
+def build_averages(train_cfg, model, state=None, trees=None, masters=None):
+    """The averages ``train`` enables, restored from a checkpoint's ``state``/``trees`` if
+    given, else starting from the model's weights (or their float32 ``masters``)."""
     averages = {}
     if train_cfg.ema.enabled:
-        averages["ema"] = EMA(model, train_cfg.ema.decay, train_cfg.ema.warmup)
+        averages["ema"] = EMA(model, train_cfg.ema.decay, train_cfg.ema.warmup, masters)
     if train_cfg.swa.enabled:
-        averages["swa"] = SWA(model)
+        averages["swa"] = SWA(model, masters)
     for kind, average in averages.items():
         if trees and kind in trees:
             average.load(trees[kind], state["updates"][kind])

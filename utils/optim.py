@@ -6,6 +6,7 @@ from utils.errors import UserError
 
 # Parameters DeiT excludes from weight decay besides every bias and norm (1-D) tensor.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
+HALF_TYPES = (paddle.float16, paddle.bfloat16)
 
 
 def warmup_steps(stage, steps_per_epoch):
@@ -51,28 +52,94 @@ def decay_groups(model, exclude):
     return groups
 
 
-def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=False):
+def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=False, masters=None):
     """The stage's optimizer and LR scheduler (``None`` for a constant LR without warmup).
 
-    ``master_weights`` keeps float32 copies of half-precision weights (AMP O2).
+    ``master_weights`` keeps float32 copies of half-precision weights (AMP O2);
+    ``masters`` (parameter name -> float32 tensor, see :func:`master_copies`) are the
+    previous stage's copies, which the new optimizer continues from instead of making
+    new ones from the half-precision weights. Gradient clipping is not the optimizer's
+    job here (Paddle clips per parameter group): see :mod:`utils.grads`.
     """
     lr = build_schedule(stage, steps_per_epoch)
     opt = stage.optimizer
     groups = decay_groups(model, train_cfg.exclude_from_decay)
-    clip = (paddle.nn.ClipGradByGlobalNorm(train_cfg.clip_grad_norm)
-            if train_cfg.clip_grad_norm else None)
     if opt.name == "AdamW":
         optimizer = paddle.optimizer.AdamW(learning_rate=lr, beta1=opt.betas[0], beta2=opt.betas[1],
                                            epsilon=opt.epsilon, weight_decay=opt.weight_decay,
-                                           parameters=groups, grad_clip=clip,
-                                           multi_precision=master_weights)
+                                           parameters=groups, multi_precision=master_weights)
     else:
         optimizer = paddle.optimizer.Momentum(
             learning_rate=lr, momentum=opt.momentum, use_nesterov=opt.use_nesterov,
             weight_decay=paddle.regularizer.L2Decay(opt.l2_decay) if opt.l2_decay else None,
-            parameters=groups, grad_clip=clip, multi_precision=master_weights)
+            parameters=groups, multi_precision=master_weights)
     scheduler = lr if isinstance(lr, paddle.optimizer.lr.LRScheduler) else None
+    if master_weights and masters:
+        state = {"master_weights": dict(masters)}
+        if scheduler is not None:  # Paddle insists on it; the fresh schedule's own state
+            state["LR_Scheduler"] = scheduler.state_dict()
+        optimizer.set_state_dict(state)
     return optimizer, scheduler
+
+
+def master_copies(optimizer):
+    """The optimizer's float32 master copies of half-precision weights (AMP O2), keyed by
+    parameter name; empty without them (float32 weights, or before the first update)."""
+    return dict(optimizer.state_dict().get("master_weights", {}))
+
+
+def _master_named(param_name, tensor):
+    """``tensor`` named as Paddle names the master copy of ``param_name`` (in the fresh name
+    scope of each update, :func:`utils.grads.apply_update`). The optimizer names its state
+    for a master copy after it, so the name must start with the parameter's for a
+    checkpoint to load in another process."""
+    tensor.name = f"{param_name}_fp32_master_0"
+    return tensor
+
+
+def cast_keeping_masters(model, cast):
+    """Apply ``cast`` (AMP O2's weight cast) to ``model``; return float32 copies, taken
+    before it, of the parameters it turned to half precision, keyed by parameter name."""
+    before = {param.name: param.detach().astype("float32").clone() for param in model.parameters()}
+    cast(model)
+    return {param.name: _master_named(param.name, before[param.name])
+            for param in model.parameters() if param.dtype in HALF_TYPES}
+
+
+class MasterCopies:
+    """AMP O2's float32 master copies of the half-precision weights, carried across stages.
+
+    Each stage builds a new optimizer, which would make its master copies from the
+    half-precision weights and so round every weight at every stage change. Here they
+    start from the loaded weights before the cast (or from a checkpoint's optimizer
+    state) and pass from each stage's optimizer to the next; EMA, SWA and the best raw
+    weights use them too. Empty without O2.
+    """
+
+    def __init__(self, model, precision, saved_optimizer=None):
+        """Cast ``model`` per ``precision`` (O2) and keep the copies to start from."""
+        self.model, self.enabled, self.by_name = model, precision.half_weights, {}
+        if not self.enabled:
+            return
+        if saved_optimizer is None:
+            self.by_name = cast_keeping_masters(model, precision.prepare)
+        else:
+            precision.prepare(model)
+            self.by_name = optimizer_state_for(model, saved_optimizer).get("master_weights", {})
+
+    def carry(self, optimizer):
+        """Take the copies of a stage's optimizer, for the next stage's."""
+        if self.enabled:
+            self.by_name = master_copies(optimizer) or self.by_name
+
+    def by_path(self, optimizer=None):
+        """The current copies (``optimizer``'s, once it has them) keyed by state-dict path,
+        for the model's half-precision parameters."""
+        if not self.enabled:
+            return {}
+        masters = (master_copies(optimizer) if optimizer else {}) or self.by_name
+        return {path: masters[param.name] for path, param in self.model.named_parameters()
+                if param.name in masters and param.dtype in HALF_TYPES}
 
 
 def _rename_state(state, renames):
@@ -106,4 +173,9 @@ def portable_optimizer_state(model, optimizer):
 
 def optimizer_state_for(model, portable):
     """Map a :func:`portable_optimizer_state` back onto this process's parameter names."""
-    return _rename_state(portable, {f"@{path}": param.name for path, param in model.named_parameters()})
+    state = _rename_state(portable,
+                          {f"@{path}": param.name for path, param in model.named_parameters()})
+    if "master_weights" in state:
+        state["master_weights"] = {name: _master_named(name, tensor)
+                                   for name, tensor in state["master_weights"].items()}
+    return state

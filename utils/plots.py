@@ -31,24 +31,28 @@ def read_metrics(output_dir):
 
 
 def plot_curves(output_dir):
-    """Write ``curves.png``: loss parts, learning rate and validation top-1 per epoch, with
-    the stages shaded; return its path."""
+    """Write ``curves.png``: loss parts, learning rate, gradient norm and validation top-1
+    per epoch, with the stages shaded; return its path."""
     records = read_metrics(output_dir)
     epochs = list(range(1, len(records) + 1))
-    figure = _figure(figsize=(15, 4.2))
-    loss_ax, lr_ax, top1_ax = figure.subplots(1, 3)
+    figure = _figure(figsize=(20, 4.2))
+    loss_ax, lr_ax, grad_ax, top1_ax = figure.subplots(1, 4)
     for name, style in (("train_loss", "-"), ("train_ce", "--"), ("train_kl", ":")):
         loss_ax.plot(epochs, [r[name] for r in records], style, label=name[len("train_"):])
     loss_ax.set(title="training loss (per sample)", xlabel="epoch")
     lr_ax.plot(epochs, [r["lr"] for r in records], color="tab:purple")
     lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for key, style, label in (("grad_norm", "-", "mean"), ("grad_norm_max", ":", "max")):
+        grad_ax.plot(epochs, [_number(r.get(key)) for r in records], style, marker=".",
+                     color="tab:red", label=label)
+    grad_ax.set(title="gradient norm before clipping", xlabel="epoch", yscale="log")
+    grad_ax.legend()
     for key, label in (("val_top1", "raw"), ("val_top1_ema", "EMA"), ("val_top1_swa", "SWA")):
         values = [r.get(key) for r in records]
         if any(v is not None for v in values):
-            top1_ax.plot(epochs, [float("nan") if v is None else v for v in values],
-                         marker=".", label=label)
+            top1_ax.plot(epochs, [_number(v) for v in values], marker=".", label=label)
     top1_ax.set(title="validation top-1", xlabel="epoch", ylim=(0, 1))
-    for axis in (loss_ax, lr_ax, top1_ax):
+    for axis in (loss_ax, lr_ax, grad_ax, top1_ax):
         _shade_stages(axis, records)
         axis.grid(alpha=0.3)
     loss_ax.legend()
@@ -57,6 +61,11 @@ def plot_curves(output_dir):
     path = os.path.join(output_dir, CURVES)
     figure.savefig(path, dpi=100)
     return path
+
+
+def _number(value):
+    """A plottable value: ``None`` (not measured) becomes a gap."""
+    return float("nan") if value is None else value
 
 
 def _shade_stages(axis, records):

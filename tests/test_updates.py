@@ -1,0 +1,309 @@
+"""The optimizer update: global clipping over parameter groups, fp16 loss scaling and its
+overflow steps, gradient norms in the logs, and AMP O2 master copies."""
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import paddle
+import pytest
+from conftest import read_records, tiny_model_config
+
+import trainer as trainer_module
+from data.digits import load_digits
+from data.preprocess import DevicePreprocess
+from engine import EpochProgress, train_one_epoch
+from losses import RDropLoss
+from models.build import build_model
+from trainer import fit
+from utils.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, LossScaler, Precision
+from utils.averaging import EMA, SWA
+from utils.config import load_config
+from utils.grads import apply_update, trainable
+from utils.optim import (
+    MasterCopies,
+    build_optimizer,
+    master_copies,
+    optimizer_state_for,
+    portable_optimizer_state,
+)
+from utils.tensor_io import as_paddle, load_tensors, save_tensors
+
+CLIP = 1.0
+
+
+def _cfg(*overrides):
+    return load_config("configs/demo.yaml", ["stages.0.warmup.epochs=0", *overrides])
+
+
+def _loss_scaling():
+    """fp16's loss scaling on the CPU: autocast stays off (Paddle applies it on GPUs only),
+    the scaling, unscaling and skip decisions are what runs."""
+    precision = Precision()
+    precision.scaler = LossScaler(enabled=True)
+    return precision
+
+
+def _model():
+    paddle.seed(0)
+    return build_model(tiny_model_config(drop_rate=0.0))
+
+
+def _batches(count, size=16):
+    images, labels = load_digits("train")
+    return [(paddle.to_tensor(images[i * size:(i + 1) * size]),
+             paddle.to_tensor(labels[i * size:(i + 1) * size])) for i in range(count)]
+
+
+def test_clipping_takes_one_norm_over_all_parameter_groups():
+    model = _model()
+    cfg = _cfg(f"train.clip_grad_norm={CLIP}",
+               "stages.1.optimizer={name: Momentum, lr: 1.0, momentum: 0.0}")
+    optimizer, _ = build_optimizer(cfg.stages[1], model, 1, cfg.train)
+    assert len(optimizer._param_groups) == 2  # decay / no-decay: biases, norms, pos_embed
+    (images, labels), = _batches(1, size=32)
+    parts = RDropLoss(alpha=1.0)(model(DevicePreprocess(32)(paddle.concat([images, images]))),
+                                 labels)
+    (parts["loss"] * 100.0).backward()  # far above the limit
+    grads = {n: p.grad.numpy().astype(np.float64) for n, p in model.named_parameters()}
+    before = {n: p.numpy().astype(np.float64) for n, p in model.named_parameters()}
+    norm = math.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    assert norm > 10 * CLIP
+    reported, applied = apply_update(optimizer, trainable(model), Precision(), CLIP)
+    assert applied and reported == pytest.approx(norm, rel=1e-6)
+    updates = {n: before[n] - p.numpy().astype(np.float64) for n, p in model.named_parameters()}
+    for name, grad in grads.items():  # SGD with lr 1: the update is the clipped gradient
+        np.testing.assert_allclose(updates[name], grad * CLIP / norm, rtol=1e-4, atol=1e-7,
+                                   err_msg=name)
+    total = math.sqrt(sum((u ** 2).sum() for u in updates.values()))
+    assert total == pytest.approx(CLIP, rel=1e-4)
+    # Each group keeps its share of the gradient: no group is scaled up to the limit alone.
+    excluded = {n for n, p in model.named_parameters()
+                if any(p is q for q in optimizer._param_groups[1]["params"])}
+    group_norm = {flag: math.sqrt(sum((updates[n] ** 2).sum() for n in updates
+                                      if (n in excluded) == flag)) for flag in (True, False)}
+    assert group_norm[True] < 0.9 * CLIP and group_norm[False] < 0.9 * CLIP
+
+
+def test_no_clipping_below_the_limit_and_the_norm_is_still_reported():
+    model = _model()
+    cfg = _cfg("stages.1.optimizer={name: Momentum, lr: 1.0, momentum: 0.0}")
+    optimizer, _ = build_optimizer(cfg.stages[1], model, 1, cfg.train)
+    sum((p * 1e-4).sum() for p in model.parameters()).backward()
+    before = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    norm, applied = apply_update(optimizer, trainable(model), Precision(), clip_norm=1e6)
+    expected = 1e-4 * math.sqrt(sum(p.size for p in model.parameters()))
+    assert applied and norm == pytest.approx(expected, rel=1e-5)
+    for name, param in model.named_parameters():
+        np.testing.assert_allclose(before[name] - param.numpy(), 1e-4, rtol=1e-3, err_msg=name)
+
+
+class _InjectsNonFiniteGradients:
+    """The R-Drop loss; on the listed calls the gradient reaching the logits is made
+    infinite while the loss stays finite (what an fp16 overflow in the backward looks like)."""
+
+    copies = 2
+
+    def __init__(self, calls):
+        self.calls, self.count, self.loss = set(calls), 0, RDropLoss(alpha=1.0)
+
+    def __call__(self, logits, labels):
+        self.count += 1
+        if self.count in self.calls:
+            logits.register_hook(lambda grad: grad * float("inf"))
+        return self.loss(logits, labels)
+
+
+def _run_epoch(precision, criterion, batches, warmup_steps=4):
+    model = _model()
+    cfg = _cfg(f"stages.0.warmup={{steps: {warmup_steps}, start_lr: 0.0}}")
+    optimizer, scheduler = build_optimizer(cfg.stages[0], model, len(batches), cfg.train)
+    seen = []
+
+    def on_step(values, status):
+        seen.append((status, values["lr"], values["grad_norm"], model.head.weight.numpy().copy()))
+
+    progress = EpochProgress()
+    means = train_one_epoch(model, criterion, DevicePreprocess(32), batches, optimizer, scheduler,
+                            progress, on_step=on_step, precision=precision, clip_norm=CLIP)
+    return seen, progress, means, optimizer
+
+
+def test_an_fp16_overflow_step_is_skipped_and_moves_nothing():
+    batches = _batches(4)
+    plain, _, _, _ = _run_epoch(Precision(), RDropLoss(alpha=1.0), batches[:1])
+    precision = _loss_scaling()
+    seen, progress, means, optimizer = _run_epoch(precision, _InjectsNonFiniteGradients({2}),
+                                                  batches)
+    statuses, lrs, norms, heads = zip(*seen)
+    assert statuses == ("applied", "overflow", "applied", "applied")
+    assert np.array_equal(heads[0], heads[1]) and not np.array_equal(heads[1], heads[2])
+    # The schedule does not advance on the skipped step: warmup 0 -> 3e-3 over 4 steps.
+    assert lrs == pytest.approx((0.0, 0.75e-3, 0.75e-3, 1.5e-3))
+    assert optimizer.get_lr() == pytest.approx(2.25e-3)
+    # Norms are of the unscaled gradients (the first step equals the float32 run's).
+    assert norms[0] == pytest.approx(plain[0][2], rel=1e-5) and not math.isfinite(norms[1])
+    assert (progress.steps, progress.overflow_steps) == (3, 1)
+    finite = [norms[i] for i in (0, 2, 3)]
+    assert means["grad_norm"] == pytest.approx(np.mean(finite)) and means["overflow_steps"] == 1
+    assert means["grad_norm_max"] == pytest.approx(max(finite))
+    assert precision.scaler.state_dict() == {"scale": INIT_LOSS_SCALE / 2, "good_steps": 2}
+
+
+def test_loss_scaling_without_overflow_trains_exactly_as_float32():
+    batches = _batches(3)
+    plain, _, _, _ = _run_epoch(Precision(), RDropLoss(alpha=1.0), batches)
+    scaled, _, _, _ = _run_epoch(_loss_scaling(), RDropLoss(alpha=1.0), batches)
+    for (status, _, norm, head), (status2, _, norm2, head2) in zip(plain, scaled):
+        assert status == status2 == "applied"  # the scale is a power of two: exact
+        assert norm2 == pytest.approx(norm, rel=1e-12) and np.array_equal(head, head2)
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_the_growth_interval():
+    scaler = LossScaler(enabled=True)
+    scaler.update(False)
+    assert scaler.state_dict() == {"scale": INIT_LOSS_SCALE / 2, "good_steps": 0}
+    for _ in range(GROWTH_INTERVAL - 1):
+        scaler.update(True)
+    assert scaler.scale == INIT_LOSS_SCALE / 2
+    scaler.update(True)
+    assert scaler.state_dict() == {"scale": INIT_LOSS_SCALE, "good_steps": 0}
+    scaler.update(True)
+    restored = LossScaler(enabled=True)
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.state_dict() == {"scale": INIT_LOSS_SCALE, "good_steps": 1}
+    # A checkpoint written with paddle.amp.GradScaler's state still resumes.
+    restored.load_state_dict({"scale": np.array([1024.0], dtype=np.float32), "incr_count": 7,
+                              "decr_count": 0, "incr_ratio": 2.0})
+    assert restored.state_dict() == {"scale": 1024.0, "good_steps": 7}
+    off = LossScaler(enabled=False)
+    off.update(False)
+    assert off.scale == 1.0
+
+
+def test_without_loss_scaling_a_non_finite_gradient_is_a_non_finite_step():
+    seen, progress, _, _ = _run_epoch(Precision(), _InjectsNonFiniteGradients({2}), _batches(3))
+    statuses, _, _, heads = zip(*seen)
+    assert statuses == ("applied", "nonfinite", "applied")
+    assert np.array_equal(heads[0], heads[1])
+    assert (progress.steps, progress.overflow_steps) == (2, 0)
+
+
+def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(tmp_path,
+                                                                              monkeypatch):
+    precision = _loss_scaling()
+    monkeypatch.setattr(trainer_module, "Precision", lambda *args: precision)
+    criterion = _InjectsNonFiniteGradients({1, 3})
+    monkeypatch.setattr(trainer_module, "build_loss", lambda cfg: criterion)
+    out = str(tmp_path / "run")
+    fit(load_config("configs/demo.yaml", [
+        f"train.output_dir={out}", "data.train_subset=64", "data.val_subset=20",
+        "data.batch_size=16", "stages.0.epochs=1", "stages.1.epochs=1"]))
+    first, second = read_records(out)
+    assert (first["overflow_steps"], second["overflow_steps"]) == (2, 0)
+    assert second["grad_norm_max"] >= second["grad_norm"] > 0
+    with open(os.path.join(out, "last", "state.json"), encoding="utf-8") as handle:
+        state = json.load(handle)
+    assert state["global_step"] == 8 - 2 and state["updates"]["ema"] == 8 - 2
+    from visualdl import LogReader
+
+    vdl = os.path.join(out, "vdl")
+    reader = LogReader(file_path=os.path.join(vdl, os.listdir(vdl)[0]))
+    assert len(reader.get_data("scalar", "train/grad_norm")) == 6
+    assert [e.value for e in reader.get_data("scalar", "epoch/overflow_steps")] == [2, 0]
+    from utils.checkpoint import load_last
+
+    _, trees = load_last(os.path.join(out, "last"))  # two halvings, then 5 good updates
+    assert trees["scaler"] == {"scale": INIT_LOSS_SCALE / 4, "good_steps": 5}
+
+
+def _o2(half):
+    """What AMP O2 does to the weights, done by hand (Paddle casts on GPUs only)."""
+    return SimpleNamespace(half_weights=True, prepare=lambda model: model.to(dtype=half))
+
+
+def test_o2_master_copies_are_taken_before_the_cast_and_carried_to_the_next_optimizer(tmp_path):
+    model = _model()
+    original = {p.name: p.numpy().copy() for p in model.parameters()}
+    copies = MasterCopies(model, _o2("float16"))
+    assert model.head.weight.dtype == paddle.float16
+    assert set(copies.by_name) == set(original)
+    for name, master in copies.by_name.items():  # the loaded values, not their roundings
+        assert master.dtype == paddle.float32 and np.array_equal(master.numpy(), original[name])
+        assert master.name == f"{name}_fp32_master_0"  # Paddle's name: its state follows it
+    assert not np.array_equal(model.head.weight.astype("float32").numpy(),
+                              original[model.head.weight.name])
+    cfg = _cfg()
+    first = dict(copies.by_name)
+    for stage in cfg.stages:  # AdamW (constant LR), then Momentum (polynomial schedule)
+        optimizer, _ = build_optimizer(stage, model, 3, cfg.train, master_weights=True,
+                                       masters=copies.by_name)
+        carried = master_copies(optimizer)
+        assert set(carried) == set(first) and all(carried[n] is first[n] for n in first)
+        assert copies.by_path(optimizer)["head.weight"] is first[model.head.weight.name]
+        copies.carry(optimizer)
+    # A resumed run takes them from the checkpoint's optimizer state, under its own names.
+    saved = str(tmp_path / "optimizer.safetensors")
+    save_tensors(saved, portable_optimizer_state(model, optimizer))
+    again = _model()
+    resumed = MasterCopies(again, _o2("float16"), as_paddle(load_tensors(saved)[0]))
+    assert np.array_equal(resumed.by_path()["head.weight"].numpy(),
+                          original[model.head.weight.name])
+    assert set(resumed.by_name) == {p.name for p in again.parameters()}
+    assert all(t.name == f"{n}_fp32_master_0" for n, t in resumed.by_name.items())
+    assert MasterCopies(_model(), Precision()).by_path() == {}  # float32: nothing kept
+    assert build_optimizer(cfg.stages[0], model, 3, cfg.train)[0].state_dict().get(
+        "master_weights") is None
+
+
+def test_averages_of_an_o2_model_average_the_master_copies():
+    model = _model()
+    copies = MasterCopies(model, _o2("bfloat16"))
+    path, name = "head.weight", model.head.weight.name
+    values = [np.full(model.head.weight.shape, v, dtype=np.float32) for v in (1.001, 1.003)]
+    model.head.weight.set_value(paddle.to_tensor(values[0]).astype("bfloat16"))
+    assert np.all(model.head.weight.astype("float32").numpy() == 1.0)  # bfloat16 rounds to 1
+    masters = []
+    for value in values:
+        copies.by_name[name] = paddle.to_tensor(value)
+        masters.append({path: copies.by_path()[path]})
+    swa, ema = SWA(model, masters[0]), EMA(model, 0.5, False, masters[0])
+    rounded = SWA(model)
+    for master in masters:
+        swa.update(model, master)
+        ema.update(model, master)
+        rounded.update(model)
+    np.testing.assert_allclose(swa.state_dict()[path].numpy(), 1.002, rtol=1e-6)
+    np.testing.assert_allclose(ema.state_dict()[path].numpy(), 1.002, rtol=1e-6)
+    assert np.all(rounded.state_dict()[path].numpy() == 1.0)  # what averaging the weights gives
+
+
+def test_a_stage_optimizer_state_loads_whatever_optimizers_the_process_built_before(tmp_path):
+    """The reproduction's stages 0 and 1 are both AdamW: a run resumed inside stage 1
+    builds one optimizer where the original process built two, and must still load the
+    stage-1 state it saved."""
+    model, (images, labels) = _model(), _batches(1)[0]
+    cfg = _cfg("stages.1.optimizer={name: AdamW, lr: 1.0e-3, weight_decay: 0.05}")
+    loss = RDropLoss(alpha=1.0)
+
+    def step(optimizer):
+        parts = loss(model(DevicePreprocess(32)(paddle.concat([images, images]))), labels)
+        parts["loss"].backward()
+        apply_update(optimizer, trainable(model), Precision(), CLIP)
+        optimizer.clear_grad()
+
+    for stage in cfg.stages:
+        optimizer, _ = build_optimizer(stage, model, 4, cfg.train)
+        step(optimizer)
+    saved = str(tmp_path / "optimizer.safetensors")  # the checkpoint: a copy, on disk
+    save_tensors(saved, portable_optimizer_state(model, optimizer))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step(optimizer)
+    expected = model.head.weight.numpy().copy()
+    model.set_state_dict(weights)
+    resumed, _ = build_optimizer(cfg.stages[1], model, 4, cfg.train)
+    resumed.set_state_dict(optimizer_state_for(model, as_paddle(load_tensors(saved)[0])))
+    step(resumed)
+    assert np.array_equal(model.head.weight.numpy(), expected)
