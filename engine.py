@@ -90,10 +90,11 @@ class EpochProgress:
                                                   "grad_norm_max") if key in saved})
 
     def means(self):
-        """Per-sample means of the loss parts, images per second, the mean and largest
-        gradient norm of the applied steps (``None`` without any) and the overflow count."""
-        counted = max(self.seen - self.excluded, 1)
-        result = {name: total / counted for name, total in self.sums.items()}
+        """Per-sample means of the finite loss parts (``None`` when every loss was not
+        finite), images per second, the mean and largest gradient norm of the applied steps
+        (``None`` without any) and the overflow count."""
+        counted = self.seen - self.excluded
+        result = {name: total / counted if counted else None for name, total in self.sums.items()}
         result["images_per_s"] = self.seen / self.elapsed if self.elapsed > 0 else 0.0
         result["grad_norm"] = self.grad_norm_sum / self.steps if self.steps else None
         result["grad_norm_max"] = self.grad_norm_max

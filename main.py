@@ -7,6 +7,7 @@ Examples:
   python main.py -o stages.0.optimizer.lr=1e-4  # change one stage's learning rate
   python main.py --dry-run                      # print the resolved config and stage plan
   python main.py --resume                       # continue after an interruption
+  python main.py --overwrite                    # start again, the earlier run moved aside
   python main.py --init-from output/subset      # carry weights of an earlier run
 """
 
@@ -31,6 +32,9 @@ def parse_args(argv=None):
                         help="start from weights of an earlier run (a .safetensors or .pdparams file, "
                              "or an output dir, whose best.safetensors is used); same as "
                              "-o model.pretrained=PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a train.output_dir that holds an earlier run, "
+                             "after moving its contents aside to OUTPUT_DIR.old-<time>")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the stage plan, then exit "
                              "(loads no data and no weights)")
@@ -63,7 +67,7 @@ def main(argv=None):
     from trainer import fit
 
     try:
-        fit(cfg, resume=args.resume)
+        fit(cfg, resume=args.resume, overwrite=args.overwrite)
     except Interrupted as stop:
         raise Interrupted(stop.signum, f"{stop}; continue with: "
                           f"{resume_command(argv)}") from None

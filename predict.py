@@ -4,10 +4,12 @@ Examples:
   python predict.py -c configs/demo.yaml digit.png                # best weights of the demo
   python predict.py photos/ "more/*.jpg" --topk 3 --json out.json # folders and globs
   python predict.py -c configs/demo.yaml --model-dir output/demo/inference digit.png
-Images of any size and PIL-readable format are converted to RGB, resized (bicubic) and
-normalised exactly as in training.
+PNG, JPEG, BMP, GIF, TIFF, WebP and PPM/PGM/PBM images of any size up to 40 megapixels are
+converted to RGB, resized (bicubic) and normalised exactly as in training. A file that cannot
+be read is skipped with a warning; the run then ends with an error after the others.
 """
 
+import sys
 
 from utils import cli
 from utils.config import config_parser, load_config
@@ -38,10 +40,12 @@ def main(argv=None):
     from data.images import find_images, read_rgb
     from data.preprocess import DevicePreprocess
     from utils.errors import UserError
-    from utils.files import write_json
+    from utils.files import check_writable, write_json
 
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
+    if args.json:  # before the work, not after it
+        check_writable(args.json, "--json")
     files = find_images(args.inputs)
     device = cli.select_device()
     if args.model_dir:
@@ -63,10 +67,20 @@ def main(argv=None):
         def run(images):
             return model(images).numpy()
     preprocess = DevicePreprocess(size)
-    results = []
+    results, skipped = [], 0
     with paddle.no_grad():
         for path in files:
-            logits = run(preprocess(paddle.to_tensor(read_rgb(path)[None])))[0].astype(np.float64)
+            try:
+                image = read_rgb(path)
+            except UserError as exc:  # the others still get their predictions
+                print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
+                skipped += 1
+                continue
+            logits = run(preprocess(paddle.to_tensor(image[None])))[0].astype(np.float64)
+            if len(logits) != len(names) or not np.all(np.isfinite(logits)):
+                raise UserError(f"the model gives {len(logits)} logits (finite: "
+                                f"{bool(np.all(np.isfinite(logits)))}) for {len(names)} class "
+                                f"names; are the weights and the config of one model?")
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
             top = np.argsort(-probs, kind="stable")[:args.topk]
@@ -76,6 +90,10 @@ def main(argv=None):
                                           for t in results[-1]["topk"]), flush=True)
     if args.json:
         write_json(args.json, results)
+    if skipped:
+        raise UserError(f"{skipped} of {len(files)} images could not be read (warnings above); "
+                        f"the other {len(results)} were predicted"
+                        + (f" and written to {args.json}" if args.json else ""))
     return 0
 
 

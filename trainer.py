@@ -6,6 +6,7 @@ Paddle re-seeded with (seed, epoch, micro-batch). A run resumed from a checkpoin
 therefore continues exactly as the uninterrupted run would have.
 """
 
+import math
 import os
 import signal
 
@@ -27,6 +28,7 @@ from models.build import build_model, input_size
 from utils.amp import Precision
 from utils.averaging import build_averages, evaluate_kinds
 from utils.checkpoint import (
+    check_position,
     find_last,
     first_difference,
     load_last,
@@ -42,6 +44,7 @@ from utils.errors import Interrupted, UserError
 from utils.logger import RunLogger
 from utils.optim import MasterCopies, build_optimizer, optimizer_state_for, portable_optimizer_state
 from utils.plots import plot_curves
+from utils.run_folder import RunFolder
 from utils.signals import StopRequests
 from utils.stages import describe_stage, stage_data, stage_loss
 from utils.tensor_io import as_paddle, load_state
@@ -68,6 +71,11 @@ def _stage_loaders(cfg, data_cfg, train_split, test_split):
     keep = subset_indices(len(test_labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
                           "data.val_subset")
     return train_loader, eval_loader(test_images[keep], test_labels[keep], data_cfg)
+
+
+def _fmt(value):
+    """A loss for the epoch line: four decimals, or "n/a" when not measured."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _describe_steps(stats):
@@ -115,6 +123,7 @@ class Trainer:
             if changed:
                 raise UserError(f"the checkpoint in {folder} was trained with another config "
                                 f"('{changed}' differs); resume with the same -c/-o")
+            check_position(self.state, self.trees, cfg.stages, folder)
         self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
         if "scaler" in self.trees and self.precision.scaling:
             self.precision.scaler.load_state_dict(self.trees["scaler"])
@@ -154,8 +163,15 @@ class Trainer:
                     self._run_stage(stage_index, start if stage_index == start["stage"] else None)
             finally:
                 self.logger.close()
-        if is_main():
-            print(f"curves in {plot_curves(self.out)}", flush=True)
+            if self.stops.requested:  # after the last epoch: nothing is left to interrupt
+                print(f"{self.stops.requested} after the last epoch: training is complete; "
+                      f"curves.png skipped (python -m utils.plots {self.out} draws it)",
+                      flush=True)
+            elif is_main():
+                try:
+                    print(f"curves in {plot_curves(self.out)}", flush=True)
+                except (UserError, KeyError, TypeError) as exc:  # an edited metrics.jsonl
+                    print(f"warning: curves.png not drawn: {exc}", flush=True)
         best = self.state["best"]
         if best is not None:
             print(f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, stage "
@@ -176,6 +192,10 @@ class Trainer:
             raise UserError(f"stage {stage_index}: fewer batches per epoch than "
                             f"train.accum_steps={cfg.train.accum_steps}")
         sampler.stop = steps_per_epoch * cfg.train.accum_steps
+        if start and not (0 <= start["micro"] <= sampler.stop):
+            raise UserError(f"the checkpoint's position (micro-batch {start['micro']} of stage "
+                            f"{stage_index}) lies outside its {sampler.stop} micro-batches per "
+                            f"epoch; it is damaged: resume from another copy or start again")
         self.optimizer, self.scheduler = build_optimizer(stage, self.model, steps_per_epoch,
                                                          cfg.train, self.precision.half_weights,
                                                          self.masters.by_name)
@@ -244,6 +264,12 @@ class Trainer:
             self._checkpoint(dict(here, micro=progress.micro, evaluating=True),
                              progress.summed())
             raise self._interrupted(here) from None
+        for kind, result in results.items():
+            if not math.isfinite(result["loss"]):
+                raise UserError(f"the {kind} weights give a non-finite validation loss at stage "
+                                f"{stage_index} epoch {epoch + 1} ({result['loss']}); they are "
+                                f"not saved as best: lower stages.{stage_index}.optimizer.lr or "
+                                f"check train.ema / train.swa")
         val = results["raw"]
         record = {
             "stage": stage_index, "epoch": epoch, "lr": self.optimizer.get_lr(),
@@ -262,14 +288,16 @@ class Trainer:
         state["epoch_index"] += 1
         self._checkpoint({"stage": stage_index + 1, "epoch": 0, "micro": 0} if done else
                          {"stage": stage_index, "epoch": epoch + 1, "micro": 0}, None)
-        print(f"{desc}: loss {stats['loss']:.4f} (ce {stats['ce']:.4f}, kl {stats['kl']:.4f}) "
+        print(f"{desc}: loss {_fmt(stats['loss'])} (ce {_fmt(stats['ce'])}, kl "
+              f"{_fmt(stats['kl'])}) "
               f"val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss {val['loss']:.4f} "
               f"on {val['num_samples']}"
               + "".join(f", {k} top1 {results[k]['top1']:.4f}" for k in self.averages if k in results)
               + _describe_steps(stats) + f" | {stats['images_per_s']:.1f} img/s", flush=True)
         if reached:
             print(f"stage {stage_index} ends early: {', '.join(reached)} reached", flush=True)
-        if any_rank(self.stops.requested):
+        finished = done and stage_index == len(cfg.stages) - 1
+        if any_rank(self.stops.requested) and not finished:
             raise self._interrupted(here)
         return done
 
@@ -332,6 +360,14 @@ class Trainer:
             save_last(self.out, trees, self.state)
 
 
-def fit(cfg, resume=None):
-    """Run every stage of ``cfg`` (from a checkpoint with ``resume``: True or a path)."""
-    return Trainer(cfg, resume).fit()
+def fit(cfg, resume=None, overwrite=False):
+    """Run every stage of ``cfg`` (from a checkpoint with ``resume``: True or a path),
+    holding ``train.output_dir`` meanwhile; ``overwrite`` moves an earlier run there aside."""
+    select_device()  # first: it also takes SIGTERM back from Paddle's C++ handler
+    folder = RunFolder(cfg.train.output_dir)
+    if is_main():
+        folder.hold(resume=bool(resume), overwrite=overwrite)
+    try:
+        return Trainer(cfg, resume).fit()
+    finally:
+        folder.release()

@@ -7,6 +7,7 @@ Examples:
   python val.py --weights output/demo/last/model.safetensors   # any weights file of this model
 """
 
+import math
 import os
 
 from utils import cli
@@ -33,13 +34,13 @@ def main(argv=None):
     """Evaluate and write ``val_metrics.json`` next to the checkpoints."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
-    from data.dataset import check_labels, eval_loader, load_split
+    from data.dataset import check_labels, eval_loader, load_split, name_classes
     from data.preprocess import DevicePreprocess
     from engine import evaluate
     from models.build import build_trained, input_size, trained_weights
     from utils.amp import Precision
     from utils.checkpoint import weights_path
-    from utils.files import write_json
+    from utils.files import ensure_folder, write_json
 
     out = cfg.train.output_dir
     if args.weights and args.kind:
@@ -50,18 +51,21 @@ def main(argv=None):
     precision = Precision(cfg.train.amp, cli.select_device(), cfg.train.amp_level)
     images, labels, class_names = load_split(cfg.data, "test")
     check_labels(labels, cfg.model.num_classes, "test")
+    class_names = name_classes(class_names, cfg.model.num_classes)
     model = build_trained(cfg, weights, precision)
     preprocess = DevicePreprocess(input_size(model))
     result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
                       cfg.model.num_classes, precision=precision)
+    if not math.isfinite(result["loss"]):
+        raise UserError(f"the weights {weights} give a non-finite loss ({result['loss']}) on the "
+                        f"test split: they hold non-finite values or overflow")
     report = {
         "weights": os.path.abspath(weights),
         "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
         "num_samples": result["num_samples"],
         "per_class_top1": dict(zip(class_names, result["per_class_top1"])),
     }
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "val_metrics.json"), report)
+    write_json(os.path.join(ensure_folder(out, "train.output_dir"), "val_metrics.json"), report)
     if args.plot:
         from utils.plots import PER_CLASS, plot_per_class
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from utils.download import download_dataset
 from utils.errors import UserError
+from utils.files import path_problem
 from utils.safe_pickle import safe_unpickle
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
@@ -21,6 +22,10 @@ MODES = ("train", "test")
 IMAGE_BYTES = 3 * 32 * 32
 # What a damaged archive raises while it is read: cut short, bad gzip, bad tar.
 DAMAGED = (tarfile.TarError, EOFError, zlib.error, OSError)
+# The real archive has 5 members, each smaller than the archive (images barely compress):
+# a member far larger than its archive is a decompression bomb, many members no CIFAR.
+MAX_MEMBERS, MAX_EXPANSION = 1000, 4
+MEMBERS = ("train", "test", "meta")
 
 
 def default_archive_path():
@@ -35,8 +40,9 @@ def locate_cifar100(path=None):
     fix = (f"download {CIFAR100_URL} on a machine with internet and pass "
            f"-o data.path=/path/to/{ARCHIVE_NAME} (the archive or its extracted folder)")
     if path is not None:
-        if not os.path.exists(path):
-            raise UserError(f"data.path {path} does not exist; {fix}")
+        problem = path_problem(path, "any")
+        if problem:
+            raise UserError(f"data.path {path} {problem}; {fix}")
         return path
     cached = default_archive_path()
     if os.path.isfile(cached):
@@ -45,29 +51,44 @@ def locate_cifar100(path=None):
                             f"CIFAR-100 ({cached})", fix)
 
 
-def _read_members(path):
-    """Yield ``(name, file object)`` for the members of an archive or folder."""
+def _read_member(path, wanted):
+    """Yield ``(name, file object)`` for the member called ``wanted`` (train, test or meta) of
+    an archive or folder. Only that regular file is opened: a pipe or device in a folder
+    would block, other files are none of the reader's business."""
     if os.path.isdir(path):
         inner = os.path.join(path, "cifar-100-python")
-        root = inner if os.path.isdir(inner) else path
-        for name in sorted(os.listdir(root)):
-            with open(os.path.join(root, name), "rb") as handle:
+        name = os.path.join(inner if os.path.isdir(inner) else path, wanted)
+        if os.path.lexists(name):
+            problem = path_problem(name)
+            if problem:
+                raise UserError(f"CIFAR member {name} {problem}")
+            with open(name, "rb") as handle:
                 yield name, handle
         return
+    limit = MAX_EXPANSION * os.path.getsize(path) + (1 << 20)
     with tarfile.open(path, mode="r") as archive:
-        members = sorted(m.name for m in archive if m.isfile())
-        for name in members:
-            yield name, archive.extractfile(name)
+        members = []
+        for count, member in enumerate(archive):
+            if count >= MAX_MEMBERS:
+                raise UserError(f"{path} has more than {MAX_MEMBERS} members; it is not the "
+                                f"{ARCHIVE_NAME} archive")
+            if member.isfile() and os.path.basename(member.name) == wanted:
+                if member.size > limit:
+                    raise UserError(f"CIFAR member {member.name} of {path} would unpack to "
+                                    f"{member.size} bytes, far more than its archive holds; "
+                                    f"refusing to read it")
+                members.append(member)
+        for member in sorted(members, key=lambda m: m.name):
+            yield member.name, archive.extractfile(member)
 
 
 def _members(path, wanted):
-    """``(name, unpickled content)`` of the members whose name ``wanted`` accepts; a damaged
-    archive is one clear error."""
+    """``(name, unpickled content)`` of the members called ``wanted``; a damaged archive
+    is one clear error."""
     try:
-        for name, handle in _read_members(path):
-            if wanted(name):
-                yield name, safe_unpickle(handle, f"CIFAR member {name} of {path}",
-                                          encoding="bytes")
+        for name, handle in _read_member(path, wanted):
+            yield name, safe_unpickle(handle, f"CIFAR member {name} of {path}",
+                                      encoding="bytes")
     except DAMAGED as exc:
         raise UserError(f"{path} is damaged or truncated ({exc.__class__.__name__}: {exc}); "
                         f"download {ARCHIVE_NAME} again") from None
@@ -82,10 +103,20 @@ def _batch_arrays(batch, source):
     if data.ndim != 2 or data.shape[1] != IMAGE_BYTES or data.dtype != np.uint8:
         raise UserError(f"{source} holds data of shape {list(data.shape)} and type {data.dtype}; "
                         f"CIFAR images are uint8 rows of 3x32x32 = {IMAGE_BYTES} values")
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = _integers(labels, source)
     if labels.shape != (len(data),):
         raise UserError(f"{source} has {len(data)} images but labels of shape {list(labels.shape)}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _integers(labels, source):
+    """Labels as int64, from a list of Python integers (or an integer array)."""
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1:
+        return labels.astype(np.int64)
+    if isinstance(labels, (list, tuple)) and all(
+            type(v) is int and -2 ** 31 <= v < 2 ** 31 for v in labels):
+        return np.array(labels, dtype=np.int64).reshape(-1)
+    raise UserError(f"{source} has labels that are not a list of integers")
 
 
 def load_cifar100(path, mode):
@@ -93,7 +124,7 @@ def load_cifar100(path, mode):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     images, labels = [], []
-    for name, batch in _members(path, lambda name: mode in name):
+    for name, batch in _members(path, mode):
         batch_images, batch_labels = _batch_arrays(batch, f"CIFAR member {name} of {path}")
         images.append(batch_images)
         labels.append(batch_labels)
@@ -107,9 +138,9 @@ def load_cifar100(path, mode):
 
 def cifar100_class_names(path):
     """The 100 fine class names from the archive's ``meta`` member."""
-    for name, meta in _members(path, lambda name: os.path.basename(name) == "meta"):
+    for name, meta in _members(path, "meta"):
         names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
-        if names is None:
-            raise UserError(f"CIFAR member {name} of {path} has no fine_label_names")
-        return [n.decode("utf-8") for n in names]
+        if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
+            raise UserError(f"CIFAR member {name} of {path} has no fine_label_names list")
+        return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
     raise UserError(f"no 'meta' member in {path}; is it the {ARCHIVE_NAME} archive?")

@@ -1,6 +1,10 @@
 """Datasets and loaders over uint8 image arrays, with seeded host-side augmentation."""
 
+import ctypes
+import functools
 import os
+import signal
+import sys
 
 import numpy as np
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
@@ -18,6 +22,8 @@ from utils.cli import derived_seed
 from utils.dist import rank, world_size
 from utils.errors import UserError
 
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
 
 def load_split(data_cfg, mode):
     """Load a whole split named by ``data.name``: ``(images, labels, class_names)``."""
@@ -33,11 +39,22 @@ def class_names(data_cfg, num_classes):
     """Class names for reports, without downloading anything: the digits, CIFAR-100's from
     the archive's meta when the archive is here, otherwise the class indices."""
     if data_cfg.name == "digits":
-        return digits_class_names()
+        return name_classes(digits_class_names(), num_classes)
     archive = data_cfg.path or default_archive_path()
     if os.path.exists(archive):
-        return cifar100_class_names(archive)
-    return [str(index) for index in range(num_classes)]
+        return name_classes(cifar100_class_names(archive), num_classes)
+    return name_classes([], num_classes)
+
+
+def name_classes(names, num_classes):
+    """Exactly ``num_classes`` distinct names: the data's, then indices for classes it does
+    not name."""
+    names = list(names[:num_classes]) + [str(i) for i in range(len(names), num_classes)]
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})[:3]
+        raise UserError(f"the class names repeat ({', '.join(repeated)}); the data's meta "
+                        f"is damaged")
+    return names
 
 
 def subset_indices(total, size, seed, key):
@@ -126,7 +143,19 @@ def build_loader(dataset, batch_size, num_workers, train):
     if train and len(sampler) == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one "
                         f"batch of {batch_size}; lower data.batch_size")
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    init = functools.partial(_die_with_parent, os.getpid()) if num_workers else None
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=init)
+
+
+def _die_with_parent(parent, worker_id):
+    """In a loader worker: have the kernel kill this process when the training process dies
+    (Linux; without it, workers of a run killed with kill -9 live on for minutes)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def eval_loader(images, labels, data_cfg):

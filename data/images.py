@@ -1,42 +1,76 @@
-"""Image files given on a command line: files, folders and globs, read as uint8 RGB."""
+"""Image files given on a command line: files, folders and globs, read as uint8 RGB.
+
+Only raster formats are opened, by content as well as by name: Pillow would hand an EPS or
+PostScript file (whatever its name) to Ghostscript, an external program. Only regular
+files are opened (a pipe named ``x.png`` would block forever), and an image that declares
+more pixels than any photo is refused before it is decoded.
+"""
 
 import glob
 import os
+import stat
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils.errors import UserError
+from utils.files import path_problem
 
-# What PIL can open, by extension (a folder is searched for these).
-IMAGE_EXTENSIONS = tuple(ext for ext, fmt in Image.registered_extensions().items()
-                         if fmt in Image.OPEN)
+# Pillow format names of the raster images read here, and the file names searched for.
+RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm", ".pnm")
+# 40 megapixels (e.g. 7,746 x 5,164): decoding more from a small file is a bomb, not a photo.
+# Pillow checks it from the header, before decoding (and refuses twice as many outright).
+MAX_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def find_images(inputs):
     """The image paths that ``inputs`` name, in order: files as given, folders searched
-    (recursively, sorted), glob patterns expanded (sorted)."""
+    (recursively, sorted, regular files with a raster image extension), glob patterns
+    expanded (sorted)."""
     found = []
     for item in inputs:
         if os.path.isdir(item):
             found += sorted(os.path.join(root, name) for root, _, names in os.walk(item)
-                            for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
-        elif os.path.isfile(item):
+                            for name in names if name.lower().endswith(IMAGE_EXTENSIONS)
+                            and not path_problem(os.path.join(root, name)))
+        elif not path_problem(item):
             found.append(item)
         elif glob.has_magic(item) and glob.glob(item, recursive=True):
-            found += sorted(path for path in glob.glob(item, recursive=True) if os.path.isfile(path))
+            found += sorted(path for path in glob.glob(item, recursive=True)
+                            if not path_problem(path))
         else:
-            raise UserError(f"{item} is not an image file, a folder or a pattern that matches "
-                            f"files")
+            problem = path_problem(item)
+            if problem == "does not exist":
+                problem = "is not an image file, a folder or a pattern that matches files"
+            raise UserError(f"{item} {problem}")
     if not found:
-        raise UserError(f"no image files in {', '.join(inputs)}")
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
     return found
 
 
 def read_rgb(path):
-    """A uint8 ``[H, W, 3]`` RGB array of any image PIL reads (grey, RGBA, palette converted)."""
+    """A uint8 ``[H, W, 3]`` RGB array of a raster image (grey, RGBA, palette converted)."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"{path} is not an image PIL can read ({exc})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe must not block the open
+    except OSError as exc:
+        raise UserError(f"{path} cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path} is not a regular file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(handle, formats=RASTER_FORMATS) as image:
+                    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise UserError(f"{path} declares more than {MAX_PIXELS:,} pixels ({exc}); resize "
+                            f"it first") from None
+        except UnidentifiedImageError:
+            raise UserError(f"{path} is not a {'/'.join(RASTER_FORMATS)} image") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
+            message = " ".join(str(exc).split())[:200]
+            raise UserError(f"{path} cannot be decoded ({type(exc).__name__}: {message})") from None

@@ -3,6 +3,7 @@
 import os
 import sys
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import ppim  # at import time, not in build_model: importing PPIM draws from Paddle's RNG
@@ -11,6 +12,7 @@ from models.attention import use_fused_attention
 from models.resolution import extra_tokens, resample_pos_embed, set_resolution
 from utils.download import download_weights
 from utils.errors import UserError
+from utils.files import path_problem
 from utils.tensor_io import load_state, load_tensors
 
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
@@ -72,10 +74,11 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
     kwargs.update(model_cfg.kwargs)
     try:
         backbone = _constructor(model_cfg.name)(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError, AssertionError) as exc:
         raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
     if image_size:
         set_resolution(backbone, image_size)
+    _check_runs(backbone, model_cfg)
     print(use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp,
                               tokens=backbone.pos_embed.shape[1]), flush=True)
     model = (MLPHeadClassifier(backbone, model_cfg.mlp_hidden, model_cfg.num_classes,
@@ -91,6 +94,22 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
         summary = load_weights(model, path)
         print(describe_load(path, summary), flush=True)
     return model
+
+
+def _check_runs(backbone, model_cfg):
+    """One forward pass of a blank image, so that sizes that build but cannot run (a width
+    the heads do not divide, a patch grid that does not tile) stop here, in one line."""
+    size = backbone.patch_embed.img_size[0]
+    backbone.eval()  # no dropout: nothing is drawn from the random stream
+    try:
+        with paddle.no_grad():
+            backbone(paddle.zeros([1, 3, size, size]))
+    except Exception as exc:  # noqa: BLE001 - Paddle raises many kinds for bad shapes
+        message = " ".join(str(exc).split())[:200]
+        raise UserError(f"model.name {model_cfg.name} with model.kwargs {model_cfg.kwargs} does "
+                        f"not run ({type(exc).__name__}: {message}); check those sizes") from None
+    finally:
+        backbone.train()
 
 
 def input_size(model):
@@ -132,6 +151,11 @@ def load_weights(model, path, strict=False):
             skipped[key] = f"shape {list(value.shape)} != model {list(expected[key].shape)}"
         else:
             loaded[key] = value
+    broken = [key for key, value in loaded.items()
+              if value.dtype.kind == "f" and not np.isfinite(value).all()]
+    if broken:
+        raise UserError(f"weights file {path} holds non-finite values ({len(broken)} tensors, "
+                        f"e.g. {', '.join(broken[:3])}); it is damaged or from a diverged run")
     missing = [key for key in expected if key not in loaded]
     misfits = {k: why for k, why in skipped.items()
                if why.startswith("shape") and k.split(".")[0] not in CLASS_HEADS}
@@ -165,9 +189,10 @@ def trained_weights(output_dir, weights=None, config="CONFIG"):
     from utils.checkpoint import weights_path
 
     path = weights or weights_path(output_dir, "best")
-    if not os.path.isfile(path):
-        raise UserError(f"no weights at {path}; train first (python main.py -c {config}) "
-                        f"or pass --weights PATH")
+    problem = path_problem(path)
+    if problem:
+        raise UserError(f"no weights at {path} (it {problem}); train first (python main.py "
+                        f"-c {config}) or pass --weights PATH")
     return path
 
 

@@ -13,7 +13,8 @@ import numpy as np
 
 from data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
-from utils.files import read_json, write_json
+from utils.files import ensure_folder, path_problem, read_json, write_json
+from utils.schema import MAX_IMAGE_SIZE
 
 MODEL_PREFIX = "model"
 CONTRACT = "preprocess.json"
@@ -24,7 +25,7 @@ def export_model(model, image_size, out_dir, class_names):
     import paddle
     from paddle.static import InputSpec
 
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_folder(out_dir, "the export folder")
     model.eval()
     spec = InputSpec([None, 3, image_size, image_size], "float32", name="image")
     paddle.jit.save(paddle.jit.to_static(model, input_spec=[spec], full_graph=True),
@@ -38,6 +39,23 @@ def export_model(model, image_size, out_dir, class_names):
     return out_dir
 
 
+def _checked_contract(contract, path):
+    """``preprocess.json`` as export_model writes it: the size, class names and the
+    normalisation this project applies (predict.py prepares images by it)."""
+    size = contract.get("image_size") if isinstance(contract, dict) else None
+    names = contract.get("class_names") if isinstance(contract, dict) else None
+    if (type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE or not isinstance(names, list)
+            or not names or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)):
+        raise UserError(f"{path} is damaged (it needs an image_size of 1 to {MAX_IMAGE_SIZE} "
+                        f"and distinct class_names); run python export.py again")
+    if contract.get("mean") != list(IMAGENET_MEAN) or contract.get("std") != list(IMAGENET_STD):
+        raise UserError(f"{path} asks for another normalisation than this project's "
+                        f"(mean {list(IMAGENET_MEAN)}, std {list(IMAGENET_STD)}); run python "
+                        f"export.py again")
+    return contract
+
+
 class ExportedModel:
     """An exported model run by ``paddle.inference``; call it on preprocessed float32 images."""
 
@@ -45,26 +63,40 @@ class ExportedModel:
         import paddle
         import paddle.inference as inference
 
+        problem = path_problem(model_dir, "folder")
+        if problem:
+            raise UserError(f"--model-dir {model_dir} {problem}")
         contract = read_json(os.path.join(model_dir, CONTRACT))
-        graphs = sorted(glob.glob(os.path.join(model_dir, MODEL_PREFIX + ".json"))
-                        + glob.glob(os.path.join(model_dir, MODEL_PREFIX + ".pdmodel")))
+        graphs = sorted(path for name in (".json", ".pdmodel")
+                        for path in glob.glob(os.path.join(model_dir, MODEL_PREFIX + name))
+                        if not path_problem(path))
         params = os.path.join(model_dir, MODEL_PREFIX + ".pdiparams")
-        if contract is None or not graphs or not os.path.isfile(params):
+        if contract is None or not graphs or path_problem(params):
             raise UserError(f"{model_dir} holds no exported model (model.json or model.pdmodel, "
                             f"model.pdiparams, {CONTRACT}); run python export.py first")
-        self.contract = contract
+        self.contract = _checked_contract(contract, os.path.join(model_dir, CONTRACT))
         config = inference.Config(graphs[0], params)
         if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
             config.enable_use_gpu(256, 0)  # initial memory pool (MB), device 0
         else:
             config.disable_gpu()
         config.disable_glog_info()
-        self.predictor = inference.create_predictor(config)
+        try:
+            self.predictor = inference.create_predictor(config)
+        except Exception as exc:  # noqa: BLE001 - Paddle raises RuntimeError and kin
+            raise UserError(f"the exported model in {model_dir} cannot be loaded "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); it is "
+                            f"damaged: run python export.py again") from None
 
     def __call__(self, images):
         """Logits of a float32 ``[B, 3, S, S]`` array."""
         handle = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         handle.reshape(list(images.shape))
         handle.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
-        self.predictor.run()
+        try:
+            self.predictor.run()
+        except Exception as exc:  # noqa: BLE001 - a graph that loads but cannot run
+            raise UserError(f"the exported model cannot run on {list(images.shape)} images "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); run "
+                            f"python export.py again") from None
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()

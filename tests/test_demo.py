@@ -69,7 +69,7 @@ def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_ru
             path = os.path.join(folder, name)
             if os.path.relpath(path, out).startswith("vdl"):
                 continue
-            assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml", ".png")), path
+            assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml", ".png", ".lock")), path
             with open(path, "rb") as handle:
                 head = handle.read(9)
             if name.endswith(".safetensors"):  # u64 header length, then the JSON header

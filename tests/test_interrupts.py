@@ -172,7 +172,10 @@ out = sys.argv[1]
 for version in range(1, 100000):
     model = {f"w{i}": np.full((256, 1024), version, np.float32) for i in range(4)}
     optimizer = {"m": np.full(4096, version, np.float32), "LR_Scheduler": {"last_epoch": version}}
-    save_last(out, {"model": model, "optimizer": optimizer}, {"version": version})
+    state = {"position": {"stage": 0, "epoch": 0, "micro": version}, "epoch_index": 0,
+             "global_step": version, "skipped_steps": 0, "best": None, "progress": None,
+             "updates": {}, "config": {}, "version": version}
+    save_last(out, {"model": model, "optimizer": optimizer}, state)
     save_best(out, model, {"version": version})
     if version == 1:
         print("saved", flush=True)

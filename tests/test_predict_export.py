@@ -95,7 +95,8 @@ def test_predict_errors_are_one_line(weights_and_photos, tmp_path):
     assert_one_error(missing, "nope.jpg is not an image file, a folder or a pattern")
     text = run_script("predict.py", "-c", "configs/demo.yaml", "--weights", weights,
                       os.path.join(photos, "notes.txt"))
-    assert_one_error(text, "notes.txt is not an image PIL can read")
+    assert_one_error(text, "1 of 1 images could not be read")
+    assert "warning: skipped " in text.stderr and "notes.txt is not a PNG/JPEG/" in text.stderr
     no_export = run_script("predict.py", "-c", "configs/demo.yaml", "--model-dir", str(tmp_path),
                            photos)
     assert_one_error(no_export, "holds no exported model", "python export.py")

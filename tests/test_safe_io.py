@@ -3,12 +3,18 @@ round trips, atomic writes that fail cleanly, incomplete checkpoint folders."""
 
 import errno
 import io
+import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, cifar_batch
+
+from data.digits import load_digits
 
 from utils.checkpoint import find_last, save_last
 from utils.errors import UserError
@@ -32,7 +38,7 @@ def test_numpy_arrays_and_containers_load_under_every_protocol(protocol):
 
 def test_object_arrays_and_foreign_globals_are_refused():
     objects = np.array([1, "two"], dtype=object)
-    with pytest.raises(UserError, match="array of Python objects"):
+    with pytest.raises(UserError, match=r"asks to call numpy.dtype\('O8'\)"):
         safe_unpickle(io.BytesIO(pickle.dumps({"w": objects})), "test")
     with pytest.raises(UserError, match="asks to call collections.Counter while loading"):
         safe_unpickle(io.BytesIO(pickle.dumps(__import__("collections").Counter("ab"))), "test")
@@ -81,3 +87,95 @@ def test_incomplete_or_damaged_checkpoints_are_not_used(tmp_path):
         handle.write('{"vers')
     with pytest.raises(UserError, match="is not valid JSON"):
         find_last(out)
+
+
+# NumPy's datetime dtype state with metadata None: numpy.dtype + BUILD segfaulted NumPy.
+DTYPE_CRASH = (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00M8\x89\x88\x87R(K\x03X\x01\x00\x00\x00<NNN"
+               b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.")
+
+
+def _load_in_child(blobs, limit_bytes=1 << 30):
+    """safe_unpickle each blob in a child process under an address-space limit; its
+    one-line outcomes (a crash of the child shows as its exit code)."""
+    code = ("import io, resource, sys, json; sys.path.insert(0, '.')\n"
+            f"resource.setrlimit(resource.RLIMIT_AS, ({limit_bytes}, {limit_bytes}))\n"
+            "from utils.safe_pickle import safe_unpickle\n"
+            "from utils.errors import UserError\n"
+            "out = []\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        safe_unpickle(open(path, 'rb'), 'f', encoding='bytes'); out.append('loaded')\n"
+            "    except UserError as exc:\n"
+            "        out.append(str(exc))\n"
+            "print(json.dumps(out))\n")
+    return subprocess.run([sys.executable, "-c", code, *blobs], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_crafted_dtype_states_and_allocation_bombs_are_refused_by_name(tmp_path):
+    bombs = {
+        "dtype crash": (DTYPE_CRASH, "asks to call numpy.dtype('M8')"),
+        # numpy.ndarray((1000000, 3072), 'u1'): 3 GB of uninitialised memory from 60 bytes
+        "ndarray call": (b"\x80\x02cnumpy\nndarray\nJ@B\x0f\x00M\x00\x0c\x86X\x02\x00\x00\x00u1"
+                         b"\x86R.", "asks to call numpy.ndarray(...) directly"),
+        # a reconstructed array declaring 3 GB over 8 bytes of data
+        "short data": (pickle.dumps(np.zeros(8, np.uint8), protocol=2).replace(
+            b"K\x08\x85", b"J@B\x0f\x00M\x00\x0c\x86"), "declared over 8 bytes of data"),
+        "bytes(n)": (b"\x80\x02c__builtin__\nbytes\nJ\x00\x00\x00@\x85R.",
+                     "asks to call bytes(1073741824,)"),
+        "other codec": (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R.",
+                        "_codecs.encode(..., 'zlib')"),
+        "object dtype": (pickle.dumps(np.array([1, "a"], dtype=object), protocol=2),
+                         "numpy.dtype('O8')"),
+        "deep nesting": (pickle.dumps(_nested(200), protocol=4), "nested more than 32 levels"),
+        "bytes length 2**62": (b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little") + b"xx.",
+                               "is truncated or not a pickle file"),
+    }
+    paths = []
+    for name, (blob, _) in bombs.items():
+        paths.append(str(tmp_path / f"{len(paths)}.pkl"))
+        with open(paths[-1], "wb") as handle:
+            handle.write(blob)
+    proc = _load_in_child(paths)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    for (name, (_, message)), got in zip(bombs.items(), json.loads(proc.stdout)):
+        assert message in got and "\n" not in got, (name, got)
+
+
+def _nested(depth):
+    value = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _fuzz_seeds(tmp_path):
+    images, labels = load_digits("train")
+    batch = cifar_batch(images[:4], labels[:4])
+    state = {"blocks.0.attn.qkv.weight": np.arange(24, dtype=np.float32).reshape(4, 6),
+             "head.bias": np.zeros(3, np.float16), "step": np.int64(3),
+             "StructuredToParameterName@@": {"head.bias": "linear_1.b_0"}}
+    seeds = {"cifar2.pkl": pickle.dumps(batch, protocol=2),
+             "state4.pkl": pickle.dumps(state, protocol=4),
+             "state5.pkl": pickle.dumps(state, protocol=5),
+             "scalars2.pkl": pickle.dumps([np.float32(1.5), np.bool_(True), (np.int8(-2),)],
+                                          protocol=2)}
+    paths = []
+    for name, blob in seeds.items():
+        paths.append(str(tmp_path / name))
+        with open(paths[-1], "wb") as handle:
+            handle.write(blob)
+    return paths
+
+
+def test_fuzzed_pickles_load_or_fail_with_one_line_and_never_crash(tmp_path):
+    paths = _fuzz_seeds(tmp_path)
+    for path in paths:  # the seeds themselves load
+        with open(path, "rb") as handle:
+            safe_unpickle(handle, path, encoding="bytes")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fuzz_pickle.py"), "0",
+                           "4000", *paths], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    outcome = json.loads(proc.stdout)
+    assert outcome["other"] == [] and outcome["loaded"] + outcome["refused"] == 4000
+    assert outcome["refused"] > 1000 and outcome["loaded"] > 100  # both paths exercised

@@ -16,12 +16,15 @@ checkpoint stays.
 import os
 import shutil
 
+import numpy as np
+
 from utils.errors import UserError
 from utils.files import fsync_dir, read_json, write_json
 from utils.tensor_io import SAFETENSORS, load_tensors, save_tensors
 
 LAST, PARTIAL, OLD = "last", "last.partial", "last.old"
 STATE = "state.json"
+TREES = ("model", "optimizer", "ema", "swa", "scaler")
 
 
 def weights_path(output_dir, tag):
@@ -37,10 +40,12 @@ def _saving(output_dir, write):
     try:
         write()
     except OSError as exc:
+        kept = ("the previous checkpoint there is kept: free space or fix the folder, then "
+                "continue with --resume") if find_last(output_dir) else (
+                "no checkpoint was saved there yet: free space or fix the folder, then start "
+                "again")
         raise UserError(f"cannot save the checkpoint in {output_dir} ({exc.strerror or exc}"
-                        f"{': ' + exc.filename if exc.filename else ''}); the previous checkpoint "
-                        f"there is kept: free space or fix the folder, then continue with "
-                        f"--resume") from None
+                        f"{': ' + str(exc.filename) if exc.filename else ''}); {kept}") from None
 
 
 def save_best(output_dir, state_dict, record):
@@ -80,8 +85,10 @@ def save_last(output_dir, trees, state):
 
 def _complete(folder):
     state = read_json(os.path.join(folder, STATE)) if os.path.isdir(folder) else None
-    return state is not None and all(
-        os.path.isfile(os.path.join(folder, name + SAFETENSORS)) for name in state.get("files", ()))
+    files = state.get("files") if isinstance(state, dict) else None
+    return isinstance(files, list) and all(
+        isinstance(name, str) and os.path.isfile(os.path.join(folder, name + SAFETENSORS))
+        for name in files)
 
 
 def find_last(output_dir):
@@ -94,11 +101,77 @@ def find_last(output_dir):
 
 
 def load_last(folder):
-    """``(state, trees)`` of a resume checkpoint folder; trees by name, tensors as NumPy arrays."""
+    """``(state, trees)`` of a resume checkpoint folder; trees by name, tensors as NumPy arrays.
+
+    ``state.json`` is checked key by key: a damaged or edited one is one clear error.
+    """
     state = read_json(os.path.join(folder, STATE))
+    try:
+        check_state(state)
+    except ValueError as exc:
+        raise UserError(f"the checkpoint in {folder} is damaged ({STATE}: {exc}); resume from "
+                        f"another copy or start again") from None
     trees = {name: load_tensors(os.path.join(folder, name + SAFETENSORS))[0]
              for name in state["files"]}
     return state, trees
+
+
+def _count(value, key):
+    if type(value) is not int or value < 0:
+        raise ValueError(f"'{key}' must be a count (an integer >= 0), got {value!r}"[:160])
+
+
+def _number(value, key):
+    if type(value) not in (int, float) or value != value or value in (float("inf"), -float("inf")):
+        raise ValueError(f"'{key}' must be a finite number, got {value!r}"[:160])
+
+
+def _mapping(value, key, keys=()):
+    if not isinstance(value, dict):
+        raise ValueError(f"'{key}' must be a mapping, got {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ValueError(f"'{key}' lacks {', '.join(missing)}")
+    return value
+
+
+def check_state(state):
+    """Raise :class:`ValueError` naming the first key of a resume state that is missing or
+    of the wrong kind (counts are integers >= 0, numbers finite)."""
+    _mapping(state, "the state", ("position", "epoch_index", "global_step", "skipped_steps",
+                                  "best", "progress", "updates", "config", "files"))
+    position = _mapping(state["position"], "position", ("stage", "epoch", "micro"))
+    for key in ("stage", "epoch", "micro"):
+        _count(position[key], f"position.{key}")
+    if not isinstance(position.get("evaluating", False), bool):
+        raise ValueError("'position.evaluating' must be true or false")
+    for key in ("epoch_index", "global_step", "skipped_steps"):
+        _count(state[key], key)
+    for kind, updates in _mapping(state["updates"], "updates").items():
+        _count(updates, f"updates.{kind}")
+    if state["best"] is not None:
+        best = _mapping(state["best"], "best", ("val_top1", "val_num_samples", "kind", "stage",
+                                                "epoch"))
+        _number(best["val_top1"], "best.val_top1")
+        for key in ("val_num_samples", "stage", "epoch"):
+            _count(best[key], f"best.{key}")
+    if state["progress"] is not None:
+        progress = _mapping(state["progress"], "progress", ("micro", "seen", "sums", "elapsed",
+                                                            "excluded"))
+        for key in ("micro", "seen", "excluded", "steps", "overflow_steps"):
+            if key in progress:
+                _count(progress[key], f"progress.{key}")
+        for key, value in _mapping(progress["sums"], "progress.sums", ("loss", "ce", "kl")).items():
+            _number(value, f"progress.sums.{key}")
+        for key in ("elapsed", "grad_norm_sum"):
+            if key in progress:
+                _number(progress[key], f"progress.{key}")
+        if progress.get("grad_norm_max") is not None:
+            _number(progress["grad_norm_max"], "progress.grad_norm_max")
+    _mapping(state["config"], "config")
+    files = state["files"]
+    if not isinstance(files, list) or not all(isinstance(f, str) and f in TREES for f in files):
+        raise ValueError(f"'files' must list checkpoint files among {', '.join(TREES)}")
 
 
 def resume_folder(resume, output_dir):
@@ -123,3 +196,31 @@ def first_difference(saved, current, ignore=(), path=""):
                     return found
         return None
     return None if saved == current else path
+
+
+def check_position(state, trees, stages, folder):
+    """A resume state (already :func:`check_state`-ed) that the config's ``stages`` could
+    have written, with the files it needs; one :class:`UserError` otherwise."""
+    position = state["position"]
+    stage, epoch = position["stage"], position["epoch"]
+    problem = None
+    if stage > len(stages) or (stage < len(stages) and epoch >= stages[stage].epochs):
+        problem = f"position stage {stage} epoch {epoch} is not in the config's stages"
+    elif state["epoch_index"] > sum(s.epochs for s in stages):
+        problem = f"epoch_index {state['epoch_index']} exceeds the config's epochs"
+    elif state["progress"] is not None and state["progress"]["micro"] != position["micro"]:
+        problem = "its epoch progress and position disagree"
+    elif not {"model", "optimizer"} <= set(trees):
+        problem = "it lacks the model or optimizer file"
+    elif any(kind not in trees for kind in state["updates"]):
+        problem = "it lacks an average it counts updates for"
+    else:
+        broken = [f"{kind}/{key}" for kind in ("model", *state["updates"])
+                  for key, value in trees[kind].items()
+                  if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+                  and not np.isfinite(value).all()]
+        if broken:
+            problem = f"non-finite weights in {', '.join(broken[:3])}"
+    if problem:
+        raise UserError(f"the checkpoint in {folder} is damaged ({problem}); resume from "
+                        f"another copy or start again")

@@ -2,7 +2,9 @@
 
 import errno
 import random
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
@@ -17,9 +19,37 @@ from utils.errors import Interrupted, UserError  # noqa: E402
 USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (where it stops the run with a checkpoint instead)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _reassert_signal_handlers():
+    """Importing Paddle installs C-level handlers (a SIGTERM prints a C++ "FatalError"
+    dump); hand the signals back to the Python handlers in place, then let a SIGTERM held
+    back by :func:`run` while Paddle was imported arrive."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not None:
+                signal.signal(signum, handler)
+        _hold_sigterm(False)
+
+
+def _hold_sigterm(hold):
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK,
+                               [signal.SIGTERM])
+
+
 def select_device():
     """Use the GPU when Paddle is built with CUDA and sees one, the CPU otherwise; return its name."""
     import paddle
+
+    _reassert_signal_handlers()
 
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         paddle.set_device("gpu")
@@ -57,20 +87,26 @@ def run(main):
     ``--debug`` is among the arguments; an :class:`Interrupted` run exits 128 + signal.
     """
     debug = "--debug" in sys.argv[1:]
+    signal.signal(signal.SIGTERM, _terminate)
+    _hold_sigterm(True)  # until select_device() has taken it back from Paddle's import
     try:
-        code = main()
+        try:
+            code = main()
+        finally:
+            _hold_sigterm(False)  # a SIGTERM still held arrives here
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except KeyboardInterrupt:
-        _report("interrupted (SIGINT)", debug)
-        code = 130
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        _report(f"interrupted ({signal.Signals(signum).name}); nothing was saved", debug)
+        code = 128 + signum
     except UserError as exc:
         _report(exc, debug)
         code = 2
     except OSError as exc:
         if exc.errno not in USER_OS_ERRORS:
             raise
-        _report(f"{exc.strerror}: {exc.filename}", debug)
+        _report(exc.strerror + (f": {exc.filename}" if exc.filename else ""), debug)
         code = 2
     sys.exit(code or 0)

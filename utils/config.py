@@ -5,15 +5,21 @@ the key, so that a typo never silently falls back to a default.
 """
 
 import copy
+import math
 import os
 import re
 
 import yaml
 
 from utils.errors import UserError
-from utils.schema import CONFIG, REQUIRED, Field, ListOf, Section, Tagged
+from utils.files import path_problem
+from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Field, ListOf, Section, Tagged
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Far above any recipe, far below what hangs a machine (YAML aliases can multiply a file).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 32
 DEFAULT_CONFIG = "configs/rdrop_deit_b_384_cifar100.yaml"
 
 
@@ -47,25 +53,59 @@ class Node(dict):
             raise AttributeError(key) from None
 
 
+def _short(value, limit=80):
+    """``repr(value)``, cut to ``limit`` characters for an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_size(value, source):
+    """Refuse YAML whose aliases expand beyond any config (a "billion laughs" file makes a
+    small text into an exponentially large, or endless, tree)."""
+    budget, stack = MAX_CONFIG_VALUES, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > MAX_CONFIG_DEPTH:
+            raise UserError(f"{source} expands to more than {MAX_CONFIG_VALUES} values or "
+                            f"{MAX_CONFIG_DEPTH} levels (YAML aliases referring to each other?)")
+        if isinstance(node, dict):
+            stack.extend((item, depth + 1) for pair in node.items() for item in pair)
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
+
+
+def _load_yaml(text, source):
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source} is not valid YAML: {' '.join(str(exc).split())}") from None
+    _check_size(value, source)
+    return value
+
+
 def parse_value(text):
     """Parse one override value as YAML (``1e-4`` → float, ``[1, 2]`` → list)."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise UserError(f"cannot parse override value {text!r}: {exc}") from None
+    return _load_yaml(text, f"override value {_short(text)}")
 
 
 def read_yaml(path):
     """Read a YAML mapping from ``path`` (relative paths also tried from the project root)."""
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(PROJECT_ROOT, path)):
+    if not os.path.exists(path) and os.path.isfile(os.path.join(PROJECT_ROOT, path)):
         path = os.path.join(PROJECT_ROOT, path)
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} not found (pass an existing file with -c)")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            raw = yaml.load(handle, Loader=_Loader)
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+    problem = path_problem(path)
+    if problem:
+        raise UserError(f"config file {path} {problem} (pass a YAML file with -c)")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes; is it "
+                        f"a config?")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start}); save it as UTF-8") from None
+    raw = _load_yaml(text, f"config file {path}")
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
     return raw
@@ -113,9 +153,12 @@ def _check_field(value, field, path):
     if not isinstance(value, field.types):
         raise UserError(
             f"config key '{path}' must be {_type_name(field.types)}, "
-            f"got {type(value).__name__} {value!r}")
+            f"got {type(value).__name__} {_short(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{path}' must be a finite number, got {value}")
     if field.choices and value not in field.choices:
-        raise UserError(f"config key '{path}' must be one of {', '.join(field.choices)}; got {value!r}")
+        raise UserError(f"config key '{path}' must be one of {', '.join(field.choices)}; "
+                        f"got {_short(value)}")
     if field.item_type is not None:  # bounds apply to each item
         item = Field(field.item_type, minimum=field.minimum, maximum=field.maximum)
         value = [_check_field(v, item, f"{path}.{i}") for i, v in enumerate(value)]
@@ -194,8 +237,34 @@ def load_config(path=DEFAULT_CONFIG, overrides=()):
     return cfg
 
 
+def _check_kwargs(kwargs):
+    """``model.kwargs``: names to plain values; PPIM's sizing arguments within bounds."""
+    for key, value in kwargs.items():
+        path = f"model.kwargs.{key}"
+        if not isinstance(key, str):
+            raise UserError(f"config key 'model.kwargs' must map argument names to values, got "
+                            f"the key {_short(key)}")
+        items = value if isinstance(value, list) else [value]
+        if len(items) > 16 or not all(isinstance(v, (type(None), bool, int, float, str))
+                                      for v in items):
+            raise UserError(f"config key '{path}' must be a number, a string, a boolean or a "
+                            f"short list of them; got {_short(value)}")
+        for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise UserError(f"config key '{path}' must be a finite number, got {item}")
+        if key in KWARG_BOUNDS:
+            kind, low, high = KWARG_BOUNDS[key]
+            field = Field(kind, minimum=low, maximum=high, nullable=key == "qk_scale")
+            kwargs[key] = _check_field(value, field, path)
+    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise UserError(f"config keys 'model.kwargs.embed_dim'={dim} and '.num_heads'={heads}: "
+                        f"the width must divide into the heads")
+
+
 def check_relations(cfg):
     """Checks that involve more than one key."""
+    _check_kwargs(cfg.model.kwargs)
     stages = len(cfg.stages)
     if not -stages <= cfg.train.swa.stage < stages:
         raise UserError(f"config key 'train.swa.stage' must name one of the {stages} stages "

@@ -7,10 +7,73 @@ as it was.
 """
 
 import contextlib
+import errno
 import json
+import math
 import os
+import stat
 
 from utils.errors import UserError
+
+
+def _file_above(path):
+    """The nearest existing parent of ``path`` that is not a folder."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.isdir(parent):
+        if os.path.exists(parent):
+            return parent
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def path_problem(path, want="file"):
+    """Why ``path`` is not a usable regular file (``want="file"``), folder (``"folder"``) or
+    either (``"any"``), in words for an error line; ``None`` when it is.
+
+    Devices, pipes and sockets are refused: reading one can block forever or never end.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if exc.errno == errno.ENOTDIR:
+            return f"lies under {_file_above(path)}, which is a file"
+        if exc.errno == errno.EACCES:
+            return "cannot be reached (permission denied)"
+        if os.path.islink(path):
+            return "is a broken symbolic link"
+        return "does not exist"
+    if stat.S_ISREG(mode):
+        return "is a file, not a folder" if want == "folder" else None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file" if want == "file" else None
+    return "is not a regular file (a device, pipe or socket)"
+
+
+def ensure_folder(path, what):
+    """Create the folder ``path`` (named by ``what``, e.g. a config key) if it is missing;
+    one :class:`UserError` when it cannot be (a file is in the way)."""
+    if not path:
+        raise UserError(f"{what} is empty; name a folder")
+    problem = path_problem(path, "folder")
+    if problem and problem != "does not exist":
+        raise UserError(f"{what} {path} {problem}; choose another {what}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def check_writable(path, what):
+    """Stop before any work when the file ``path`` (named by option ``what``) cannot be
+    written: its folder is missing or not writable, or it is not a regular file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = path_problem(folder, "folder")
+    if problem:
+        raise UserError(f"{what} {path}: its folder {folder} {problem}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{what} {path}: its folder {folder} is not writable")
+    if os.path.lexists(path) and path_problem(path):
+        raise UserError(f"{what} {path} {path_problem(path)}")
 
 
 def fsync_dir(folder):
@@ -38,18 +101,37 @@ def write_atomically(path, data):
     fsync_dir(os.path.dirname(path))
 
 
+def json_text(record, indent=None):
+    """``record`` as standard JSON: a non-finite number (which JSON has no word for) is null."""
+    return json.dumps(_finite(record), indent=indent, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(path, record):
-    """Write ``record`` as indented JSON, durably and atomically."""
-    write_atomically(path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    """Write ``record`` as indented standard JSON, durably and atomically."""
+    write_atomically(path, (json_text(record, indent=2) + "\n").encode("utf-8"))
 
 
 def read_json(path):
-    """The JSON record at ``path``, or ``None`` when there is none."""
-    if not os.path.isfile(path):
+    """The JSON record at ``path``, or ``None`` when there is none (no regular file)."""
+    if path_problem(path):
         return None
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         try:
-            return json.load(handle)
-        except ValueError as exc:
+            return json.loads(handle.read().decode("utf-8"), parse_constant=_no_constant)
+        except ValueError as exc:  # also UnicodeDecodeError
             raise UserError(f"{path} is not valid JSON ({exc}); it is damaged: use another "
                             f"copy") from None
+
+
+def _no_constant(name):
+    raise ValueError(f"the non-standard number {name}")

@@ -1,8 +1,9 @@
 """Run logs: one JSON line per epoch in ``metrics.jsonl`` and VisualDL scalars under ``vdl/``."""
 
-import json
 import numbers
 import os
+
+from utils.files import json_text
 
 
 class RunLogger:
@@ -39,7 +40,7 @@ class RunLogger:
         if not self.enabled:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json_text(record) + "\n")
         for name, value in record.items():
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
                 self.writer.add_scalar(tag=f"epoch/{name}", value=float(value), step=epoch_index)

@@ -26,8 +26,21 @@ def read_metrics(output_dir):
         from utils.errors import UserError
 
         raise UserError(f"no metrics.jsonl in {output_dir}; train first")
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    records = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                record = json.loads(line.decode("utf-8")) if line.strip() else None
+            except ValueError:
+                record = "damaged"
+            if record is not None and not (isinstance(record, dict)
+                                           and type(record.get("stage")) is int):
+                from utils.errors import UserError
+
+                raise UserError(f"line {number} of {path} is damaged; it is not an epoch record")
+            if record is not None:
+                records.append(record)
+    return records
 
 
 def plot_curves(output_dir):
@@ -38,9 +51,10 @@ def plot_curves(output_dir):
     figure = _figure(figsize=(20, 4.2))
     loss_ax, lr_ax, grad_ax, top1_ax = figure.subplots(1, 4)
     for name, style in (("train_loss", "-"), ("train_ce", "--"), ("train_kl", ":")):
-        loss_ax.plot(epochs, [r[name] for r in records], style, label=name[len("train_"):])
+        loss_ax.plot(epochs, [_number(r.get(name)) for r in records], style,
+                     label=name[len("train_"):])
     loss_ax.set(title="training loss (per sample)", xlabel="epoch")
-    lr_ax.plot(epochs, [r["lr"] for r in records], color="tab:purple")
+    lr_ax.plot(epochs, [_number(r.get("lr")) for r in records], color="tab:purple")
     lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
     for key, style, label in (("grad_norm", "-", "mean"), ("grad_norm_max", ":", "max")):
         grad_ax.plot(epochs, [_number(r.get(key)) for r in records], style, marker=".",
@@ -64,8 +78,9 @@ def plot_curves(output_dir):
 
 
 def _number(value):
-    """A plottable value: ``None`` (not measured) becomes a gap."""
-    return float("nan") if value is None else value
+    """A plottable value: anything not a number (``None``: not measured) becomes a gap."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else float("nan")
 
 
 def _shade_stages(axis, records):

@@ -6,6 +6,10 @@ config may leave out.
 """
 
 REQUIRED = object()
+# Bounds on sizes and counts: far above any real setting, far below what exhausts a machine.
+BIG = 10 ** 9
+MAX_BATCH = 65_536
+MAX_IMAGE_SIZE = 1024  # 4,096 tokens at patch 16: attention is quadratic in them
 
 
 class Field:
@@ -46,26 +50,27 @@ class ListOf:
         self.item = item
 
 
-def _nullable(types, minimum=None):
-    return Field(types, default=None, nullable=True, minimum=minimum)
+def _nullable(types, minimum=None, maximum=None):
+    return Field(types, default=None, nullable=True, minimum=minimum, maximum=maximum)
 
 
 DATA = Section({
     "name": Field(str, "cifar100", choices=("cifar100", "digits")),
     "path": _nullable(str),
-    "train_subset": _nullable(int, minimum=1),
-    "val_subset": _nullable(int, minimum=1),
-    "image_size": _nullable(int, minimum=1),
-    "batch_size": Field(int, minimum=1),
-    "eval_batch_size": _nullable(int, minimum=1),
-    "num_workers": Field(int, 2, minimum=0),
+    "train_subset": _nullable(int, minimum=1, maximum=BIG),
+    "val_subset": _nullable(int, minimum=1, maximum=BIG),
+    "image_size": _nullable(int, minimum=1, maximum=MAX_IMAGE_SIZE),
+    "batch_size": Field(int, minimum=1, maximum=MAX_BATCH),
+    "eval_batch_size": _nullable(int, minimum=1, maximum=MAX_BATCH),
+    "num_workers": Field(int, 2, minimum=0, maximum=64),
     "hflip_prob": Field(float, 0.5, minimum=0.0, maximum=1.0),
     "rotation": Field(float, 0.0, minimum=0.0, maximum=180.0),
 })
 
 # What a stage may change in the data section.
 STAGE_DATA = Section(
-    {key: _nullable(DATA.fields[key].types, minimum=DATA.fields[key].minimum)
+    {key: _nullable(DATA.fields[key].types, minimum=DATA.fields[key].minimum,
+                    maximum=DATA.fields[key].maximum)
      for key in ("train_subset", "val_subset", "hflip_prob", "rotation", "batch_size")},
     partial=True,
 )
@@ -73,14 +78,14 @@ STAGE_DATA = Section(
 MODEL = Section({
     "name": Field(str, "deit_b_distilled_384"),
     "pretrained": Field((bool, str), True),
-    "num_classes": Field(int, minimum=1),
+    "num_classes": Field(int, minimum=1, maximum=100_000),
     "drop_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
     "attn_drop_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
     "drop_path_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
     # PPIM attention through Paddle's fused kernel: auto = on a GPU with AMP.
     "fused_attention": Field(str, "auto", choices=("auto", "on", "off")),
     "head": Field(str, "linear", choices=("linear", "mlp")),
-    "mlp_hidden": Field(int, 512, minimum=1),
+    "mlp_hidden": Field(int, 512, minimum=1, maximum=65_536),
     "kwargs": Field(dict, {}),
 })
 
@@ -98,22 +103,22 @@ EMA = Section({
 
 SWA = Section({
     "enabled": Field(bool, False),
-    "stage": Field(int, -1),
-    "start_epoch": Field(int, 0, minimum=0),
+    "stage": Field(int, -1, minimum=-1000, maximum=1000),
+    "start_epoch": Field(int, 0, minimum=0, maximum=BIG),
 })
 
 TRAIN = Section({
     "output_dir": Field(str, "output"),
-    "seed": Field(int, 0),
-    "accum_steps": Field(int, 1, minimum=1),
+    "seed": Field(int, 0, minimum=0, maximum=2 ** 32 - 1),
+    "accum_steps": Field(int, 1, minimum=1, maximum=MAX_BATCH),
     "amp": Field(str, "off", choices=("off", "fp16", "bf16")),
     "amp_level": Field(str, "O1", choices=("O1", "O2")),
     "clip_grad_norm": _nullable(float, minimum=0.0),
     "exclude_from_decay": Field(bool, True),
-    "save_every_steps": _nullable(int, minimum=1),
+    "save_every_steps": _nullable(int, minimum=1, maximum=BIG),
     # What a non-finite loss does: stop the run, or skip that update (at most nan_max_skips).
     "nan_policy": Field(str, "stop", choices=("stop", "skip")),
-    "nan_max_skips": Field(int, 10, minimum=0),
+    "nan_max_skips": Field(int, 10, minimum=0, maximum=BIG),
     "ema": EMA,
     "swa": SWA,
 })
@@ -142,8 +147,8 @@ LR_SCHEDULE = Tagged({
 }, default_name="constant")
 
 WARMUP = Section({
-    "steps": Field(int, 0, minimum=0),
-    "epochs": Field(float, 0.0, minimum=0.0),
+    "steps": Field(int, 0, minimum=0, maximum=BIG),
+    "epochs": Field(float, 0.0, minimum=0.0, maximum=BIG),
     "start_lr": Field(float, 0.0, minimum=0.0),
 })
 
@@ -154,7 +159,7 @@ UNTIL = Section({
 
 STAGE = Section({
     "name": _nullable(str),
-    "epochs": Field(int, minimum=1),
+    "epochs": Field(int, minimum=1, maximum=BIG),
     "until": UNTIL,
     "optimizer": OPTIMIZER,
     "lr_schedule": LR_SCHEDULE,
@@ -162,6 +167,16 @@ STAGE = Section({
     "data": STAGE_DATA,
     "loss": Section({"alpha": _nullable(float, minimum=0.0)}, partial=True),
 })
+
+# Bounds of the PPIM constructor arguments that size a model (model.kwargs): generous, but a
+# typo cannot ask for a model that exhausts the machine.
+KWARG_BOUNDS = {
+    "img_size": (int, 1, MAX_IMAGE_SIZE), "patch_size": (int, 1, MAX_IMAGE_SIZE),
+    "in_chans": (int, 1, 16), "embed_dim": (int, 1, 8192), "depth": (int, 1, 128),
+    "num_heads": (int, 1, 1024), "class_dim": (int, 1, 100_000), "mlp_ratio": (float, 0.0, 64.0),
+    "epsilon": (float, 0.0, 1.0), "qk_scale": (float, 0.0, 1000.0), "drop_rate": (float, 0.0, 1.0),
+    "attn_drop_rate": (float, 0.0, 1.0), "drop_path_rate": (float, 0.0, 1.0),
+}
 
 CONFIG = Section({
     "data": DATA,

@@ -6,15 +6,20 @@ A safetensors file is a JSON header plus raw tensor bytes: it cannot carry code.
 ``.pdparams`` files (PPIM's downloads, weights from elsewhere) are pickles and go
 through :mod:`utils.safe_pickle`. Nested states (an optimizer's) are stored flat, with
 ``/``-joined keys for the tensors and the remaining plain values as JSON metadata.
+
+Each file written here carries the SHA-256 of its tensors and metadata in its header,
+checked when it is read: a copy whose bytes changed (bit rot, a half-copied file) is
+refused instead of trained on.
 """
 
+import hashlib
 import json
 import os
 
 import numpy as np
 
 from utils.errors import UserError
-from utils.files import write_atomically
+from utils.files import json_text, path_problem, write_atomically
 from utils.safe_pickle import safe_unpickle
 
 SAFETENSORS = ".safetensors"
@@ -23,8 +28,8 @@ PADDLE_META_SUFFIX = "@@"
 
 
 def _as_array(value):
-    if isinstance(value, np.ndarray):
-        return value
+    if isinstance(value, (np.ndarray, np.generic)):
+        return np.asarray(value)
     if hasattr(value, "numpy"):  # a paddle.Tensor, on whatever device
         if value.dtype in _half_dtypes():  # AMP O2 weights; NumPy has no bfloat16
             value = value.astype("float32")
@@ -83,12 +88,25 @@ def load_state(layer, state):
                                 if key in own else value) for key, value in state.items()})
 
 
+def _digest(tensors, header):
+    """SHA-256 of the tensors (names, dtypes, shapes, bytes) and the JSON header parts."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        array = np.ascontiguousarray(tensors[key])
+        digest.update(f"{key}\0{array.dtype.str}\0{array.shape}\0".encode("utf-8"))
+        digest.update(array.reshape(-1).view(np.uint8) if array.size else b"")
+    for key in ("rest", "metadata"):
+        digest.update(f"{key}\0{header.get(key, '')}\0".encode("utf-8"))
+    return digest.hexdigest()
+
+
 def save_tensors(path, tree, metadata=None):
     """Write a (nested) state as safetensors, durably; ``metadata`` is a JSON-ready dict."""
     from safetensors.numpy import save
 
     tensors, rest = pack(tree)
-    header = {"rest": json.dumps(rest), "metadata": json.dumps(metadata or {})}
+    header = {"rest": json_text(rest), "metadata": json_text(metadata or {})}
+    header["sha256"] = _digest(tensors, header)
     write_atomically(path, save(tensors, metadata=header))
 
 
@@ -100,10 +118,22 @@ def _load_safetensors(path):
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # SafetensorError, OSError: truncated or foreign bytes
-        raise UserError(f"{path} is truncated or not a safetensors file ({exc}); "
+        message = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path} is truncated or not a safetensors file ({message}); "
                         f"use another copy or the previous checkpoint") from None
-    rest = json.loads(header.get("rest", "{}"))
-    return unpack(tensors, rest), json.loads(header.get("metadata", "{}"))
+    if "sha256" in header and header["sha256"] != _digest(tensors, header):
+        raise UserError(f"{path} is damaged: its bytes no longer match the checksum written "
+                        f"with them (bit rot or an incomplete copy); use another copy or the "
+                        f"previous checkpoint")
+    try:
+        rest, metadata = json.loads(header.get("rest", "{}")), json.loads(
+            header.get("metadata", "{}"))
+        if not isinstance(rest, dict) or not isinstance(metadata, dict):
+            raise ValueError("not a mapping")
+        return unpack(tensors, rest), metadata
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} has damaged metadata ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:120]}); use another copy") from None
 
 
 def _load_pdparams(path):
@@ -125,8 +155,9 @@ def _load_pdparams(path):
 
 def load_tensors(path):
     """``(state, metadata)`` of a ``.safetensors`` or ``.pdparams`` file; tensors as NumPy arrays."""
-    if not os.path.isfile(path):
-        raise UserError(f"weights file {path} not found")
+    problem = path_problem(path)
+    if problem:
+        raise UserError(f"weights file {path} {'not found' if problem == 'does not exist' else problem}")
     if path.endswith(SAFETENSORS):
         return _load_safetensors(path)
     return _load_pdparams(path)

@@ -1,0 +1,119 @@
+"""A run's output folder: held by one run at a time, never taken over without being asked.
+
+A run locks ``train.output_dir/run.lock`` with ``flock`` for as long as it lives; the lock
+dies with the process (even on ``kill -9``), so a crashed run never leaves its folder
+locked. A second run into a held folder stops at once, naming the holder. A fresh run
+(not ``--resume``) starts only in an empty or new folder: one that holds an earlier run,
+or anything else, is moved aside with ``--overwrite``, never deleted or mixed in.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+from utils.errors import UserError
+from utils.files import ensure_folder, json_text, read_json
+
+LOCK = "run.lock"
+# What runs and the tools around them write into an output folder: only such a folder is
+# moved aside by --overwrite (a typo must not move a home folder).
+RUN_ENTRIES = {LOCK, "config.yaml", "metrics.jsonl", "last", "last.old", "last.partial",
+               "best.safetensors", "best.json", "vdl", "curves.png", "val_metrics.json",
+               "per_class_top1.png", "inference"}
+
+
+def _describe(folder):
+    """What an occupied output folder holds, in words."""
+    try:
+        state = read_json(os.path.join(folder, "last", "state.json"))
+    except UserError:
+        state = None
+    if isinstance(state, dict) and isinstance(state.get("position"), dict):
+        position, config = state["position"], state.get("config")
+        stages = config.get("stages") if isinstance(config, dict) else None
+        if isinstance(stages, list) and position.get("stage") == len(stages):
+            return f"a finished run ({state.get('epoch_index', '?')} epochs)"
+        return f"an unfinished run (next: {_position(position)})"
+    metrics = os.path.join(folder, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics, "rb") as handle:
+            return f"a run's records ({sum(1 for line in handle if line.strip())} epochs)"
+    entries = sorted(name for name in os.listdir(folder) if name != LOCK)
+    return f"{len(entries)} other entries (e.g. {', '.join(entries[:3])})"
+
+
+def _position(position):
+    return ", ".join(f"{key} {position[key]}" for key in ("stage", "epoch", "micro")
+                     if key in position)
+
+
+def _aside(folder):
+    """A new name beside ``folder`` for the run it holds."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, count = f"{folder.rstrip(os.sep)}.old-{stamp}", 1
+    while os.path.lexists(candidate):
+        count += 1
+        candidate = f"{folder.rstrip(os.sep)}.old-{stamp}-{count}"
+    return candidate
+
+
+class RunFolder:
+    """Hold ``path`` for one run: create it, lock it, and check what a fresh run finds there."""
+
+    def __init__(self, path):
+        self.path, self._fd = path, None
+
+    def hold(self, resume=False, overwrite=False):
+        """Take the folder: one :class:`UserError` line if another run holds it, or if a
+        fresh run would land among an earlier run's files (``overwrite`` moves them aside
+        and says where). Returns the folder the old run was moved to, if any."""
+        ensure_folder(self.path, "train.output_dir")
+        self._lock()
+        if resume or not any(name != LOCK for name in os.listdir(self.path)):
+            return None
+        foreign = sorted(name for name in os.listdir(self.path)
+                         if name not in RUN_ENTRIES and not name.endswith(".tmp"))
+        if not overwrite:
+            raise UserError(f"train.output_dir {self.path} already holds {_describe(self.path)}; "
+                            f"continue it with --resume, choose another train.output_dir, or pass "
+                            f"--overwrite to move it aside and start afresh")
+        if foreign:
+            raise UserError(f"train.output_dir {self.path} holds files that no run wrote (e.g. "
+                            f"{', '.join(foreign[:3])}); --overwrite moves only earlier runs: "
+                            f"choose another train.output_dir")
+        moved = _aside(self.path)
+        os.replace(self.path, moved)
+        self.release()
+        os.makedirs(self.path)
+        self._lock()
+        print(f"moved the earlier contents of {self.path} to {moved}", flush=True)
+        return moved
+
+    def _lock(self):
+        fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+            os.close(fd)
+            try:
+                about = json.loads(holder)
+                who = f"pid {about['pid']} on {about['host']}, since {about['since']}"
+            except (ValueError, TypeError, KeyError):
+                who = "another process"
+            raise UserError(f"train.output_dir {self.path} is in use by another run ({who}); "
+                            f"wait for it to end or choose another train.output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (json_text({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "command": " ".join(sys.argv)}) + "\n").encode("utf-8"))
+        self._fd = fd
+
+    def release(self):
+        """Let another run take the folder (also happens when the process ends)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
