@@ -6,12 +6,12 @@ import time
 
 import numpy as np
 import paddle
-from tqdm import tqdm
 
 from losses.rdrop import log_softmax, nll
 from utils.amp import Precision
 from utils.dist import all_sum, any_rank, is_main
 from utils.grads import apply_update, trainable
+from utils.progress import track
 
 
 def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None):
@@ -123,7 +123,7 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
     model.train()
     params = trainable(model)
     start = time.perf_counter() - progress.elapsed
-    bar = tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    bar = track(loader, desc)
     nonfinite = False
     for images, labels in bar:
         if before_micro is not None:
@@ -183,7 +183,7 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=Non
     loss_sum = 0.0
     class_correct = np.zeros(num_classes, dtype=np.int64)
     class_total = np.zeros(num_classes, dtype=np.int64)
-    for images, labels in tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0):
+    for images, labels in track(loader, desc):
         if check_stop is not None:
             check_stop()
         with precision.autocast():

@@ -6,6 +6,7 @@ Examples:
   python main.py -o loss.rdrop=false            # the plain cross-entropy baseline
   python main.py -o stages.0.optimizer.lr=1e-4  # change one stage's learning rate
   python main.py --dry-run                      # print the resolved config and stage plan
+  python main.py --preflight                    # will it fit, how fast, how long (a minute)
   python main.py --resume                       # continue after an interruption
   python main.py --overwrite                    # start again, the earlier run moved aside
   python main.py --init-from output/subset      # carry weights of an earlier run
@@ -18,7 +19,7 @@ import sys
 from utils import cli
 from utils.checkpoint import weights_path
 from utils.config import config_parser, dump_config, load_config
-from utils.errors import Interrupted
+from utils.errors import Interrupted, UserError
 from utils.stages import describe_run, describe_stage, stage_data, stage_loss
 
 
@@ -35,6 +36,13 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a train.output_dir that holds an earlier run, "
                              "after moving its contents aside to OUTPUT_DIR.old-<time>")
+    parser.add_argument("--preflight", action="store_true",
+                        help="measure this run before starting it: a few real steps of each "
+                             "stage setup, an evaluation batch and a checkpoint round trip; "
+                             "prints step time, memory, projected time and disk, then exits "
+                             "(2 when the micro-batch does not fit, with settings that do)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --preflight: print the report as one JSON line")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the stage plan, then exit "
                              "(loads no data and no weights)")
@@ -64,6 +72,8 @@ def main(argv=None):
     if args.dry_run:
         print_plan(cfg)
         return 0
+    if args.preflight:
+        return run_preflight(cfg, args.json)
     from trainer import fit
 
     try:
@@ -71,6 +81,24 @@ def main(argv=None):
     except Interrupted as stop:
         raise Interrupted(stop.signum, f"{stop}; continue with: "
                           f"{resume_command(argv)}") from None
+    return 0
+
+
+def run_preflight(cfg, as_json):
+    """Measure the run, print the report; an error line when the micro-batch does not fit."""
+    from preflight import preflight, print_report
+
+    report = preflight(cfg)
+    print_report(report, as_json)
+    for entry in report["stages"]:
+        if entry["accum_steps"] != cfg.train.accum_steps:
+            configured = entry["batch_size"] // report["ranks"] // cfg.train.accum_steps
+            raise UserError(
+                f"a micro-batch of {configured} images (stage {entry['stage']}) does not fit in "
+                f"memory on {report['device']}; {entry['micro_batch']} does: -o "
+                f"train.accum_steps={entry['accum_steps']} keeps the {entry['batch_size']} "
+                f"images per step" + ("" if cfg.model.recompute else
+                                      ", or try -o model.recompute=true"))
     return 0
 
 

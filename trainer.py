@@ -12,24 +12,19 @@ import signal
 
 import paddle
 
-from data.dataset import (
-    ImageArrayDataset,
-    build_loader,
-    check_labels,
-    eval_loader,
-    load_split,
-    set_epoch,
-    subset_indices,
-)
+from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
+from data.cifar import pending_download as cifar_download
 from data.preprocess import DevicePreprocess
 from engine import EpochProgress, evaluate, train_one_epoch
 from losses import build_loss
 from models.build import build_model, input_size
+from models.build import pending_download as weights_download
 from utils.amp import Precision
 from utils.averaging import build_averages, evaluate_kinds
 from utils.checkpoint import (
     check_position,
     find_last,
+    finished_state,
     first_difference,
     load_last,
     resume_folder,
@@ -39,53 +34,35 @@ from utils.checkpoint import (
 )
 from utils.cli import derived_seed, seed_everything, select_device
 from utils.config import dump_config, to_plain
+from utils.download import ensure_downloadable
 from utils.dist import any_rank, init, is_main, rank, world_size, wrap
-from utils.errors import Interrupted, UserError
+from utils.errors import Interrupted, UserError, is_out_of_memory
 from utils.logger import RunLogger
 from utils.optim import MasterCopies, build_optimizer, optimizer_state_for, portable_optimizer_state
 from utils.plots import plot_curves
+from utils.progress import set_mode as set_progress
 from utils.run_folder import RunFolder
 from utils.signals import StopRequests
-from utils.stages import describe_stage, stage_data, stage_loss
-from utils.tensor_io import as_paddle, load_state
+from utils.files import write_json
+from utils.report import best_line, epoch_line, place, position_text
+from utils.stages import describe_stage, lr_scale, stage_data, stage_loss
+from utils.tensor_io import as_paddle, load_state, load_tensors
 
-TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM = 0, 1
 KINDS = ("raw", "ema", "swa")
 # Keys that may change between a run and its resume without changing the results.
 # nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
 # would have stopped or skipped (a resume after such a stop may relax them).
 RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
-                     "train.nan_policy", "train.nan_max_skips")
+                     "train.nan_policy", "train.nan_max_skips", "train.progress")
 
 
-def _stage_loaders(cfg, data_cfg, train_split, test_split):
-    seed = cfg.train.seed
-    train_images, train_labels = train_split
-    keep = subset_indices(len(train_labels), data_cfg.train_subset, (seed, TRAIN_SUBSET_STREAM),
-                          "data.train_subset")
-    train_set = ImageArrayDataset(train_images[keep], train_labels[keep],
-                                  hflip_prob=data_cfg.hflip_prob, rotation=data_cfg.rotation,
-                                  seed=seed)
-    train_loader = build_loader(train_set, data_cfg.batch_size, data_cfg.num_workers, train=True)
-    test_images, test_labels = test_split
-    keep = subset_indices(len(test_labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
-                          "data.val_subset")
-    return train_loader, eval_loader(test_images[keep], test_labels[keep], data_cfg)
-
-
-def _fmt(value):
-    """A loss for the epoch line: four decimals, or "n/a" when not measured."""
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _describe_steps(stats):
-    """The epoch line's gradient part: mean and largest norm, fp16 overflow steps."""
-    text = ""
-    if stats["grad_norm"] is not None:
-        text = f" | grad norm {stats['grad_norm']:.3g} (max {stats['grad_norm_max']:.3g})"
-    if stats["overflow_steps"]:
-        text += f", {stats['overflow_steps']} fp16 overflow steps skipped"
-    return text
+def _check_same_config(state, cfg, folder):
+    """A resume must use the config the checkpoint was trained with (but for the keys that
+    change nothing of the results)."""
+    changed = first_difference(state["config"], to_plain(cfg), RESUMABLE_CHANGES)
+    if changed:
+        raise UserError(f"the checkpoint in {folder} was trained with another config "
+                        f"('{changed}' differs); resume with the same -c/-o")
 
 
 def _is_better(val, best):
@@ -107,22 +84,17 @@ class Trainer:
         device = select_device()
         init()
         seed_everything(self.seed)
-        images, labels, _ = load_split(cfg.data, "train")
-        test_images, test_labels, _ = load_split(cfg.data, "test")
-        check_labels(labels, cfg.model.num_classes, "train")
-        check_labels(test_labels, cfg.model.num_classes, "test")
-        self.splits = ((images, labels), (test_images, test_labels))
+        train, val, self.test = run_splits(cfg.data, cfg.model.num_classes, self.seed)
+        self.splits = (train, val)
         self.state = {"position": {"stage": 0, "epoch": 0, "micro": 0}, "epoch_index": 0,
                       "global_step": 0, "skipped_steps": 0, "best": None, "progress": None,
-                      "updates": {}, "config": to_plain(cfg)}
+                      "updates": {}, "config": to_plain(cfg), "tested": False}
         self.trees = {}
         if resume:
             folder = resume_folder(resume, self.out)
             self.state, self.trees = load_last(folder)
-            changed = first_difference(self.state["config"], to_plain(cfg), RESUMABLE_CHANGES)
-            if changed:
-                raise UserError(f"the checkpoint in {folder} was trained with another config "
-                                f"('{changed}' differs); resume with the same -c/-o")
+            self.state.setdefault("tested", False)
+            _check_same_config(self.state, cfg, folder)
             check_position(self.state, self.trees, cfg.stages, folder)
         self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
         if "scaler" in self.trees and self.precision.scaling:
@@ -131,7 +103,8 @@ class Trainer:
                                  image_size=cfg.data.image_size)
         if resume:
             load_state(self.model, self.trees["model"])
-            print(f"resuming from {folder} at {self.state['position']}", flush=True)
+            print(f"resuming from {folder} at "
+                  f"{position_text(self.state['position'], cfg.stages)}", flush=True)
         self.masters = MasterCopies(self.model, self.precision,  # casts the weights for O2
                                     as_paddle(self.trees["optimizer"]) if resume else None)
         self.optimizer = None
@@ -144,10 +117,12 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, "config.yaml"), "w", encoding="utf-8") as handle:
                 handle.write(dump_config(cfg))
-        print(f"device {device}, rank {rank()} of {world_size()}; {len(labels)} train / "
-              f"{len(test_labels)} val images; output in {self.out}", flush=True)
+        validation = (f"{len(val[1])} held out for validation (data.val_split)"
+                      if cfg.data.val_split else "the test split as validation (data.val_split: 0)")
+        print(f"device {device}, rank {rank()} of {world_size()}; {len(train[1])} train images, "
+              f"{validation}, {len(self.test[1])} test; output in {self.out}", flush=True)
         self.logger = RunLogger(self.out, keep_records=self.state["epoch_index"],
-                                enabled=is_main())
+                                keep_steps=self.state["global_step"], enabled=is_main())
         self.stops = StopRequests()
 
     def fit(self):
@@ -161,6 +136,7 @@ class Trainer:
             try:
                 for stage_index in range(start["stage"], len(self.cfg.stages)):
                     self._run_stage(stage_index, start if stage_index == start["stage"] else None)
+                self._final_test()
             finally:
                 self.logger.close()
             if self.stops.requested:  # after the last epoch: nothing is left to interrupt
@@ -174,10 +150,39 @@ class Trainer:
                     print(f"warning: curves.png not drawn: {exc}", flush=True)
         best = self.state["best"]
         if best is not None:
-            print(f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, stage "
-                  f"{best['stage']} epoch {best['epoch'] + 1}); weights in "
-                  f"{weights_path(self.out, 'best')}", flush=True)
+            print(best_line(best, weights_path(self.out, "best")), flush=True)
         return best
+
+    def _final_test(self):
+        """Evaluate the best and the last weights on the test split, once, at the end:
+        records in metrics.jsonl, the best's numbers in best.json."""
+        if self.state["tested"]:
+            return
+        loader = eval_loader(*self.test, self.cfg.data)
+        last = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+        chosen = {"last": ("raw", last)}
+        if self.state["best"] is not None:
+            weights, _ = load_tensors(weights_path(self.out, "best"))
+            chosen["best"] = (self.state["best"]["kind"], weights)
+        for which, (kind, weights) in chosen.items():
+            load_state(self.model, weights)
+            result = evaluate(self.model, self.preprocess, loader, self.cfg.model.num_classes,
+                              desc=f"test ({which})", precision=self.precision)
+            record = {"test": which, "kind": kind, "test_top1": result["top1"],
+                      "test_top5": result["top5"], "test_loss": result["loss"],
+                      "num_samples": result["num_samples"]}
+            self.logger.log_test(record)
+            print(f"test split, {which} weights ({kind}): top1 {result['top1']:.4f} top5 "
+                  f"{result['top5']:.4f} loss {result['loss']:.4f} on {result['num_samples']}",
+                  flush=True)
+            if which == "best":
+                self.state["best"].update({k: record[k] for k in
+                                           ("test_top1", "test_top5", "test_loss")})
+                if is_main():
+                    write_json(os.path.join(self.out, "best.json"), self.state["best"])
+        load_state(self.model, last)
+        self.state["tested"] = True
+        self._checkpoint(dict(self.state["position"]), None)
 
     def _run_stage(self, stage_index, start):
         """Build the stage's loss, loaders and optimizer; run its epochs until done or ``until``."""
@@ -185,7 +190,8 @@ class Trainer:
         data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
         self.criterion = build_loss(loss_cfg)
         print(describe_stage(stage_index, stage, data_cfg, loss_cfg), flush=True)
-        self.train_loader, self.val_loader = _stage_loaders(cfg, data_cfg, *self.splits)
+        self.train_loader, self.val_loader = stage_loaders(data_cfg, self.seed,
+                                                           cfg.train.accum_steps, *self.splits)
         sampler = self.train_loader.batch_sampler
         steps_per_epoch = sampler.full_length() // cfg.train.accum_steps
         if steps_per_epoch == 0:
@@ -196,9 +202,9 @@ class Trainer:
             raise UserError(f"the checkpoint's position (micro-batch {start['micro']} of stage "
                             f"{stage_index}) lies outside its {sampler.stop} micro-batches per "
                             f"epoch; it is damaged: resume from another copy or start again")
-        self.optimizer, self.scheduler = build_optimizer(stage, self.model, steps_per_epoch,
-                                                         cfg.train, self.precision.half_weights,
-                                                         self.masters.by_name)
+        self.optimizer, self.scheduler = build_optimizer(
+            stage, self.model, steps_per_epoch, cfg.train, self.precision.half_weights,
+            self.masters.by_name, lr_scale(cfg.train, data_cfg.batch_size))
         first_epoch = start["epoch"] if start else 0
         resumed = start if start and (start["micro"] or start.get("evaluating")) else None
         if start and (first_epoch, start["micro"]) != (0, 0):
@@ -248,10 +254,20 @@ class Trainer:
             if self.stops.requested and world_size() == 1:
                 raise _StopRequested
 
-        desc = f"stage {stage_index} epoch {epoch + 1}/{stage.epochs}"
-        train_one_epoch(self.train_model, self.criterion, self.preprocess, self.train_loader,
-                        self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
-                        before_micro, on_step, desc, self.precision, cfg.train.clip_grad_norm)
+        desc = place(stage_index, epoch + 1, stage.epochs)
+        try:
+            train_one_epoch(self.train_model, self.criterion, self.preprocess, self.train_loader,
+                            self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
+                            before_micro, on_step, desc, self.precision, cfg.train.clip_grad_norm)
+        except Exception as exc:  # noqa: BLE001 - out of memory only; the rest goes on
+            if not is_out_of_memory(exc):
+                raise
+            raise UserError(f"out of memory at {desc}, micro-batch {progress.micro + 1} of "
+                            f"{self.train_loader.batch_sampler.full_length()}; the last "
+                            f"checkpoint ({find_last(self.out) or 'none yet'}) is safe. Find a "
+                            f"micro-batch that fits with python main.py ... --preflight, then "
+                            f"raise train.accum_steps (now {cfg.train.accum_steps}) or set "
+                            f"model.recompute=true") from None
         stats = EpochProgress(**progress.summed()).means()
         if ("swa" in self.averages and (stage_index, epoch) >= self.swa_start
                 and not (resumed and resumed.get("evaluating"))):
@@ -266,13 +282,13 @@ class Trainer:
             raise self._interrupted(here) from None
         for kind, result in results.items():
             if not math.isfinite(result["loss"]):
-                raise UserError(f"the {kind} weights give a non-finite validation loss at stage "
-                                f"{stage_index} epoch {epoch + 1} ({result['loss']}); they are "
-                                f"not saved as best: lower stages.{stage_index}.optimizer.lr or "
-                                f"check train.ema / train.swa")
+                raise UserError(f"the {kind} weights give a non-finite validation loss at {desc} "
+                                f"({result['loss']}); they are not saved as best: lower "
+                                f"stages.{stage_index}.optimizer.lr or check train.ema / "
+                                f"train.swa")
         val = results["raw"]
         record = {
-            "stage": stage_index, "epoch": epoch, "lr": self.optimizer.get_lr(),
+            "stage": stage_index, "epoch": epoch + 1, "lr": self.optimizer.get_lr(),
             "train_loss": stats["loss"], "train_ce": stats["ce"], "train_kl": stats["kl"],
             "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
             "images_per_s": stats["images_per_s"], "grad_norm": stats["grad_norm"],
@@ -288,12 +304,7 @@ class Trainer:
         state["epoch_index"] += 1
         self._checkpoint({"stage": stage_index + 1, "epoch": 0, "micro": 0} if done else
                          {"stage": stage_index, "epoch": epoch + 1, "micro": 0}, None)
-        print(f"{desc}: loss {_fmt(stats['loss'])} (ce {_fmt(stats['ce'])}, kl "
-              f"{_fmt(stats['kl'])}) "
-              f"val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss {val['loss']:.4f} "
-              f"on {val['num_samples']}"
-              + "".join(f", {k} top1 {results[k]['top1']:.4f}" for k in self.averages if k in results)
-              + _describe_steps(stats) + f" | {stats['images_per_s']:.1f} img/s", flush=True)
+        print(epoch_line(desc, stats, results, stage_loss(cfg.loss, stage)), flush=True)
         if reached:
             print(f"stage {stage_index} ends early: {', '.join(reached)} reached", flush=True)
         finished = done and stage_index == len(cfg.stages) - 1
@@ -307,7 +318,7 @@ class Trainer:
         train = self.cfg.train
         step = progress.micro // train.accum_steps
         what = "loss" if values["grad_norm"] is None else "gradient"
-        where = (f"stage {stage_index} epoch {epoch + 1} step {step} (lr {values['lr']:.3g}, "
+        where = (f"{place(stage_index, epoch + 1)} step {step} (lr {values['lr']:.3g}, "
                  f"loss {values['loss']}"
                  + ("" if values["grad_norm"] is None else f", gradient norm {values['grad_norm']}")
                  + ")")
@@ -329,9 +340,10 @@ class Trainer:
     def _interrupted(self, here):
         """The :class:`Interrupted` to raise once the stop checkpoint is saved."""
         return Interrupted(self.stops.signum or signal.SIGTERM,
-                           f"{self.stops.requested or 'SIGTERM'} at stage {here['stage']} epoch "
-                           f"{here['epoch'] + 1} (step {self.state['global_step']}); checkpoint "
-                           f"saved in {find_last(self.out)}")
+                           f"{self.stops.requested or 'SIGTERM'} at "
+                           f"{place(here['stage'], here['epoch'] + 1)} (step "
+                           f"{self.state['global_step']}); checkpoint saved in "
+                           f"{find_last(self.out)}")
 
     def _update_best(self, record, results, epoch_index):
         """Keep the best of the raw, EMA and SWA weights if it beats the best so far."""
@@ -339,7 +351,8 @@ class Trainer:
         if _is_better(results[kind], self.state["best"]):
             self.state["best"] = dict(record, kind=kind, epoch_index=epoch_index,
                                       val_top1=results[kind]["top1"],
-                                      val_num_samples=results[kind]["num_samples"])
+                                      val_num_samples=results[kind]["num_samples"],
+                                      selected_on="val" if self.cfg.data.val_split else "test")
             if kind == "raw":
                 weights = dict(self.model.state_dict(), **self.masters.by_path(self.optimizer))
             else:
@@ -352,7 +365,8 @@ class Trainer:
         self.state.update(position=position, progress=progress,
                           updates={kind: avg.updates for kind, avg in self.averages.items()})
         trees = {"model": self.model.state_dict(),
-                 "optimizer": portable_optimizer_state(self.model, self.optimizer)}
+                 "optimizer": (portable_optimizer_state(self.model, self.optimizer)
+                               if self.optimizer is not None else self.trees["optimizer"])}
         trees.update({kind: avg.state_dict() for kind, avg in self.averages.items()})
         if self.precision.scaling:
             trees["scaler"] = self.precision.scaler.state_dict()
@@ -364,10 +378,21 @@ def fit(cfg, resume=None, overwrite=False):
     """Run every stage of ``cfg`` (from a checkpoint with ``resume``: True or a path),
     holding ``train.output_dir`` meanwhile; ``overwrite`` moves an earlier run there aside."""
     select_device()  # first: it also takes SIGTERM back from Paddle's C++ handler
+    set_progress(cfg.train.progress)
     folder = RunFolder(cfg.train.output_dir)
     if is_main():
         folder.hold(resume=bool(resume), overwrite=overwrite)
     try:
+        if resume:
+            state = finished_state(resume, cfg.train.output_dir, cfg.stages)
+            if state is not None:
+                _check_same_config(state, cfg, resume_folder(resume, cfg.train.output_dir))
+                print(f"the run in {cfg.train.output_dir} is complete (its final test is done); "
+                      f"nothing to resume", flush=True)
+                return state["best"]
+        ensure_downloadable([item for item in (
+            cifar_download(cfg.data), weights_download(cfg.model, load_pretrained=not resume))
+            if item])
         return Trainer(cfg, resume).fit()
     finally:
         folder.release()

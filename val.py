@@ -27,31 +27,57 @@ def parse_args(argv=None):
     parser.add_argument("--kind", choices=("raw", "ema", "swa"),
                         help="evaluate the last checkpoint's raw weights, EMA or SWA average "
                              "instead of the best weights")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="the test split (default), or the validation images the run held "
+                             "out with data.val_split")
     return parser.parse_args(argv)
+
+
+def _kept_average(output_dir, kind):
+    """Whether the run in ``output_dir`` kept the average ``kind`` (its own config says; a
+    folder without one is given the benefit of the doubt)."""
+    from utils.config import read_yaml
+
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return True
+    section = read_yaml(path).get("train", {}).get(kind, {})
+    return not isinstance(section, dict) or section.get("enabled", True) is not False
 
 
 def main(argv=None):
     """Evaluate and write ``val_metrics.json`` next to the checkpoints."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
-    from data.dataset import check_labels, eval_loader, load_split, name_classes
+    from data.dataset import class_names as data_class_names
+    from data.dataset import eval_loader, run_splits
     from data.preprocess import DevicePreprocess
     from engine import evaluate
     from models.build import build_trained, input_size, trained_weights
     from utils.amp import Precision
+    from utils.progress import set_mode as set_progress
     from utils.checkpoint import weights_path
     from utils.files import ensure_folder, write_json
+    from utils.tensor_io import record_of
 
     out = cfg.train.output_dir
     if args.weights and args.kind:
         raise UserError("give --weights or --kind, not both")
+    if args.kind in ("ema", "swa") and not _kept_average(out, args.kind):
+        raise UserError(f"--kind {args.kind}: {args.kind.upper()} is off in the run in {out} "
+                        f"(train.{args.kind}.enabled: false in its config.yaml), so it kept no "
+                        f"such average; use --kind raw, or the best weights")
+    if args.split == "val" and not cfg.data.val_split:
+        raise UserError("--split val: this config holds out no validation images "
+                        "(data.val_split: 0), so validation was the test split")
     kind = {"raw": "model", "ema": "ema", "swa": "swa"}.get(args.kind)
     weights = trained_weights(out, args.weights or (weights_path(out, kind) if kind else None),
                               args.config)
     precision = Precision(cfg.train.amp, cli.select_device(), cfg.train.amp_level)
-    images, labels, class_names = load_split(cfg.data, "test")
-    check_labels(labels, cfg.model.num_classes, "test")
-    class_names = name_classes(class_names, cfg.model.num_classes)
+    set_progress(cfg.train.progress)
+    _, val, test = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    images, labels = test if args.split == "test" else val
+    class_names = data_class_names(cfg.data, cfg.model.num_classes)
     model = build_trained(cfg, weights, precision)
     preprocess = DevicePreprocess(input_size(model))
     result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
@@ -60,7 +86,7 @@ def main(argv=None):
         raise UserError(f"the weights {weights} give a non-finite loss ({result['loss']}) on the "
                         f"test split: they hold non-finite values or overflow")
     report = {
-        "weights": os.path.abspath(weights),
+        "weights": os.path.abspath(weights), "split": args.split,
         "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
         "num_samples": result["num_samples"],
         "per_class_top1": dict(zip(class_names, result["per_class_top1"])),
@@ -72,6 +98,10 @@ def main(argv=None):
         print(plot_per_class(report["per_class_top1"], os.path.join(out, PER_CLASS),
                              f"per-class top-1 of {os.path.basename(weights)} "
                              f"(top-1 {result['top1']:.4f})"), flush=True)
+    chosen = record_of(weights).get("selected_on")
+    if chosen == "test" and args.split == "test":
+        print("note: these weights were chosen on the test split (data.val_split: 0); this "
+              "top-1 is biased upward", flush=True)
     print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} loss={result['loss']:.4f} "
           f"n={result['num_samples']}", flush=True)
     return 0

@@ -51,6 +51,14 @@ def locate_cifar100(path=None):
                             f"CIFAR-100 ({cached})", fix)
 
 
+def pending_download(data_cfg):
+    """``(what, url, option)`` of the CIFAR-100 archive if a run will download it, or ``None``."""
+    if data_cfg.name != "cifar100" or data_cfg.path is not None \
+            or os.path.isfile(default_archive_path()):
+        return None
+    return "CIFAR-100", CIFAR100_URL, "-o data.path=/path/to/"
+
+
 def _read_member(path, wanted):
     """Yield ``(name, file object)`` for the member called ``wanted`` (train, test or meta) of
     an archive or folder. Only that regular file is opened: a pipe or device in a folder

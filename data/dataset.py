@@ -1,10 +1,7 @@
 """Datasets and loaders over uint8 image arrays, with seeded host-side augmentation."""
 
-import ctypes
 import functools
 import os
-import signal
-import sys
 
 import numpy as np
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
@@ -19,10 +16,12 @@ from data.cifar import (
 )
 from data.digits import digits_class_names, load_digits
 from utils.cli import derived_seed
-from utils.dist import rank, world_size
+from utils.dist import die_with_parent, rank, world_size
 from utils.errors import UserError
+from utils.stages import micro_batch
 
-PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+# Seed streams: the train and val subsets, the held-out validation split.
+TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM, HOLDOUT_STREAM = 0, 1, 2
 
 
 def load_split(data_cfg, mode):
@@ -33,6 +32,62 @@ def load_split(data_cfg, mode):
     path = locate_cifar100(data_cfg.path)
     images, labels = load_cifar100(path, mode)
     return images, labels, cifar100_class_names(path)
+
+
+def run_splits(data_cfg, num_classes, seed):
+    """The ``(images, labels)`` a run trains, validates and tests on.
+
+    With ``data.val_split: N`` the validation set is N training images held out (stratified
+    by class, seeded) and the test split is kept for the end; with 0 the test split is also
+    the validation set (the original's and the R-Drop paper's protocol).
+    """
+    images, labels, _ = load_split(data_cfg, "train")
+    test_images, test_labels, _ = load_split(data_cfg, "test")
+    check_labels(labels, num_classes, "train")
+    check_labels(test_labels, num_classes, "test")
+    test = (test_images, test_labels)
+    if not data_cfg.val_split:
+        return (images, labels), test, test
+    train, val = holdout_indices(labels, data_cfg.val_split, (seed, HOLDOUT_STREAM))
+    return (images[train], labels[train]), (images[val], labels[val]), test
+
+
+def stage_loaders(data_cfg, seed, accum_steps, train_split, val_split):
+    """A stage's training loader (its subset, augmentation and per-rank micro-batches of
+    ``data.batch_size / (ranks x accum_steps)``) and validation loader (its subset, this
+    rank's share)."""
+    images, labels = train_split
+    keep = subset_indices(len(labels), data_cfg.train_subset, (seed, TRAIN_SUBSET_STREAM),
+                          "data.train_subset")
+    train_set = ImageArrayDataset(images[keep], labels[keep], hflip_prob=data_cfg.hflip_prob,
+                                  rotation=data_cfg.rotation, seed=seed)
+    micro = micro_batch(data_cfg.batch_size, accum_steps, world_size())
+    train_loader = build_loader(train_set, micro, data_cfg.num_workers, train=True)
+    images, labels = val_split
+    keep = subset_indices(len(labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
+                          "data.val_subset")
+    return train_loader, eval_loader(images[keep], labels[keep], data_cfg)
+
+
+def holdout_indices(labels, count, seed):
+    """Sorted ``(train, held_out)`` indices: ``count`` held out, each class in proportion to
+    its size (largest remainders round), the members drawn from a generator seeded by
+    ``seed``."""
+    if not 0 < count < len(labels):
+        raise UserError(f"data.val_split={count} leaves no training image: the training split "
+                        f"has {len(labels)}, so hold out at most {len(labels) - 1} (or 0 to "
+                        f"validate on the test split)")
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = count * sizes / len(labels)
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[:count - quota.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    held = np.concatenate([rng.choice(np.flatnonzero(labels == c), q, replace=False)
+                           for c, q in zip(classes, quota)])
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def class_names(data_cfg, num_classes):
@@ -143,25 +198,21 @@ def build_loader(dataset, batch_size, num_workers, train):
     if train and len(sampler) == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one "
                         f"batch of {batch_size}; lower data.batch_size")
-    init = functools.partial(_die_with_parent, os.getpid()) if num_workers else None
+    # Workers die with the training process (without it, the workers of a run killed with
+    # kill -9 live on for minutes).
+    init = functools.partial(_worker_dies_with, os.getpid()) if num_workers else None
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       worker_init_fn=init)
 
 
-def _die_with_parent(parent, worker_id):
-    """In a loader worker: have the kernel kill this process when the training process dies
-    (Linux; without it, workers of a run killed with kill -9 live on for minutes)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
+def _worker_dies_with(parent, worker_id):
+    die_with_parent(parent)
 
 
 def eval_loader(images, labels, data_cfg):
     """A loader over this rank's share of the samples (every ``world_size``-th from ``rank``,
     all of them on one process), in order, nothing dropped, nothing repeated, no augmentation."""
-    batch = data_cfg.eval_batch_size or data_cfg.batch_size
+    batch = data_cfg.eval_batch_size or max(data_cfg.batch_size // world_size(), 1)
     share = slice(rank(), None, world_size())
     return build_loader(ImageArrayDataset(images[share], labels[share]), batch,
                         data_cfg.num_workers, train=False)

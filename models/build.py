@@ -7,10 +7,14 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import ppim  # at import time, not in build_model: importing PPIM draws from Paddle's RNG
+from ppim.models.common import DropPath as PPIMDropPath
+from ppim.models.vit import Block
 
 from models.attention import use_fused_attention
+from models.drop_path import DropPath
+from models.recompute import RecomputedBlock
 from models.resolution import extra_tokens, resample_pos_embed, set_resolution
-from utils.download import download_weights
+from utils.download import download_weights, weights_cached
 from utils.errors import UserError
 from utils.files import path_problem
 from utils.tensor_io import load_state, load_tensors
@@ -78,9 +82,13 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
         raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
     if image_size:
         set_resolution(backbone, image_size)
+    _swap_layers(backbone, PPIMDropPath, DropPath)
     _check_runs(backbone, model_cfg)
     print(use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp,
                               tokens=backbone.pos_embed.shape[1]), flush=True)
+    if model_cfg.recompute:
+        print(f"recompute: {_swap_layers(backbone, Block, RecomputedBlock)} blocks recompute their activations in the "
+              f"backward pass", flush=True)
     model = (MLPHeadClassifier(backbone, model_cfg.mlp_hidden, model_cfg.num_classes,
                                model_cfg.drop_rate) if mlp else backbone)
     if load_pretrained and model_cfg.pretrained:
@@ -94,6 +102,15 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
         summary = load_weights(model, path)
         print(describe_load(path, summary), flush=True)
     return model
+
+
+def _swap_layers(model, old, new):
+    """Give every layer of ``model`` whose type is exactly ``old`` the class ``new`` (a
+    subclass: same parameters, same names, so weights load unchanged); return how many."""
+    layers = [layer for layer in model.sublayers() if type(layer) is old]
+    for layer in layers:
+        layer.__class__ = new
+    return len(layers)
 
 
 def _check_runs(backbone, model_cfg):
@@ -110,6 +127,16 @@ def _check_runs(backbone, model_cfg):
                         f"not run ({type(exc).__name__}: {message}); check those sizes") from None
     finally:
         backbone.train()
+
+
+def pending_download(model_cfg, load_pretrained=True):
+    """``(what, url, option)`` of the weights a build will download, or ``None``."""
+    if not (load_pretrained and model_cfg.pretrained is True):
+        return None
+    url = pretrained_url(model_cfg.name)
+    if weights_cached(url):
+        return None
+    return f"PPIM's {model_cfg.name} ImageNet weights", url, "-o model.pretrained=/path/to/"
 
 
 def input_size(model):

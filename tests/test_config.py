@@ -87,7 +87,7 @@ def test_cli_config_error_is_one_line_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: config key 'data.bach_size' is unknown; valid keys at data: name, path, "
-        "train_subset, val_subset, image_size, batch_size, eval_batch_size, num_workers, "
+        "val_split, train_subset, val_subset, image_size, batch_size, eval_batch_size, num_workers, "
         "hflip_prob, rotation"]
 
 

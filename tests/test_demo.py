@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import numpy as np
 import paddle
 import pytest
-from conftest import ROOT, assert_one_error, run_script
+from conftest import DEMO_BAND, ROOT, assert_one_error, read_records, run_script, final_tests
 
 from data.cifar import CIFAR100_URL
 from data.digits import load_digits
@@ -31,9 +31,10 @@ def demo_run(tmp_path_factory):
 def test_demo_trains_every_stage_and_epoch(demo_run):
     out, proc = demo_run
     cfg = load_config("configs/demo.yaml")
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle]
+    records = read_records(out)
     assert len(records) == sum(stage.epochs for stage in cfg.stages)
+    tests = read_records(out, test=True)
+    assert [(t["test"], t["num_samples"]) for t in tests] == [("last", 360), ("best", 360)]
     assert [r["stage"] for r in records] == [i for i, s in enumerate(cfg.stages)
                                              for _ in range(s.epochs)]
     assert records[-1]["train_loss"] < 0.5 * records[0]["train_loss"]
@@ -48,8 +49,9 @@ def test_val_reports_demo_accuracy_per_sample(demo_run):
     match = re.fullmatch(r"top1=(\S+) top5=(\S+) loss=(\S+) n=(\d+)", last)
     assert match, last
     top1, top5, loss, n = float(match[1]), float(match[2]), float(match[3]), int(match[4])
-    # 0.9694 to 0.9806 on Paddle 3.3.1 (by the CPU), 0.9472 on 2.6.2; chance is 0.1.
-    assert n == 360 and top1 >= 0.93 and top5 >= top1 and loss < 0.5
+    # Measured 0.950-0.967 over seeds 0-2 (best weights chosen on the 240 held-out digits);
+    # one image is 0.28 points; chance is 0.1.
+    assert n == 360 and top1 >= DEMO_BAND and top5 >= top1 and loss < 0.5
     with open(os.path.join(out, "val_metrics.json"), encoding="utf-8") as handle:
         report = json.load(handle)
     assert report["num_samples"] == 360 and report["top1"] == pytest.approx(top1, abs=1e-4)
@@ -59,7 +61,9 @@ def test_val_reports_demo_accuracy_per_sample(demo_run):
     weighted = sum(a * s for a, s in zip(report["per_class_top1"].values(), sizes)) / 360
     assert weighted == pytest.approx(report["top1"])
     with open(os.path.join(out, "best.json"), encoding="utf-8") as handle:
-        assert json.load(handle)["val_top1"] == pytest.approx(report["top1"])
+        best = json.load(handle)
+    assert best["test_top1"] == pytest.approx(report["top1"]) and best["selected_on"] == "val"
+    assert final_tests(out)["best"]["test_top1"] == pytest.approx(report["top1"])
 
 
 def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_run, tmp_path):
@@ -135,6 +139,10 @@ def test_default_run_offline_fails_fast_with_one_line(tmp_path):
     proc = run_script("main.py", env={"HOME": str(tmp_path)}, timeout=120)  # empty Paddle cache
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: CIFAR-100")
-    assert "-o data.path=" in lines[0] and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: offline")
+    assert "2 download(s)" in lines[0] and "Traceback" not in proc.stderr
+    for fragment in ("cifar-100-python.tar.gz from https://", "-o data.path=",
+                     "DeiT_base_distilled_patch16_384.pdparams from https://",
+                     "-o model.pretrained=/path/to/DeiT_base_distilled_patch16_384.pdparams"):
+        assert fragment in lines[0], fragment
 

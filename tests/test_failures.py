@@ -133,7 +133,7 @@ def test_bad_data_is_one_error_line(tmp_path, row):
 def test_subset_larger_than_the_split_is_one_error_line(tmp_path):
     proc = run_script("main.py", *DEMO, "-o", "data.train_subset=5000",
                       "-o", f"train.output_dir={tmp_path}")
-    assert_one_error(proc, "data.train_subset=5000 must be between 1 and the split size 1437")
+    assert_one_error(proc, "data.train_subset=5000 must be between 1 and the split size 1197")
 
 
 CONFIG_ROWS = [

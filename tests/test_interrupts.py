@@ -227,7 +227,7 @@ def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(whole, tmp_p
     assert_one_error(proc, f"cannot save the checkpoint in {out} (No space left on device",
                      "the previous checkpoint there is kept", "--resume")
     state, _ = load_last(find_last(out))
-    assert state["position"] == {"stage": 0, "epoch": 0, "micro": 6}  # save_every_steps=3, accum 2
+    assert state["position"] == {"stage": 0, "epoch": 0, "micro": 12}  # steps 3 and 6 of 8, accum 2
     leftovers = [name for name in os.listdir(out) if name.endswith(".tmp") or "partial" in name]
     assert leftovers == [] and not os.path.exists(os.path.join(out, "best.safetensors"))
     resumed = run_script("main.py", *RUN, "-o", f"train.output_dir={out}", "--resume")

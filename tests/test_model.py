@@ -3,7 +3,7 @@
 import numpy as np
 import paddle
 import pytest
-from conftest import TINY_MODEL_KWARGS
+from conftest import TINY_MODEL_KWARGS, tiny_model_config
 
 from models.build import build_model, input_size, load_weights, pretrained_url
 from models.resolution import resample_pos_embed
@@ -123,3 +123,21 @@ def test_pretrained_download_offline_is_one_clear_error(monkeypatch, tiny_model_
         build_model(cfg)
     assert "PPIM's deit_ti ImageNet weights is not available offline" in str(info.value)
     assert "-o model.pretrained=" in str(info.value)
+
+
+def test_drop_path_zeroes_whole_samples_and_scales_the_rest():
+    model = build_model(tiny_model_config(drop_path_rate=0.3), load_pretrained=False)
+    layer = model.blocks[-1].drop_path  # PPIM's last block has the full rate
+    assert type(layer).__module__ == "models.drop_path" and layer.drop_prob == 0.3
+    x = np.random.default_rng(0).normal(size=(64, 5, 8)).astype("float32")
+    paddle.seed(3)
+    draws = paddle.rand([64, 1, 1]).numpy().astype(np.float64)
+    expected = x / 0.7 * np.floor(draws + 0.7)  # float64, from the formula
+    paddle.seed(3)
+    layer.train()
+    got = layer(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    dropped = np.all(got == 0, axis=(1, 2))
+    assert 0 < dropped.sum() < 64  # whole samples, some of them
+    layer.eval()
+    assert np.array_equal(layer(paddle.to_tensor(x)).numpy(), x)

@@ -36,7 +36,7 @@ def test_stage_ends_early_on_threshold_and_otherwise_runs_its_epochs(tmp_path):
     out = str(tmp_path / "run")
     fit(_cfg(f"train.output_dir={out}", "stages.0.epochs=3", "stages.0.until={val_top1: 0.0}",
              "stages.1.epochs=2", "stages.1.until={val_top1: 1.0}"))
-    assert [(r["stage"], r["epoch"]) for r in read_records(out)] == [(0, 0), (1, 0), (1, 1)]
+    assert [(r["stage"], r["epoch"]) for r in read_records(out)] == [(0, 1), (1, 1), (1, 2)]
 
 
 def test_warmup_then_polynomial_decay_lr_values():

@@ -112,7 +112,7 @@ def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     out = str(tmp_path / "run")
     best = fit(_small_run(out, "stages.0.data={train_subset: 100, val_subset: 50}"))
     records = read_records(out)
-    assert [(r["stage"], r["epoch"]) for r in records] == [(0, 0), (1, 0), (1, 1)]
+    assert [(r["stage"], r["epoch"]) for r in records] == [(0, 1), (1, 1), (1, 2)]
     assert all(set(r) == RECORD_KEYS for r in records)
     assert all(r["images_per_s"] > 0 and 0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in records)
     assert records[0]["lr"] == pytest.approx(3e-3)  # AdamW, constant

@@ -100,8 +100,9 @@ def find_last(output_dir):
     return None
 
 
-def load_last(folder):
-    """``(state, trees)`` of a resume checkpoint folder; trees by name, tensors as NumPy arrays.
+def load_last(folder, trees=True):
+    """``(state, trees)`` of a resume checkpoint folder; trees by name, tensors as NumPy arrays
+    (none with ``trees=False``).
 
     ``state.json`` is checked key by key: a damaged or edited one is one clear error.
     """
@@ -111,9 +112,10 @@ def load_last(folder):
     except ValueError as exc:
         raise UserError(f"the checkpoint in {folder} is damaged ({STATE}: {exc}); resume from "
                         f"another copy or start again") from None
-    trees = {name: load_tensors(os.path.join(folder, name + SAFETENSORS))[0]
-             for name in state["files"]}
-    return state, trees
+    if not trees:
+        return state, {}
+    return state, {name: load_tensors(os.path.join(folder, name + SAFETENSORS))[0]
+                   for name in state["files"]}
 
 
 def _count(value, key):
@@ -143,8 +145,10 @@ def check_state(state):
     position = _mapping(state["position"], "position", ("stage", "epoch", "micro"))
     for key in ("stage", "epoch", "micro"):
         _count(position[key], f"position.{key}")
-    if not isinstance(position.get("evaluating", False), bool):
-        raise ValueError("'position.evaluating' must be true or false")
+    for key, value in (("position.evaluating", position.get("evaluating", False)),
+                       ("tested", state.get("tested", False))):
+        if not isinstance(value, bool):
+            raise ValueError(f"'{key}' must be true or false")
     for key in ("epoch_index", "global_step", "skipped_steps"):
         _count(state[key], key)
     for kind, updates in _mapping(state["updates"], "updates").items():
@@ -172,6 +176,19 @@ def check_state(state):
     files = state["files"]
     if not isinstance(files, list) or not all(isinstance(f, str) and f in TREES for f in files):
         raise ValueError(f"'files' must list checkpoint files among {', '.join(TREES)}")
+
+
+def finished_state(resume, output_dir, stages):
+    """The state of the checkpoint ``--resume`` names if that run is complete (its final test
+    done), else ``None``; a complete run's checkpoint is read and checked whole, as a resume
+    would, so that a damaged one is reported rather than called complete."""
+    folder = resume_folder(resume, output_dir)
+    state, _ = load_last(folder, trees=False)
+    if not state.get("tested") or state["position"]["stage"] != len(stages):
+        return None
+    state, trees = load_last(folder)
+    check_position(state, trees, stages, folder)
+    return state
 
 
 def resume_folder(resume, output_dir):

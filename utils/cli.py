@@ -6,14 +6,10 @@ import signal
 import sys
 import threading
 import traceback
-import warnings
 
 import numpy as np
 
-# Paddle warns about a missing C++ compiler cache on import; this project builds no extension.
-warnings.filterwarnings("ignore", message="No ccache found")
-
-from utils.errors import Interrupted, UserError  # noqa: E402
+from utils.errors import Interrupted, UserError
 
 # OS errors a user fixes (free space, fix permissions) rather than bugs: one line each.
 USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)

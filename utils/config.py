@@ -269,6 +269,9 @@ def check_relations(cfg):
     if not -stages <= cfg.train.swa.stage < stages:
         raise UserError(f"config key 'train.swa.stage' must name one of the {stages} stages "
                         f"(0..{stages - 1}, or -1 for the last); got {cfg.train.swa.stage}")
+    if cfg.train.lr_scaling == "linear" and cfg.train.reference_batch is None:
+        raise UserError("config key 'train.reference_batch' is missing: train.lr_scaling=linear "
+                        "scales the learning rates by data.batch_size / train.reference_batch")
     for index, stage in enumerate(cfg.stages):
         if stage.warmup.steps and stage.warmup.epochs:
             raise UserError(f"config keys 'stages.{index}.warmup.steps' and '.epochs': "

@@ -4,6 +4,11 @@ Without the launcher the world has one rank and every helper here is a no-op, so
 single-process run pays nothing and takes no other branch of the training loop.
 """
 
+import ctypes
+import os
+import signal
+import sys
+
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -24,9 +29,25 @@ def is_main():
     return rank() == 0
 
 
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
+
+def die_with_parent(parent):
+    """Have the kernel kill this process when its parent (pid ``parent``) dies (Linux).
+    Loader workers and launched ranks call it: the launcher starts each rank in a session
+    of its own, and without it the ranks of a launcher killed with kill -9 trained on for
+    seconds, writing epochs and holding the run folder against the ``--resume`` that
+    followed."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
 def init():
     """Join the process group when started by the launcher (NCCL on GPUs, gloo on CPUs)."""
     if world_size() > 1:
+        die_with_parent(os.getppid())
         dist.init_parallel_env()
 
 

@@ -2,7 +2,7 @@
 
 import os
 import socket
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from utils.errors import UserError
 
@@ -26,6 +26,47 @@ def ensure_reachable(url, what, fix):
                         f"reached ({reason}); {fix}") from None
 
 
+def _unreachable(url):
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+
+
+def _file_name(url):
+    """The name a URL's file is saved under (its path's end, or the filename its query asks
+    the server to give it)."""
+    parsed = urlparse(url)
+    for values in parse_qs(parsed.query).values():
+        for value in values:
+            if "filename=" in value:
+                return value.split("filename=", 1)[1].strip('"; ')
+    return os.path.basename(parsed.path)
+
+
+def ensure_downloadable(needed):
+    """Before a run loads anything: every ``(what, url, option)`` it will download must be
+    reachable; otherwise one :class:`UserError` lists them all, each with its file, URL and
+    the ``-o`` that passes a copy fetched elsewhere."""
+    missing = [(what, url, option, reason) for what, url, option in needed
+               for reason in [_unreachable(url)] if reason]
+    if missing:
+        items = "; ".join(f"{what}: fetch {_file_name(url)} from {url} and pass "
+                          f"{option}{_file_name(url)}" for what, url, option, _ in missing)
+        raise UserError(f"offline ({missing[0][3]}): {len(missing)} download(s) cannot be "
+                        f"made: {items}")
+
+
+def weights_cached(url):
+    """Whether Paddle's weights cache already holds the file of ``url``."""
+    from paddle.utils.download import WEIGHTS_HOME, _map_path
+
+    return os.path.isfile(_map_path(url, WEIGHTS_HOME))
+
+
 def download_dataset(url, module_name, md5, what, fix):
     """Fetch a dataset file into Paddle's dataset cache and return its path."""
     from paddle.dataset.common import download
@@ -39,9 +80,9 @@ def download_dataset(url, module_name, md5, what, fix):
 
 def download_weights(url, what, fix):
     """Fetch a weights file into Paddle's weights cache and return its path."""
-    from paddle.utils.download import WEIGHTS_HOME, _map_path, get_weights_path_from_url
+    from paddle.utils.download import get_weights_path_from_url
 
-    if not os.path.isfile(_map_path(url, WEIGHTS_HOME)):
+    if not weights_cached(url):
         ensure_reachable(url, what, fix)
     try:
         return get_weights_path_from_url(url)

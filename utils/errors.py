@@ -20,3 +20,11 @@ class Interrupted(Exception):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+def is_out_of_memory(exc):
+    """Whether ``exc`` is the device (or host) running out of memory, however Paddle says it
+    (``MemoryError``, ``ResourceExhaustedError``, "Out of memory" in a ``RuntimeError``)."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, MemoryError) or "resourceexhausted" in text \
+        or "out of memory" in text

@@ -1,18 +1,72 @@
-"""Run logs: one JSON line per epoch in ``metrics.jsonl`` and VisualDL scalars under ``vdl/``."""
+"""Run logs: one JSON line per epoch in ``metrics.jsonl`` and VisualDL scalars under ``vdl/``.
 
+VisualDL shows only the newest record file of a folder, and a new ``LogWriter`` starts a new
+file: a resumed run would hide its own history. A run therefore writes one file,
+``vdl/vdlrecords.run.log``; a resume first rewrites it (and any older files) with what came
+before the checkpoint only, so the history is one, continuous and without the steps the
+interrupted run did after its last checkpoint.
+"""
+
+import contextlib
+import glob
+import io
 import numbers
 import os
+import shutil
 
 from utils.files import json_text
+
+VDL_FILE = "vdlrecords.run.log"
+
+
+def _quietly(function, *args, **kwargs):
+    """VisualDL prints a line when it opens an existing file; a run's log does not need it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return function(*args, **kwargs)
+
+
+def _scalars_before(vdl, steps, epochs):
+    """The scalars in ``vdl``'s record files that lie before a checkpoint: training steps
+    below ``steps``, epochs below ``epochs``; as ``(tag, step, value, walltime)``."""
+    from visualdl import LogReader
+
+    kept = []
+    for path in sorted(glob.glob(os.path.join(vdl, "vdlrecords.*")), key=os.path.getmtime):
+        reader = _quietly(LogReader, file_path=path)
+        for tag in reader.get_tags().get("scalar", []):
+            limit = steps if tag.startswith("train/") else epochs if tag.startswith("epoch/") \
+                else 0
+            kept += [(tag, r.id, r.value, r.timestamp) for r in reader.get_data("scalar", tag)
+                     if r.id < limit]
+    return kept
+
+
+def _rewrite_history(vdl, steps, epochs):
+    """Replace the record files in ``vdl`` by one holding what lies before a checkpoint
+    (built beside it first, so an interruption never loses the old files)."""
+    from visualdl import LogWriter
+
+    history = _scalars_before(vdl, steps, epochs)
+    partial = vdl + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    writer = _quietly(LogWriter, logdir=partial, file_name=VDL_FILE)
+    for tag, step, value, walltime in history:
+        writer.add_scalar(tag=tag, value=value, step=step, walltime=walltime)
+    writer.close()
+    for path in glob.glob(os.path.join(vdl, "vdlrecords.*")):
+        os.remove(path)
+    os.replace(os.path.join(partial, VDL_FILE), os.path.join(vdl, VDL_FILE))
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 class RunLogger:
     """Writes the per-epoch records and per-step training scalars of one run."""
 
-    def __init__(self, output_dir, keep_records=0, enabled=True):
-        """Start ``metrics.jsonl`` afresh, or keep its first ``keep_records`` lines (a resume:
-        lines of epochs after the checkpoint are dropped, those epochs run again).
-        ``enabled=False`` (ranks other than 0) writes nothing."""
+    def __init__(self, output_dir, keep_records=0, keep_steps=0, enabled=True):
+        """Start ``metrics.jsonl`` and the VisualDL log afresh, or keep their first
+        ``keep_records`` epochs and ``keep_steps`` steps (a resume: what came after the
+        checkpoint is dropped and runs again). ``enabled=False`` (ranks other than 0)
+        writes nothing."""
         from visualdl import LogWriter
 
         self.enabled = enabled
@@ -26,7 +80,10 @@ class RunLogger:
                 kept = handle.readlines()[:keep_records]
         with open(self.metrics_path, "w", encoding="utf-8") as handle:
             handle.writelines(kept)
-        self.writer = LogWriter(logdir=os.path.join(output_dir, "vdl"))
+        vdl = os.path.join(output_dir, "vdl")
+        if glob.glob(os.path.join(vdl, "vdlrecords.*")):
+            _rewrite_history(vdl, keep_steps, keep_records)
+        self.writer = _quietly(LogWriter, logdir=vdl, file_name=VDL_FILE)  # appends
 
     def log_step(self, step, values):
         """Scalars of one optimizer step (``train/loss``, ``train/lr``, ...)."""
@@ -44,6 +101,17 @@ class RunLogger:
         for name, value in record.items():
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
                 self.writer.add_scalar(tag=f"epoch/{name}", value=float(value), step=epoch_index)
+
+    def log_test(self, record):
+        """Append a final test-split record (``{"test": "best"|"last", ...}``) to metrics.jsonl
+        and VisualDL (``test/best_top1``, ...)."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json_text(record) + "\n")
+        for key in ("test_top1", "test_top5", "test_loss"):
+            self.writer.add_scalar(tag=f"test/{record['test']}_{key[len('test_'):]}",
+                                   value=float(record[key]), step=0)
 
     def close(self):
         """Flush and close the VisualDL writer."""

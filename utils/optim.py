@@ -18,23 +18,25 @@ def warmup_steps(stage, steps_per_epoch):
     return steps
 
 
-def build_schedule(stage, steps_per_epoch):
+def build_schedule(stage, steps_per_epoch, scale=1.0):
     """The stage's LR: a float (constant) or a ``paddle.optimizer.lr`` scheduler stepped per update.
 
     Polynomial decay runs over the steps after the warmup; LinearWarmup wraps
-    whichever schedule the stage has.
+    whichever schedule the stage has. ``scale`` multiplies every learning rate of the
+    stage (``train.lr_scaling``).
     """
-    lr = stage.optimizer.lr
+    lr = stage.optimizer.lr * scale
     total = stage.epochs * steps_per_epoch
     warmup = warmup_steps(stage, steps_per_epoch)
     schedule = lr
     if stage.lr_schedule.name == "polynomial":
         schedule = paddle.optimizer.lr.PolynomialDecay(
             learning_rate=lr, decay_steps=max(total - warmup, 1),
-            end_lr=stage.lr_schedule.end_lr, power=stage.lr_schedule.power)
+            end_lr=stage.lr_schedule.end_lr * scale, power=stage.lr_schedule.power)
     if warmup:
         schedule = paddle.optimizer.lr.LinearWarmup(learning_rate=schedule, warmup_steps=warmup,
-                                                    start_lr=stage.warmup.start_lr, end_lr=lr)
+                                                    start_lr=stage.warmup.start_lr * scale,
+                                                    end_lr=lr)
     return schedule
 
 
@@ -52,16 +54,18 @@ def decay_groups(model, exclude):
     return groups
 
 
-def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=False, masters=None):
+def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=False, masters=None,
+                    lr_scale=1.0):
     """The stage's optimizer and LR scheduler (``None`` for a constant LR without warmup).
 
+    ``lr_scale`` multiplies the stage's learning rates (``train.lr_scaling``).
     ``master_weights`` keeps float32 copies of half-precision weights (AMP O2);
     ``masters`` (parameter name -> float32 tensor, see :func:`master_copies`) are the
     previous stage's copies, which the new optimizer continues from instead of making
     new ones from the half-precision weights. Gradient clipping is not the optimizer's
     job here (Paddle clips per parameter group): see :mod:`utils.grads`.
     """
-    lr = build_schedule(stage, steps_per_epoch)
+    lr = build_schedule(stage, steps_per_epoch, lr_scale)
     opt = stage.optimizer
     groups = decay_groups(model, train_cfg.exclude_from_decay)
     if opt.name == "AdamW":

@@ -33,6 +33,8 @@ def read_metrics(output_dir):
                 record = json.loads(line.decode("utf-8")) if line.strip() else None
             except ValueError:
                 record = "damaged"
+            if isinstance(record, dict) and "test" in record:
+                continue  # the final test records: not epochs
             if record is not None and not (isinstance(record, dict)
                                            and type(record.get("stage")) is int):
                 from utils.errors import UserError

@@ -21,7 +21,7 @@ LOCK = "run.lock"
 # What runs and the tools around them write into an output folder: only such a folder is
 # moved aside by --overwrite (a typo must not move a home folder).
 RUN_ENTRIES = {LOCK, "config.yaml", "metrics.jsonl", "last", "last.old", "last.partial",
-               "best.safetensors", "best.json", "vdl", "curves.png", "val_metrics.json",
+               "best.safetensors", "best.json", "vdl", "vdl.partial", "curves.png", "val_metrics.json",
                "per_class_top1.png", "inference"}
 
 

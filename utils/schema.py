@@ -57,6 +57,8 @@ def _nullable(types, minimum=None, maximum=None):
 DATA = Section({
     "name": Field(str, "cifar100", choices=("cifar100", "digits")),
     "path": _nullable(str),
+    # Training images held out for validation, stratified; 0: validate on the test split.
+    "val_split": Field(int, 0, minimum=0, maximum=BIG),
     "train_subset": _nullable(int, minimum=1, maximum=BIG),
     "val_subset": _nullable(int, minimum=1, maximum=BIG),
     "image_size": _nullable(int, minimum=1, maximum=MAX_IMAGE_SIZE),
@@ -84,6 +86,8 @@ MODEL = Section({
     "drop_path_rate": Field(float, 0.0, minimum=0.0, maximum=1.0),
     # PPIM attention through Paddle's fused kernel: auto = on a GPU with AMP.
     "fused_attention": Field(str, "auto", choices=("auto", "on", "off")),
+    # Recompute each transformer block in the backward pass: less memory, more compute.
+    "recompute": Field(bool, False),
     "head": Field(str, "linear", choices=("linear", "mlp")),
     "mlp_hidden": Field(int, 512, minimum=1, maximum=65_536),
     "kwargs": Field(dict, {}),
@@ -111,6 +115,9 @@ TRAIN = Section({
     "output_dir": Field(str, "output"),
     "seed": Field(int, 0, minimum=0, maximum=2 ** 32 - 1),
     "accum_steps": Field(int, 1, minimum=1, maximum=MAX_BATCH),
+    # Learning rates as written (none), or scaled by data.batch_size / reference_batch.
+    "lr_scaling": Field(str, "none", choices=("none", "linear")),
+    "reference_batch": _nullable(int, minimum=1, maximum=MAX_BATCH),
     "amp": Field(str, "off", choices=("off", "fp16", "bf16")),
     "amp_level": Field(str, "O1", choices=("O1", "O2")),
     "clip_grad_norm": _nullable(float, minimum=0.0),
@@ -121,6 +128,8 @@ TRAIN = Section({
     "nan_max_skips": Field(int, 10, minimum=0, maximum=BIG),
     "ema": EMA,
     "swa": SWA,
+    # Progress of loops: bars on a terminal or in a notebook, a line a minute in a log (auto).
+    "progress": Field(str, "auto", choices=("auto", "bars", "lines", "off")),
 })
 
 OPTIMIZER = Tagged({

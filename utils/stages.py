@@ -1,4 +1,26 @@
-"""The stage plan: per-stage overrides of the data and loss sections, and its description."""
+"""The stage plan: per-stage overrides of the data and loss sections, the batch arithmetic,
+and its description."""
+
+from utils.errors import UserError
+
+
+def micro_batch(batch_size, accum_steps, ranks, where="data.batch_size"):
+    """Images per rank and micro-batch: ``batch_size`` (the images of one optimizer step, all
+    ranks together) split over ``ranks`` and ``accum_steps`` micro-batches, exactly."""
+    parts = ranks * accum_steps
+    if batch_size % parts:
+        raise UserError(f"{where}={batch_size} does not split into {ranks} rank(s) x "
+                        f"train.accum_steps={accum_steps} equal micro-batches; make it a "
+                        f"multiple of {parts} or change train.accum_steps")
+    return batch_size // parts
+
+
+def lr_scale(train_cfg, batch_size):
+    """The factor on a stage's learning rates: ``batch_size / train.reference_batch`` with
+    ``train.lr_scaling: linear``, else 1."""
+    if train_cfg.lr_scaling == "linear":
+        return batch_size / train_cfg.reference_batch
+    return 1.0
 
 
 def describe_stage(index, stage, data_cfg, loss_cfg):
@@ -24,7 +46,7 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
         return "all" if n is None else str(n)
 
     data_text = (f"train {size(data_cfg.train_subset)} / val {size(data_cfg.val_subset)} images, "
-                 f"batch {data_cfg.batch_size}, hflip p={data_cfg.hflip_prob:g}, "
+                 f"{data_cfg.batch_size} images per step, hflip p={data_cfg.hflip_prob:g}, "
                  f"rotation ±{data_cfg.rotation:g}°")
     loss_text = f"R-Drop alpha={loss_cfg.alpha:g}" if loss_cfg.rdrop else "cross-entropy"
     name = stage.name or f"stage {index}"
@@ -36,8 +58,13 @@ def describe_run(cfg):
     """One line of the run-wide training settings: batch, accumulation, clipping, precision,
     averages."""
     train = cfg.train
-    parts = [f"batch {cfg.data.batch_size} x accum {train.accum_steps} = "
-             f"{cfg.data.batch_size * train.accum_steps} images per update (per rank)",
+    batch, accum = cfg.data.batch_size, train.accum_steps
+    parts = [f"validation on {cfg.data.val_split} held-out training images, the test split "
+             f"once at the end" if cfg.data.val_split else
+             "validation on the test split (data.val_split: 0; best chosen on it)",
+             f"{batch} images per optimizer step (data.batch_size, all ranks): micro-batches of "
+             f"{batch} / (ranks x {accum}) per rank, "
+             f"{micro_batch(batch, accum, 1)} on one process",
              f"clip global norm {train.clip_grad_norm:g}" if train.clip_grad_norm else "no clipping",
              "no decay on biases/norms/pos_embed/tokens" if train.exclude_from_decay
              else "decay on every parameter",
@@ -48,6 +75,8 @@ def describe_run(cfg):
     if train.swa.enabled:
         parts.append(f"SWA from stage {train.swa.stage % len(cfg.stages)} "
                      f"epoch {train.swa.start_epoch + 1}")
+    if train.lr_scaling == "linear":
+        parts.append(f"learning rates scaled by data.batch_size / {train.reference_batch}")
     if train.save_every_steps:
         parts.append(f"checkpoint every {train.save_every_steps} steps")
     return "; ".join(parts)

@@ -14,7 +14,6 @@ refused instead of trained on.
 
 import hashlib
 import json
-import os
 
 import numpy as np
 
@@ -151,6 +150,22 @@ def _load_pdparams(path):
                             f"({key!r} is a {type(value).__name__})")
         tensors[key] = value
     return tensors, {}
+
+
+def record_of(path):
+    """The record a best-weights file carries in its header (``{}`` if none), read without
+    its tensors."""
+    if not path.endswith(SAFETENSORS) or path_problem(path):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("metadata", "{}"))
+    except Exception:  # noqa: BLE001 - a damaged header: loading the tensors says so
+        return {}
+    record = metadata.get("record") if isinstance(metadata, dict) else None
+    return record if isinstance(record, dict) else {}
 
 
 def load_tensors(path):

@@ -1,0 +1,244 @@
+"""``python main.py --preflight``: will this run fit, how fast is it, how long will it take?
+
+With the run's own config: the data, the model and its weights, the precision and the
+attention path exactly as the run would choose them; then, for each distinct stage setup
+(micro-batch, accumulation, loss, optimizer), real optimizer steps through the stage's own
+loader, one evaluation batch, and a checkpoint saved and loaded back in a temporary folder.
+Prints a table (``--json``: one JSON line) with the step time, images per second, peak
+memory, the projected time per epoch and for the whole recipe at its epoch caps, and the
+disk the checkpoints need. A micro-batch that does not fit is halved until one does, and
+the settings that keep the same global batch are printed.
+"""
+
+import json
+import os
+import resource
+import tempfile
+import time
+
+import paddle
+
+from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
+from data.preprocess import DevicePreprocess
+from engine import EpochProgress, evaluate, train_one_epoch
+from losses import build_loss
+from models.attention import FusedAttention
+from models.build import build_model, input_size
+from utils.amp import Precision
+from utils.averaging import build_averages
+from utils.checkpoint import load_last, save_last
+from utils.cli import select_device, seed_everything
+from utils.dist import init, world_size, wrap
+from utils.errors import UserError, is_out_of_memory
+from utils.optim import MasterCopies, build_optimizer, portable_optimizer_state
+from utils.progress import set_mode as set_progress
+from utils.stages import lr_scale, micro_batch, stage_data, stage_loss
+
+# Steps timed per setup: at least this many seconds of them (and at least MIN_STEPS), after
+# one untimed step (kernels, caches, allocations).
+TIMED_SECONDS, MIN_STEPS, MAX_STEPS = 3.0, 3, 50
+
+
+def _setups(cfg):
+    """The distinct stage setups: ``(data, loss, optimizer name) -> stage indices``."""
+    setups = {}
+    for index, stage in enumerate(cfg.stages):
+        data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
+        key = (data_cfg.batch_size, loss_cfg.rdrop, stage.optimizer.name)
+        setups.setdefault(key, []).append(index)
+    return setups
+
+
+def _peak_memory(device):
+    if str(device).startswith("gpu"):
+        return int(paddle.device.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _time_steps(run, cfg, stage_index, accum, splits):
+    """Seconds per optimizer step of stage ``stage_index`` with ``accum`` micro-batches."""
+    stage = cfg.stages[stage_index]
+    data_cfg = stage_data(cfg.data, stage)
+    loader, _ = stage_loaders(data_cfg, cfg.train.seed, accum, *splits)
+    set_epoch(loader, 0)
+    optimizer, scheduler = build_optimizer(stage, run["model"], 1000, cfg.train,
+                                           run["precision"].half_weights, run["masters"].by_name,
+                                           lr_scale(cfg.train, data_cfg.batch_size))
+    criterion = build_loss(stage_loss(cfg.loss, stage))
+    times, last = [], [time.perf_counter()]
+
+    def on_step(values, status):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        if len(times) > MIN_STEPS and sum(times[1:]) >= TIMED_SECONDS or len(times) > MAX_STEPS:
+            raise _Enough
+
+    sampler = loader.batch_sampler
+    sampler.stop = min(sampler.full_length() // accum, MAX_STEPS + 1) * accum
+    try:
+        train_one_epoch(run["train_model"], criterion, run["preprocess"], loader, optimizer,
+                        scheduler, EpochProgress(), accum, on_step=on_step, desc="preflight",
+                        precision=run["precision"], clip_norm=cfg.train.clip_grad_norm)
+    except _Enough:
+        pass
+    if len(times) < 2:
+        raise UserError(f"stage {stage_index} has fewer than 2 optimizer steps per epoch; "
+                        f"preflight cannot time it")
+    timed = times[1:]
+    return sum(timed) / len(timed), optimizer
+
+
+class _Enough(Exception):
+    """Enough steps were timed."""
+
+
+def _fitting_accum(run, cfg, stage_index, splits, device):
+    """The smallest ``train.accum_steps`` whose micro-batch fits (the configured one first),
+    with its step time and optimizer: after an out-of-memory the micro-batch is halved (to
+    the largest one that still divides the rank's share of the batch)."""
+    batch = stage_data(cfg.data, cfg.stages[stage_index]).batch_size
+    accum = cfg.train.accum_steps
+    per_rank = micro_batch(batch, accum, world_size(),
+                           f"stages.{stage_index}.data.batch_size") * accum
+    while True:
+        try:
+            step_s, optimizer = _time_steps(run, cfg, stage_index, accum, splits)
+            return accum, step_s, optimizer
+        except Exception as exc:  # noqa: BLE001 - out of memory only
+            if not is_out_of_memory(exc):
+                raise
+        run["model"].clear_gradients()
+        if str(device).startswith("gpu"):
+            paddle.device.cuda.empty_cache()
+        half = per_rank // accum // 2
+        larger = [a for a in range(accum + 1, per_rank + 1)
+                  if per_rank % a == 0 and per_rank // a <= max(half, 1)]
+        if not half or not larger:
+            raise UserError(f"stage {stage_index}: not even a micro-batch of 1 image fits in "
+                            f"memory on {device}; try -o model.recompute=true, -o "
+                            f"train.amp=fp16, or a smaller data.image_size")
+        accum = larger[0]
+
+
+def _checkpoint_bytes(run, optimizer, averages):
+    """Bytes of a resume checkpoint and of the best weights, written and read back."""
+    trees = {"model": run["model"].state_dict(),
+             "optimizer": portable_optimizer_state(run["model"], optimizer)}
+    trees.update({kind: average.state_dict() for kind, average in averages.items()})
+    with tempfile.TemporaryDirectory(prefix="preflight-") as folder:
+        state = {"position": {"stage": 0, "epoch": 0, "micro": 0}, "epoch_index": 0,
+                 "global_step": 0, "skipped_steps": 0, "best": None, "progress": None,
+                 "updates": {kind: 0 for kind in averages}, "config": {}}
+        save_last(folder, trees, state)
+        load_last(os.path.join(folder, "last"))
+        sizes = {name: os.path.getsize(os.path.join(folder, "last", name))
+                 for name in os.listdir(os.path.join(folder, "last"))}
+    return sum(sizes.values()), sizes["model.safetensors"]
+
+
+def preflight(cfg):
+    """Measure the run of ``cfg``; return the report (a dict). One :class:`UserError` when
+    the configured micro-batch does not fit (naming the settings that do)."""
+    start = time.perf_counter()
+    device = select_device()
+    set_progress("off")
+    init()
+    seed_everything(cfg.train.seed)
+    train, val, test = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
+    model = build_model(cfg.model, amp=precision.mode, image_size=cfg.data.image_size)
+    masters = MasterCopies(model, precision)
+    run = {"model": model, "precision": precision, "masters": masters,
+           "train_model": wrap(model), "preprocess": DevicePreprocess(input_size(model))}
+    averages = build_averages(cfg.train, model)
+    fused = sum(isinstance(layer, FusedAttention) for layer in model.sublayers())
+    report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
+              "precision": precision.mode if precision.mode != "off" else "float32",
+              "attention": f"fused ({fused} layers)" if fused else "PPIM's",
+              "recompute": cfg.model.recompute, "stages": []}
+    fits, optimizer = True, None
+    for (batch, _, name), indices in _setups(cfg).items():
+        accum, step_s, optimizer = _fitting_accum(run, cfg, indices[0], (train, val), device)
+        fits = fits and accum == cfg.train.accum_steps
+        micro = micro_batch(batch, accum, world_size())
+        for index in indices:
+            report["stages"].append({"stage": index, "batch_size": batch, "micro_batch": micro,
+                                     "accum_steps": accum, "optimizer": name,
+                                     "step_s": step_s, "train_images_per_s": batch / step_s})
+    eval_s, eval_images = _time_eval(run, cfg, val)
+    _project(report, cfg, train, val, test, eval_images / eval_s)
+    last, best = _checkpoint_bytes(run, optimizer, averages)
+    # last/ and, while it is replaced, last.partial/; the best weights beside them.
+    report.update(checkpoint_bytes=last, disk_bytes=2 * last + best)
+    report["peak_memory_bytes"] = _peak_memory(device)
+    first = report["stages"][0]
+    report.update(step_s=first["step_s"], train_images_per_s=first["train_images_per_s"],
+                  eval_images_per_s=eval_images / eval_s, fits=fits,
+                  preflight_s=time.perf_counter() - start)
+    return report
+
+
+def _time_eval(run, cfg, val):
+    """Seconds and images of one evaluation batch (after an untimed one)."""
+    images, labels = val
+    loader = eval_loader(images[:2 * (cfg.data.eval_batch_size or cfg.data.batch_size)],
+                         labels[:2 * (cfg.data.eval_batch_size or cfg.data.batch_size)], cfg.data)
+    evaluate(run["model"], run["preprocess"], loader, cfg.model.num_classes, desc="preflight",
+             precision=run["precision"])
+    start = time.perf_counter()
+    result = evaluate(run["model"], run["preprocess"], loader, cfg.model.num_classes,
+                      desc="preflight", precision=run["precision"])
+    return time.perf_counter() - start, result["num_samples"]
+
+
+def _project(report, cfg, train, val, test, eval_ips):
+    """Fill in each stage's projected epoch time and the total at the epoch caps."""
+    kinds = 1 + cfg.train.ema.enabled + cfg.train.swa.enabled
+    total = 0.0
+    for entry in report["stages"]:
+        stage = cfg.stages[entry["stage"]]
+        data_cfg = stage_data(cfg.data, stage)
+        images = data_cfg.train_subset or len(train[1])
+        steps = images // entry["batch_size"]
+        val_images = data_cfg.val_subset or len(val[1])
+        entry["steps_per_epoch"] = steps
+        entry["projected_epoch_s"] = steps * entry["step_s"] + kinds * val_images / eval_ips
+        total += stage.epochs * entry["projected_epoch_s"]
+    report["projected_epoch_s"] = report["stages"][0]["projected_epoch_s"]
+    report["projected_total_s"] = total + 2 * len(test[1]) / eval_ips
+
+
+def _human_bytes(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+def _human_seconds(seconds):
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def print_report(report, as_json=False):
+    """The table (or the JSON line) of :func:`preflight`."""
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"device {report['device']}, Paddle {report['paddle']}, {report['ranks']} rank(s), "
+          f"{report['precision']}, attention {report['attention']}, recompute "
+          f"{'on' if report['recompute'] else 'off'}")
+    print(f"{'stage':>5} {'batch':>6} {'micro':>6} {'accum':>6} {'step':>9} {'img/s':>8} "
+          f"{'steps/epoch':>12} {'epoch':>14}")
+    for entry in report["stages"]:
+        print(f"{entry['stage']:>5} {entry['batch_size']:>6} {entry['micro_batch']:>6} "
+              f"{entry['accum_steps']:>6} {entry['step_s']:>8.3f}s "
+              f"{entry['train_images_per_s']:>8.1f} {entry['steps_per_epoch']:>12} "
+              f"{_human_seconds(entry['projected_epoch_s']):>14}")
+    print(f"evaluation {report['eval_images_per_s']:.1f} img/s per rank; peak memory "
+          f"{_human_bytes(report['peak_memory_bytes'])}; checkpoint "
+          f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
+          f"{_human_bytes(report['disk_bytes'])}")
+    print(f"projected: the whole recipe at its epoch caps {_human_seconds(report['projected_total_s'])} "
+          f"(preflight took {report['preflight_s']:.0f} s)")

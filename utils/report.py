@@ -1,0 +1,58 @@
+"""What a person reads of a run: one way to name a place in it, one line per epoch and per end.
+
+Stages are numbered from 0, as in the config's ``stages.N``; epochs from 1 within their
+stage ("stage 1 epoch 3/10"), in the console, in ``metrics.jsonl`` and ``best.json``.
+"""
+
+
+def place(stage, epoch, epochs=None):
+    """``stage S epoch E[/N]`` for a 0-based stage and a 1-based epoch."""
+    return f"stage {stage} epoch {epoch}" + (f"/{epochs}" if epochs else "")
+
+
+def position_text(position, stages):
+    """Where a checkpoint resumes, in words (never a raw dict)."""
+    stage, epoch, micro = position["stage"], position["epoch"], position["micro"]
+    if stage >= len(stages):
+        return "after the last stage (training complete, the final test follows)"
+    text = place(stage, epoch + 1, stages[stage].epochs)
+    if position.get("evaluating"):
+        return text + ", its evaluation"
+    return text + (f", after micro-batch {micro}" if micro else ", its start")
+
+
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def epoch_line(where, stats, results, loss_cfg):
+    """The console line of one finished epoch: the training loss and its parts (R-Drop:
+    ``loss = ce + alpha x kl``, so the parts add up), validation metrics of the raw weights
+    and of each average, gradient norms, speed."""
+    val = results["raw"]
+    if loss_cfg.rdrop:
+        loss = (f"loss {_fmt(stats['loss'])} = ce {_fmt(stats['ce'])} + {loss_cfg.alpha:g} x kl "
+                f"{_fmt(stats['kl'])}")
+    else:
+        loss = f"loss {_fmt(stats['loss'])} (cross-entropy)"
+    text = (f"{where}: {loss} | val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss "
+            f"{val['loss']:.4f} on {val['num_samples']}"
+            + "".join(f", {kind} top1 {result['top1']:.4f}" for kind, result in results.items()
+                      if kind != "raw"))
+    if stats["grad_norm"] is not None:
+        text += f" | grad norm {stats['grad_norm']:.3g} (max {stats['grad_norm_max']:.3g})"
+    if stats["overflow_steps"]:
+        text += f", {stats['overflow_steps']} fp16 overflow steps skipped"
+    return text + f" | {stats['images_per_s']:.1f} img/s"
+
+
+def best_line(best, path):
+    """The end-of-run line naming the best weights, where they came from and on which split
+    they were chosen (the test split under ``data.val_split: 0``: a biased number)."""
+    chosen = ("chosen on the test split (data.val_split: 0), so this number is biased upward"
+              if best.get("selected_on") == "test" else "chosen on the held-out validation split")
+    text = (f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, "
+            f"{place(best['stage'], best['epoch'])}, {chosen})")
+    if "test_top1" in best:
+        text += f"; test top1 {best['test_top1']:.4f} top5 {best['test_top5']:.4f}"
+    return text + f"; weights in {path}"
