@@ -27,7 +27,8 @@ from models.build import build_model, input_size
 from utils.amp import Precision
 from utils.averaging import build_averages
 from utils.checkpoint import load_last, save_last
-from utils.cli import select_device, seed_everything
+from utils.cli import select_device
+from utils.seeds import seed_everything
 from utils.dist import init, world_size, wrap
 from utils.errors import UserError, is_out_of_memory
 from utils.optim import MasterCopies, build_optimizer, portable_optimizer_state

@@ -32,7 +32,8 @@ from utils.checkpoint import (
     save_last,
     weights_path,
 )
-from utils.cli import derived_seed, seed_everything, select_device
+from utils.cli import select_device
+from utils.seeds import derived_seed, seed_everything
 from utils.config import dump_config, to_plain
 from utils.download import ensure_downloadable
 from utils.dist import any_rank, init, is_main, rank, world_size, wrap

@@ -46,9 +46,10 @@ def main(argv=None):
     from losses import CrossEntropyLoss, RDropLoss
     from models.build import build_model, input_size
     from utils.optim import build_optimizer
+    from utils.seeds import seed_everything
 
     device = cli.select_device()
-    cli.seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     images, labels, _ = load_split(cfg.data, "train")
     loader = build_loader(ImageArrayDataset(images, labels, seed=cfg.train.seed),
                           cfg.data.batch_size, 0, train=True)

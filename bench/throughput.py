@@ -36,7 +36,9 @@ FULL = {"config": "configs/rdrop_deit_b_384_cifar100.yaml", "overrides": [],
 
 def forward_flops(model):
     """FLOPs (2 per multiply-add) of one image's forward pass through a PPIM ViT/DeiT."""
-    backbone = getattr(model, "backbone", model)
+    from models.resolution import backbone_of
+
+    backbone = backbone_of(model)
     tokens, dim = backbone.pos_embed.shape[1], backbone.pos_embed.shape[2]
     patch = backbone.patch_embed.proj.weight.shape
     patches = backbone.patch_embed.num_patches

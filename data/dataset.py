@@ -15,7 +15,7 @@ from data.cifar import (
     locate_cifar100,
 )
 from data.digits import digits_class_names, load_digits
-from utils.cli import derived_seed
+from utils.seeds import derived_seed
 from utils.dist import die_with_parent, rank, world_size
 from utils.errors import UserError
 from utils.stages import micro_batch

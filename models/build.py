@@ -13,7 +13,7 @@ from ppim.models.vit import Block
 from models.attention import use_fused_attention
 from models.drop_path import DropPath
 from models.recompute import RecomputedBlock
-from models.resolution import extra_tokens, resample_pos_embed, set_resolution
+from models.resolution import backbone_of, extra_tokens, resample_pos_embed, set_resolution
 from utils.download import download_weights, weights_cached
 from utils.errors import UserError
 from utils.files import path_problem
@@ -87,8 +87,9 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
     print(use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp,
                               tokens=backbone.pos_embed.shape[1]), flush=True)
     if model_cfg.recompute:
-        print(f"recompute: {_swap_layers(backbone, Block, RecomputedBlock)} blocks recompute their activations in the "
-              f"backward pass", flush=True)
+        count = _swap_layers(backbone, Block, RecomputedBlock)
+        print(f"recompute: {count} blocks recompute their activations in the backward pass",
+              flush=True)
     model = (MLPHeadClassifier(backbone, model_cfg.mlp_hidden, model_cfg.num_classes,
                                model_cfg.drop_rate) if mlp else backbone)
     if load_pretrained and model_cfg.pretrained:
@@ -141,8 +142,7 @@ def pending_download(model_cfg, load_pretrained=True):
 
 def input_size(model):
     """The square image side the model's patch embedding expects."""
-    backbone = getattr(model, "backbone", model)
-    return backbone.patch_embed.img_size[0]
+    return backbone_of(model).patch_embed.img_size[0]
 
 
 def load_weights(model, path, strict=False):
@@ -157,8 +157,8 @@ def load_weights(model, path, strict=False):
     """
     state, _ = load_tensors(path)
     target = model
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None:
+    backbone = backbone_of(model)
+    if backbone is not model:
         own = set(model.state_dict())
         if sum(k in own for k in state) < sum(k in backbone.state_dict() for k in state):
             target = backbone

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from utils.cli import gpu_visible
 from utils.errors import UserError
 from utils.files import ensure_folder, path_problem, read_json, write_json
 from utils.schema import MAX_IMAGE_SIZE
@@ -60,7 +61,6 @@ class ExportedModel:
     """An exported model run by ``paddle.inference``; call it on preprocessed float32 images."""
 
     def __init__(self, model_dir):
-        import paddle
         import paddle.inference as inference
 
         problem = path_problem(model_dir, "folder")
@@ -76,7 +76,7 @@ class ExportedModel:
                             f"model.pdiparams, {CONTRACT}); run python export.py first")
         self.contract = _checked_contract(contract, os.path.join(model_dir, CONTRACT))
         config = inference.Config(graphs[0], params)
-        if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        if gpu_visible():
             config.enable_use_gpu(256, 0)  # initial memory pool (MB), device 0
         else:
             config.disable_gpu()

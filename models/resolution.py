@@ -11,18 +11,19 @@ import paddle.nn.functional as F
 from utils.errors import UserError
 
 
-def _backbone(model):
+def backbone_of(model):
+    """The PPIM network of ``model``: the model itself, or the one the MLP-head wrapper holds."""
     return getattr(model, "backbone", model)
 
 
 def patch_size(model):
     """The side of the model's square patches."""
-    return _backbone(model).patch_embed.patch_size[0]
+    return backbone_of(model).patch_embed.patch_size[0]
 
 
 def extra_tokens(model):
     """Entries of the position embedding that are not patches (class, distillation tokens)."""
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     return backbone.pos_embed.shape[1] - backbone.patch_embed.num_patches
 
 
@@ -45,7 +46,7 @@ def resample_pos_embed(pos_embed, tokens, grid):
 
 def set_resolution(model, size):
     """Make ``model`` take ``size × size`` images: patch embedding size and position embedding."""
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     patch = patch_size(model)
     if size % patch:
         raise UserError(f"data.image_size={size} must be a multiple of the patch size {patch}")

@@ -182,7 +182,7 @@ def test_two_cpu_ranks_train_the_demo_to_its_accuracy(tmp_path):
     records = read_records(out)
     assert len(records) == 35  # rank 0 alone writes: one line per epoch
     rank0, rank1 = (_epoch_lines(os.path.join(logs, f"workerlog.{r}")) for r in (0, 1))
-    assert len(rank0) == 35 and rank0 == rank1  # both ranks report the same all-reduced numbers
+    assert len(rank0) == 35 and rank1 == []  # rank 0 reports for all
     assert _test_top1(out) >= DEMO_BAND
 
 

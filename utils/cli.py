@@ -1,13 +1,10 @@
-"""What the command-line entry points share: quiet imports, device choice, seeding, errors."""
+"""What the command-line entry points share: quiet imports, device choice, signals, errors."""
 
 import errno
-import random
 import signal
 import sys
 import threading
 import traceback
-
-import numpy as np
 
 from utils.errors import Interrupted, UserError
 
@@ -47,25 +44,15 @@ def select_device():
 
     _reassert_signal_handlers()
 
-    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        paddle.set_device("gpu")
-    else:
-        paddle.set_device("cpu")
+    paddle.set_device("gpu" if gpu_visible() else "cpu")
     return paddle.get_device()
 
 
-def seed_everything(seed):
-    """Seed Paddle (weights, dropout), NumPy and Python's ``random``."""
+def gpu_visible():
+    """Whether this Paddle is built with CUDA and sees a GPU."""
     import paddle
 
-    paddle.seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def derived_seed(*keys):
-    """A 32-bit seed derived from integers (seed, epoch, step, ...), stable across runs."""
-    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+    return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
 def _report(message, debug):

@@ -45,10 +45,15 @@ def die_with_parent(parent):
 
 
 def init():
-    """Join the process group when started by the launcher (NCCL on GPUs, gloo on CPUs)."""
+    """Join the process group when started by the launcher (NCCL on GPUs, gloo on CPUs).
+
+    Only rank 0 reports: the other ranks' standard output is dropped (every line would be
+    the same), their standard error, where errors go, is kept."""
     if world_size() > 1:
         die_with_parent(os.getppid())
         dist.init_parallel_env()
+        if not is_main():
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")
 
 
 def wrap(model):

@@ -11,6 +11,8 @@ import time
 
 from tqdm import tqdm
 
+from utils.dist import is_main
+
 LINE_INTERVAL_S = 60
 MODES = ("auto", "bars", "lines", "off")
 _mode = "auto"
@@ -30,6 +32,8 @@ def track(iterable, desc):
     """``iterable`` wrapped to report its progress per the mode; the result also takes
     ``set_postfix(**values)`` (shown on the bar or the line)."""
     mode = _mode if _mode != "auto" else "bars" if _watched() else "lines"
+    if not is_main():  # rank 0 reports for all
+        mode = "off"
     if mode == "bars":
         return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0)
     return _Lines(iterable, desc, every=LINE_INTERVAL_S if mode == "lines" else None)
