@@ -30,7 +30,7 @@ def main(argv=None):
     from data.dataset import class_names
     from models.build import build_trained, input_size, trained_weights
     from models.inference import export_model
-    from utils.amp import Precision
+    from training.amp import Precision
 
     weights = trained_weights(cfg.train.output_dir, args.weights, args.config)
     model = build_trained(cfg, weights, Precision("off", cli.select_device()))

@@ -20,7 +20,7 @@ from utils import cli
 from utils.checkpoint import weights_path
 from utils.config import config_parser, dump_config, load_config
 from utils.errors import Interrupted, UserError
-from utils.stages import describe_run, describe_stage, stage_data, stage_loss
+from training.stages import describe_run, describe_stage, stage_data, stage_loss
 
 
 def parse_args(argv=None):
@@ -74,7 +74,7 @@ def main(argv=None):
         return 0
     if args.preflight:
         return run_preflight(cfg, args.json)
-    from trainer import fit
+    from training.trainer import fit
 
     try:
         fit(cfg, resume=args.resume, overwrite=args.overwrite)

@@ -58,7 +58,7 @@ def main(argv=None):
             return exported(images.numpy())
     else:
         from models.build import build_trained, input_size, trained_weights
-        from utils.amp import Precision
+        from training.amp import Precision
 
         weights = trained_weights(cfg.train.output_dir, args.weights, args.config)
         model = build_trained(cfg, weights, Precision("off", device))

@@ -20,20 +20,20 @@ import paddle
 
 from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
 from data.preprocess import DevicePreprocess
-from engine import EpochProgress, evaluate, train_one_epoch
 from losses import build_loss
 from models.attention import FusedAttention
 from models.build import build_model, input_size
-from utils.amp import Precision
-from utils.averaging import build_averages
+from training.amp import Precision
+from training.averaging import build_averages
+from training.engine import EpochProgress, evaluate, train_steps
+from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
+from training.stages import lr_scale, micro_batch, stage_data, stage_loss
 from utils.checkpoint import load_last, save_last
 from utils.cli import select_device
-from utils.seeds import seed_everything
-from utils.dist import init, world_size, wrap
+from utils.dist import any_rank, init, world_size, wrap
 from utils.errors import UserError, is_out_of_memory
-from utils.optim import MasterCopies, build_optimizer, portable_optimizer_state
 from utils.progress import set_mode as set_progress
-from utils.stages import lr_scale, micro_batch, stage_data, stage_loss
+from utils.seeds import seed_everything
 
 # Steps timed per setup: at least this many seconds of them (and at least MIN_STEPS), after
 # one untimed step (kernels, caches, allocations).
@@ -66,32 +66,22 @@ def _time_steps(run, cfg, stage_index, accum, splits):
                                            run["precision"].half_weights, run["masters"].by_name,
                                            lr_scale(cfg.train, data_cfg.batch_size))
     criterion = build_loss(stage_loss(cfg.loss, stage))
-    times, last = [], [time.perf_counter()]
-
-    def on_step(values, status):
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-        if len(times) > MIN_STEPS and sum(times[1:]) >= TIMED_SECONDS or len(times) > MAX_STEPS:
-            raise _Enough
-
     sampler = loader.batch_sampler
     sampler.stop = min(sampler.full_length() // accum, MAX_STEPS + 1) * accum
-    try:
-        train_one_epoch(run["train_model"], criterion, run["preprocess"], loader, optimizer,
-                        scheduler, EpochProgress(), accum, on_step=on_step, desc="preflight",
-                        precision=run["precision"], clip_norm=cfg.train.clip_grad_norm)
-    except _Enough:
-        pass
+    times, last = [], time.perf_counter()
+    for _ in train_steps(run["train_model"], criterion, run["preprocess"], loader, optimizer,
+                         scheduler, EpochProgress(), accum, desc="preflight",
+                         precision=run["precision"], clip_norm=cfg.train.clip_grad_norm):
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        if any_rank(len(times) > MIN_STEPS and sum(times[1:]) >= TIMED_SECONDS):
+            break  # all ranks together: their steps exchange gradients
     if len(times) < 2:
         raise UserError(f"stage {stage_index} has fewer than 2 optimizer steps per epoch; "
                         f"preflight cannot time it")
     timed = times[1:]
     return sum(timed) / len(timed), optimizer
-
-
-class _Enough(Exception):
-    """Enough steps were timed."""
 
 
 def _fitting_accum(run, cfg, stage_index, splits, device):

@@ -52,9 +52,9 @@ def main(argv=None):
     from data.dataset import class_names as data_class_names
     from data.dataset import eval_loader, run_splits
     from data.preprocess import DevicePreprocess
-    from engine import evaluate
+    from training.engine import evaluate
     from models.build import build_trained, input_size, trained_weights
-    from utils.amp import Precision
+    from training.amp import Precision
     from utils.progress import set_mode as set_progress
     from utils.checkpoint import weights_path
     from utils.files import ensure_folder, write_json

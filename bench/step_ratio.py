@@ -45,7 +45,7 @@ def main(argv=None):
     from data.preprocess import DevicePreprocess
     from losses import CrossEntropyLoss, RDropLoss
     from models.build import build_model, input_size
-    from utils.optim import build_optimizer
+    from training.optim import build_optimizer
     from utils.seeds import seed_everything
 
     device = cli.select_device()

@@ -90,11 +90,11 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     from data.dataset import ImageArrayDataset, build_loader
     from data.digits import load_digits
     from data.preprocess import DevicePreprocess
-    from engine import train_step
+    from training.engine import train_step
     from losses import RDropLoss
     from models.build import build_model, input_size
-    from utils.amp import Precision
-    from utils.grads import apply_update, trainable
+    from training.amp import Precision
+    from training.grads import apply_update, trainable
 
     images, labels = load_digits("train")
     criterion = RDropLoss(alpha=cfg.loss.alpha)

@@ -16,17 +16,17 @@ import pytest
 from conftest import ROOT, assert_one_error, kill_in_stage_1, read_records, run_script, \
     final_tests, tiny_model_config
 
-import engine
+from training import engine
 from data.dataset import holdout_indices
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
 from losses import RDropLoss
 from models.build import build_model
-from trainer import fit
+from training.trainer import fit
 from utils.config import load_config
 from utils.errors import UserError
-from utils.optim import build_schedule
-from utils.stages import micro_batch
+from training.optim import build_schedule
+from training.stages import micro_batch
 
 DEMO = ["-c", "configs/demo.yaml"]
 SMALL = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=1", "stages.1.epochs=2"]
@@ -161,7 +161,7 @@ def test_linear_lr_scaling_scales_every_rate_of_a_stage():
     cfg = load_config("configs/demo.yaml", [
         "train.lr_scaling=linear", "train.reference_batch=16",
         "stages.1.warmup={steps: 2, start_lr: 0.001}", "stages.1.lr_schedule.end_lr=0.0001"])
-    from utils.stages import lr_scale
+    from training.stages import lr_scale
 
     scale = lr_scale(cfg.train, cfg.data.batch_size)
     assert scale == 2.0
@@ -256,27 +256,33 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
 
 def test_people_read_one_numbering_and_loss_parts_that_add_up(tmp_path):
     out = str(tmp_path / "run")
+    # Two epochs left after the signal: a loaded machine may read the line late.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *RUN, "-o",
-                             f"train.output_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "stages.1.epochs=3", "-o", f"train.output_dir={out}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("stage 1 epoch 1/2:"):
+        if line.startswith("stage 1 epoch 1/3:"):
             proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143
-    assert re.search(r"interrupted: SIGTERM at stage 1 epoch 2 \(step \d+\)", stderr)
+    assert proc.returncode == 143, stderr[-2000:]
+    # At the end of epoch 1 (the signal came before its stop check) or inside a later one.
+    stopped = re.search(r"interrupted: SIGTERM at stage 1 epoch ([123]) \(step \d+\)", stderr)
+    assert stopped, stderr[-2000:]
+    done = max(int(stopped.group(1)) - 1, 1)  # epochs of stage 1 completed
     epoch_lines = [l for l in lines if re.match(r"stage \d epoch \d/\d: ", l)]
-    assert [l.split(":")[0] for l in epoch_lines] == ["stage 0 epoch 1/1", "stage 1 epoch 1/2"]
+    names = ["stage 0 epoch 1/1", "stage 1 epoch 1/3", "stage 1 epoch 2/3"]
+    assert [l.split(":")[0] for l in epoch_lines] == names[:1 + done]
     for line in epoch_lines:
         loss, ce, alpha, kl = map(float, re.search(
             r"loss (\S+) = ce (\S+) \+ (\S+) x kl (\S+) \|", line).groups())
         assert loss == pytest.approx(ce + alpha * kl, abs=2e-4)
     with open(os.path.join(out, "best.json"), encoding="utf-8") as handle:
         best = json.load(handle)
-    assert (best["stage"], best["epoch"]) in [(0, 1), (1, 1)]
-    assert [(r["stage"], r["epoch"]) for r in read_records(out)] == [(0, 1), (1, 1)]
+    assert (best["stage"], best["epoch"]) in [(0, 1), (1, 1), (1, 2)]
+    assert [(r["stage"], r["epoch"]) for r in read_records(out)] == \
+        [(0, 1), (1, 1), (1, 2)][:1 + done]
 
 
 def test_offline_every_missing_download_is_named_at_once(monkeypatch):

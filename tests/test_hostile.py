@@ -265,7 +265,7 @@ def test_nan_weights_are_never_loaded(tmp_path):
 
 
 def test_a_non_finite_validation_loss_is_an_error_and_never_the_best(tmp_path, monkeypatch):
-    import trainer as trainer_module
+    from training import trainer as trainer_module
     from utils.config import load_config
     from utils.errors import UserError
 
@@ -544,7 +544,7 @@ def test_no_space_without_a_file_name_says_no_none():
 
 
 def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatch, capsys):
-    import trainer as trainer_module
+    from training import trainer as trainer_module
     from utils.config import load_config
 
     real = trainer_module.Trainer._checkpoint
@@ -564,7 +564,7 @@ def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatc
 
 
 def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, monkeypatch):
-    import trainer as trainer_module
+    from training import trainer as trainer_module
     from losses.rdrop import RDropLoss
     from utils.config import load_config
 

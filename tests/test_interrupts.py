@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_one_error, kill_in_stage_1, read_records, run_script
 
-import trainer as trainer_module
-from trainer import fit
+from training import trainer as trainer_module
+from training.trainer import fit
 from utils.checkpoint import find_last, load_last, weights_path
 from utils.config import load_config
 from utils.errors import Interrupted

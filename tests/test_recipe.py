@@ -11,13 +11,13 @@ from conftest import read_records, run_script
 
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from engine import train_step
+from training.engine import train_step
 from losses import RDropLoss
 from models.build import build_model
-from trainer import fit
-from utils.averaging import EMA, SWA
+from training.trainer import fit
+from training.averaging import EMA, SWA
 from utils.config import Node, load_config
-from utils.optim import (
+from training.optim import (
     build_optimizer,
     build_schedule,
     decay_groups,

@@ -14,10 +14,10 @@ import paddle
 import paddle.nn.functional as F
 from safetensors.numpy import load_file
 
-import engine
+from training import engine
 from data.preprocess import DevicePreprocess
 from models.build import build_model
-from trainer import fit
+from training.trainer import fit
 from utils.config import load_config
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")

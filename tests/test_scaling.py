@@ -252,7 +252,7 @@ def test_throughput_quick_prints_one_json_line():
 def test_half_precision_weights_save_average_and_load_as_float32(tmp_path, half):
     """What AMP O2 leaves in the model (half-precision weights) goes through checkpoints,
     EMA and weight swaps; on a CPU the weights are cast by hand (Paddle runs O2 on GPUs)."""
-    from utils.averaging import EMA, evaluate_kinds
+    from training.averaging import EMA, evaluate_kinds
     from utils.tensor_io import load_state, load_tensors, save_tensors
 
     model = _tiny("off")
@@ -281,7 +281,7 @@ def test_half_precision_weights_save_average_and_load_as_float32(tmp_path, half)
 
 
 def test_o2_on_a_cpu_falls_back_and_keeps_float32_weights(capsys):
-    from utils.amp import Precision
+    from training.amp import Precision
 
     precision = Precision("bf16", "cpu", "O2")
     model = precision.prepare(_tiny("off"))

@@ -9,12 +9,12 @@ from conftest import TINY_MODEL_KWARGS, read_records
 
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from engine import EpochProgress, train_one_epoch, train_step
+from training.engine import EpochProgress, train_step, train_steps
 from losses import RDropLoss
 from models.build import build_model
-from trainer import fit
+from training.trainer import fit
 from utils.config import Node, load_config
-from utils.optim import build_optimizer
+from training.optim import build_optimizer
 
 RECORD_KEYS = {"stage", "epoch", "lr", "train_loss", "train_ce", "train_kl", "val_top1", "val_top5",
                "val_loss", "images_per_s", "grad_norm", "grad_norm_max", "overflow_steps",
@@ -65,14 +65,12 @@ def test_a_step_with_a_non_finite_loss_is_not_applied(tiny_model_cfg):
     cfg = load_config("configs/demo.yaml", ["stages.0.warmup.epochs=0"])
     optimizer, _ = build_optimizer(cfg.stages[0], model, 3, cfg.train)
     snapshots, flags = [], []
-
-    def on_step(values, status):
-        flags.append(status)
-        snapshots.append(model.head.weight.numpy().copy())
-
     progress = EpochProgress()
-    means = train_one_epoch(model, nan_on_second_batch, DevicePreprocess(32), batches, optimizer,
-                            None, progress, on_step=on_step)
+    for step in train_steps(model, nan_on_second_batch, DevicePreprocess(32), batches, optimizer,
+                            None, progress):
+        flags.append(step.status)
+        snapshots.append(model.head.weight.numpy().copy())
+    means = progress.means()
     assert flags == ["applied", "nonfinite", "applied"]
     assert np.array_equal(snapshots[0], snapshots[1]) and not np.array_equal(snapshots[1],
                                                                              snapshots[2])

@@ -11,18 +11,18 @@ import paddle
 import pytest
 from conftest import read_records, tiny_model_config
 
-import trainer as trainer_module
+from training import trainer as trainer_module
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from engine import EpochProgress, train_one_epoch
+from training.engine import EpochProgress, train_steps
 from losses import RDropLoss
 from models.build import build_model
-from trainer import fit
-from utils.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, LossScaler, Precision
-from utils.averaging import EMA, SWA
+from training.trainer import fit
+from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, LossScaler, Precision
+from training.averaging import EMA, SWA
 from utils.config import load_config
-from utils.grads import apply_update, trainable
-from utils.optim import (
+from training.grads import apply_update, trainable
+from training.optim import (
     MasterCopies,
     build_optimizer,
     master_copies,
@@ -120,14 +120,12 @@ def _run_epoch(precision, criterion, batches, warmup_steps=4):
     model = _model()
     cfg = _cfg(f"stages.0.warmup={{steps: {warmup_steps}, start_lr: 0.0}}")
     optimizer, scheduler = build_optimizer(cfg.stages[0], model, len(batches), cfg.train)
-    seen = []
-
-    def on_step(values, status):
-        seen.append((status, values["lr"], values["grad_norm"], model.head.weight.numpy().copy()))
-
-    progress = EpochProgress()
-    means = train_one_epoch(model, criterion, DevicePreprocess(32), batches, optimizer, scheduler,
-                            progress, on_step=on_step, precision=precision, clip_norm=CLIP)
+    seen, progress = [], EpochProgress()
+    for step in train_steps(model, criterion, DevicePreprocess(32), batches, optimizer, scheduler,
+                            progress, precision=precision, clip_norm=CLIP):
+        seen.append((step.status, step.values["lr"], step.values["grad_norm"],
+                     model.head.weight.numpy().copy()))
+    means = progress.means()
     return seen, progress, means, optimizer
 
 

@@ -18,6 +18,7 @@ import shutil
 
 import numpy as np
 
+from utils.config import to_plain
 from utils.errors import UserError
 from utils.files import fsync_dir, read_json, write_json
 from utils.tensor_io import SAFETENSORS, load_tensors, save_tensors
@@ -200,6 +201,22 @@ def resume_folder(resume, output_dir):
     if folder is None:
         raise UserError(f"no complete checkpoint to resume in {where}; start without --resume")
     return folder
+
+
+# Keys that may change between a run and its resume without changing the results.
+# nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
+# would have stopped or skipped (a resume after such a stop may relax them).
+RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
+                     "train.nan_policy", "train.nan_max_skips", "train.progress")
+
+
+def check_same_config(state, cfg, folder):
+    """A resume must use the config the checkpoint was trained with (but for the keys that
+    change nothing of the results)."""
+    changed = first_difference(state["config"], to_plain(cfg), RESUMABLE_CHANGES)
+    if changed:
+        raise UserError(f"the checkpoint in {folder} was trained with another config "
+                        f"('{changed}' differs); resume with the same -c/-o")
 
 
 def first_difference(saved, current, ignore=(), path=""):

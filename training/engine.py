@@ -1,17 +1,20 @@
-"""One training epoch and one evaluation pass, the same on CPU, one GPU or N ranks."""
+"""The optimizer steps of one epoch and one evaluation pass, the same on CPU, one GPU or N ranks."""
 
 import contextlib
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Optional
 
 import numpy as np
 import paddle
 
 from losses.rdrop import log_softmax, nll
-from utils.amp import Precision
-from utils.dist import all_sum, any_rank, is_main
-from utils.grads import apply_update, trainable
+from training.amp import Precision
+from training.grads import apply_update, trainable
+from utils.dist import all_sum, any_rank, is_main, rank, world_size
 from utils.progress import track
+from utils.seeds import derived_seed
 
 
 def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None):
@@ -36,6 +39,7 @@ def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, pre
     return parts
 
 
+@dataclass
 class EpochProgress:
     """Where an epoch stands: micro-batches done, samples seen, loss sums, seconds spent, and
     the optimizer steps: applied, skipped for an fp16 overflow, and their gradient norms.
@@ -44,24 +48,22 @@ class EpochProgress:
     mid-epoch checkpoints so that a resumed epoch reports the same means.
     """
 
-    def __init__(self, micro=0, seen=0, sums=None, elapsed=0.0, excluded=0, steps=0,
-                 overflow_steps=0, grad_norm_sum=0.0, grad_norm_max=None):
-        self.micro = micro
-        self.seen = seen
-        self.sums = dict(sums) if sums else {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        self.elapsed = elapsed
-        self.excluded = excluded
-        self.steps = steps
-        self.overflow_steps = overflow_steps
-        self.grad_norm_sum = grad_norm_sum
-        self.grad_norm_max = grad_norm_max
+    micro: int = 0
+    seen: int = 0
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kl": 0.0})
+    elapsed: float = 0.0
+    excluded: int = 0
+    steps: int = 0
+    overflow_steps: int = 0
+    grad_norm_sum: float = 0.0
+    grad_norm_max: Optional[float] = None
+
+    def __post_init__(self):
+        self.sums = dict(self.sums)  # never the caller's (a checkpoint's) dict
 
     def to_dict(self):
         """A JSON-ready copy."""
-        return {"micro": self.micro, "seen": self.seen, "sums": dict(self.sums),
-                "elapsed": self.elapsed, "excluded": self.excluded, "steps": self.steps,
-                "overflow_steps": self.overflow_steps, "grad_norm_sum": self.grad_norm_sum,
-                "grad_norm_max": self.grad_norm_max}
+        return asdict(self)
 
     def add_step(self, grad_norm):
         """Count one applied optimizer step and its gradient norm (before clipping)."""
@@ -102,32 +104,41 @@ class EpochProgress:
         return result
 
 
-def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, progress,
-                    accum_steps=1, before_micro=None, on_step=None, desc="train",
-                    precision=None, clip_norm=None):
-    """Train over ``loader`` (which yields the batches not yet done in ``progress``).
+class Step(NamedTuple):
+    """One optimizer step as :func:`train_steps` reports it: the loss parts of its last
+    micro-batch with ``lr`` and ``grad_norm`` (``None`` when not measured), and whether it
+    was ``"applied"``, skipped for an fp16 ``"overflow"``, or ``"nonfinite"``."""
+
+    values: dict
+    status: str
+
+
+def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, progress,
+                accum_steps=1, dropout_seed=None, desc="train", precision=None, clip_norm=None):
+    """Train over ``loader`` (which yields the batches not yet done in ``progress``),
+    yielding a :class:`Step` after each optimizer step; ``progress`` holds the epoch so far.
 
     Gradients of ``accum_steps`` micro-batches are summed before each optimizer
     step (under DataParallel, ranks exchange gradients only on the last of them),
-    then clipped to the global norm ``clip_norm`` (:func:`utils.grads.apply_update`).
+    then clipped to the global norm ``clip_norm`` (:func:`training.grads.apply_update`).
     A step is ``"applied"``, or not applied and leaves the weights, the optimizer and
     the LR schedule as they were: ``"nonfinite"`` when a micro-batch's loss (on any
     rank) or, without fp16 loss scaling, the gradient is not finite; ``"overflow"``
     when fp16 gradients overflowed (the loss scaler then lowers its scale).
-    ``before_micro(micro)`` runs before each micro-batch (the trainer seeds dropout
-    there); ``on_step(values, status)`` after each step (it may raise to stop), with
-    the loss parts, ``lr`` and ``grad_norm`` (``None`` when not measured).
-    Returns :meth:`EpochProgress.means`.
+    ``dropout_seed`` (keys such as ``(seed, epoch)``) seeds the dropout masks of each
+    micro-batch from those keys and its index, so that a resumed epoch draws the masks
+    the uninterrupted one drew; ranks add their own key and draw different masks.
     """
     precision = precision or Precision()
     model.train()
     params = trainable(model)
+    rank_key = (rank(),) if world_size() > 1 else ()  # one process keeps the keys it had
     start = time.perf_counter() - progress.elapsed
     bar = track(loader, desc)
     nonfinite = False
     for images, labels in bar:
-        if before_micro is not None:
-            before_micro(progress.micro)
+        if dropout_seed is not None:
+            paddle.seed(derived_seed(*dropout_seed, progress.micro, *rank_key))
         last_micro = (progress.micro + 1) % accum_steps == 0
         with (contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync")
               else model.no_sync()):
@@ -159,22 +170,19 @@ def train_one_epoch(model, criterion, preprocess, loader, optimizer, scheduler, 
             progress.overflow_steps += 1
         progress.elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if on_step is not None:
-            on_step(dict(values, lr=lr, grad_norm=grad_norm), status)
+        yield Step(dict(values, lr=lr, grad_norm=grad_norm), status)
         nonfinite = False
     progress.elapsed = time.perf_counter() - start
-    return progress.means()
 
 
 @paddle.no_grad()
-def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=None,
-             precision=None):
+def evaluate(model, preprocess, loader, num_classes, desc="eval", stops=None, precision=None):
     """Top-1, top-5 and cross-entropy averaged per sample, plus per-class top-1.
 
     Every sample counts once, whatever the batch sizes (the last batch included).
     With several ranks each evaluates its shard and the counts are summed, so the
-    result is that of one process. ``check_stop()`` runs before each batch (it may
-    raise to abandon the pass).
+    result is that of one process. With ``stops`` (a :class:`utils.signals.StopRequests`)
+    a stop request abandons the pass: the result is then ``None``.
     """
     precision = precision or Precision()
     model.eval()
@@ -184,8 +192,8 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", check_stop=Non
     class_correct = np.zeros(num_classes, dtype=np.int64)
     class_total = np.zeros(num_classes, dtype=np.int64)
     for images, labels in track(loader, desc):
-        if check_stop is not None:
-            check_stop()
+        if stops is not None and stops.requested:
+            return None
         with precision.autocast():
             logits = model(preprocess(images))
         logits = logits.astype("float32")

@@ -107,18 +107,21 @@ def build_averages(train_cfg, model, state=None, trees=None, masters=None):
 
 
 def evaluate_kinds(model, averages, run_eval):
-    """Evaluate the raw weights and every average that has been updated, side by side.
+    """Evaluate the raw weights and every average that has been updated, side by side;
+    ``None`` when ``run_eval()`` abandons a pass (returns ``None``).
 
-    The model gets its raw weights back even when an evaluation is abandoned.
+    The model gets its raw weights back in any case.
     """
     results = {"raw": run_eval()}
     ready = {kind: average for kind, average in averages.items() if average.updates > 0}
-    if ready:
+    if ready and results["raw"] is not None:
         raw = {key: value.detach().clone() for key, value in model.state_dict().items()}
         try:
             for kind, average in ready.items():
                 load_state(model, average.state_dict())
                 results[kind] = run_eval()
+                if results[kind] is None:
+                    break
         finally:
             model.set_state_dict(raw)
-    return results
+    return None if None in results.values() else results

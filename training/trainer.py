@@ -10,22 +10,27 @@ import math
 import os
 import signal
 
-import paddle
-
-from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
 from data.cifar import pending_download as cifar_download
+from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
 from data.preprocess import DevicePreprocess
-from engine import EpochProgress, evaluate, train_one_epoch
 from losses import build_loss
 from models.build import build_model, input_size
 from models.build import pending_download as weights_download
-from utils.amp import Precision
-from utils.averaging import build_averages, evaluate_kinds
+from training.amp import Precision
+from training.averaging import build_averages, evaluate_kinds
+from training.engine import EpochProgress, evaluate, train_steps
+from training.optim import (
+    MasterCopies,
+    build_optimizer,
+    optimizer_state_for,
+    portable_optimizer_state,
+)
+from training.stages import describe_stage, lr_scale, stage_data, stage_loss
 from utils.checkpoint import (
     check_position,
+    check_same_config,
     find_last,
     finished_state,
-    first_difference,
     load_last,
     resume_folder,
     save_best,
@@ -33,37 +38,21 @@ from utils.checkpoint import (
     weights_path,
 )
 from utils.cli import select_device
-from utils.seeds import derived_seed, seed_everything
 from utils.config import dump_config, to_plain
-from utils.download import ensure_downloadable
 from utils.dist import any_rank, init, is_main, rank, world_size, wrap
+from utils.download import ensure_downloadable
 from utils.errors import Interrupted, UserError, is_out_of_memory
+from utils.files import write_json
 from utils.logger import RunLogger
-from utils.optim import MasterCopies, build_optimizer, optimizer_state_for, portable_optimizer_state
 from utils.plots import plot_curves
 from utils.progress import set_mode as set_progress
-from utils.run_folder import RunFolder
-from utils.signals import StopRequests
-from utils.files import write_json
 from utils.report import best_line, epoch_line, place, position_text
-from utils.stages import describe_stage, lr_scale, stage_data, stage_loss
+from utils.run_folder import RunFolder
+from utils.seeds import seed_everything
+from utils.signals import StopRequests
 from utils.tensor_io import as_paddle, load_state, load_tensors
 
 KINDS = ("raw", "ema", "swa")
-# Keys that may change between a run and its resume without changing the results.
-# nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
-# would have stopped or skipped (a resume after such a stop may relax them).
-RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
-                     "train.nan_policy", "train.nan_max_skips", "train.progress")
-
-
-def _check_same_config(state, cfg, folder):
-    """A resume must use the config the checkpoint was trained with (but for the keys that
-    change nothing of the results)."""
-    changed = first_difference(state["config"], to_plain(cfg), RESUMABLE_CHANGES)
-    if changed:
-        raise UserError(f"the checkpoint in {folder} was trained with another config "
-                        f"('{changed}' differs); resume with the same -c/-o")
 
 
 def _is_better(val, best):
@@ -71,10 +60,6 @@ def _is_better(val, best):
     if best is None:
         return True
     return (val["num_samples"], val["top1"]) > (best["val_num_samples"], best["val_top1"])
-
-
-class _StopRequested(Exception):
-    """Raised inside an evaluation pass to abandon it after a stop signal."""
 
 
 class Trainer:
@@ -95,7 +80,7 @@ class Trainer:
             folder = resume_folder(resume, self.out)
             self.state, self.trees = load_last(folder)
             self.state.setdefault("tested", False)
-            _check_same_config(self.state, cfg, folder)
+            check_same_config(self.state, cfg, folder)
             check_position(self.state, self.trees, cfg.stages, folder)
         self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
         if "scaler" in self.trees and self.precision.scaling:
@@ -217,49 +202,51 @@ class Trainer:
         self.masters.carry(self.optimizer)
 
     def _run_epoch(self, stage_index, epoch, resumed):
-        """Train, average, evaluate, log and checkpoint one epoch; True when the stage is done.
+        """Train, validate and finish one epoch; True when the stage is done.
 
         ``resumed`` is the saved position when the epoch was interrupted after some steps.
         """
-        cfg, stage, state = self.cfg, self.cfg.stages[stage_index], self.state
-        epoch_index = state["epoch_index"]
-        progress = EpochProgress.resumed(state["progress"]) if resumed else EpochProgress()
-        set_epoch(self.train_loader, epoch_index, start=progress.micro)
+        progress = (EpochProgress.resumed(self.state["progress"]) if resumed
+                    else EpochProgress())
         here = {"stage": stage_index, "epoch": epoch}
-        # Ranks draw different dropout masks; one process keeps the key it always had.
-        rank_key = (rank(),) if world_size() > 1 else ()
+        if not (resumed and resumed.get("evaluating")):
+            self._train_epoch(here, progress)
+            if "swa" in self.averages and (stage_index, epoch) >= self.swa_start:
+                self.averages["swa"].update(self.model, self.masters.by_path(self.optimizer))
+        results = self._validate(here, progress)
+        return self._finish_epoch(here, progress, results)
 
-        def before_micro(micro):
-            paddle.seed(derived_seed(self.seed, epoch_index, micro, *rank_key))
-
-        def on_step(values, status):
-            # Only applied updates count as steps: a skipped one (non-finite loss under
-            # nan_policy=skip, fp16 overflow) moves neither the schedule nor the EMA.
-            if status == "nonfinite":
-                self._nonfinite(values, stage_index, epoch, progress)
-            applied = status == "applied"
-            if applied:
-                self.logger.log_step(state["global_step"], values)
-                if "ema" in self.averages:
-                    self.averages["ema"].update(self.model, self.masters.by_path(self.optimizer))
-                state["global_step"] += 1
-            every = cfg.train.save_every_steps
-            stop = any_rank(self.stops.requested)
-            if stop or (applied and every and state["global_step"] % every == 0
-                        and progress.micro < self.train_loader.batch_sampler.stop):
-                self._checkpoint(dict(here, micro=progress.micro), progress.summed())
-            if stop:
-                raise self._interrupted(here)
-
-        def check_stop():  # ranks cannot agree inside a pass: with several, it finishes
-            if self.stops.requested and world_size() == 1:
-                raise _StopRequested
-
-        desc = place(stage_index, epoch + 1, stage.epochs)
-        try:
-            train_one_epoch(self.train_model, self.criterion, self.preprocess, self.train_loader,
+    def _train_epoch(self, here, progress):
+        """The epoch's optimizer steps from where ``progress`` stands; after each: the log,
+        the EMA, a checkpoint when one is due, and a stop when one was requested."""
+        cfg, state = self.cfg, self.state
+        stage = cfg.stages[here["stage"]]
+        set_epoch(self.train_loader, state["epoch_index"], start=progress.micro)
+        desc = place(here["stage"], here["epoch"] + 1, stage.epochs)
+        steps = train_steps(self.train_model, self.criterion, self.preprocess, self.train_loader,
                             self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
-                            before_micro, on_step, desc, self.precision, cfg.train.clip_grad_norm)
+                            (self.seed, state["epoch_index"]), desc, self.precision,
+                            cfg.train.clip_grad_norm)
+        try:
+            for step in steps:
+                # Only applied updates count as steps: a skipped one (non-finite loss under
+                # nan_policy=skip, fp16 overflow) moves neither the schedule nor the EMA.
+                if step.status == "nonfinite":
+                    self._nonfinite(step.values, here, progress)
+                if step.status == "applied":
+                    self.logger.log_step(state["global_step"], step.values)
+                    if "ema" in self.averages:
+                        self.averages["ema"].update(self.model,
+                                                    self.masters.by_path(self.optimizer))
+                    state["global_step"] += 1
+                every = cfg.train.save_every_steps
+                stop = any_rank(self.stops.requested)
+                if stop or (step.status == "applied" and every
+                            and state["global_step"] % every == 0
+                            and progress.micro < self.train_loader.batch_sampler.stop):
+                    self._checkpoint(dict(here, micro=progress.micro), progress.summed())
+                if stop:
+                    raise self._interrupted(here)
         except Exception as exc:  # noqa: BLE001 - out of memory only; the rest goes on
             if not is_out_of_memory(exc):
                 raise
@@ -269,24 +256,35 @@ class Trainer:
                             f"micro-batch that fits with python main.py ... --preflight, then "
                             f"raise train.accum_steps (now {cfg.train.accum_steps}) or set "
                             f"model.recompute=true") from None
-        stats = EpochProgress(**progress.summed()).means()
-        if ("swa" in self.averages and (stage_index, epoch) >= self.swa_start
-                and not (resumed and resumed.get("evaluating"))):
-            self.averages["swa"].update(self.model, self.masters.by_path(self.optimizer))
-        try:
-            results = evaluate_kinds(self.model, self.averages, lambda: evaluate(
-                self.model, self.preprocess, self.val_loader, cfg.model.num_classes, desc="val",
-                check_stop=check_stop, precision=self.precision))
-        except _StopRequested:
+
+    def _validate(self, here, progress):
+        """The validation results of the raw weights and the averages; a stop requested
+        meanwhile (one process: ranks cannot agree inside a pass) abandons the pass and ends
+        the run with a checkpoint that validates again on resume."""
+        stops = self.stops if world_size() == 1 else None
+        results = evaluate_kinds(self.model, self.averages, lambda: evaluate(
+            self.model, self.preprocess, self.val_loader, self.cfg.model.num_classes,
+            desc="val", stops=stops, precision=self.precision))
+        if results is None:
             self._checkpoint(dict(here, micro=progress.micro, evaluating=True),
                              progress.summed())
-            raise self._interrupted(here) from None
+            raise self._interrupted(here)
+        desc = place(here["stage"], here["epoch"] + 1)
         for kind, result in results.items():
             if not math.isfinite(result["loss"]):
                 raise UserError(f"the {kind} weights give a non-finite validation loss at {desc} "
                                 f"({result['loss']}); they are not saved as best: lower "
-                                f"stages.{stage_index}.optimizer.lr or check train.ema / "
+                                f"stages.{here['stage']}.optimizer.lr or check train.ema / "
                                 f"train.swa")
+        return results
+
+    def _finish_epoch(self, here, progress, results):
+        """Record the epoch, keep the best weights, checkpoint the next position, report;
+        True when the stage is done (its epochs, or an ``until`` reached)."""
+        cfg, state = self.cfg, self.state
+        stage_index, epoch = here["stage"], here["epoch"]
+        stage = cfg.stages[stage_index]
+        stats = EpochProgress(**progress.summed()).means()
         val = results["raw"]
         record = {
             "stage": stage_index, "epoch": epoch + 1, "lr": self.optimizer.get_lr(),
@@ -297,15 +295,16 @@ class Trainer:
         }
         for kind in self.averages:
             record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
-        self.logger.log_epoch(epoch_index, record)
-        self._update_best(record, results, epoch_index)
+        self.logger.log_epoch(state["epoch_index"], record)
+        self._update_best(record, results, state["epoch_index"])
         reached = [key for key, goal in stage.until.items()
                    if goal is not None and val[key[len("val_"):]] >= goal]
         done = bool(reached) or epoch + 1 == stage.epochs
         state["epoch_index"] += 1
         self._checkpoint({"stage": stage_index + 1, "epoch": 0, "micro": 0} if done else
                          {"stage": stage_index, "epoch": epoch + 1, "micro": 0}, None)
-        print(epoch_line(desc, stats, results, stage_loss(cfg.loss, stage)), flush=True)
+        print(epoch_line(place(stage_index, epoch + 1, stage.epochs), stats, results,
+                         stage_loss(cfg.loss, stage)), flush=True)
         if reached:
             print(f"stage {stage_index} ends early: {', '.join(reached)} reached", flush=True)
         finished = done and stage_index == len(cfg.stages) - 1
@@ -313,13 +312,13 @@ class Trainer:
             raise self._interrupted(here)
         return done
 
-    def _nonfinite(self, values, stage_index, epoch, progress):
+    def _nonfinite(self, values, here, progress):
         """Stop on a non-finite loss (or float32/bf16 gradient), or count it as skipped under
         ``train.nan_policy: skip``."""
-        train = self.cfg.train
+        train, stage_index = self.cfg.train, here["stage"]
         step = progress.micro // train.accum_steps
         what = "loss" if values["grad_norm"] is None else "gradient"
-        where = (f"{place(stage_index, epoch + 1)} step {step} (lr {values['lr']:.3g}, "
+        where = (f"{place(stage_index, here['epoch'] + 1)} step {step} (lr {values['lr']:.3g}, "
                  f"loss {values['loss']}"
                  + ("" if values["grad_norm"] is None else f", gradient norm {values['grad_norm']}")
                  + ")")
@@ -387,7 +386,7 @@ def fit(cfg, resume=None, overwrite=False):
         if resume:
             state = finished_state(resume, cfg.train.output_dir, cfg.stages)
             if state is not None:
-                _check_same_config(state, cfg, resume_folder(resume, cfg.train.output_dir))
+                check_same_config(state, cfg, resume_folder(resume, cfg.train.output_dir))
                 print(f"the run in {cfg.train.output_dir} is complete (its final test is done); "
                       f"nothing to resume", flush=True)
                 return state["best"]

@@ -63,7 +63,7 @@ def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=Fal
     ``masters`` (parameter name -> float32 tensor, see :func:`master_copies`) are the
     previous stage's copies, which the new optimizer continues from instead of making
     new ones from the half-precision weights. Gradient clipping is not the optimizer's
-    job here (Paddle clips per parameter group): see :mod:`utils.grads`.
+    job here (Paddle clips per parameter group): see :mod:`training.grads`.
     """
     lr = build_schedule(stage, steps_per_epoch, lr_scale)
     opt = stage.optimizer
@@ -94,7 +94,7 @@ def master_copies(optimizer):
 
 def _master_named(param_name, tensor):
     """``tensor`` named as Paddle names the master copy of ``param_name`` (in the fresh name
-    scope of each update, :func:`utils.grads.apply_update`). The optimizer names its state
+    scope of each update, :func:`training.grads.apply_update`). The optimizer names its state
     for a master copy after it, so the name must start with the parameter's for a
     checkpoint to load in another process."""
     tensor.name = f"{param_name}_fp32_master_0"
