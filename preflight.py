@@ -12,7 +12,6 @@ the settings that keep the same global batch are printed.
 
 import json
 import os
-import resource
 import tempfile
 import time
 
@@ -29,7 +28,7 @@ from training.engine import EpochProgress, evaluate, train_steps
 from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
 from training.stages import lr_scale, micro_batch, stage_data, stage_loss
 from utils.checkpoint import load_last, save_last
-from utils.cli import select_device
+from utils.cli import peak_memory_bytes, select_device
 from utils.dist import any_rank, init, world_size, wrap
 from utils.errors import UserError, is_out_of_memory
 from utils.progress import set_mode as set_progress
@@ -48,12 +47,6 @@ def _setups(cfg):
         key = (data_cfg.batch_size, loss_cfg.rdrop, stage.optimizer.name)
         setups.setdefault(key, []).append(index)
     return setups
-
-
-def _peak_memory(device):
-    if str(device).startswith("gpu"):
-        return int(paddle.device.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _time_steps(run, cfg, stage_index, accum, splits):
@@ -162,7 +155,7 @@ def preflight(cfg):
     last, best = _checkpoint_bytes(run, optimizer, averages)
     # last/ and, while it is replaced, last.partial/; the best weights beside them.
     report.update(checkpoint_bytes=last, disk_bytes=2 * last + best)
-    report["peak_memory_bytes"] = _peak_memory(device)
+    report["peak_memory_bytes"] = peak_memory_bytes(device)
     first = report["stages"][0]
     report.update(step_s=first["step_s"], train_images_per_s=first["train_images_per_s"],
                   eval_images_per_s=eval_images / eval_s, fits=fits,
@@ -173,8 +166,8 @@ def preflight(cfg):
 def _time_eval(run, cfg, val):
     """Seconds and images of one evaluation batch (after an untimed one)."""
     images, labels = val
-    loader = eval_loader(images[:2 * (cfg.data.eval_batch_size or cfg.data.batch_size)],
-                         labels[:2 * (cfg.data.eval_batch_size or cfg.data.batch_size)], cfg.data)
+    count = 2 * (cfg.data.eval_batch_size or cfg.data.batch_size)
+    loader = eval_loader(images[:count], labels[:count], cfg.data)
     evaluate(run["model"], run["preprocess"], loader, cfg.model.num_classes, desc="preflight",
              precision=run["precision"])
     start = time.perf_counter()

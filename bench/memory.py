@@ -25,8 +25,6 @@ QUICK = {"config": "configs/demo.yaml", "batches": (16, 64), "overrides": []}
 
 def _child(config, overrides, batch, recompute):
     """One R-Drop step at ``batch`` images in this process; print its peak memory."""
-    import resource
-
     import numpy as np
     import paddle
 
@@ -46,11 +44,7 @@ def _child(config, overrides, batch, recompute):
     x = DevicePreprocess(input_size(model))(paddle.to_tensor(images))
     labels = paddle.to_tensor(np.arange(batch) % cfg.model.num_classes)
     RDropLoss(alpha=cfg.loss.alpha)(model(paddle.concat([x, x])), labels)["loss"].backward()
-    if device.startswith("gpu"):
-        peak = paddle.device.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_bytes": int(peak), "device": device}))
+    print(json.dumps({"peak_bytes": cli.peak_memory_bytes(device), "device": device}))
 
 
 def _measure(preset, recompute, batch):

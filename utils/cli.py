@@ -1,6 +1,7 @@
 """What the command-line entry points share: quiet imports, device choice, signals, errors."""
 
 import errno
+import resource
 import signal
 import sys
 import threading
@@ -46,6 +47,16 @@ def select_device():
 
     paddle.set_device("gpu" if gpu_visible() else "cpu")
     return paddle.get_device()
+
+
+def peak_memory_bytes(device):
+    """The process's peak memory so far: Paddle's max allocated on a GPU, the peak resident
+    set on a CPU."""
+    import paddle
+
+    if str(device).startswith("gpu"):
+        return int(paddle.device.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def gpu_visible():
