@@ -9,17 +9,18 @@ Examples:
 import os
 
 from utils import cli
-from utils.config import config_parser, load_config
+from utils.cli import add_weights_option, config_parser
+from utils.config import load_config
+from utils.runtime.device import select_device
+
+OUT_HELP = "where to write model.* and preprocess.json (default: train.output_dir/inference)"
 
 
 def parse_args(argv=None):
     """Command-line options of the export entry point."""
     parser = config_parser(__doc__)
-    parser.add_argument("--weights", metavar="PATH",
-                        help="weights to export (default: best.safetensors in train.output_dir)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="where to write model.* and preprocess.json "
-                             "(default: train.output_dir/inference)")
+    add_weights_option(parser, "weights to export")
+    parser.add_argument("--out", metavar="DIR", help=OUT_HELP)
     return parser.parse_args(argv)
 
 
@@ -28,12 +29,11 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
     from data.dataset import class_names
-    from models.build import build_trained, input_size, trained_weights
+    from models.build import input_size, load_trained
     from models.inference import export_model
     from training.amp import Precision
 
-    weights = trained_weights(cfg.train.output_dir, args.weights, args.config)
-    model = build_trained(cfg, weights, Precision("off", cli.select_device()))
+    model, _ = load_trained(cfg, Precision("off", select_device()), args.weights, args.config)
     out = args.out or os.path.join(cfg.train.output_dir, "inference")
     export_model(model, input_size(model), out, class_names(cfg.data, cfg.model.num_classes))
     print(f"exported to {out}", flush=True)

@@ -16,11 +16,12 @@ import os
 import shlex
 import sys
 
+from training.stages import describe_run, describe_stage, stage_data, stage_loss
 from utils import cli
 from utils.checkpoint import weights_path
-from utils.config import config_parser, dump_config, load_config
+from utils.cli import config_parser
+from utils.config import dump_config, load_config
 from utils.errors import Interrupted, UserError
-from training.stages import describe_run, describe_stage, stage_data, stage_loss
 
 
 def parse_args(argv=None):
@@ -74,7 +75,7 @@ def main(argv=None):
         return 0
     if args.preflight:
         return run_preflight(cfg, args.json)
-    from training.trainer import fit
+    from training.run import fit
 
     try:
         fit(cfg, resume=args.resume, overwrite=args.overwrite)

@@ -12,7 +12,9 @@ be read is skipped with a warning; the run then ends with an error after the oth
 import sys
 
 from utils import cli
-from utils.config import config_parser, load_config
+from utils.cli import add_weights_option, config_parser
+from utils.config import load_config
+from utils.runtime.device import select_device
 
 
 def parse_args(argv=None):
@@ -20,8 +22,7 @@ def parse_args(argv=None):
     parser = config_parser(__doc__)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE",
                         help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--weights", metavar="PATH",
-                        help="weights to use (default: best.safetensors in train.output_dir)")
+    add_weights_option(parser, "weights to use")
     parser.add_argument("--model-dir", metavar="DIR",
                         help="use the model exported there (paddle.inference) instead")
     parser.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image")
@@ -40,14 +41,14 @@ def main(argv=None):
     from data.images import find_images, read_rgb
     from data.preprocess import DevicePreprocess
     from utils.errors import UserError
-    from utils.files import check_writable, write_json
+    from utils.io.files import check_writable, write_json
 
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
     if args.json:  # before the work, not after it
         check_writable(args.json, "--json")
     files = find_images(args.inputs)
-    device = cli.select_device()
+    device = select_device()
     if args.model_dir:
         from models.inference import ExportedModel
 
@@ -57,11 +58,10 @@ def main(argv=None):
         def run(images):
             return exported(images.numpy())
     else:
-        from models.build import build_trained, input_size, trained_weights
+        from models.build import input_size, load_trained
         from training.amp import Precision
 
-        weights = trained_weights(cfg.train.output_dir, args.weights, args.config)
-        model = build_trained(cfg, weights, Precision("off", device))
+        model, _ = load_trained(cfg, Precision("off", device), args.weights, args.config)
         size, names = input_size(model), class_names(cfg.data, cfg.model.num_classes)
 
         def run(images):

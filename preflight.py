@@ -24,15 +24,16 @@ from models.attention import FusedAttention
 from models.build import build_model, input_size
 from training.amp import Precision
 from training.averaging import build_averages
-from training.engine import EpochProgress, evaluate, train_steps
+from training.engine import evaluate, train_steps
 from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
 from training.stages import lr_scale, micro_batch, stage_data, stage_loss
+from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
-from utils.cli import peak_memory_bytes, select_device
-from utils.dist import any_rank, init, world_size, wrap
 from utils.errors import UserError, is_out_of_memory
-from utils.progress import set_mode as set_progress
-from utils.seeds import seed_everything
+from utils.reports.progress import set_mode as set_progress
+from utils.runtime.device import peak_memory_bytes, select_device
+from utils.runtime.dist import any_rank, init, world_size, wrap
+from utils.runtime.seeds import seed_everything
 
 # Steps timed per setup: at least this many seconds of them (and at least MIN_STEPS), after
 # one untimed step (kernels, caches, allocations).
@@ -107,18 +108,15 @@ def _fitting_accum(run, cfg, stage_index, splits, device):
 
 def _checkpoint_bytes(run, optimizer, averages):
     """Bytes of a resume checkpoint and of the best weights, written and read back."""
-    trees = {"model": run["model"].state_dict(),
-             "optimizer": portable_optimizer_state(run["model"], optimizer)}
-    trees.update({kind: average.state_dict() for kind, average in averages.items()})
+    trees = checkpoint_trees(run["model"], portable_optimizer_state(run["model"], optimizer),
+                             averages, run["precision"])
     with tempfile.TemporaryDirectory(prefix="preflight-") as folder:
-        state = {"position": {"stage": 0, "epoch": 0, "micro": 0}, "epoch_index": 0,
-                 "global_step": 0, "skipped_steps": 0, "best": None, "progress": None,
-                 "updates": {kind: 0 for kind in averages}, "config": {}}
-        save_last(folder, trees, state)
+        state = RunState(config={}, updates={kind: 0 for kind in averages})
+        save_last(folder, trees, state.to_json())
         load_last(os.path.join(folder, "last"))
         sizes = {name: os.path.getsize(os.path.join(folder, "last", name))
                  for name in os.listdir(os.path.join(folder, "last"))}
-    return sum(sizes.values()), sizes["model.safetensors"]
+    return sum(sizes.values()), sizes["raw.safetensors"]
 
 
 def preflight(cfg):

@@ -4,23 +4,24 @@ Examples:
   python val.py                                  # best checkpoint of the reproduction
   python val.py -c configs/demo.yaml             # best checkpoint of the CPU demo
   python val.py --kind ema                       # the last checkpoint's EMA weights
-  python val.py --weights output/demo/last/model.safetensors   # any weights file of this model
+  python val.py --weights output/demo/last/raw.safetensors   # any weights file of this model
 """
 
 import math
 import os
 
 from utils import cli
-from utils.config import config_parser, load_config
+from utils.cli import add_weights_option, config_parser
+from utils.config import load_config
 from utils.errors import UserError
+from utils.runtime.device import select_device
 
 
 def parse_args(argv=None):
     """Command-line options of the evaluation entry point."""
     parser = config_parser(__doc__)
-    parser.add_argument("--weights", metavar="PATH",
-                        help="weights to evaluate: .safetensors, or .pdparams read without running "
-                             "code (default: best.safetensors in train.output_dir)")
+    add_weights_option(parser, "weights to evaluate: .safetensors, or .pdparams read without "
+                               "running code")
     parser.add_argument("--plot", action="store_true",
                         help="also write per_class_top1.png (a bar per class) next to "
                              "val_metrics.json")
@@ -52,13 +53,13 @@ def main(argv=None):
     from data.dataset import class_names as data_class_names
     from data.dataset import eval_loader, run_splits
     from data.preprocess import DevicePreprocess
-    from training.engine import evaluate
-    from models.build import build_trained, input_size, trained_weights
+    from models.build import input_size, load_trained
     from training.amp import Precision
-    from utils.progress import set_mode as set_progress
+    from training.engine import evaluate
     from utils.checkpoint import weights_path
-    from utils.files import ensure_folder, write_json
-    from utils.tensor_io import record_of
+    from utils.io.files import ensure_folder, write_json
+    from utils.io.tensor_io import record_of
+    from utils.reports.progress import set_mode as set_progress
 
     out = cfg.train.output_dir
     if args.weights and args.kind:
@@ -70,15 +71,13 @@ def main(argv=None):
     if args.split == "val" and not cfg.data.val_split:
         raise UserError("--split val: this config holds out no validation images "
                         "(data.val_split: 0), so validation was the test split")
-    kind = {"raw": "model", "ema": "ema", "swa": "swa"}.get(args.kind)
-    weights = trained_weights(out, args.weights or (weights_path(out, kind) if kind else None),
-                              args.config)
-    precision = Precision(cfg.train.amp, cli.select_device(), cfg.train.amp_level)
+    precision = Precision(cfg.train.amp, select_device(), cfg.train.amp_level)
+    model, weights = load_trained(cfg, precision, args.weights or (
+        weights_path(out, args.kind) if args.kind else None), args.config)
     set_progress(cfg.train.progress)
     _, val, test = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
     images, labels = test if args.split == "test" else val
     class_names = data_class_names(cfg.data, cfg.model.num_classes)
-    model = build_trained(cfg, weights, precision)
     preprocess = DevicePreprocess(input_size(model))
     result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
                       cfg.model.num_classes, precision=precision)
@@ -93,7 +92,7 @@ def main(argv=None):
     }
     write_json(os.path.join(ensure_folder(out, "train.output_dir"), "val_metrics.json"), report)
     if args.plot:
-        from utils.plots import PER_CLASS, plot_per_class
+        from utils.reports.plots import PER_CLASS, plot_per_class
 
         print(plot_per_class(report["per_class_top1"], os.path.join(out, PER_CLASS),
                              f"per-class top-1 of {os.path.basename(weights)} "

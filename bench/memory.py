@@ -31,10 +31,10 @@ def _child(config, overrides, batch, recompute):
     from data.preprocess import DevicePreprocess
     from losses import RDropLoss
     from models.build import build_model, input_size
-    from utils import cli
     from utils.config import load_config
+    from utils.runtime.device import peak_memory_bytes, select_device
 
-    device = cli.select_device()
+    device = select_device()
     cfg = load_config(config, [*overrides, f"model.recompute={str(recompute).lower()}",
                                "model.drop_rate=0.3"])
     paddle.seed(0)
@@ -44,7 +44,7 @@ def _child(config, overrides, batch, recompute):
     x = DevicePreprocess(input_size(model))(paddle.to_tensor(images))
     labels = paddle.to_tensor(np.arange(batch) % cfg.model.num_classes)
     RDropLoss(alpha=cfg.loss.alpha)(model(paddle.concat([x, x])), labels)["loss"].backward()
-    print(json.dumps({"peak_bytes": cli.peak_memory_bytes(device), "device": device}))
+    print(json.dumps({"peak_bytes": peak_memory_bytes(device), "device": device}))
 
 
 def _measure(preset, recompute, batch):

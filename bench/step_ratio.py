@@ -19,7 +19,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import cli  # noqa: E402  (quiets Paddle's import warning first)
-from utils.config import config_parser, load_config  # noqa: E402
+from utils.cli import config_parser  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.runtime.device import select_device  # noqa: E402
 
 
 def _step(model, optimizer, loss_fn, logits_fn, images, labels):
@@ -46,9 +48,9 @@ def main(argv=None):
     from losses import CrossEntropyLoss, RDropLoss
     from models.build import build_model, input_size
     from training.optim import build_optimizer
-    from utils.seeds import seed_everything
+    from utils.runtime.seeds import seed_everything
 
-    device = cli.select_device()
+    device = select_device()
     seed_everything(cfg.train.seed)
     images, labels, _ = load_split(cfg.data, "train")
     loader = build_loader(ImageArrayDataset(images, labels, seed=cfg.train.seed),

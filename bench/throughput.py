@@ -23,7 +23,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import cli  # noqa: E402  (quiets Paddle's import warning first)
-from utils.config import config_parser, load_config  # noqa: E402
+from utils.cli import config_parser  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.runtime.device import select_device  # noqa: E402
 
 # Dense fp16/bf16 tensor-core peaks (FLOP/s) by device-name fragment, from NVIDIA's sheets.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12,
@@ -90,10 +92,10 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     from data.dataset import ImageArrayDataset, build_loader
     from data.digits import load_digits
     from data.preprocess import DevicePreprocess
-    from training.engine import train_step
     from losses import RDropLoss
     from models.build import build_model, input_size
     from training.amp import Precision
+    from training.engine import train_step
     from training.grads import apply_update, trainable
 
     images, labels = load_digits("train")
@@ -157,7 +159,7 @@ def main(argv=None):
 
     from models.build import input_size
 
-    device = cli.select_device()
+    device = select_device()
     name = paddle.device.cuda.get_device_name() if device.startswith("gpu") else "cpu"
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else
             next((flops for key, flops in PEAK_FLOPS.items() if key in name), None))

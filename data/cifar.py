@@ -10,10 +10,10 @@ import zlib
 
 import numpy as np
 
-from utils.download import download_dataset
 from utils.errors import UserError
-from utils.files import path_problem
-from utils.safe_pickle import safe_unpickle
+from utils.io.download import download_dataset
+from utils.io.files import path_problem
+from utils.io.safe_pickle import safe_unpickle
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 CIFAR100_URL = "https://dataset.bj.bcebos.com/cifar/" + ARCHIVE_NAME

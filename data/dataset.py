@@ -15,10 +15,10 @@ from data.cifar import (
     locate_cifar100,
 )
 from data.digits import digits_class_names, load_digits
-from utils.seeds import derived_seed
-from utils.dist import die_with_parent, rank, world_size
-from utils.errors import UserError
 from training.stages import micro_batch
+from utils.errors import UserError
+from utils.runtime.dist import die_with_parent, rank, world_size
+from utils.runtime.seeds import derived_seed
 
 # Seed streams: the train and val subsets, the held-out validation split.
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM, HOLDOUT_STREAM = 0, 1, 2

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils.errors import UserError
-from utils.files import path_problem
+from utils.io.files import path_problem
 
 # Pillow format names of the raster images read here, and the file names searched for.
 RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")

@@ -13,11 +13,16 @@ from ppim.models.vit import Block
 from models.attention import use_fused_attention
 from models.drop_path import DropPath
 from models.recompute import RecomputedBlock
-from models.resolution import backbone_of, extra_tokens, resample_pos_embed, set_resolution
-from utils.download import download_weights, weights_cached
+from models.resolution import (
+    backbone_of,
+    extra_tokens,
+    resample_pos_embed,
+    set_resolution,
+)
 from utils.errors import UserError
-from utils.files import path_problem
-from utils.tensor_io import load_state, load_tensors
+from utils.io.download import download_weights, weights_cached
+from utils.io.files import path_problem
+from utils.io.tensor_io import load_state, load_tensors
 
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
 IMAGENET_CLASSES = 1000
@@ -211,22 +216,19 @@ def describe_load(path, summary):
             + "".join(f"; {key} resampled to this resolution" for key in summary["resampled"]))
 
 
-def trained_weights(output_dir, weights=None, config="CONFIG"):
-    """``weights`` or the run's best weights; an error saying how to get them when missing."""
+def load_trained(cfg, precision, weights=None, config="CONFIG"):
+    """``(model, path)``: the config's model with trained weights (``weights``, else the
+    run's best) loaded strictly, in eval mode, at ``data.image_size``. Missing weights are
+    one error saying how to get them (``config`` names the config file in it)."""
     from utils.checkpoint import weights_path
 
-    path = weights or weights_path(output_dir, "best")
+    path = weights or weights_path(cfg.train.output_dir, "best")
     problem = path_problem(path)
     if problem:
         raise UserError(f"no weights at {path} (it {problem}); train first (python main.py "
                         f"-c {config}) or pass --weights PATH")
-    return path
-
-
-def build_trained(cfg, weights, precision):
-    """The config's model with ``weights`` loaded strictly, in eval mode, at ``data.image_size``."""
     model = precision.prepare(build_model(cfg.model, load_pretrained=False, amp=precision.mode,
                                           image_size=cfg.data.image_size))
-    print(describe_load(weights, load_weights(model, weights, strict=True)), flush=True)
+    print(describe_load(path, load_weights(model, path, strict=True)), flush=True)
     model.eval()
-    return model
+    return model, path

@@ -12,9 +12,9 @@ import os
 import numpy as np
 
 from data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from utils.cli import gpu_visible
 from utils.errors import UserError
-from utils.files import ensure_folder, path_problem, read_json, write_json
+from utils.io.files import ensure_folder, path_problem, read_json, write_json
+from utils.runtime.device import gpu_visible
 from utils.schema import MAX_IMAGE_SIZE
 
 MODEL_PREFIX = "model"

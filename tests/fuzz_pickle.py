@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.errors import UserError  # noqa: E402
-from utils.safe_pickle import safe_unpickle  # noqa: E402
+from utils.io.safe_pickle import safe_unpickle  # noqa: E402
 
 OPCODES = [op.code.encode("latin-1") for op in pickletools.opcodes]
 

@@ -8,7 +8,13 @@ from conftest import cifar_batch, write_cifar_archive
 
 from data import cifar
 from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
-from data.dataset import ImageArrayDataset, build_loader, eval_loader, set_epoch, subset_indices
+from data.dataset import (
+    ImageArrayDataset,
+    build_loader,
+    eval_loader,
+    set_epoch,
+    subset_indices,
+)
 from data.digits import load_digits
 from utils.config import Node
 from utils.errors import UserError
@@ -68,7 +74,7 @@ def test_missing_archive_offline_names_file_and_option(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise OSError(-2, "Name or service not known")
 
-    monkeypatch.setattr("utils.download.socket.create_connection", unreachable)
+    monkeypatch.setattr("utils.io.download.socket.create_connection", unreachable)
     with pytest.raises(UserError) as info:
         locate_cifar100(None)
     message = str(info.value)

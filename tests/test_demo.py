@@ -11,12 +11,19 @@ from urllib.parse import urlparse
 import numpy as np
 import paddle
 import pytest
-from conftest import DEMO_BAND, ROOT, assert_one_error, read_records, run_script, final_tests
+from conftest import (
+    DEMO_BAND,
+    ROOT,
+    assert_one_error,
+    final_tests,
+    read_records,
+    run_script,
+)
 
 from data.cifar import CIFAR100_URL
 from data.digits import load_digits
 from utils.config import load_config
-from utils.tensor_io import load_tensors
+from utils.io.tensor_io import load_tensors
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +119,7 @@ def test_curves_are_drawn_at_the_end_and_on_demand(demo_run):
     curves = os.path.join(out, "curves.png")
     assert _is_png(curves) and f"curves in {curves}" in proc.stdout
     os.remove(curves)
-    regenerated = subprocess.run([sys.executable, "-m", "utils.plots", out], cwd=ROOT,
+    regenerated = subprocess.run([sys.executable, "-m", "utils.reports.plots", out], cwd=ROOT,
                                  capture_output=True, text=True, timeout=300)
     assert regenerated.returncode == 0 and _is_png(curves), regenerated.stderr[-2000:]
     plotted = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}",

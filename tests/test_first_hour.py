@@ -13,20 +13,27 @@ import sys
 import numpy as np
 import paddle
 import pytest
-from conftest import ROOT, assert_one_error, kill_in_stage_1, read_records, run_script, \
-    final_tests, tiny_model_config
+from conftest import (
+    ROOT,
+    assert_one_error,
+    final_tests,
+    kill_in_stage_1,
+    read_records,
+    run_script,
+    tiny_model_config,
+)
 
-from training import engine
 from data.dataset import holdout_indices
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
 from losses import RDropLoss
 from models.build import build_model
-from training.trainer import fit
+from training import engine
+from training.optim import build_schedule
+from training.run import fit
+from training.stages import micro_batch
 from utils.config import load_config
 from utils.errors import UserError
-from training.optim import build_schedule
-from training.stages import micro_batch
 
 DEMO = ["-c", "configs/demo.yaml"]
 SMALL = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=1", "stages.1.epochs=2"]
@@ -287,7 +294,7 @@ def test_people_read_one_numbering_and_loss_parts_that_add_up(tmp_path):
 
 def test_offline_every_missing_download_is_named_at_once(monkeypatch):
     import data.cifar as cifar
-    import utils.download as download
+    import utils.io.download as download
     from data.cifar import pending_download as cifar_download
     from models.build import pending_download as weights_download
 
@@ -313,7 +320,7 @@ def test_offline_every_missing_download_is_named_at_once(monkeypatch):
 
 
 def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path, capsys):
-    from utils import progress
+    from utils.reports import progress
 
     progress.set_mode("auto")  # pytest's stderr is no terminal: lines, never bars
     monkey = progress.LINE_INTERVAL_S

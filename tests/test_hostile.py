@@ -15,12 +15,20 @@ import zlib
 import numpy as np
 import paddle
 import pytest
-from conftest import ROOT, assert_one_error, cifar_batch, process_alive, read_records, \
-    run_script, tiny_model_config, write_cifar_archive
+from conftest import (
+    ROOT,
+    assert_one_error,
+    cifar_batch,
+    process_alive,
+    read_records,
+    run_script,
+    tiny_model_config,
+    write_cifar_archive,
+)
 
 from data.digits import load_digits
 from models.build import build_model
-from utils.tensor_io import save_tensors
+from utils.io.tensor_io import save_tensors
 
 DEMO = ["-c", "configs/demo.yaml"]
 FAST = ["-o", "data.train_subset=128", "-o", "data.val_subset=40", "-o", "data.batch_size=32",
@@ -265,6 +273,7 @@ def test_nan_weights_are_never_loaded(tmp_path):
 
 
 def test_a_non_finite_validation_loss_is_an_error_and_never_the_best(tmp_path, monkeypatch):
+    from training import run as run_module
     from training import trainer as trainer_module
     from utils.config import load_config
     from utils.errors import UserError
@@ -283,7 +292,7 @@ def test_a_non_finite_validation_loss_is_an_error_and_never_the_best(tmp_path, m
                                             "data.val_subset=40", "stages.0.epochs=1"])
     with pytest.raises(UserError, match="the ema weights give a non-finite validation loss at "
                                         "stage 0 epoch 1"):
-        trainer_module.fit(cfg)
+        run_module.fit(cfg)
     assert not os.path.exists(os.path.join(out, "best.safetensors"))
 
 
@@ -427,11 +436,11 @@ def test_an_edited_state_json_is_one_line(trained, tmp_path, edit):
 def test_a_checkpoint_whose_bytes_changed_is_refused(trained, tmp_path):
     copy = str(tmp_path / "copy")
     subprocess.run(["cp", "-r", trained, copy], check=True)
-    path = os.path.join(copy, "last", "model.safetensors")
+    path = os.path.join(copy, "last", "raw.safetensors")
     data = bytearray(open(path, "rb").read())
     data[-100] ^= 0x04  # one bit of one weight
     open(path, "wb").write(bytes(data))
-    assert_one_error(_resume(copy), "model.safetensors is damaged: its bytes no longer match")
+    assert_one_error(_resume(copy), "raw.safetensors is damaged: its bytes no longer match")
     best = os.path.join(copy, "best.safetensors")
     data = bytearray(open(best, "rb").read())
     data[len(data) // 2] ^= 0x80
@@ -444,7 +453,7 @@ def test_safetensors_with_odd_metadata_are_one_line(tmp_path):
     from safetensors.numpy import save
 
     from utils.errors import UserError
-    from utils.tensor_io import load_tensors
+    from utils.io.tensor_io import load_tensors
 
     tensors = {"a/b": np.zeros(2, np.float32)}
     for rest in ("{bad json", "[1, 2]", '{"a": 5}', '"x"'):
@@ -544,6 +553,7 @@ def test_no_space_without_a_file_name_says_no_none():
 
 
 def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatch, capsys):
+    from training import run as run_module
     from training import trainer as trainer_module
     from utils.config import load_config
 
@@ -551,12 +561,12 @@ def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatc
 
     def stop_at_the_end(self, position, progress):
         real(self, position, progress)
-        if position["stage"] == len(self.cfg.stages):
+        if position.stage == len(self.cfg.stages):
             self.stops.signum = signal.SIGINT  # as if Ctrl-C came now
 
     monkeypatch.setattr(trainer_module.Trainer, "_checkpoint", stop_at_the_end)
     out = str(tmp_path / "run")
-    best = trainer_module.fit(load_config("configs/demo.yaml", [
+    best = run_module.fit(load_config("configs/demo.yaml", [
         f"train.output_dir={out}", "data.train_subset=128", "data.val_subset=40",
         "stages.0.epochs=1", "stages.1.epochs=1"]))
     assert best is not None
@@ -564,8 +574,9 @@ def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatc
 
 
 def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, monkeypatch):
-    from training import trainer as trainer_module
     from losses.rdrop import RDropLoss
+    from training import run as run_module
+    from training import trainer as trainer_module
     from utils.config import load_config
 
     loss = RDropLoss(alpha=1.0)
@@ -586,7 +597,7 @@ def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, m
     monkeypatch.setattr(trainer_module.Trainer, "_run_stage", run_stage)
     monkeypatch.setattr(trainer_module, "build_loss", lambda cfg: nan_in_stage_0)
     out = str(tmp_path / "run")
-    trainer_module.fit(load_config("configs/demo.yaml", [
+    run_module.fit(load_config("configs/demo.yaml", [
         f"train.output_dir={out}", "data.train_subset=128", "data.val_subset=40",
         "data.batch_size=32", "stages.0.epochs=1", "stages.1.epochs=1",
         "train.nan_policy=skip", "train.nan_max_skips=100"]))
@@ -633,6 +644,6 @@ def test_links_in_a_cifar_archive_are_not_followed(tmp_path):
 
 def test_a_damaged_metrics_file_is_one_line_for_the_plots(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"stage": 0, "epoch": 0}\n{"stage": 0, "ep\n')
-    proc = subprocess.run([sys.executable, "-m", "utils.plots", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "utils.reports.plots", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert_one_error(proc, "line 2 of", "is damaged")

@@ -17,11 +17,12 @@ import pytest
 from conftest import ROOT, assert_one_error, kill_in_stage_1, read_records, run_script
 
 from training import trainer as trainer_module
-from training.trainer import fit
+from training.run import fit
+from training.state import RunState
 from utils.checkpoint import find_last, load_last, weights_path
 from utils.config import load_config
 from utils.errors import Interrupted
-from utils.tensor_io import load_tensors
+from utils.io.tensor_io import load_tensors
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
 RUN = ["-c", "configs/demo.yaml", *[a for o in SMALL for a in ("-o", o)],
@@ -123,7 +124,7 @@ def test_ctrl_c_with_loader_workers_exits_130_with_a_checkpoint(tmp_path):
     assert code == 130 and "Traceback" not in err
     assert "interrupted: SIGINT at stage 1" in err
     state, trees = load_last(find_last(out))
-    assert state["position"]["stage"] == 1 and set(trees) == {"model", "optimizer", "ema", "swa"}
+    assert state["position"]["stage"] == 1 and set(trees) == {"raw", "optimizer", "ema", "swa"}
 
 
 def test_a_second_signal_exits_at_once_keeping_the_saved_checkpoint(tmp_path):
@@ -132,7 +133,7 @@ def test_a_second_signal_exits_at_once_keeping_the_saved_checkpoint(tmp_path):
     assert code == 143 and "Traceback" not in err
     assert "error: second SIGTERM: exiting now" in err and "interrupted:" not in err
     state, trees = load_last(find_last(out))  # stage 0's end, saved before the signals
-    assert state["position"] == {"stage": 1, "epoch": 0, "micro": 0} and "model" in trees
+    assert state["position"] == {"stage": 1, "epoch": 0, "micro": 0} and "raw" in trees
 
 
 def test_stop_during_evaluation_resumes_without_averaging_twice(tmp_path, monkeypatch):
@@ -155,6 +156,7 @@ def test_stop_during_evaluation_resumes_without_averaging_twice(tmp_path, monkey
     assert stop.value.exit_code == 143
     state, trees = load_last(find_last(stopped_out))
     assert state["position"] == {"stage": 1, "epoch": 0, "micro": 8, "evaluating": True}
+    assert RunState.from_json(state).to_json() == {k: v for k, v in state.items() if k != "files"}
     assert state["updates"]["swa"] == 1
     monkeypatch.undo()
     fit(cfg, resume=True)
@@ -175,7 +177,7 @@ for version in range(1, 100000):
     state = {"position": {"stage": 0, "epoch": 0, "micro": version}, "epoch_index": 0,
              "global_step": version, "skipped_steps": 0, "best": None, "progress": None,
              "updates": {}, "config": {}, "version": version}
-    save_last(out, {"model": model, "optimizer": optimizer}, state)
+    save_last(out, {"raw": model, "optimizer": optimizer}, state)
     save_best(out, model, {"version": version})
     if version == 1:
         print("saved", flush=True)
@@ -196,7 +198,7 @@ def test_sigkill_at_random_moments_of_saving_leaves_a_loadable_checkpoint(tmp_pa
         state, trees = load_last(find_last(out))
         version = state["version"]
         versions.add(version)
-        assert all(np.all(array == version) for array in trees["model"].values())
+        assert all(np.all(array == version) for array in trees["raw"].values())
         assert np.all(trees["optimizer"]["m"] == version)
         assert trees["optimizer"]["LR_Scheduler"] == {"last_epoch": version}
         best, metadata = load_tensors(weights_path(out, "best"))

@@ -9,8 +9,8 @@ from models.build import build_model, input_size, load_weights, pretrained_url
 from models.resolution import resample_pos_embed
 from utils.config import Node, validate
 from utils.errors import UserError
+from utils.io.tensor_io import save_tensors
 from utils.schema import MODEL
-from utils.tensor_io import save_tensors
 
 
 def test_tiny_distilled_vit_has_new_heads_and_dropout(tiny_model_cfg):
@@ -116,8 +116,8 @@ def test_pretrained_download_offline_is_one_clear_error(monkeypatch, tiny_model_
     def unreachable(*args, **kwargs):
         raise OSError(-2, "Name or service not known")
 
-    monkeypatch.setattr("utils.download.socket.create_connection", unreachable)
-    monkeypatch.setattr("utils.download.os.path.isfile", lambda path: False)
+    monkeypatch.setattr("utils.io.download.socket.create_connection", unreachable)
+    monkeypatch.setattr("utils.io.download.os.path.isfile", lambda path: False)
     cfg = Node(tiny_model_cfg, name="deit_ti", kwargs={}, pretrained=True)
     with pytest.raises(UserError) as info:
         build_model(cfg)

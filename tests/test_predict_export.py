@@ -16,7 +16,7 @@ from data.preprocess import DevicePreprocess
 from models.build import build_model
 from models.inference import ExportedModel, export_model
 from utils.config import load_config
-from utils.tensor_io import save_tensors
+from utils.io.tensor_io import save_tensors
 
 PHOTOS = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
 

@@ -11,12 +11,10 @@ from conftest import read_records, run_script
 
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from training.engine import train_step
 from losses import RDropLoss
 from models.build import build_model
-from training.trainer import fit
 from training.averaging import EMA, SWA
-from utils.config import Node, load_config
+from training.engine import train_step
 from training.optim import (
     build_optimizer,
     build_schedule,
@@ -24,6 +22,8 @@ from training.optim import (
     optimizer_state_for,
     portable_optimizer_state,
 )
+from training.run import fit
+from utils.config import Node, load_config
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
 

@@ -14,10 +14,10 @@ import paddle
 import paddle.nn.functional as F
 from safetensors.numpy import load_file
 
-from training import engine
 from data.preprocess import DevicePreprocess
 from models.build import build_model
-from training.trainer import fit
+from training import engine
+from training.run import fit
 from utils.config import load_config
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
@@ -125,7 +125,7 @@ def test_training_equals_an_independent_implementation_of_the_recipe(tmp_path, m
     fit(cfg)
     assert len(seen) == 4 * STEPS_PER_EPOCH * cfg.train.accum_steps
     weights, ema = _reference(cfg, initial, seen)
-    trained = load_file(os.path.join(cfg.train.output_dir, "last", "model.safetensors"))
+    trained = load_file(os.path.join(cfg.train.output_dir, "last", "raw.safetensors"))
     averaged = load_file(os.path.join(cfg.train.output_dir, "last", "ema.safetensors"))
     assert set(trained) == set(weights)
     for name, expected in weights.items():

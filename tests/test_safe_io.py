@@ -15,12 +15,11 @@ import pytest
 from conftest import ROOT, cifar_batch
 
 from data.digits import load_digits
-
 from utils.checkpoint import find_last, save_last
 from utils.errors import UserError
-from utils.files import read_json, write_atomically, write_json
-from utils.safe_pickle import safe_unpickle
-from utils.tensor_io import load_tensors, pack, save_tensors, unpack
+from utils.io.files import read_json, write_atomically, write_json
+from utils.io.safe_pickle import safe_unpickle
+from utils.io.tensor_io import load_tensors, pack, save_tensors, unpack
 
 ARRAYS = [np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(6.0).reshape(2, 3).T,
           np.zeros((0, 3072), np.uint8), np.int64(7), np.float32(0.5)]
@@ -79,9 +78,9 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
 
 def test_incomplete_or_damaged_checkpoints_are_not_used(tmp_path):
     out = str(tmp_path)
-    save_last(out, {"model": {"w": np.ones(2, np.float32)}}, {"version": 1})
+    save_last(out, {"raw": {"w": np.ones(2, np.float32)}}, {"version": 1})
     shutil.copytree(os.path.join(out, "last"), os.path.join(out, "last.old"))
-    os.remove(os.path.join(out, "last", "model.safetensors"))  # a folder missing a listed file
+    os.remove(os.path.join(out, "last", "raw.safetensors"))  # a folder missing a listed file
     assert find_last(out) == os.path.join(out, "last.old")
     with open(os.path.join(out, "last.old", "state.json"), "w", encoding="utf-8") as handle:
         handle.write('{"vers')
@@ -99,7 +98,7 @@ def _load_in_child(blobs, limit_bytes=1 << 30):
     one-line outcomes (a crash of the child shows as its exit code)."""
     code = ("import io, resource, sys, json; sys.path.insert(0, '.')\n"
             f"resource.setrlimit(resource.RLIMIT_AS, ({limit_bytes}, {limit_bytes}))\n"
-            "from utils.safe_pickle import safe_unpickle\n"
+            "from utils.io.safe_pickle import safe_unpickle\n"
             "from utils.errors import UserError\n"
             "out = []\n"
             "for path in sys.argv[1:]:\n"

@@ -11,8 +11,15 @@ import time
 import numpy as np
 import paddle
 import pytest
-from conftest import DEMO_BAND, ROOT, kill_in_stage_1, process_alive, read_records, run_script, \
-    tiny_model_config
+from conftest import (
+    DEMO_BAND,
+    ROOT,
+    kill_in_stage_1,
+    process_alive,
+    read_records,
+    run_script,
+    tiny_model_config,
+)
 
 import models.attention as attention
 from models.build import build_model
@@ -252,8 +259,8 @@ def test_throughput_quick_prints_one_json_line():
 def test_half_precision_weights_save_average_and_load_as_float32(tmp_path, half):
     """What AMP O2 leaves in the model (half-precision weights) goes through checkpoints,
     EMA and weight swaps; on a CPU the weights are cast by hand (Paddle runs O2 on GPUs)."""
-    from training.averaging import EMA, evaluate_kinds
-    from utils.tensor_io import load_state, load_tensors, save_tensors
+    from training.averaging import EMA, weights_in
+    from utils.io.tensor_io import load_state, load_tensors, save_tensors
 
     model = _tiny("off")
     reference = {key: value.numpy().copy() for key, value in model.state_dict().items()}
@@ -272,11 +279,9 @@ def test_half_precision_weights_save_average_and_load_as_float32(tmp_path, half)
     load_state(fresh, saved)
     assert fresh.blocks[0].attn.qkv.weight.dtype == model.blocks[0].attn.qkv.weight.dtype
     assert np.array_equal(fresh.head.weight.astype("float32").numpy(), saved["head.weight"])
-    swapped = []
-    results = evaluate_kinds(fresh, {"ema": ema}, lambda: swapped.append(
-        fresh.head.weight.astype("float32").numpy().copy()) or {"top1": 0.0})
-    assert set(results) == {"raw", "ema"}
-    assert np.allclose(swapped[1], ema.state_dict()["head.weight"].numpy(), atol=1e-2)
+    with weights_in(fresh, ema.state_dict()):
+        swapped = fresh.head.weight.astype("float32").numpy().copy()
+    assert np.allclose(swapped, ema.state_dict()["head.weight"].numpy(), atol=1e-2)
     assert np.array_equal(fresh.head.weight.astype("float32").numpy(), saved["head.weight"])
 
 

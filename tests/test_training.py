@@ -9,12 +9,13 @@ from conftest import TINY_MODEL_KWARGS, read_records
 
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from training.engine import EpochProgress, train_step, train_steps
 from losses import RDropLoss
 from models.build import build_model
-from training.trainer import fit
-from utils.config import Node, load_config
+from training.engine import train_step, train_steps
 from training.optim import build_optimizer
+from training.run import fit
+from training.state import EpochProgress
+from utils.config import Node, load_config
 
 RECORD_KEYS = {"stage", "epoch", "lr", "train_loss", "train_ce", "train_kl", "val_top1", "val_top5",
                "val_loss", "images_per_s", "grad_norm", "grad_norm_max", "overflow_steps",
@@ -117,7 +118,7 @@ def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     assert records[2]["lr"] < records[1]["lr"]  # polynomial decay within the Momentum stage
     assert all(r["grad_norm_max"] >= r["grad_norm"] > 0 and r["overflow_steps"] == 0
                for r in records)
-    for name in ("best.safetensors", "best.json", "last/model.safetensors",
+    for name in ("best.safetensors", "best.json", "last/raw.safetensors",
                  "last/optimizer.safetensors", "last/state.json", "config.yaml"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert os.listdir(os.path.join(out, "vdl"))

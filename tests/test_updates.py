@@ -11,16 +11,14 @@ import paddle
 import pytest
 from conftest import read_records, tiny_model_config
 
-from training import trainer as trainer_module
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from training.engine import EpochProgress, train_steps
 from losses import RDropLoss
 from models.build import build_model
-from training.trainer import fit
+from training import trainer as trainer_module
 from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, LossScaler, Precision
 from training.averaging import EMA, SWA
-from utils.config import load_config
+from training.engine import train_steps
 from training.grads import apply_update, trainable
 from training.optim import (
     MasterCopies,
@@ -29,7 +27,10 @@ from training.optim import (
     optimizer_state_for,
     portable_optimizer_state,
 )
-from utils.tensor_io import as_paddle, load_tensors, save_tensors
+from training.run import fit
+from training.state import EpochProgress
+from utils.config import load_config
+from utils.io.tensor_io import as_paddle, load_tensors, save_tensors
 
 CLIP = 1.0
 

@@ -6,9 +6,11 @@ graphs only, so neither gives a dygraph EMA with decay warm-up nor an equal-weig
 average per epoch; both are a few lines here.
 """
 
+import contextlib
+
 import paddle
 
-from utils.tensor_io import load_state
+from utils.io.tensor_io import load_state
 
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -92,9 +94,10 @@ class SWA(WeightAverage):
         self._blend(model, self.updates / (self.updates + 1.0), masters)
 
 
-def build_averages(train_cfg, model, state=None, trees=None, masters=None):
-    """The averages ``train`` enables, restored from a checkpoint's ``state``/``trees`` if
-    given, else starting from the model's weights (or their float32 ``masters``)."""
+def build_averages(train_cfg, model, updates=None, trees=None, masters=None):
+    """The averages ``train`` enables, restored from a checkpoint's tensors ``trees`` and
+    their ``updates`` counts if given, else starting from the model's weights (or their
+    float32 ``masters``)."""
     averages = {}
     if train_cfg.ema.enabled:
         averages["ema"] = EMA(model, train_cfg.ema.decay, train_cfg.ema.warmup, masters)
@@ -102,26 +105,17 @@ def build_averages(train_cfg, model, state=None, trees=None, masters=None):
         averages["swa"] = SWA(model, masters)
     for kind, average in averages.items():
         if trees and kind in trees:
-            average.load(trees[kind], state["updates"][kind])
+            average.load(trees[kind], updates[kind])
     return averages
 
 
-def evaluate_kinds(model, averages, run_eval):
-    """Evaluate the raw weights and every average that has been updated, side by side;
-    ``None`` when ``run_eval()`` abandons a pass (returns ``None``).
-
-    The model gets its raw weights back in any case.
-    """
-    results = {"raw": run_eval()}
-    ready = {kind: average for kind, average in averages.items() if average.updates > 0}
-    if ready and results["raw"] is not None:
-        raw = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        try:
-            for kind, average in ready.items():
-                load_state(model, average.state_dict())
-                results[kind] = run_eval()
-                if results[kind] is None:
-                    break
-        finally:
-            model.set_state_dict(raw)
-    return None if None in results.values() else results
+@contextlib.contextmanager
+def weights_in(model, weights):
+    """``model`` holding ``weights`` (an average's, or saved ones) inside the block, and its
+    own weights again after it, however the block ends."""
+    own = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    load_state(model, weights)
+    try:
+        yield model
+    finally:
+        model.set_state_dict(own)

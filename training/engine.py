@@ -3,8 +3,7 @@
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import paddle
@@ -12,9 +11,9 @@ import paddle
 from losses.rdrop import log_softmax, nll
 from training.amp import Precision
 from training.grads import apply_update, trainable
-from utils.dist import all_sum, any_rank, is_main, rank, world_size
-from utils.progress import track
-from utils.seeds import derived_seed
+from utils.reports.progress import track
+from utils.runtime.dist import all_sum, any_rank, rank, world_size
+from utils.runtime.seeds import derived_seed
 
 
 def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None):
@@ -37,71 +36,6 @@ def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, pre
     parts = criterion(logits, labels)
     precision.scaled(parts["loss"] * loss_scale).backward()
     return parts
-
-
-@dataclass
-class EpochProgress:
-    """Where an epoch stands: micro-batches done, samples seen, loss sums, seconds spent, and
-    the optimizer steps: applied, skipped for an fp16 overflow, and their gradient norms.
-
-    ``excluded`` counts the samples of non-finite losses, left out of the sums. Saved in
-    mid-epoch checkpoints so that a resumed epoch reports the same means.
-    """
-
-    micro: int = 0
-    seen: int = 0
-    sums: dict = field(default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kl": 0.0})
-    elapsed: float = 0.0
-    excluded: int = 0
-    steps: int = 0
-    overflow_steps: int = 0
-    grad_norm_sum: float = 0.0
-    grad_norm_max: Optional[float] = None
-
-    def __post_init__(self):
-        self.sums = dict(self.sums)  # never the caller's (a checkpoint's) dict
-
-    def to_dict(self):
-        """A JSON-ready copy."""
-        return asdict(self)
-
-    def add_step(self, grad_norm):
-        """Count one applied optimizer step and its gradient norm (before clipping)."""
-        self.steps += 1
-        self.grad_norm_sum += grad_norm
-        self.grad_norm_max = max(grad_norm, self.grad_norm_max or 0.0)
-
-    def summed(self):
-        """:meth:`to_dict` with sample counts and loss sums added over all ranks (what a
-        checkpoint and the epoch record hold). Step counts and gradient norms are the same
-        on every rank (gradients are all-reduced before they are measured)."""
-        local = self.to_dict()
-        names = sorted(local["sums"])
-        totals = all_sum([local["seen"], local["excluded"], *(local["sums"][n] for n in names)])
-        return dict(local, seen=int(totals[0]), excluded=int(totals[1]),
-                    sums={n: float(v) for n, v in zip(names, totals[2:])})
-
-    @classmethod
-    def resumed(cls, saved):
-        """The progress of a resumed epoch: rank 0 carries the saved sums of all ranks, the
-        others restart theirs from zero; every rank takes the saved step counts."""
-        if is_main():
-            return cls(**saved)
-        return cls(micro=saved["micro"], elapsed=saved["elapsed"],
-                   **{key: saved[key] for key in ("steps", "overflow_steps", "grad_norm_sum",
-                                                  "grad_norm_max") if key in saved})
-
-    def means(self):
-        """Per-sample means of the finite loss parts (``None`` when every loss was not
-        finite), images per second, the mean and largest gradient norm of the applied steps
-        (``None`` without any) and the overflow count."""
-        counted = self.seen - self.excluded
-        result = {name: total / counted if counted else None for name, total in self.sums.items()}
-        result["images_per_s"] = self.seen / self.elapsed if self.elapsed > 0 else 0.0
-        result["grad_norm"] = self.grad_norm_sum / self.steps if self.steps else None
-        result["grad_norm_max"] = self.grad_norm_max
-        result["overflow_steps"] = self.overflow_steps
-        return result
 
 
 class Step(NamedTuple):
@@ -181,7 +115,7 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", stops=None, pr
 
     Every sample counts once, whatever the batch sizes (the last batch included).
     With several ranks each evaluates its shard and the counts are summed, so the
-    result is that of one process. With ``stops`` (a :class:`utils.signals.StopRequests`)
+    result is that of one process. With ``stops`` (a :class:`utils.runtime.signals.StopRequests`)
     a stop request abandons the pass: the result is then ``None``.
     """
     precision = precision or Precision()

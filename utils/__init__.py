@@ -1,4 +1,5 @@
-"""Shared helpers: config, errors, downloads, checkpoints, logging."""
+"""Shared parts: the config, the command line, the output folder and its checkpoints, errors;
+file I/O (``io``), the process a run lives in (``runtime``), what a person reads (``reports``)."""
 
 import warnings
 

@@ -2,11 +2,11 @@
 
 - ``best.safetensors`` (its record in the file's metadata) and ``best.json`` (the same
   record, for people): the weights with the best validation top-1.
-- ``last/``: everything a resume needs: ``model``, ``optimizer``, ``ema`` and ``swa``
-  (when enabled) ``.safetensors`` files and ``state.json`` (position, best record,
-  averages' counts, the list of files).
+- ``last/``: everything a resume needs: ``raw`` (the trained weights), ``optimizer``,
+  ``ema`` and ``swa`` (when enabled) ``.safetensors`` files and ``state.json`` (the
+  :class:`training.state.RunState` and the list of files).
 
-Every file is written through :func:`utils.files.write_atomically`. ``last/`` is
+Every file is written through :func:`utils.io.files.write_atomically`. ``last/`` is
 built as ``last.partial/`` and swapped in by two renames, so a kill at any moment
 leaves a complete checkpoint as ``last/`` or, between the renames, ``last.old/``.
 A write that fails (a full disk) is one :class:`UserError` and the previous
@@ -16,21 +16,18 @@ checkpoint stays.
 import os
 import shutil
 
-import numpy as np
-
-from utils.config import to_plain
 from utils.errors import UserError
-from utils.files import fsync_dir, read_json, write_json
-from utils.tensor_io import SAFETENSORS, load_tensors, save_tensors
+from utils.io.files import fsync_dir, read_json, write_json
+from utils.io.tensor_io import SAFETENSORS, load_tensors, save_tensors
 
 LAST, PARTIAL, OLD = "last", "last.partial", "last.old"
 STATE = "state.json"
-TREES = ("model", "optimizer", "ema", "swa", "scaler")
+TREES = ("raw", "optimizer", "ema", "swa", "scaler")
 
 
 def weights_path(output_dir, tag):
-    """Path of the best weights (``tag='best'``) or of the last checkpoint's ``tag`` weights
-    (``model``, ``ema``, ``swa``)."""
+    """Path of the best weights (``tag='best'``) or of the last checkpoint's weights of kind
+    ``tag`` (``raw``, ``ema``, ``swa``)."""
     if tag == "best":
         return os.path.join(output_dir, "best" + SAFETENSORS)
     return os.path.join(output_dir, LAST, tag + SAFETENSORS)
@@ -59,8 +56,8 @@ def save_best(output_dir, state_dict, record):
 
 
 def save_last(output_dir, trees, state):
-    """Save the resume checkpoint: ``trees`` maps names (``model``, ``optimizer``, ...) to
-    (nested) state dicts, ``state`` is the trainer's JSON state."""
+    """Save the resume checkpoint: ``trees`` maps names (``raw``, ``optimizer``, ...) to
+    (nested) state dicts, ``state`` is the run state's JSON form."""
     partial = os.path.join(output_dir, PARTIAL)
     last, old = os.path.join(output_dir, LAST), os.path.join(output_dir, OLD)
 
@@ -179,19 +176,6 @@ def check_state(state):
         raise ValueError(f"'files' must list checkpoint files among {', '.join(TREES)}")
 
 
-def finished_state(resume, output_dir, stages):
-    """The state of the checkpoint ``--resume`` names if that run is complete (its final test
-    done), else ``None``; a complete run's checkpoint is read and checked whole, as a resume
-    would, so that a damaged one is reported rather than called complete."""
-    folder = resume_folder(resume, output_dir)
-    state, _ = load_last(folder, trees=False)
-    if not state.get("tested") or state["position"]["stage"] != len(stages):
-        return None
-    state, trees = load_last(folder)
-    check_position(state, trees, stages, folder)
-    return state
-
-
 def resume_folder(resume, output_dir):
     """The checkpoint folder that ``--resume [PATH]`` names (an output dir or a ``last/`` folder)."""
     where = resume if isinstance(resume, str) else output_dir
@@ -201,60 +185,3 @@ def resume_folder(resume, output_dir):
     if folder is None:
         raise UserError(f"no complete checkpoint to resume in {where}; start without --resume")
     return folder
-
-
-# Keys that may change between a run and its resume without changing the results.
-# nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
-# would have stopped or skipped (a resume after such a stop may relax them).
-RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
-                     "train.nan_policy", "train.nan_max_skips", "train.progress")
-
-
-def check_same_config(state, cfg, folder):
-    """A resume must use the config the checkpoint was trained with (but for the keys that
-    change nothing of the results)."""
-    changed = first_difference(state["config"], to_plain(cfg), RESUMABLE_CHANGES)
-    if changed:
-        raise UserError(f"the checkpoint in {folder} was trained with another config "
-                        f"('{changed}' differs); resume with the same -c/-o")
-
-
-def first_difference(saved, current, ignore=(), path=""):
-    """The first dotted key whose value differs between two plain configs (``ignore`` skipped)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if sub not in ignore:
-                found = first_difference(saved.get(key), current.get(key), ignore, sub)
-                if found:
-                    return found
-        return None
-    return None if saved == current else path
-
-
-def check_position(state, trees, stages, folder):
-    """A resume state (already :func:`check_state`-ed) that the config's ``stages`` could
-    have written, with the files it needs; one :class:`UserError` otherwise."""
-    position = state["position"]
-    stage, epoch = position["stage"], position["epoch"]
-    problem = None
-    if stage > len(stages) or (stage < len(stages) and epoch >= stages[stage].epochs):
-        problem = f"position stage {stage} epoch {epoch} is not in the config's stages"
-    elif state["epoch_index"] > sum(s.epochs for s in stages):
-        problem = f"epoch_index {state['epoch_index']} exceeds the config's epochs"
-    elif state["progress"] is not None and state["progress"]["micro"] != position["micro"]:
-        problem = "its epoch progress and position disagree"
-    elif not {"model", "optimizer"} <= set(trees):
-        problem = "it lacks the model or optimizer file"
-    elif any(kind not in trees for kind in state["updates"]):
-        problem = "it lacks an average it counts updates for"
-    else:
-        broken = [f"{kind}/{key}" for kind in ("model", *state["updates"])
-                  for key, value in trees[kind].items()
-                  if isinstance(value, np.ndarray) and value.dtype.kind == "f"
-                  and not np.isfinite(value).all()]
-        if broken:
-            problem = f"non-finite weights in {', '.join(broken[:3])}"
-    if problem:
-        raise UserError(f"the checkpoint in {folder} is damaged ({problem}); resume from "
-                        f"another copy or start again")

@@ -1,13 +1,15 @@
-"""What the command-line entry points share: quiet imports, device choice, signals, errors."""
+"""What the command-line entry points share: the parser with -c/-o/--debug, and one line and
+an exit code for every expected failure."""
 
+import argparse
 import errno
-import resource
 import signal
 import sys
-import threading
 import traceback
 
+from utils.config import DEFAULT_CONFIG
 from utils.errors import Interrupted, UserError
+from utils.runtime.signals import hold_sigterm
 
 # OS errors a user fixes (free space, fix permissions) rather than bugs: one line each.
 USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
@@ -19,51 +21,6 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated
-
-
-def _reassert_signal_handlers():
-    """Importing Paddle installs C-level handlers (a SIGTERM prints a C++ "FatalError"
-    dump); hand the signals back to the Python handlers in place, then let a SIGTERM held
-    back by :func:`run` while Paddle was imported arrive."""
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(signum)
-            if handler is not None:
-                signal.signal(signum, handler)
-        _hold_sigterm(False)
-
-
-def _hold_sigterm(hold):
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK,
-                               [signal.SIGTERM])
-
-
-def select_device():
-    """Use the GPU when Paddle is built with CUDA and sees one, the CPU otherwise; return its name."""
-    import paddle
-
-    _reassert_signal_handlers()
-
-    paddle.set_device("gpu" if gpu_visible() else "cpu")
-    return paddle.get_device()
-
-
-def peak_memory_bytes(device):
-    """The process's peak memory so far: Paddle's max allocated on a GPU, the peak resident
-    set on a CPU."""
-    import paddle
-
-    if str(device).startswith("gpu"):
-        return int(paddle.device.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def gpu_visible():
-    """Whether this Paddle is built with CUDA and sees a GPU."""
-    import paddle
-
-    return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
 def _report(message, debug):
@@ -82,12 +39,12 @@ def run(main):
     """
     debug = "--debug" in sys.argv[1:]
     signal.signal(signal.SIGTERM, _terminate)
-    _hold_sigterm(True)  # until select_device() has taken it back from Paddle's import
+    hold_sigterm(True)  # until select_device() has taken it back from Paddle's import
     try:
         try:
             code = main()
         finally:
-            _hold_sigterm(False)  # a SIGTERM still held arrives here
+            hold_sigterm(False)  # a SIGTERM still held arrives here
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         code = exc.exit_code
@@ -104,3 +61,24 @@ def run(main):
         _report(exc.strerror + (f": {exc.filename}" if exc.filename else ""), debug)
         code = 2
     sys.exit(code or 0)
+
+
+def config_parser(doc):
+    """An argument parser described by a script's docstring (first line, then the examples),
+    with the shared ``-c/--config``, ``-o/--override`` and ``--debug`` options."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help=f"YAML recipe (default: {DEFAULT_CONFIG})")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. -o data.batch_size=32 or "
+                             "-o stages.0.optimizer.lr=1e-4 (repeatable; values are YAML)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of one line")
+    return parser
+
+
+def add_weights_option(parser, what):
+    """``--weights PATH``, ``what`` they are for; the run's best weights by default."""
+    parser.add_argument("--weights", metavar="PATH",
+                        help=f"{what} (default: best.safetensors in train.output_dir)")

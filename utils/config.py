@@ -12,7 +12,7 @@ import re
 import yaml
 
 from utils.errors import UserError
-from utils.files import path_problem
+from utils.io.files import path_problem
 from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Field, ListOf, Section, Tagged
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,20 +290,3 @@ def to_plain(node):
 def dump_config(cfg):
     """The resolved config as YAML text."""
     return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
-
-
-def config_parser(doc):
-    """An argument parser described by a script's docstring (first line, then the examples),
-    with the shared ``-c/--config``, ``-o/--override`` and ``--debug`` options."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                        help=f"YAML recipe (default: {DEFAULT_CONFIG})")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. -o data.batch_size=32 or "
-                             "-o stages.0.optimizer.lr=1e-4 (repeatable; values are YAML)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the Python traceback of an error instead of one line")
-    return parser

@@ -28,3 +28,12 @@ def is_out_of_memory(exc):
     text = f"{type(exc).__name__} {exc}".lower()
     return isinstance(exc, MemoryError) or "resourceexhausted" in text \
         or "out of memory" in text
+
+
+def out_of_memory_error(where, last_checkpoint, accum_steps):
+    """The :class:`UserError` of a run that ran out of memory at ``where``: the last
+    checkpoint is safe, and how to find a micro-batch that fits."""
+    return UserError(f"out of memory at {where}; the last checkpoint "
+                     f"({last_checkpoint or 'none yet'}) is safe. Find a micro-batch that fits "
+                     f"with python main.py ... --preflight, then raise train.accum_steps (now "
+                     f"{accum_steps}) or set model.recompute=true")

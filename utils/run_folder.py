@@ -15,7 +15,7 @@ import sys
 import time
 
 from utils.errors import UserError
-from utils.files import ensure_folder, json_text, read_json
+from utils.io.files import ensure_folder, json_text, read_json
 
 LOCK = "run.lock"
 # What runs and the tools around them write into an output folder: only such a folder is

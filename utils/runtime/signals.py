@@ -1,4 +1,5 @@
-"""Stop a run cleanly on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before a kill)."""
+"""Stop a run cleanly on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before a kill), and
+keep those signals with the Python handlers once Paddle is imported."""
 
 import os
 import signal
@@ -49,3 +50,22 @@ class StopRequests:
     def requested(self):
         """The name of the signal that asked to stop, or ``None``."""
         return signal.Signals(self.signum).name if self.signum is not None else None
+
+
+def hold_sigterm(hold):
+    """Hold SIGTERM back (``hold``) or let a held one arrive."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK,
+                               [signal.SIGTERM])
+
+
+def reassert_handlers():
+    """Importing Paddle installs C-level handlers (a SIGTERM prints a C++ "FatalError"
+    dump); hand the signals back to the Python handlers in place, then let a SIGTERM held
+    back by :func:`run` while Paddle was imported arrive."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not None:
+                signal.signal(signum, handler)
+        hold_sigterm(False)

@@ -4,7 +4,7 @@ Half-precision tensors (AMP O2 weights) are written as float32: NumPy has no bfl
 
 A safetensors file is a JSON header plus raw tensor bytes: it cannot carry code.
 ``.pdparams`` files (PPIM's downloads, weights from elsewhere) are pickles and go
-through :mod:`utils.safe_pickle`. Nested states (an optimizer's) are stored flat, with
+through :mod:`utils.io.safe_pickle`. Nested states (an optimizer's) are stored flat, with
 ``/``-joined keys for the tensors and the remaining plain values as JSON metadata.
 
 Each file written here carries the SHA-256 of its tensors and metadata in its header,
@@ -18,8 +18,8 @@ import json
 import numpy as np
 
 from utils.errors import UserError
-from utils.files import json_text, path_problem, write_atomically
-from utils.safe_pickle import safe_unpickle
+from utils.io.files import json_text, path_problem, write_atomically
+from utils.io.safe_pickle import safe_unpickle
 
 SAFETENSORS = ".safetensors"
 # Entries paddle.save adds next to the tensors: a name table, not weights.

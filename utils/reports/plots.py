@@ -1,6 +1,6 @@
 """Pictures of a run: training curves from metrics.jsonl and per-class accuracy from val.py.
 
-  python -m utils.plots OUTPUT_DIR     # (re)write OUTPUT_DIR/curves.png
+  python -m utils.reports.plots OUTPUT_DIR     # (re)write OUTPUT_DIR/curves.png
 """
 
 import json
@@ -79,6 +79,21 @@ def plot_curves(output_dir):
     return path
 
 
+def curves_at_end(output_dir, stopped_by=None):
+    """Draw curves.png at a run's end and say where, or say why not: a stop (``stopped_by``,
+    e.g. "SIGINT") after the last epoch skips it, an edited metrics.jsonl is a warning."""
+    if stopped_by:  # after the last epoch: nothing is left to interrupt
+        print(f"{stopped_by} after the last epoch: training is complete; curves.png skipped "
+              f"(python -m utils.reports.plots {output_dir} draws it)", flush=True)
+        return
+    from utils.errors import UserError
+
+    try:
+        print(f"curves in {plot_curves(output_dir)}", flush=True)
+    except (UserError, KeyError, TypeError) as exc:
+        print(f"warning: curves.png not drawn: {exc}", flush=True)
+
+
 def _number(value):
     """A plottable value: anything not a number (``None``: not measured) becomes a gap."""
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) \
@@ -118,7 +133,7 @@ def main(argv=None):
     """Regenerate ``curves.png`` of the output folder given on the command line."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m utils.plots OUTPUT_DIR", file=sys.stderr)
+        print("usage: python -m utils.reports.plots OUTPUT_DIR", file=sys.stderr)
         return 2
     print(plot_curves(args[0]))
     return 0

@@ -10,15 +10,25 @@ def place(stage, epoch, epochs=None):
     return f"stage {stage} epoch {epoch}" + (f"/{epochs}" if epochs else "")
 
 
+def run_line(device, train, val, test, output_dir):
+    """The line a run starts with: where it runs and the images of each split (``val`` is
+    ``None`` when the test split serves as validation)."""
+    from utils.runtime.dist import rank, world_size
+
+    validation = (f"{val} held out for validation (data.val_split)" if val is not None
+                  else "the test split as validation (data.val_split: 0)")
+    return (f"device {device}, rank {rank()} of {world_size()}; {train} train images, "
+            f"{validation}, {test} test; output in {output_dir}")
+
+
 def position_text(position, stages):
-    """Where a checkpoint resumes, in words (never a raw dict)."""
-    stage, epoch, micro = position["stage"], position["epoch"], position["micro"]
-    if stage >= len(stages):
+    """Where a checkpoint resumes (a :class:`training.state.Position`), in words."""
+    if position.stage >= len(stages):
         return "after the last stage (training complete, the final test follows)"
-    text = place(stage, epoch + 1, stages[stage].epochs)
-    if position.get("evaluating"):
+    text = place(position.stage, position.epoch + 1, stages[position.stage].epochs)
+    if position.evaluating:
         return text + ", its evaluation"
-    return text + (f", after micro-batch {micro}" if micro else ", its start")
+    return text + (f", after micro-batch {position.micro}" if position.micro else ", its start")
 
 
 def _fmt(value):

@@ -11,7 +11,7 @@ import time
 
 from tqdm import tqdm
 
-from utils.dist import is_main
+from utils.runtime.dist import is_main
 
 LINE_INTERVAL_S = 60
 MODES = ("auto", "bars", "lines", "off")

@@ -14,7 +14,7 @@ import numbers
 import os
 import shutil
 
-from utils.files import json_text
+from utils.io.files import json_text
 
 VDL_FILE = "vdlrecords.run.log"
 

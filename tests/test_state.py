@@ -1,0 +1,63 @@
+"""The typed run state: JSON round trips in the form state.json has on disk, and the
+weights swapped in for an evaluation always swapped back."""
+
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+from training.averaging import weights_in
+from training.state import EpochProgress, Position, RunState
+from utils.checkpoint import check_state
+
+
+def _busy_state():
+    progress = EpochProgress(micro=6, seen=192, sums={"loss": 12.5, "ce": 10.0, "kl": 2.5},
+                             elapsed=3.25, excluded=32, steps=3, overflow_steps=1,
+                             grad_norm_sum=4.5, grad_norm_max=2.0)
+    return RunState(config={"train": {"seed": 0}}, position=Position(1, 2, 6, evaluating=True),
+                    epoch_index=7, global_step=41, skipped_steps=2,
+                    best={"stage": 0, "epoch": 3, "kind": "ema", "val_top1": 0.5,
+                          "val_num_samples": 40},
+                    progress=progress, updates={"ema": 41, "swa": 2}, tested=True)
+
+
+def test_the_run_state_survives_json_unchanged_and_passes_the_checkpoint_check():
+    state = _busy_state()
+    text = json.dumps(state.to_json())
+    again = RunState.from_json(json.loads(text))
+    assert again == state and again.progress.sums == {"loss": 12.5, "ce": 10.0, "kl": 2.5}
+    check_state(dict(json.loads(text), files=["raw", "optimizer", "ema", "swa"]))
+    fresh = RunState(config={})
+    assert RunState.from_json(fresh.to_json()) == fresh
+    assert fresh.to_json()["position"] == {"stage": 0, "epoch": 0, "micro": 0}
+
+
+def test_a_position_keeps_the_on_disk_form_of_earlier_checkpoints():
+    assert Position(1, 0, 0).to_json() == {"stage": 1, "epoch": 0, "micro": 0}
+    assert Position(1, 0, 8, True).to_json() == {"stage": 1, "epoch": 0, "micro": 8,
+                                                 "evaluating": True}
+    assert Position.from_json({"stage": 2, "epoch": 1, "micro": 4}) == Position(2, 1, 4)
+
+
+def test_a_resumed_epoch_never_shares_the_saved_sums():
+    saved = _busy_state().progress
+    resumed = saved.resumed()  # one process: rank 0 carries every sum
+    resumed.sums["loss"] += 1.0
+    assert saved.sums["loss"] == 12.5 and resumed.micro == 6 and resumed.seen == 192
+    assert saved.summed() == saved  # one process: nothing to add
+    means = saved.means()
+    assert means["loss"] == pytest.approx(12.5 / 160) and means["grad_norm"] == 1.5
+
+
+def test_weights_swapped_in_come_back_even_when_the_block_fails():
+    paddle.seed(0)
+    layer = paddle.nn.Linear(3, 2)
+    own = {k: v.numpy().copy() for k, v in layer.state_dict().items()}
+    other = {k: np.full_like(v, 7.0) for k, v in own.items()}
+    with pytest.raises(RuntimeError):
+        with weights_in(layer, other):
+            assert np.all(layer.weight.numpy() == 7.0)
+            raise RuntimeError("evaluation failed")
+    assert all(np.array_equal(layer.state_dict()[k].numpy(), v) for k, v in own.items())

@@ -1,0 +1,93 @@
+"""What a run reports: the best weights (raw, EMA or SWA) chosen on validation, the final
+test of the best and the last weights, and what a non-finite step means for the run."""
+
+import contextlib
+
+from training.averaging import weights_in
+from training.engine import evaluate
+from training.state import KINDS
+from utils.errors import UserError
+from utils.io.tensor_io import load_tensors
+
+
+def epoch_record(stage, epoch, lr, stats, results, averages):
+    """The ``metrics.jsonl`` record of an epoch (``epoch`` from 1 in its stage): the training
+    means, the raw weights' validation and each kept average's top-1 (``None`` before its
+    first update)."""
+    val = results["raw"]
+    record = {
+        "stage": stage, "epoch": epoch, "lr": lr,
+        "train_loss": stats["loss"], "train_ce": stats["ce"], "train_kl": stats["kl"],
+        "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
+        "images_per_s": stats["images_per_s"], "grad_norm": stats["grad_norm"],
+        "grad_norm_max": stats["grad_norm_max"], "overflow_steps": stats["overflow_steps"],
+    }
+    for kind in averages:
+        record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
+    return record
+
+
+def is_better(val, best):
+    """A larger validation set supersedes a subset; on the same set, higher top-1 wins."""
+    if best is None:
+        return True
+    return (val["num_samples"], val["top1"]) > (best["val_num_samples"], best["val_top1"])
+
+
+def new_best(record, results, epoch_index, best, selected_on):
+    """The best record after this epoch if one of its kinds beats ``best`` (the raw weights
+    win a tie, then EMA), else ``None``."""
+    kind = max(results, key=lambda k: (results[k]["top1"], -KINDS.index(k)))
+    if not is_better(results[kind], best):
+        return None
+    return dict(record, kind=kind, epoch_index=epoch_index, val_top1=results[kind]["top1"],
+                val_num_samples=results[kind]["num_samples"], selected_on=selected_on)
+
+
+def test_best_and_last(model, preprocess, loader, num_classes, precision, best, best_path):
+    """The test records of the last weights (the model's) and of the best ones (if any), in
+    that order; the model keeps its last weights."""
+    chosen = {"last": ("raw", None)}
+    if best is not None:
+        chosen["best"] = (best["kind"], load_tensors(best_path)[0])
+    records = []
+    for which, (kind, weights) in chosen.items():
+        with (weights_in(model, weights) if weights else contextlib.nullcontext()):
+            result = evaluate(model, preprocess, loader, num_classes, desc=f"test ({which})",
+                              precision=precision)
+        records.append({"test": which, "kind": kind, "test_top1": result["top1"],
+                        "test_top5": result["top5"], "test_loss": result["loss"],
+                        "num_samples": result["num_samples"]})
+    return records
+
+
+def test_line(record):
+    """The console line of one final-test record."""
+    return (f"test split, {record['test']} weights ({record['kind']}): top1 "
+            f"{record['test_top1']:.4f} top5 {record['test_top5']:.4f} loss "
+            f"{record['test_loss']:.4f} on {record['num_samples']}")
+
+
+def skip_nonfinite(train_cfg, skipped, values, stage_index, step_place, last_checkpoint):
+    """The count of skipped steps after one more whose loss (or, when its ``values`` have a
+    ``grad_norm``, gradient) is not finite at ``step_place``; one :class:`UserError` under
+    ``train.nan_policy: stop`` or past ``train.nan_max_skips``."""
+    norm = values["grad_norm"]
+    what = "loss" if norm is None else "gradient"
+    where = (f"{step_place} (lr {values['lr']:.3g}, loss {values['loss']}"
+             + ("" if norm is None else f", gradient norm {norm}") + ")")
+    kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+            else "no checkpoint was saved yet")
+    fix = (f"lower stages.{stage_index}.optimizer.lr, add a warmup "
+           f"(stages.{stage_index}.warmup.steps) or set train.clip_grad_norm")
+    if train_cfg.nan_policy == "stop":
+        raise UserError(f"the {what} is not finite at {where}; {kept}; {fix}, or set "
+                        f"train.nan_policy=skip to drop such steps")
+    skipped += 1
+    if skipped > train_cfg.nan_max_skips:
+        raise UserError(f"{skipped} steps had a non-finite loss or gradient, more than "
+                        f"train.nan_max_skips={train_cfg.nan_max_skips} (last at {where}); "
+                        f"{kept}; {fix}")
+    print(f"skipped the update of {where}: non-finite {what} "
+          f"({skipped}/{train_cfg.nan_max_skips} allowed)", flush=True)
+    return skipped

@@ -1,0 +1,42 @@
+"""A training run as main.py and the notebook start it: the output folder held, a finished
+run recognised, every missing download named at once, then the :class:`Trainer`."""
+
+from data.cifar import pending_download as cifar_download
+from models.build import pending_download as weights_download
+from training.state import finished
+from training.trainer import Trainer
+from utils.checkpoint import resume_folder, weights_path
+from utils.io.download import ensure_downloadable
+from utils.reports.progress import set_mode as set_progress
+from utils.reports.text import best_line
+from utils.run_folder import RunFolder
+from utils.runtime.device import select_device
+from utils.runtime.dist import is_main
+
+
+def fit(cfg, resume=None, overwrite=False):
+    """Run every stage of ``cfg`` (from a checkpoint with ``resume``: True or a path),
+    holding ``train.output_dir`` meanwhile; ``overwrite`` moves an earlier run there aside.
+    Returns the best record (``None`` if no epoch was validated)."""
+    select_device()  # first: it also takes SIGTERM back from Paddle's C++ handler
+    set_progress(cfg.train.progress)
+    out = cfg.train.output_dir
+    folder = RunFolder(out)
+    if is_main():
+        folder.hold(resume=bool(resume), overwrite=overwrite)
+    try:
+        if resume:
+            state = finished(resume_folder(resume, out), cfg)
+            if state is not None:
+                print(f"the run in {out} is complete (its final test is done); nothing to "
+                      f"resume", flush=True)
+                return state.best
+        ensure_downloadable([item for item in (
+            cifar_download(cfg.data), weights_download(cfg.model, load_pretrained=not resume))
+            if item])
+        best = Trainer(cfg, resume).fit()
+    finally:
+        folder.release()
+    if best is not None:
+        print(best_line(best, weights_path(out, "best")), flush=True)
+    return best

@@ -1,0 +1,237 @@
+"""What a run is doing, typed: its position, the progress of its current epoch and the run
+state a checkpoint's ``state.json`` holds, each with a JSON round trip; and the checks a
+resume makes of a checkpoint against the config it is resumed with.
+
+The JSON form is the one ``state.json`` has on disk (checked key by key by
+:func:`utils.checkpoint.check_state` before it is read here).
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from utils.checkpoint import load_last
+from utils.config import to_plain
+from utils.errors import UserError
+from utils.runtime.dist import all_sum, is_main
+
+# The kinds of weights a run keeps, by the name they have everywhere (records, best.json,
+# the checkpoint's files, val.py --kind): the trained weights and their two averages.
+KINDS = ("raw", "ema", "swa")
+
+
+@dataclass
+class Position:
+    """The next thing a run does: micro-batch ``micro`` of epoch ``epoch`` of stage ``stage``
+    (all from 0); ``evaluating`` when that epoch is trained but not yet validated. Stage
+    ``len(stages)`` is the end of the run."""
+
+    stage: int = 0
+    epoch: int = 0
+    micro: int = 0
+    evaluating: bool = False
+
+    def to_json(self):
+        """The JSON form (``evaluating`` only when set)."""
+        data = {"stage": self.stage, "epoch": self.epoch, "micro": self.micro}
+        return dict(data, evaluating=True) if self.evaluating else data
+
+    @classmethod
+    def from_json(cls, data):
+        """The position a :meth:`to_json` dict describes."""
+        return cls(**data)
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: micro-batches done, samples seen, loss sums, seconds spent, and
+    the optimizer steps: applied, skipped for an fp16 overflow, and their gradient norms.
+
+    ``excluded`` counts the samples of non-finite losses, left out of the sums. Saved in
+    mid-epoch checkpoints so that a resumed epoch reports the same means.
+    """
+
+    micro: int = 0
+    seen: int = 0
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kl": 0.0})
+    elapsed: float = 0.0
+    excluded: int = 0
+    steps: int = 0
+    overflow_steps: int = 0
+    grad_norm_sum: float = 0.0
+    grad_norm_max: Optional[float] = None
+
+    def __post_init__(self):
+        self.sums = dict(self.sums)  # never the caller's (a checkpoint's) dict
+
+    def to_json(self):
+        """A JSON-ready copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data):
+        """The progress a :meth:`to_json` dict describes."""
+        return cls(**data)
+
+    def add_step(self, grad_norm):
+        """Count one applied optimizer step and its gradient norm (before clipping)."""
+        self.steps += 1
+        self.grad_norm_sum += grad_norm
+        self.grad_norm_max = max(grad_norm, self.grad_norm_max or 0.0)
+
+    def summed(self):
+        """This progress with sample counts and loss sums added over all ranks (what a
+        checkpoint and the epoch record hold). Step counts and gradient norms are the same
+        on every rank (gradients are all-reduced before they are measured)."""
+        names = sorted(self.sums)
+        totals = all_sum([self.seen, self.excluded, *(self.sums[n] for n in names)])
+        return EpochProgress(**dict(self.to_json(), seen=int(totals[0]),
+                                    excluded=int(totals[1]),
+                                    sums={n: float(v) for n, v in zip(names, totals[2:])}))
+
+    def resumed(self):
+        """The progress a rank resumes this (summed, saved) progress with: rank 0 carries the
+        sums of all ranks, the others restart theirs from zero; every rank takes the step
+        counts."""
+        if is_main():
+            return EpochProgress.from_json(self.to_json())
+        return EpochProgress(micro=self.micro, elapsed=self.elapsed, steps=self.steps,
+                             overflow_steps=self.overflow_steps,
+                             grad_norm_sum=self.grad_norm_sum, grad_norm_max=self.grad_norm_max)
+
+    def means(self):
+        """Per-sample means of the finite loss parts (``None`` when every loss was not
+        finite), images per second, the mean and largest gradient norm of the applied steps
+        (``None`` without any) and the overflow count."""
+        counted = self.seen - self.excluded
+        result = {name: total / counted if counted else None for name, total in self.sums.items()}
+        result["images_per_s"] = self.seen / self.elapsed if self.elapsed > 0 else 0.0
+        result["grad_norm"] = self.grad_norm_sum / self.steps if self.steps else None
+        result["grad_norm_max"] = self.grad_norm_max
+        result["overflow_steps"] = self.overflow_steps
+        return result
+
+
+@dataclass
+class RunState:
+    """Everything but tensors that a resume needs: the position, the epochs and optimizer
+    steps done, the steps skipped for a non-finite loss, the best record so far, the
+    progress of an epoch stopped midway, the averages' update counts, the config, and
+    whether the final test is done."""
+
+    config: dict
+    position: Position = field(default_factory=Position)
+    epoch_index: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
+    best: Optional[dict] = None
+    progress: Optional[EpochProgress] = None
+    updates: dict = field(default_factory=dict)
+    tested: bool = False
+
+    def to_json(self):
+        """The JSON form ``state.json`` holds."""
+        return {"position": self.position.to_json(), "epoch_index": self.epoch_index,
+                "global_step": self.global_step, "skipped_steps": self.skipped_steps,
+                "best": self.best, "progress": self.progress and self.progress.to_json(),
+                "updates": dict(self.updates), "config": self.config, "tested": self.tested}
+
+    @classmethod
+    def from_json(cls, data):
+        """The state a (checked) ``state.json`` describes; keys it does not know are ignored."""
+        return cls(config=data["config"], position=Position.from_json(data["position"]),
+                   epoch_index=data["epoch_index"], global_step=data["global_step"],
+                   skipped_steps=data["skipped_steps"], best=data["best"],
+                   progress=(EpochProgress.from_json(data["progress"])
+                             if data["progress"] is not None else None),
+                   updates=dict(data["updates"]), tested=data.get("tested", False))
+
+
+def checkpoint_trees(model, optimizer_state, averages, precision):
+    """The tensors of a resume checkpoint by file name: the raw weights, the optimizer's
+    portable state, each average, and the fp16 loss scaler's state when it scales."""
+    trees = {"raw": model.state_dict(), "optimizer": optimizer_state}
+    trees.update({kind: average.state_dict() for kind, average in averages.items()})
+    if precision.scaling:
+        trees["scaler"] = precision.scaler.state_dict()
+    return trees
+
+
+# Keys that may change between a run and its resume without changing the results.
+# nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
+# would have stopped or skipped (a resume after such a stop may relax them).
+RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
+                     "train.nan_policy", "train.nan_max_skips", "train.progress")
+
+
+def check_same_config(state, cfg, folder):
+    """A resume must use the config the checkpoint was trained with (but for the keys that
+    change nothing of the results)."""
+    changed = first_difference(state.config, to_plain(cfg), RESUMABLE_CHANGES)
+    if changed:
+        raise UserError(f"the checkpoint in {folder} was trained with another config "
+                        f"('{changed}' differs); resume with the same -c/-o")
+
+
+def first_difference(saved, current, ignore=(), path=""):
+    """The first dotted key whose value differs between two plain configs (``ignore`` skipped)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if sub not in ignore:
+                found = first_difference(saved.get(key), current.get(key), ignore, sub)
+                if found:
+                    return found
+        return None
+    return None if saved == current else path
+
+
+def check_position(state, trees, stages, folder):
+    """A resume state that the config's ``stages`` could have written, with the files it
+    needs and finite weights; one :class:`UserError` otherwise."""
+    position, problem = state.position, None
+    if position.stage > len(stages) or (position.stage < len(stages)
+                                        and position.epoch >= stages[position.stage].epochs):
+        problem = f"position stage {position.stage} epoch {position.epoch} is not in the " \
+                  f"config's stages"
+    elif state.epoch_index > sum(s.epochs for s in stages):
+        problem = f"epoch_index {state.epoch_index} exceeds the config's epochs"
+    elif state.progress is not None and state.progress.micro != position.micro:
+        problem = "its epoch progress and position disagree"
+    elif not {"raw", "optimizer"} <= set(trees):
+        problem = "it lacks the raw weights or the optimizer file"
+    elif any(kind not in trees for kind in state.updates):
+        problem = "it lacks an average it counts updates for"
+    else:
+        broken = [f"{kind}/{key}" for kind in ("raw", *state.updates)
+                  for key, value in trees[kind].items()
+                  if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+                  and not np.isfinite(value).all()]
+        if broken:
+            problem = f"non-finite weights in {', '.join(broken[:3])}"
+    if problem:
+        raise UserError(f"the checkpoint in {folder} is damaged ({problem}); resume from "
+                        f"another copy or start again")
+
+
+def restore(folder, cfg, trees=True):
+    """``(state, trees)`` of the resume checkpoint in ``folder``, checked against ``cfg``:
+    the same config, a position its stages could have written, the files it needs, finite
+    weights. Without ``trees`` only the state is read and the config compared."""
+    saved, tensors = load_last(folder, trees=trees)
+    state = RunState.from_json(saved)
+    check_same_config(state, cfg, folder)
+    if trees:
+        check_position(state, tensors, cfg.stages, folder)
+    return state, tensors
+
+
+def finished(folder, cfg):
+    """The state of the checkpoint in ``folder`` if that run is complete (its final test
+    done), else ``None``; a complete run's checkpoint is read and checked whole, as a
+    resume would, so that a damaged one is reported rather than called complete."""
+    state, _ = restore(folder, cfg, trees=False)
+    if not state.tested or state.position.stage != len(cfg.stages):
+        return None
+    return restore(folder, cfg)[0]
