@@ -1,12 +1,15 @@
-"""CIFAR-100 reader: the ``cifar-100-python`` archive as uint8 arrays.
+"""CIFAR-10 and CIFAR-100 readers: the ``cifar-10-python`` / ``cifar-100-python`` archives
+as uint8 arrays.
 
-Reads the same members, in the same order, as ``paddle.vision.datasets.Cifar100``
-and returns the same bytes, but as two arrays instead of a list of samples.
+Reads the same members, in the same order, as ``paddle.vision.datasets.Cifar10`` /
+``Cifar100`` and returns the same bytes, but as two arrays instead of a list of samples.
 """
 
 import os
+import re
 import tarfile
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,63 +18,92 @@ from utils.io.download import download_dataset
 from utils.io.files import path_problem
 from utils.io.safe_pickle import safe_unpickle
 
-ARCHIVE_NAME = "cifar-100-python.tar.gz"
-CIFAR100_URL = "https://dataset.bj.bcebos.com/cifar/" + ARCHIVE_NAME
-CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 MODES = ("train", "test")
 IMAGE_BYTES = 3 * 32 * 32
 # What a damaged archive raises while it is read: cut short, bad gzip, bad tar.
 DAMAGED = (tarfile.TarError, EOFError, zlib.error, OSError)
-# The real archive has 5 members, each smaller than the archive (images barely compress):
-# a member far larger than its archive is a decompression bomb, many members no CIFAR.
+# The real archives have at most 8 members, each smaller than the archive (images barely
+# compress): a member far larger than its archive is a decompression bomb, many members no
+# CIFAR.
 MAX_MEMBERS, MAX_EXPANSION = 1000, 4
-MEMBERS = ("train", "test", "meta")
 
 
-def default_archive_path():
-    """Where Paddle's own ``Cifar100`` dataset caches the archive."""
+@dataclass(frozen=True)
+class Cifar:
+    """One CIFAR archive: its file, where Paddle downloads it, the members of each split
+    (full-match patterns of their file names), and where the class names are."""
+
+    title: str
+    archive: str
+    folder: str
+    md5: str
+    members: dict
+    names_key: bytes
+
+    @property
+    def url(self):
+        """Where Paddle's own dataset downloads the archive."""
+        return "https://dataset.bj.bcebos.com/cifar/" + self.archive
+
+
+CIFARS = {
+    "cifar100": Cifar("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python",
+                      "eb9058c3a382ffc7106e4002c42a8d85",
+                      {"train": "train", "test": "test", "meta": "meta"}, b"fine_label_names"),
+    "cifar10": Cifar("CIFAR-10", "cifar-10-python.tar.gz", "cifar-10-batches-py",
+                     "c58f30108f718f92721af3b95e74349a",
+                     {"train": r"data_batch_\d+", "test": "test_batch", "meta": "batches.meta"},
+                     b"label_names"),
+}
+
+
+def default_archive_path(cifar):
+    """Where Paddle's own ``Cifar10`` / ``Cifar100`` datasets cache the archive."""
     from paddle.dataset.common import DATA_HOME
 
-    return os.path.join(DATA_HOME, "cifar", ARCHIVE_NAME)
+    return os.path.join(DATA_HOME, "cifar", cifar.archive)
 
 
-def locate_cifar100(path=None):
+def locate_cifar(cifar, path=None):
     """Return the archive or folder to read; download through Paddle when ``path`` is unset."""
-    fix = (f"download {CIFAR100_URL} on a machine with internet and pass "
-           f"-o data.path=/path/to/{ARCHIVE_NAME} (the archive or its extracted folder)")
+    fix = (f"download {cifar.url} on a machine with internet and pass "
+           f"-o data.path=/path/to/{cifar.archive} (the archive or its extracted folder)")
     if path is not None:
         problem = path_problem(path, "any")
         if problem:
             raise UserError(f"data.path {path} {problem}; {fix}")
         return path
-    cached = default_archive_path()
+    cached = default_archive_path(cifar)
     if os.path.isfile(cached):
         return cached
-    return download_dataset(CIFAR100_URL, "cifar", CIFAR100_MD5,
-                            f"CIFAR-100 ({cached})", fix)
+    return download_dataset(cifar.url, "cifar", cifar.md5, f"{cifar.title} ({cached})", fix)
 
 
 def pending_download(data_cfg):
-    """``(what, url, option)`` of the CIFAR-100 archive if a run will download it, or ``None``."""
-    if data_cfg.name != "cifar100" or data_cfg.path is not None \
-            or os.path.isfile(default_archive_path()):
+    """``(what, url, option)`` of the CIFAR archive if a run will download it, or ``None``."""
+    cifar = CIFARS.get(data_cfg.name)
+    if cifar is None or data_cfg.path is not None \
+            or os.path.isfile(default_archive_path(cifar)):
         return None
-    return "CIFAR-100", CIFAR100_URL, "-o data.path=/path/to/"
+    return cifar.title, cifar.url, "-o data.path=/path/to/"
 
 
-def _read_member(path, wanted):
-    """Yield ``(name, file object)`` for the member called ``wanted`` (train, test or meta) of
-    an archive or folder. Only that regular file is opened: a pipe or device in a folder
-    would block, other files are none of the reader's business."""
+def _read_member(cifar, path, wanted):
+    """Yield ``(name, file object)`` for the members of split ``wanted`` (train, test or
+    meta) of an archive or folder, sorted by name. Only those regular files are opened: a
+    pipe or device in a folder would block, other files are none of the reader's business."""
+    pattern = re.compile(cifar.members[wanted])
     if os.path.isdir(path):
-        inner = os.path.join(path, "cifar-100-python")
-        name = os.path.join(inner if os.path.isdir(inner) else path, wanted)
-        if os.path.lexists(name):
-            problem = path_problem(name)
-            if problem:
-                raise UserError(f"CIFAR member {name} {problem}")
-            with open(name, "rb") as handle:
-                yield name, handle
+        inner = os.path.join(path, cifar.folder)
+        folder = inner if os.path.isdir(inner) else path
+        for entry in sorted(os.listdir(folder)):
+            if pattern.fullmatch(entry):
+                name = os.path.join(folder, entry)
+                problem = path_problem(name)
+                if problem:
+                    raise UserError(f"CIFAR member {name} {problem}")
+                with open(name, "rb") as handle:
+                    yield name, handle
         return
     limit = MAX_EXPANSION * os.path.getsize(path) + (1 << 20)
     with tarfile.open(path, mode="r") as archive:
@@ -79,8 +111,8 @@ def _read_member(path, wanted):
         for count, member in enumerate(archive):
             if count >= MAX_MEMBERS:
                 raise UserError(f"{path} has more than {MAX_MEMBERS} members; it is not the "
-                                f"{ARCHIVE_NAME} archive")
-            if member.isfile() and os.path.basename(member.name) == wanted:
+                                f"{cifar.archive} archive")
+            if member.isfile() and pattern.fullmatch(os.path.basename(member.name)):
                 if member.size > limit:
                     raise UserError(f"CIFAR member {member.name} of {path} would unpack to "
                                     f"{member.size} bytes, far more than its archive holds; "
@@ -90,16 +122,16 @@ def _read_member(path, wanted):
             yield member.name, archive.extractfile(member)
 
 
-def _members(path, wanted):
-    """``(name, unpickled content)`` of the members called ``wanted``; a damaged archive
+def _members(cifar, path, wanted):
+    """``(name, unpickled content)`` of the members of split ``wanted``; a damaged archive
     is one clear error."""
     try:
-        for name, handle in _read_member(path, wanted):
+        for name, handle in _read_member(cifar, path, wanted):
             yield name, safe_unpickle(handle, f"CIFAR member {name} of {path}",
                                       encoding="bytes")
     except DAMAGED as exc:
         raise UserError(f"{path} is damaged or truncated ({exc.__class__.__name__}: {exc}); "
-                        f"download {ARCHIVE_NAME} again") from None
+                        f"download {cifar.archive} again") from None
 
 
 def _batch_arrays(batch, source):
@@ -127,28 +159,31 @@ def _integers(labels, source):
     raise UserError(f"{source} has labels that are not a list of integers")
 
 
-def load_cifar100(path, mode):
-    """Read one split: uint8 images ``[N, 32, 32, 3]`` (RGB, HWC) and int64 fine labels ``[N]``."""
+def load_cifar(cifar, path, mode):
+    """Read one split: uint8 images ``[N, 32, 32, 3]`` (RGB, HWC) and int64 labels ``[N]``
+    (CIFAR-100: the fine labels)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     images, labels = [], []
-    for name, batch in _members(path, mode):
+    for name, batch in _members(cifar, path, mode):
         batch_images, batch_labels = _batch_arrays(batch, f"CIFAR member {name} of {path}")
         images.append(batch_images)
         labels.append(batch_labels)
     if not images:
-        raise UserError(f"no '{mode}' split found in {path}; is it the {ARCHIVE_NAME} archive?")
+        raise UserError(f"no '{mode}' split found in {path}; is it the {cifar.archive} archive?")
     images, labels = np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
     if len(labels) == 0:
-        raise UserError(f"the '{mode}' split in {path} is empty; download {ARCHIVE_NAME} again")
+        raise UserError(f"the '{mode}' split in {path} is empty; download {cifar.archive} again")
     return images, labels
 
 
-def cifar100_class_names(path):
-    """The 100 fine class names from the archive's ``meta`` member."""
-    for name, meta in _members(path, "meta"):
-        names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
+def cifar_class_names(cifar, path):
+    """The class names (CIFAR-100: the 100 fine ones) from the archive's meta member."""
+    key = cifar.names_key.decode()
+    for name, meta in _members(cifar, path, "meta"):
+        names = meta.get(cifar.names_key) if isinstance(meta, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
-            raise UserError(f"CIFAR member {name} of {path} has no fine_label_names list")
+            raise UserError(f"CIFAR member {name} of {path} has no {key} list")
         return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
-    raise UserError(f"no 'meta' member in {path}; is it the {ARCHIVE_NAME} archive?")
+    raise UserError(f"no '{cifar.members['meta']}' member in {path}; is it the "
+                    f"{cifar.archive} archive?")

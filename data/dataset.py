@@ -8,12 +8,8 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from paddle.vision.transforms import functional as F
 from PIL import Image
 
-from data.cifar import (
-    cifar100_class_names,
-    default_archive_path,
-    load_cifar100,
-    locate_cifar100,
-)
+from data.augment import random_resized_box, resized_crop
+from data.cifar import CIFARS, cifar_class_names, default_archive_path, load_cifar, locate_cifar
 from data.digits import digits_class_names, load_digits
 from training.stages import micro_batch
 from utils.errors import UserError
@@ -29,9 +25,10 @@ def load_split(data_cfg, mode):
     if data_cfg.name == "digits":
         images, labels = load_digits(mode)
         return images, labels, digits_class_names()
-    path = locate_cifar100(data_cfg.path)
-    images, labels = load_cifar100(path, mode)
-    return images, labels, cifar100_class_names(path)
+    cifar = CIFARS[data_cfg.name]
+    path = locate_cifar(cifar, data_cfg.path)
+    images, labels = load_cifar(cifar, path, mode)
+    return images, labels, cifar_class_names(cifar, path)
 
 
 def run_splits(data_cfg, num_classes, seed):
@@ -60,7 +57,8 @@ def stage_loaders(data_cfg, seed, accum_steps, train_split, val_split):
     keep = subset_indices(len(labels), data_cfg.train_subset, (seed, TRAIN_SUBSET_STREAM),
                           "data.train_subset")
     train_set = ImageArrayDataset(images[keep], labels[keep], hflip_prob=data_cfg.hflip_prob,
-                                  rotation=data_cfg.rotation, seed=seed)
+                                  rotation=data_cfg.rotation, seed=seed,
+                                  crop=data_cfg.random_resized_crop)
     micro = micro_batch(data_cfg.batch_size, accum_steps, world_size())
     train_loader = build_loader(train_set, micro, data_cfg.num_workers, train=True)
     images, labels = val_split
@@ -91,13 +89,14 @@ def holdout_indices(labels, count, seed):
 
 
 def class_names(data_cfg, num_classes):
-    """Class names for reports, without downloading anything: the digits, CIFAR-100's from
+    """Class names for reports, without downloading anything: the digits, CIFAR's from
     the archive's meta when the archive is here, otherwise the class indices."""
     if data_cfg.name == "digits":
         return name_classes(digits_class_names(), num_classes)
-    archive = data_cfg.path or default_archive_path()
+    cifar = CIFARS[data_cfg.name]
+    archive = data_cfg.path or default_archive_path(cifar)
     if os.path.exists(archive):
-        return name_classes(cifar100_class_names(archive), num_classes)
+        return name_classes(cifar_class_names(cifar, archive), num_classes)
     return name_classes([], num_classes)
 
 
@@ -124,19 +123,16 @@ def subset_indices(total, size, seed, key):
 class ImageArrayDataset(Dataset):
     """uint8 ``[N, H, W, 3]`` images and int64 labels, augmented on the CPU.
 
-    Each sample's flip and rotation are drawn from a generator seeded by
-    ``(seed, epoch, index)``, so an epoch is the same whatever the number of
-    workers and whichever worker loads the sample.
+    Each sample's random-resized crop (``crop``: ``{scale, ratio}``), flip and rotation
+    are drawn, in that order, from a generator seeded by ``(seed, epoch, index)``, so an
+    epoch is the same whatever the number of workers and whichever worker loads the sample.
     """
 
-    def __init__(self, images, labels, hflip_prob=0.0, rotation=0.0, seed=0):
+    def __init__(self, images, labels, hflip_prob=0.0, rotation=0.0, seed=0, crop=None):
         super().__init__()
-        self.images = images
-        self.labels = labels
-        self.hflip_prob = hflip_prob
-        self.rotation = rotation
-        self.seed = seed
-        self.epoch = 0
+        self.images, self.labels = images, labels
+        self.hflip_prob, self.rotation, self.crop = hflip_prob, rotation, crop
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch):
         """Select the augmentation draws of ``epoch``."""
@@ -147,8 +143,11 @@ class ImageArrayDataset(Dataset):
 
     def __getitem__(self, index):
         image = self.images[index]
-        if self.hflip_prob > 0 or self.rotation > 0:
+        if self.crop or self.hflip_prob > 0 or self.rotation > 0:
             rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+            if self.crop:
+                image = resized_crop(image, random_resized_box(
+                    rng, *image.shape[:2], self.crop["scale"], self.crop["ratio"]))
             if rng.random() < self.hflip_prob:
                 image = image[:, ::-1]
             if self.rotation > 0:

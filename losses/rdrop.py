@@ -4,6 +4,7 @@ import paddle
 import paddle.nn as nn
 
 KL_REDUCTIONS = ("batchmean", "sum")
+FORMS = ("mean", "paper")
 
 
 def log_softmax(logits):
@@ -37,17 +38,26 @@ class RDropLoss(nn.Layer):
       (``"sum"``, as in the R-Drop authors' ``compute_kl_loss``),
     - ``loss = ce + alpha * kl``.
 
+    ``form="paper"`` is the objective of the R-Drop authors' ViT code (``vit_src``):
+    ``ce`` the SUM of the two copies' batch-mean cross-entropies and ``kl`` the SUM
+    KL(p₁‖p₂) + KL(p₂‖p₁) over batch and classes (``kl_reduction`` does not apply), so that
+    ``loss = ce + alpha * kl`` is twice the mean form with ``kl_reduction="sum"``: the same
+    gradient direction, twice its size (which matters for SGD's effective learning rate).
+
     All of it is computed in float32 whatever the dtype of ``logits``.
     """
 
     copies = 2
 
-    def __init__(self, alpha=5.0, kl_reduction="batchmean"):
+    def __init__(self, alpha=5.0, kl_reduction="batchmean", form="mean"):
         super().__init__()
         if kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.alpha = alpha
         self.kl_reduction = kl_reduction
+        self.form = form
 
     def forward(self, logits, label):
         log_probs = log_softmax(logits.astype("float32"))
@@ -59,9 +69,12 @@ class RDropLoss(nn.Layer):
         lp1, lp2 = log_probs[:batch], log_probs[batch:]
         diff = lp1 - lp2
         pointwise = paddle.exp(lp1) * diff - paddle.exp(lp2) * diff
-        kl = 0.5 * pointwise.sum()
-        if self.kl_reduction == "batchmean":
-            kl = kl / batch
+        if self.form == "paper":
+            ce, kl = 2.0 * ce, pointwise.sum()
+        else:
+            kl = 0.5 * pointwise.sum()
+            if self.kl_reduction == "batchmean":
+                kl = kl / batch
         return {"loss": ce + self.alpha * kl, "ce": ce, "kl": kl}
 
 
@@ -78,5 +91,6 @@ class CrossEntropyLoss(nn.Layer):
 def build_loss(loss_cfg):
     """The loss named by the config's ``loss`` section."""
     if loss_cfg.rdrop:
-        return RDropLoss(alpha=loss_cfg.alpha, kl_reduction=loss_cfg.kl_reduction)
+        return RDropLoss(alpha=loss_cfg.alpha, kl_reduction=loss_cfg.kl_reduction,
+                         form=loss_cfg.form)
     return CrossEntropyLoss()

@@ -13,12 +13,7 @@ from ppim.models.vit import Block
 from models.attention import use_fused_attention
 from models.drop_path import DropPath
 from models.recompute import RecomputedBlock
-from models.resolution import (
-    backbone_of,
-    extra_tokens,
-    resample_pos_embed,
-    set_resolution,
-)
+from models.resolution import backbone_of, extra_tokens, resample_pos_embed, set_resolution
 from utils.errors import UserError
 from utils.io.download import download_weights, weights_cached
 from utils.io.files import path_problem
@@ -107,7 +102,25 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
             path = model_cfg.pretrained
         summary = load_weights(model, path)
         print(describe_load(path, summary), flush=True)
+    if model_cfg.head_init == "zero" and load_pretrained:
+        _zero_new_heads(backbone, summary["missing"] if model_cfg.pretrained else None)
     return model
+
+
+@paddle.no_grad()
+def _zero_new_heads(backbone, missing):
+    """Start the class heads that no weights file filled (all when ``missing`` is ``None``)
+    at zero, as the R-Drop authors' ViT fine-tuning does (``zero_head``): every class
+    starts equally likely and the first updates come from the features alone."""
+    zeroed = []
+    for name in CLASS_HEADS:
+        head = getattr(backbone, name, None)
+        if isinstance(head, paddle.nn.Linear) and (
+                missing is None or f"{name}.weight" in missing):
+            head.weight.set_value(paddle.zeros_like(head.weight))
+            head.bias.set_value(paddle.zeros_like(head.bias))
+            zeroed.append(name)
+    print(f"model.head_init=zero: {', '.join(zeroed) or 'no new head'} set to zero", flush=True)
 
 
 def _swap_layers(model, old, new):

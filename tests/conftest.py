@@ -95,12 +95,13 @@ def cifar_batch(images, labels):
             b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), 3 * 32 * 32)}
 
 
-def write_cifar_archive(path, members):
-    """A ``cifar-100-python.tar.gz`` at ``path``: member name -> object (pickled) or raw bytes."""
+def write_cifar_archive(path, members, folder="cifar-100-python"):
+    """A CIFAR archive at ``path``, its members in ``folder``: member name -> object (pickled)
+    or raw bytes, in the order given."""
     with tarfile.open(path, "w:gz") as archive:
         for name, payload in members.items():
             blob = payload if isinstance(payload, bytes) else pickle.dumps(payload, protocol=2)
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info = tarfile.TarInfo(f"{folder}/{name}")
             info.size = len(blob)
             archive.addfile(info, io.BytesIO(blob))
     return str(path)

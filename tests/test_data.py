@@ -1,25 +1,21 @@
 """The CIFAR-100 reader against Paddle's own Cifar100, the digits demo data and the loaders."""
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import cifar_batch, write_cifar_archive
 
 from data import cifar
-from data.cifar import cifar100_class_names, load_cifar100, locate_cifar100
-from data.dataset import (
-    ImageArrayDataset,
-    build_loader,
-    eval_loader,
-    set_epoch,
-    subset_indices,
-)
+from data.cifar import CIFARS, cifar_class_names, load_cifar, locate_cifar
+from data.dataset import ImageArrayDataset, build_loader, eval_loader, set_epoch, subset_indices
 from data.digits import load_digits
 from utils.config import Node
 from utils.errors import UserError
 
 FINE_NAMES = [f"class_{i}" for i in range(100)]
+C100, C10 = CIFARS["cifar100"], CIFARS["cifar10"]
 
 
 def _real_digit_images(mode):
@@ -30,10 +26,20 @@ def _real_digit_images(mode):
     return np.ascontiguousarray(rgb), labels * 7 + 3  # spread labels over 100 classes
 
 
+def _assert_same_samples(images, labels, reference):
+    """Our arrays hold exactly the bytes and labels of Paddle's dataset, in its order."""
+    assert images.dtype == np.uint8 and images.shape == (len(reference), 32, 32, 3)
+    assert labels.dtype == np.int64 and labels.shape == (len(reference),)
+    for index in range(len(reference)):
+        image, label = reference[index]
+        assert np.asarray(image).tobytes() == images[index].tobytes()
+        assert int(label) == labels[index]
+
+
 @pytest.fixture(scope="module")
 def cifar_archive(tmp_path_factory):
     """A cifar-100-python.tar.gz written from real digit images."""
-    path = tmp_path_factory.mktemp("cifar") / cifar.ARCHIVE_NAME
+    path = tmp_path_factory.mktemp("cifar") / C100.archive
     members = {"train": cifar_batch(*_real_digit_images("train")),
                "test": cifar_batch(*_real_digit_images("test")),
                "meta": {b"fine_label_names": [n.encode() for n in FINE_NAMES],
@@ -45,14 +51,9 @@ def cifar_archive(tmp_path_factory):
 def test_reader_is_byte_identical_to_paddle_cifar100(cifar_archive, mode):
     from paddle.vision.datasets import Cifar100
 
-    images, labels = load_cifar100(cifar_archive, mode)
-    reference = Cifar100(data_file=cifar_archive, mode=mode, download=False, backend="pil")
-    assert images.dtype == np.uint8 and images.shape == (len(reference), 32, 32, 3)
-    assert labels.dtype == np.int64 and labels.shape == (len(reference),)
-    for index in range(len(reference)):
-        image, label = reference[index]
-        assert np.asarray(image).tobytes() == images[index].tobytes()
-        assert int(label) == labels[index]
+    images, labels = load_cifar(C100, cifar_archive, mode)
+    _assert_same_samples(images, labels, Cifar100(data_file=cifar_archive, mode=mode,
+                                                  download=False, backend="pil"))
     expected, expected_labels = _real_digit_images(mode)
     assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels)
 
@@ -61,27 +62,77 @@ def test_reader_reads_an_extracted_folder_the_same(cifar_archive, tmp_path):
     with tarfile.open(cifar_archive) as archive:
         archive.extractall(tmp_path, filter="data")
     for folder in (tmp_path, tmp_path / "cifar-100-python"):
-        images, labels = load_cifar100(str(folder), "test")
-        ref_images, ref_labels = load_cifar100(cifar_archive, "test")
+        images, labels = load_cifar(C100, str(folder), "test")
+        ref_images, ref_labels = load_cifar(C100, cifar_archive, "test")
         assert np.array_equal(images, ref_images) and np.array_equal(labels, ref_labels)
-    assert cifar100_class_names(str(tmp_path)) == FINE_NAMES
-    assert cifar100_class_names(cifar_archive) == FINE_NAMES
+    assert cifar_class_names(C100, str(tmp_path)) == FINE_NAMES
+    assert cifar_class_names(C100, cifar_archive) == FINE_NAMES
+
+
+@pytest.fixture(scope="module")
+def cifar10_archive(tmp_path_factory):
+    """A cifar-10-python.tar.gz written from real digit images: five training batches, stored
+    out of order, with CIFAR-10's label key, and the test batch."""
+    images, labels = load_digits("train")
+    chunks = np.array_split(np.arange(len(labels)), 5)
+    members = {}
+    for number in (3, 1, 5, 2, 4):
+        batch = cifar_batch(images[chunks[number - 1]], labels[chunks[number - 1]])
+        batch[b"labels"] = batch.pop(b"fine_labels")
+        del batch[b"coarse_labels"]
+        members[f"data_batch_{number}"] = batch
+    test = cifar_batch(*load_digits("test"))
+    test[b"labels"] = test.pop(b"fine_labels")
+    members.update({"test_batch": test, "readme.html": b"<html></html>",
+                    "batches.meta": {b"label_names": [f"digit {i}".encode() for i in range(10)],
+                                     b"num_vis": 3072}})
+    path = tmp_path_factory.mktemp("cifar10") / C10.archive
+    return write_cifar_archive(path, members, folder=C10.folder)
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_cifar10_reader_is_byte_identical_to_paddle_cifar10(cifar10_archive, mode, tmp_path):
+    from paddle.vision.datasets import Cifar10
+
+    images, labels = load_cifar(C10, cifar10_archive, mode)
+    _assert_same_samples(images, labels, Cifar10(data_file=cifar10_archive, mode=mode,
+                                                 download=False, backend="pil"))
+    expected, expected_labels = load_digits(mode)
+    assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels)
+    with tarfile.open(cifar10_archive) as archive:
+        archive.extractall(tmp_path, filter="data")
+    folder_images, folder_labels = load_cifar(C10, str(tmp_path), mode)
+    assert np.array_equal(folder_images, images) and np.array_equal(folder_labels, labels)
+
+
+def test_cifar10_is_a_data_name_with_its_class_names(cifar10_archive):
+    from data.dataset import class_names, run_splits
+    from utils.config import load_config
+
+    cfg = load_config("configs/demo.yaml", ["data.name=cifar10", f"data.path={cifar10_archive}",
+                                            "data.val_split=100"])
+    (train, _), (val, _), (test, _) = run_splits(cfg.data, 10, 0)
+    assert (len(train), len(val), len(test)) == (1337, 100, 360)
+    assert class_names(cfg.data, 10) == [f"digit {i}" for i in range(10)]
+    with pytest.raises(UserError, match="is it the cifar-10-python.tar.gz archive"):
+        load_cifar(C10, write_cifar_archive(
+            str(Path(cifar10_archive).parent / "other.tar.gz"), {"train": {}}), "train")
 
 
 def test_missing_archive_offline_names_file_and_option(tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar, "default_archive_path", lambda: str(tmp_path / cifar.ARCHIVE_NAME))
+    monkeypatch.setattr(cifar, "default_archive_path", lambda c: str(tmp_path / c.archive))
 
     def unreachable(*args, **kwargs):
         raise OSError(-2, "Name or service not known")
 
     monkeypatch.setattr("utils.io.download.socket.create_connection", unreachable)
     with pytest.raises(UserError) as info:
-        locate_cifar100(None)
+        locate_cifar(C100, None)
     message = str(info.value)
-    assert str(tmp_path / cifar.ARCHIVE_NAME) in message
+    assert str(tmp_path / C100.archive) in message
     assert "-o data.path=" in message and "Name or service not known" in message
     with pytest.raises(UserError, match="data.path /nope does not exist"):
-        locate_cifar100("/nope")
+        locate_cifar(C100, "/nope")
 
 
 def test_digits_demo_split_is_stratified_fixed_and_held_out():

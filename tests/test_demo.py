@@ -11,16 +11,9 @@ from urllib.parse import urlparse
 import numpy as np
 import paddle
 import pytest
-from conftest import (
-    DEMO_BAND,
-    ROOT,
-    assert_one_error,
-    final_tests,
-    read_records,
-    run_script,
-)
+from conftest import DEMO_BAND, ROOT, assert_one_error, final_tests, read_records, run_script
 
-from data.cifar import CIFAR100_URL
+from data.cifar import CIFARS
 from data.digits import load_digits
 from utils.config import load_config
 from utils.io.tensor_io import load_tensors
@@ -134,7 +127,7 @@ def test_val_without_checkpoint_is_one_error_line(tmp_path):
 
 def _cifar_host_reachable():
     try:
-        socket.create_connection((urlparse(CIFAR100_URL).hostname, 443), timeout=3).close()
+        socket.create_connection((urlparse(CIFARS['cifar100'].url).hostname, 443), timeout=3).close()
     except OSError:
         return False
     return True

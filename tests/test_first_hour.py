@@ -298,7 +298,7 @@ def test_offline_every_missing_download_is_named_at_once(monkeypatch):
     from data.cifar import pending_download as cifar_download
     from models.build import pending_download as weights_download
 
-    monkeypatch.setattr(cifar, "default_archive_path", lambda: "/nonexistent/archive.tar.gz")
+    monkeypatch.setattr(cifar, "default_archive_path", lambda c: "/nonexistent/archive.tar.gz")
     monkeypatch.setattr(download, "weights_cached", lambda url: False)
     monkeypatch.setattr(download, "_unreachable", lambda url: "Name or service not known")
     import models.build as build

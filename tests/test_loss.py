@@ -102,3 +102,45 @@ def test_plain_cross_entropy_baseline():
     expected = -_np_log_softmax(logits)[np.arange(6), labels].mean()
     assert float(parts["loss"]) == pytest.approx(expected, rel=1e-5)
     assert float(parts["kl"]) == 0.0 and CrossEntropyLoss.copies == 1 and RDropLoss.copies == 2
+
+
+def _np_vit_src(logits, labels, alpha):
+    """The R-Drop authors' ViT objective (vit_src/models/modeling.py), written from it in
+    float64: CrossEntropyLoss() (a batch mean) of each copy, summed, plus alpha times
+    kl_div(log p, q, reduction='none').sum() + kl_div(log q, p, reduction='none').sum(),
+    where kl_div(input, target) = target * (log target - input)."""
+    b = len(labels)
+    lp, lq = _np_log_softmax(logits[:b]), _np_log_softmax(logits[b:])
+    p, q = np.exp(lp), np.exp(lq)
+    loss = -lp[np.arange(b), labels].mean() - lq[np.arange(b), labels].mean()
+    return loss + alpha * ((q * (lq - lp)).sum() + (p * (lp - lq)).sum())
+
+
+@pytest.mark.parametrize("scale", [0.5, 4.0])
+def test_the_paper_form_equals_vit_src_in_value_and_gradient(scale):
+    logits = _logits(scale, batch=5, classes=6, seed=3).astype(np.float64)
+    labels = np.array([0, 5, 2, 2, 4])
+    expected = _np_vit_src(logits, labels, alpha=0.3)
+    grad = np.zeros_like(logits)  # central differences of the float64 formula
+    step = 1e-6
+    for index in np.ndindex(*logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[index] += step
+        down[index] -= step
+        grad[index] = (_np_vit_src(up, labels, 0.3) - _np_vit_src(down, labels, 0.3)) / (2 * step)
+    x = paddle.to_tensor(logits.astype(np.float32), stop_gradient=False)
+    parts = RDropLoss(alpha=0.3, form="paper")(x, paddle.to_tensor(labels))
+    parts["loss"].backward()
+    assert float(parts["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(float(parts["ce"]) + 0.3 * float(parts["kl"]),
+                                                 rel=1e-6)
+    assert np.allclose(x.grad.numpy(), grad, rtol=1e-3, atol=1e-5)
+    # Twice the mean form with summed KL: same direction, twice the size.
+    mean_sum = RDropLoss(alpha=0.3, kl_reduction="sum")(paddle.to_tensor(
+        logits.astype(np.float32)), paddle.to_tensor(labels))["loss"]
+    assert float(parts["loss"]) == pytest.approx(2 * float(mean_sum), rel=1e-6)
+
+
+def test_an_unknown_form_is_refused():
+    with pytest.raises(ValueError, match="form must be one of"):
+        RDropLoss(form="papers")

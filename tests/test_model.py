@@ -141,3 +141,26 @@ def test_drop_path_zeroes_whole_samples_and_scales_the_rest():
     assert 0 < dropped.sum() < 64  # whole samples, some of them
     layer.eval()
     assert np.array_equal(layer(paddle.to_tensor(x)).numpy(), x)
+
+
+def test_zero_head_init_zeroes_new_heads_only(tmp_path, tiny_model_cfg, capsys):
+    paddle.seed(1)
+    scratch = build_model(Node(tiny_model_cfg, head_init="zero"))
+    for name in ("head", "head_dist"):
+        layer = getattr(scratch, name)
+        assert not layer.weight.numpy().any() and not layer.bias.numpy().any(), name
+    assert scratch.blocks[0].attn.qkv.weight.numpy().any()  # the rest as PPIM initialises it
+    scratch.eval()
+    logits = scratch(paddle.rand([2, 3, 32, 32])).numpy()
+    assert np.array_equal(logits, np.zeros_like(logits))  # every class equally likely
+    imagenet = build_model(Node(tiny_model_cfg, num_classes=1000))
+    path = str(tmp_path / "imagenet.pdparams")
+    paddle.save(imagenet.state_dict(), path)
+    fine_tune = build_model(Node(tiny_model_cfg, pretrained=path, head_init="zero"))
+    assert not fine_tune.head.weight.numpy().any()  # the 1000-class head did not fit
+    assert "model.head_init=zero: head, head_dist set to zero" in capsys.readouterr().out
+    own = str(tmp_path / "own.pdparams")
+    paddle.save(build_model(tiny_model_cfg).state_dict(), own)  # a 10-class model's heads
+    again = build_model(Node(tiny_model_cfg, pretrained=own, head_init="zero"))
+    assert again.head.weight.numpy().any()  # loaded heads are kept
+    assert "model.head_init=zero: no new head set to zero" in capsys.readouterr().out

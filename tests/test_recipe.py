@@ -2,6 +2,7 @@
 and warm start (clipping: test_updates.py)."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -23,6 +24,7 @@ from training.optim import (
     portable_optimizer_state,
 )
 from training.run import fit
+from training.stages import describe_stage
 from utils.config import Node, load_config
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
@@ -52,6 +54,33 @@ def test_warmup_then_polynomial_decay_lr_values():
     assert lrs == pytest.approx(warm + decay)
     in_epochs = build_schedule(_cfg("stages.1.warmup={epochs: 0.5}").stages[1], steps_per_epoch=10)
     assert in_epochs.warmup_steps == 5
+
+
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_cosine_decay_after_warmup_follows_the_formula(warmup):
+    cfg = _cfg(f"stages.1.warmup={{steps: {warmup}}}", "stages.1.epochs=3",
+               "stages.1.lr_schedule={name: cosine, end_lr: 0.0005}")
+    schedule = build_schedule(cfg.stages[1], steps_per_epoch=40)  # Momentum lr 0.01, 120 steps
+    lrs = []
+    for _ in range(120):
+        lrs.append(schedule())
+        schedule.step()
+    decay = 120 - warmup
+    expected = [0.01 * t / warmup for t in range(warmup)] + [
+        0.0005 + (0.01 - 0.0005) * (1 + math.cos(math.pi * t / decay)) / 2 for t in range(decay)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert "cosine decay to 0.0005 over the stage" in describe_stage(1, cfg.stages[1], cfg.data,
+                                                                     cfg.loss)
+    resumed = build_schedule(cfg.stages[1], steps_per_epoch=40)
+    stopped = build_schedule(cfg.stages[1], steps_per_epoch=40)
+    for _ in range(37):
+        stopped.step()
+    resumed.set_state_dict(json.loads(json.dumps(stopped.state_dict())))  # as a checkpoint
+    later = []
+    for _ in range(120 - 37):
+        later.append(resumed())
+        resumed.step()
+    assert later == pytest.approx(lrs[37:], rel=1e-12)
 
 
 def test_warmup_in_steps_and_epochs_together_or_to_a_lower_lr_is_an_error():
@@ -155,3 +184,35 @@ def test_warm_start_from_our_own_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "weights best.safetensors: loaded" in proc.stdout and "skipped 0" in proc.stdout
     assert read_records(second)[0]["val_top1"] == pytest.approx(best["val_top1"])
+
+
+def test_the_paper_recipes_parts_train_together_on_the_demo(tmp_path, capsys):
+    from losses import build_loss
+    from training.stages import stage_loss
+
+    out = str(tmp_path / "paper")
+    cfg = _cfg(f"train.output_dir={out}", "loss.form=paper", "loss.alpha=0.3",
+               "model.head_init=zero", "data.hflip_prob=0.0", "data.rotation=0.0",
+               "data.random_resized_crop={scale: [0.05, 1.0]}", "stages.0.epochs=1",
+               "stages.1.epochs=2", "stages.1.warmup={steps: 3}",
+               "stages.1.lr_schedule={name: cosine, end_lr: 0.0}", "train.clip_grad_norm=1.0")
+    paddle.seed(0)
+    model = build_model(cfg.model)
+    model.train()
+    criterion = build_loss(stage_loss(cfg.loss, cfg.stages[1]))
+    images, labels = load_digits("train")
+    x = DevicePreprocess(32)(paddle.to_tensor(images[:8]))
+    parts = criterion(model(paddle.concat([x, x])), paddle.to_tensor(labels[:8]))
+    # Zero heads: every class equally likely in both copies, whatever the dropout masks.
+    assert float(parts["ce"]) == pytest.approx(2 * math.log(10), rel=1e-6)
+    assert float(parts["kl"]) == 0.0
+    fit(cfg)
+    plan = capsys.readouterr().out
+    assert "random-resized crop scale 0.05-1" in plan and "cosine decay to 0" in plan
+    assert "in the paper's form" in plan
+    records = read_records(out)
+    assert len(records) == 3
+    for record in records:
+        assert record["train_loss"] == pytest.approx(record["train_ce"] + 0.3 * record["train_kl"],
+                                                     rel=1e-6)
+    assert records[-1]["lr"] < records[-2]["lr"]

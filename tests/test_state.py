@@ -61,3 +61,20 @@ def test_weights_swapped_in_come_back_even_when_the_block_fails():
             assert np.all(layer.weight.numpy() == 7.0)
             raise RuntimeError("evaluation failed")
     assert all(np.array_equal(layer.state_dict()[k].numpy(), v) for k, v in own.items())
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default():
+    from training.state import check_same_config
+    from utils.config import load_config, to_plain
+    from utils.errors import UserError
+
+    cfg = load_config("configs/demo.yaml")
+    older = to_plain(cfg)
+    del older["loss"]["form"], older["model"]["head_init"], older["data"]["random_resized_crop"]
+    check_same_config(RunState(config=older), cfg, "last")  # the defaults: the same run
+    older["loss"]["alpha"] = 2.5
+    with pytest.raises(UserError, match="'loss.alpha' differs"):
+        check_same_config(RunState(config=older), cfg, "last")
+    with pytest.raises(UserError, match="'loss.form' differs"):
+        check_same_config(RunState(config=to_plain(cfg)),
+                          load_config("configs/demo.yaml", ["loss.form=paper"]), "last")

@@ -21,7 +21,8 @@ def warmup_steps(stage, steps_per_epoch):
 def build_schedule(stage, steps_per_epoch, scale=1.0):
     """The stage's LR: a float (constant) or a ``paddle.optimizer.lr`` scheduler stepped per update.
 
-    Polynomial decay runs over the steps after the warmup; LinearWarmup wraps
+    Polynomial and cosine decay run over the steps after the warmup, from the stage's LR
+    to ``end_lr``; LinearWarmup wraps
     whichever schedule the stage has. ``scale`` multiplies every learning rate of the
     stage (``train.lr_scaling``).
     """
@@ -33,6 +34,9 @@ def build_schedule(stage, steps_per_epoch, scale=1.0):
         schedule = paddle.optimizer.lr.PolynomialDecay(
             learning_rate=lr, decay_steps=max(total - warmup, 1),
             end_lr=stage.lr_schedule.end_lr * scale, power=stage.lr_schedule.power)
+    elif stage.lr_schedule.name == "cosine":
+        schedule = paddle.optimizer.lr.CosineAnnealingDecay(
+            learning_rate=lr, T_max=max(total - warmup, 1), eta_min=stage.lr_schedule.end_lr * scale)
     if warmup:
         schedule = paddle.optimizer.lr.LinearWarmup(learning_rate=schedule, warmup_steps=warmup,
                                                     start_lr=stage.warmup.start_lr * scale,

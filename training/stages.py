@@ -33,8 +33,12 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
         opt_text = (f"Momentum lr={opt.lr:g} momentum={opt.momentum:g} l2_decay={opt.l2_decay:g}"
                     + (" nesterov" if opt.use_nesterov else ""))
     schedule = stage.lr_schedule
-    sched_text = ("constant LR" if schedule.name == "constant" else
-                  f"polynomial decay to {schedule.end_lr:g} (power {schedule.power:g}) over the stage")
+    sched_text = {
+        "constant": "constant LR",
+        "polynomial": f"polynomial decay to {schedule.get('end_lr', 0):g} (power "
+                      f"{schedule.get('power', 1):g}) over the stage",
+        "cosine": f"cosine decay to {schedule.get('end_lr', 0):g} over the stage",
+    }[schedule.name]
     if stage.warmup.steps or stage.warmup.epochs:
         length = (f"{stage.warmup.steps} steps" if stage.warmup.steps
                   else f"{stage.warmup.epochs:g} epochs")
@@ -48,7 +52,14 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
     data_text = (f"train {size(data_cfg.train_subset)} / val {size(data_cfg.val_subset)} images, "
                  f"{data_cfg.batch_size} images per step, hflip p={data_cfg.hflip_prob:g}, "
                  f"rotation ±{data_cfg.rotation:g}°")
+    crop = data_cfg.get("random_resized_crop")
+    if crop:
+        data_text += (f", random-resized crop scale {crop.scale[0]:g}-{crop.scale[1]:g} ratio "
+                      f"{crop.ratio[0]:.3g}-{crop.ratio[1]:.3g}")
     loss_text = f"R-Drop alpha={loss_cfg.alpha:g}" if loss_cfg.rdrop else "cross-entropy"
+    if loss_cfg.rdrop and loss_cfg.form == "paper":
+        loss_text += (" in the paper's form: ce1 + ce2 + alpha x (KL(p1||p2) + KL(p2||p1)) "
+                      "summed over batch and classes")
     name = stage.name or f"stage {index}"
     epochs = f"up to {stage.epochs} epoch(s) until {until}" if until else f"{stage.epochs} epoch(s)"
     return f"[{index}] {name}: {epochs}; {opt_text}; {sched_text}; {data_text}; {loss_text}"

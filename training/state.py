@@ -12,9 +12,10 @@ from typing import Optional
 import numpy as np
 
 from utils.checkpoint import load_last
-from utils.config import to_plain
+from utils.config import to_plain, validate
 from utils.errors import UserError
 from utils.runtime.dist import all_sum, is_main
+from utils.schema import CONFIG
 
 # The kinds of weights a run keeps, by the name they have everywhere (records, best.json,
 # the checkpoint's files, val.py --kind): the trained weights and their two averages.
@@ -168,7 +169,12 @@ RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output
 def check_same_config(state, cfg, folder):
     """A resume must use the config the checkpoint was trained with (but for the keys that
     change nothing of the results)."""
-    changed = first_difference(state.config, to_plain(cfg), RESUMABLE_CHANGES)
+    saved = state.config
+    try:  # keys added to the schema since the checkpoint was written take their defaults
+        saved = to_plain(validate(saved, CONFIG))
+    except UserError:
+        pass  # a config this version no longer accepts: compared as it was saved
+    changed = first_difference(saved, to_plain(cfg), RESUMABLE_CHANGES)
     if changed:
         raise UserError(f"the checkpoint in {folder} was trained with another config "
                         f"('{changed}' differs); resume with the same -c/-o")

@@ -25,22 +25,10 @@ from training.optim import (
     optimizer_state_for,
     portable_optimizer_state,
 )
-from training.results import (
-    epoch_record,
-    new_best,
-    skip_nonfinite,
-    test_best_and_last,
-    test_line,
-)
+from training.results import epoch_record, new_best, skip_nonfinite, test_best_and_last, test_line
 from training.stages import describe_stage, lr_scale, stage_data, stage_loss
 from training.state import EpochProgress, Position, RunState, checkpoint_trees, restore
-from utils.checkpoint import (
-    find_last,
-    resume_folder,
-    save_best,
-    save_last,
-    weights_path,
-)
+from utils.checkpoint import find_last, resume_folder, save_best, save_last, weights_path
 from utils.config import dump_config, to_plain
 from utils.errors import Interrupted, UserError, is_out_of_memory, out_of_memory_error
 from utils.io.files import write_atomically, write_json

@@ -191,7 +191,7 @@ def _check_section(value, section, path, tag_keys=()):
         elif isinstance(schema, Field) and schema.default is not REQUIRED:
             result[key] = copy.deepcopy(schema.default)
         elif isinstance(schema, Section):
-            result[key] = validate({}, schema, key_path)
+            result[key] = None if schema.optional else validate({}, schema, key_path)
         elif isinstance(schema, Tagged) and schema.default_name is not REQUIRED:
             result[key] = validate({"name": schema.default_name}, schema, key_path)
         else:
@@ -208,7 +208,7 @@ def validate(value, schema, path=""):
     if isinstance(schema, Field):
         return _check_field(value, schema, path)
     if isinstance(schema, Section):
-        return _check_section(value, schema, path)
+        return None if value is None and schema.optional else _check_section(value, schema, path)
     if isinstance(schema, Tagged):
         names = ", ".join(schema.variants)
         if not isinstance(value, dict) or "name" not in value:
@@ -272,6 +272,14 @@ def check_relations(cfg):
     if cfg.train.lr_scaling == "linear" and cfg.train.reference_batch is None:
         raise UserError("config key 'train.reference_batch' is missing: train.lr_scaling=linear "
                         "scales the learning rates by data.batch_size / train.reference_batch")
+    crop = cfg.data.random_resized_crop
+    if crop and not (0 < crop.scale[0] <= crop.scale[1] and crop.ratio[0] <= crop.ratio[1]):
+        raise UserError(f"config key 'data.random_resized_crop': scale must be [a, b] with "
+                        f"0 < a <= b <= 1 and ratio [r1, r2] with r1 <= r2; got scale "
+                        f"{crop.scale}, ratio {crop.ratio}")
+    if cfg.model.head_init == "zero" and cfg.model.head != "linear":
+        raise UserError("config key 'model.head_init': zero applies to the linear class heads; "
+                        "with model.head=mlp leave it at default")
     for index, stage in enumerate(cfg.stages):
         if stage.warmup.steps and stage.warmup.epochs:
             raise UserError(f"config keys 'stages.{index}.warmup.steps' and '.epochs': "

@@ -28,11 +28,13 @@ class Field:
 
 
 class Section:
-    """A mapping of named keys. ``partial`` sections only keep the keys given."""
+    """A mapping of named keys. ``partial`` sections only keep the keys given; ``optional``
+    ones are null (off) unless given."""
 
-    def __init__(self, fields, partial=False):
+    def __init__(self, fields, partial=False, optional=False):
         self.fields = fields
         self.partial = partial
+        self.optional = optional
 
 
 class Tagged:
@@ -55,7 +57,7 @@ def _nullable(types, minimum=None, maximum=None):
 
 
 DATA = Section({
-    "name": Field(str, "cifar100", choices=("cifar100", "digits")),
+    "name": Field(str, "cifar100", choices=("cifar100", "cifar10", "digits")),
     "path": _nullable(str),
     # Training images held out for validation, stratified; 0: validate on the test split.
     "val_split": Field(int, 0, minimum=0, maximum=BIG),
@@ -67,6 +69,12 @@ DATA = Section({
     "num_workers": Field(int, 2, minimum=0, maximum=64),
     "hflip_prob": Field(float, 0.5, minimum=0.0, maximum=1.0),
     "rotation": Field(float, 0.0, minimum=0.0, maximum=180.0),
+    # A random-resized crop of each training image (area fraction, aspect ratio); null: none.
+    "random_resized_crop": Section({
+        "scale": Field(list, [0.08, 1.0], item_type=float, length=2, minimum=0.0, maximum=1.0),
+        "ratio": Field(list, [0.75, 4 / 3], item_type=float, length=2, minimum=0.01,
+                       maximum=100.0),
+    }, optional=True),
 })
 
 # What a stage may change in the data section.
@@ -89,6 +97,8 @@ MODEL = Section({
     # Recompute each transformer block in the backward pass: less memory, more compute.
     "recompute": Field(bool, False),
     "head": Field(str, "linear", choices=("linear", "mlp")),
+    # The new class heads: PPIM's initialisation, or zero (the R-Drop authors' ViT code).
+    "head_init": Field(str, "default", choices=("default", "zero")),
     "mlp_hidden": Field(int, 512, minimum=1, maximum=65_536),
     "kwargs": Field(dict, {}),
 })
@@ -97,6 +107,8 @@ LOSS = Section({
     "rdrop": Field(bool, True),
     "alpha": Field(float, 5.0, minimum=0.0),
     "kl_reduction": Field(str, "batchmean", choices=("batchmean", "sum")),
+    # mean: ce + alpha * kl with means; paper: the R-Drop authors' ViT objective (sums).
+    "form": Field(str, "mean", choices=("mean", "paper")),
 })
 
 EMA = Section({
@@ -152,6 +164,9 @@ LR_SCHEDULE = Tagged({
     "polynomial": Section({
         "end_lr": Field(float, 0.0, minimum=0.0),
         "power": Field(float, 1.0, minimum=0.0),
+    }),
+    "cosine": Section({
+        "end_lr": Field(float, 0.0, minimum=0.0),
     }),
 }, default_name="constant")
 
