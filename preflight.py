@@ -26,7 +26,7 @@ from training.amp import Precision
 from training.averaging import build_averages
 from training.engine import evaluate, train_steps
 from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
-from training.stages import lr_scale, micro_batch, stage_data, stage_loss
+from training.stages import StageLength, lr_scale, micro_batch, stage_data, stage_loss
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
@@ -175,7 +175,8 @@ def _time_eval(run, cfg, val):
 
 
 def _project(report, cfg, train, val, test, eval_ips):
-    """Fill in each stage's projected epoch time and the total at the epoch caps."""
+    """Fill in each stage's projected epoch time and the total at the stages' lengths (the
+    epoch caps, or the steps), validations included."""
     kinds = 1 + cfg.train.ema.enabled + cfg.train.swa.enabled
     total = 0.0
     for entry in report["stages"]:
@@ -186,7 +187,11 @@ def _project(report, cfg, train, val, test, eval_ips):
         val_images = data_cfg.val_subset or len(val[1])
         entry["steps_per_epoch"] = steps
         entry["projected_epoch_s"] = steps * entry["step_s"] + kinds * val_images / eval_ips
-        total += stage.epochs * entry["projected_epoch_s"]
+        length = StageLength.of(stage, max(steps, 1))
+        every = cfg.train.eval_every_steps
+        validations = length.epochs + (length.steps // every if every else 0)
+        total += (length.steps * entry["step_s"]
+                  + validations * kinds * val_images / eval_ips)
     report["projected_epoch_s"] = report["stages"][0]["projected_epoch_s"]
     report["projected_total_s"] = total + 2 * len(test[1]) / eval_ips
 

@@ -64,11 +64,14 @@ def test_bad_keys_and_types_name_the_key(override, message):
 def test_missing_required_key_is_named():
     raw = {"stages": [{"optimizer": {"name": "AdamW", "lr": 1.0}}], "data": {"batch_size": 2},
            "model": {"num_classes": 3}}
-    from utils.config import validate
+    from utils.config import check_relations, validate
     from utils.schema import CONFIG
 
     with pytest.raises(UserError, match="config key 'stages.0.epochs' is missing"):
-        validate(raw, CONFIG)
+        check_relations(validate(raw, CONFIG))
+    raw["stages"][0].update(epochs=2, steps=10)
+    with pytest.raises(UserError, match="'stages.0.epochs' is given with .steps"):
+        check_relations(validate(raw, CONFIG))
 
 
 def test_scientific_notation_without_dot_is_a_float():

@@ -17,7 +17,7 @@ from training.run import fit
 from training.state import EpochProgress
 from utils.config import Node, load_config
 
-RECORD_KEYS = {"stage", "epoch", "lr", "train_loss", "train_ce", "train_kl", "val_top1", "val_top5",
+RECORD_KEYS = {"stage", "epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "val_top1", "val_top5",
                "val_loss", "images_per_s", "grad_norm", "grad_norm_max", "overflow_steps",
                "val_top1_ema"}  # the demo keeps an EMA
 

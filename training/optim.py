@@ -2,6 +2,7 @@
 
 import paddle
 
+from training.stages import StageLength
 from utils.errors import UserError
 
 # Parameters DeiT excludes from weight decay besides every bias and norm (1-D) tensor.
@@ -27,7 +28,7 @@ def build_schedule(stage, steps_per_epoch, scale=1.0):
     stage (``train.lr_scaling``).
     """
     lr = stage.optimizer.lr * scale
-    total = stage.epochs * steps_per_epoch
+    total = StageLength.of(stage, steps_per_epoch).steps
     warmup = warmup_steps(stage, steps_per_epoch)
     schedule = lr
     if stage.lr_schedule.name == "polynomial":

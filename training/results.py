@@ -2,6 +2,7 @@
 test of the best and the last weights, and what a non-finite step means for the run."""
 
 import contextlib
+import math
 
 from training.averaging import weights_in
 from training.engine import evaluate
@@ -10,13 +11,14 @@ from utils.errors import UserError
 from utils.io.tensor_io import load_tensors
 
 
-def epoch_record(stage, epoch, lr, stats, results, averages):
-    """The ``metrics.jsonl`` record of an epoch (``epoch`` from 1 in its stage): the training
+def epoch_record(stage, epoch, step, lr, stats, results, averages):
+    """The ``metrics.jsonl`` record of an epoch (``epoch`` from 1 in its stage) or of the part
+    of it since the last validation, at optimizer step ``step`` of the stage: the training
     means, the raw weights' validation and each kept average's top-1 (``None`` before its
     first update)."""
     val = results["raw"]
     record = {
-        "stage": stage, "epoch": epoch, "lr": lr,
+        "stage": stage, "epoch": epoch, "step": step, "lr": lr,
         "train_loss": stats["loss"], "train_ce": stats["ce"], "train_kl": stats["kl"],
         "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
         "images_per_s": stats["images_per_s"], "grad_norm": stats["grad_norm"],
@@ -25,6 +27,16 @@ def epoch_record(stage, epoch, lr, stats, results, averages):
     for kind in averages:
         record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
     return record
+
+
+def finite_validation(kind, result, where, stage_index):
+    """``result`` if its loss is finite; weights that give a non-finite validation loss
+    end the run (they are never saved as best)."""
+    if not math.isfinite(result["loss"]):
+        raise UserError(f"the {kind} weights give a non-finite validation loss at {where} "
+                        f"({result['loss']}); they are not saved as best: lower "
+                        f"stages.{stage_index}.optimizer.lr or check train.ema / train.swa")
+    return result
 
 
 def is_better(val, best):

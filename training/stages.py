@@ -1,7 +1,64 @@
 """The stage plan: per-stage overrides of the data and loss sections, the batch arithmetic,
 and its description."""
 
+import math
+from dataclasses import dataclass
+
 from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class StageLength:
+    """How long a stage trains: ``steps`` optimizer steps of ``accum_steps`` micro-batches,
+    ``steps_per_epoch`` per epoch; a budget in steps ends inside its last epoch."""
+
+    steps_per_epoch: int
+    steps: int
+    accum_steps: int = 1
+
+    @classmethod
+    def of(cls, stage, steps_per_epoch, accum_steps=1):
+        """The length of ``stage`` (``epochs:`` or ``steps:``) at ``steps_per_epoch``."""
+        return cls(steps_per_epoch, stage.steps or stage.epochs * steps_per_epoch, accum_steps)
+
+    @classmethod
+    def measured(cls, index, stage, sampler, accum_steps, start=None):
+        """The length of stage ``index`` at the epoch its training ``sampler`` yields; one
+        error for an epoch shorter than one accumulation, or a resume ``start`` (a
+        :class:`training.state.Position`) outside the stage."""
+        steps_per_epoch = sampler.full_length() // accum_steps
+        if steps_per_epoch == 0:
+            raise UserError(f"stage {index}: fewer batches per epoch than "
+                            f"train.accum_steps={accum_steps}")
+        length = cls.of(stage, steps_per_epoch, accum_steps)
+        if start and not (start.epoch < length.epochs
+                          and 0 <= start.micro <= length.window(start.epoch)):
+            raise UserError(f"the checkpoint's position (epoch {start.epoch + 1}, micro-batch "
+                            f"{start.micro} of stage {index}) lies outside the stage; it is "
+                            f"damaged: resume from another copy or start again")
+        return length
+
+    @property
+    def epochs(self):
+        """Epochs the stage starts (the last one possibly cut short)."""
+        return math.ceil(self.steps / self.steps_per_epoch)
+
+    def window(self, epoch):
+        """Micro-batches epoch ``epoch`` (from 0) trains on: whole accumulations, and the
+        rest of a budget in steps in the last epoch."""
+        return min(self.steps_per_epoch, self.steps - epoch * self.steps_per_epoch) \
+            * self.accum_steps
+
+    def step_at(self, epoch, micro):
+        """Optimizer steps of the stage done at micro-batch ``micro`` of epoch ``epoch``
+        (skipped steps included: they used their batches)."""
+        return epoch * self.steps_per_epoch + micro // self.accum_steps
+
+    def eval_due(self, epoch, micro, every):
+        """Whether a validation every ``every`` steps falls at ``micro``, inside the epoch
+        (its end is validated anyway)."""
+        return bool(every) and micro < self.window(epoch) \
+            and self.step_at(epoch, micro) % every == 0
 
 
 def micro_batch(batch_size, accum_steps, ranks, where="data.batch_size"):
@@ -61,7 +118,8 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
         loss_text += (" in the paper's form: ce1 + ce2 + alpha x (KL(p1||p2) + KL(p2||p1)) "
                       "summed over batch and classes")
     name = stage.name or f"stage {index}"
-    epochs = f"up to {stage.epochs} epoch(s) until {until}" if until else f"{stage.epochs} epoch(s)"
+    length = f"{stage.steps} optimizer steps" if stage.steps else f"{stage.epochs} epoch(s)"
+    epochs = f"up to {length} until {until}" if until else length
     return f"[{index}] {name}: {epochs}; {opt_text}; {sched_text}; {data_text}; {loss_text}"
 
 
@@ -90,6 +148,8 @@ def describe_run(cfg):
         parts.append(f"learning rates scaled by data.batch_size / {train.reference_batch}")
     if train.save_every_steps:
         parts.append(f"checkpoint every {train.save_every_steps} steps")
+    if train.eval_every_steps:
+        parts.append(f"validation also every {train.eval_every_steps} steps of a stage")
     return "; ".join(parts)
 
 

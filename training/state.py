@@ -116,14 +116,16 @@ class EpochProgress:
 
 @dataclass
 class RunState:
-    """Everything but tensors that a resume needs: the position, the epochs and optimizer
-    steps done, the steps skipped for a non-finite loss, the best record so far, the
-    progress of an epoch stopped midway, the averages' update counts, the config, and
-    whether the final test is done."""
+    """Everything but tensors that a resume needs: the position, the data epochs begun (their
+    seeds), the records written (epochs, and validations inside them), the optimizer steps
+    done, the steps skipped for a non-finite loss, the best record so far, the progress of
+    an epoch stopped midway, the averages' update counts, the config, and whether the final
+    test is done."""
 
     config: dict
     position: Position = field(default_factory=Position)
     epoch_index: int = 0
+    records: int = 0
     global_step: int = 0
     skipped_steps: int = 0
     best: Optional[dict] = None
@@ -134,6 +136,7 @@ class RunState:
     def to_json(self):
         """The JSON form ``state.json`` holds."""
         return {"position": self.position.to_json(), "epoch_index": self.epoch_index,
+                "records": self.records,
                 "global_step": self.global_step, "skipped_steps": self.skipped_steps,
                 "best": self.best, "progress": self.progress and self.progress.to_json(),
                 "updates": dict(self.updates), "config": self.config, "tested": self.tested}
@@ -142,7 +145,9 @@ class RunState:
     def from_json(cls, data):
         """The state a (checked) ``state.json`` describes; keys it does not know are ignored."""
         return cls(config=data["config"], position=Position.from_json(data["position"]),
-                   epoch_index=data["epoch_index"], global_step=data["global_step"],
+                   epoch_index=data["epoch_index"],
+                   records=data.get("records", data["epoch_index"]),
+                   global_step=data["global_step"],
                    skipped_steps=data["skipped_steps"], best=data["best"],
                    progress=(EpochProgress.from_json(data["progress"])
                              if data["progress"] is not None else None),
@@ -196,12 +201,15 @@ def first_difference(saved, current, ignore=(), path=""):
 def check_position(state, trees, stages, folder):
     """A resume state that the config's ``stages`` could have written, with the files it
     needs and finite weights; one :class:`UserError` otherwise."""
+    # A stage budgeted in steps has at most one epoch per step (its epochs are counted once
+    # the data is loaded, where the trainer checks the position again).
     position, problem = state.position, None
+    epochs = [s.epochs or s.steps for s in stages]
     if position.stage > len(stages) or (position.stage < len(stages)
-                                        and position.epoch >= stages[position.stage].epochs):
+                                        and position.epoch >= epochs[position.stage]):
         problem = f"position stage {position.stage} epoch {position.epoch} is not in the " \
                   f"config's stages"
-    elif state.epoch_index > sum(s.epochs for s in stages):
+    elif state.epoch_index > sum(epochs):
         problem = f"epoch_index {state.epoch_index} exceeds the config's epochs"
     elif state.progress is not None and state.progress.micro != position.micro:
         problem = "its epoch progress and position disagree"

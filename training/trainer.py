@@ -6,7 +6,6 @@ Paddle re-seeded with (seed, epoch, micro-batch). A run resumed from a checkpoin
 therefore continues exactly as the uninterrupted run would have.
 """
 
-import math
 import os
 import signal
 from contextlib import nullcontext
@@ -25,12 +24,19 @@ from training.optim import (
     optimizer_state_for,
     portable_optimizer_state,
 )
-from training.results import epoch_record, new_best, skip_nonfinite, test_best_and_last, test_line
-from training.stages import describe_stage, lr_scale, stage_data, stage_loss
+from training.results import (
+    epoch_record,
+    finite_validation,
+    new_best,
+    skip_nonfinite,
+    test_best_and_last,
+    test_line,
+)
+from training.stages import StageLength, describe_stage, lr_scale, stage_data, stage_loss
 from training.state import EpochProgress, Position, RunState, checkpoint_trees, restore
 from utils.checkpoint import find_last, resume_folder, save_best, save_last, weights_path
 from utils.config import dump_config, to_plain
-from utils.errors import Interrupted, UserError, is_out_of_memory, out_of_memory_error
+from utils.errors import Interrupted, is_out_of_memory, out_of_memory_error
 from utils.io.files import write_atomically, write_json
 from utils.io.tensor_io import as_paddle, load_state
 from utils.reports.logger import RunLogger
@@ -78,7 +84,7 @@ class Trainer:
             write_atomically(os.path.join(self.out, "config.yaml"), dump_config(cfg).encode())
         print(run_line(device, len(train[1]), len(val[1]) if cfg.data.val_split else None,
                        len(self.test[1]), self.out), flush=True)
-        self.logger = RunLogger(self.out, keep_records=self.state.epoch_index,
+        self.logger = RunLogger(self.out, keep_records=self.state.records,
                                 keep_steps=self.state.global_step, enabled=is_main())
         self.stops = StopRequests()
 
@@ -140,47 +146,49 @@ class Trainer:
         print(describe_stage(stage_index, stage, data_cfg, loss_cfg), flush=True)
         self.train_loader, self.val_loader = stage_loaders(data_cfg, self.seed,
                                                            cfg.train.accum_steps, *self.splits)
-        sampler = self.train_loader.batch_sampler
-        steps_per_epoch = sampler.full_length() // cfg.train.accum_steps
-        if steps_per_epoch == 0:
-            raise UserError(f"stage {stage_index}: fewer batches per epoch than "
-                            f"train.accum_steps={cfg.train.accum_steps}")
-        sampler.stop = steps_per_epoch * cfg.train.accum_steps
-        if start and not (0 <= start.micro <= sampler.stop):
-            raise UserError(f"the checkpoint's position (micro-batch {start.micro} of stage "
-                            f"{stage_index}) lies outside its {sampler.stop} micro-batches per "
-                            f"epoch; it is damaged: resume from another copy or start again")
+        self.length = StageLength.measured(stage_index, stage, self.train_loader.batch_sampler,
+                                           cfg.train.accum_steps, start)
         self.optimizer, self.scheduler = build_optimizer(
-            stage, self.model, steps_per_epoch, cfg.train, self.precision.half_weights,
+            stage, self.model, self.length.steps_per_epoch, cfg.train, self.precision.half_weights,
             self.masters.by_name, lr_scale(cfg.train, data_cfg.batch_size))
         first_epoch = start.epoch if start else 0
         if start and (start.epoch, start.micro) != (0, 0):
             self.optimizer.set_state_dict(
                 optimizer_state_for(self.model, as_paddle(self.restored["optimizer"])))
         midway = start if start and (start.micro or start.evaluating) else None
-        for epoch in range(first_epoch, stage.epochs):
+        for epoch in range(first_epoch, self.length.epochs):
             if self._run_epoch(Position(stage_index, epoch),
                                midway if epoch == first_epoch else None):
                 break
         self.masters.carry(self.optimizer)
 
     def _run_epoch(self, here, midway):
-        """Train, validate and finish the epoch at ``here``; True when the stage is done.
-        ``midway`` is the saved position when the epoch was stopped after some steps."""
+        """Train, validate and finish the epoch at ``here`` (with ``train.eval_every_steps``,
+        in segments: train to the next evaluation, validate, finish); True when the stage is
+        done. ``midway`` is the saved position when the epoch was stopped after some steps."""
         progress = self.state.progress.resumed() if midway else EpochProgress()
-        if not (midway and midway.evaluating):
-            self._train_epoch(here, progress)
-            if "swa" in self.averages and (here.stage, here.epoch) >= self.swa_start:
-                self.averages["swa"].update(self.model, self.masters.by_path(self.optimizer))
-        results = self._validate(here, progress)
-        return self._finish_epoch(here, progress, results)
+        evaluating = midway is not None and midway.evaluating
+        while True:
+            if not evaluating:
+                self._train_epoch(here, progress)
+                if ("swa" in self.averages and progress.micro == self.length.window(here.epoch)
+                        and (here.stage, here.epoch) >= self.swa_start):
+                    self.averages["swa"].update(self.model, self.masters.by_path(self.optimizer))
+            evaluating = False
+            results = self._validate(here, progress)
+            if self._finish_epoch(here, progress, results):
+                return True
+            if progress.micro == self.length.window(here.epoch):
+                return False
+            progress = EpochProgress(micro=progress.micro)  # the epoch's next segment
 
     def _train_epoch(self, here, progress):
         """The epoch's optimizer steps from where ``progress`` stands; after each: the log,
         the EMA, a checkpoint when one is due, and a stop when one was requested."""
         cfg, state = self.cfg, self.state
         set_epoch(self.train_loader, state.epoch_index, start=progress.micro)
-        desc = place(here.stage, here.epoch + 1, cfg.stages[here.stage].epochs)
+        self.train_loader.batch_sampler.stop = self.length.window(here.epoch)
+        desc = place(here.stage, here.epoch + 1, self.length.epochs)
         steps = train_steps(self.train_model, self.criterion, self.preprocess, self.train_loader,
                             self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
                             (self.seed, state.epoch_index), desc, self.precision,
@@ -189,8 +197,11 @@ class Trainer:
             for step in steps:
                 # Only applied updates count as steps: a skipped one (non-finite loss under
                 # nan_policy=skip, fp16 overflow) moves neither the schedule nor the EMA.
-                if step.status == "nonfinite":
-                    self._skip_nonfinite(step.values, here, progress)
+                if step.status == "nonfinite":  # stop, or skip (train.nan_policy)
+                    state.skipped_steps = skip_nonfinite(
+                        cfg.train, state.skipped_steps, step.values, here.stage,
+                        f"{place(here.stage, here.epoch + 1)} step "
+                        f"{progress.micro // cfg.train.accum_steps}", find_last(self.out))
                 if step.status == "applied":
                     self.logger.log_step(state.global_step, step.values)
                     if "ema" in self.averages:
@@ -199,13 +210,17 @@ class Trainer:
                     state.global_step += 1
                 every = cfg.train.save_every_steps
                 stop = any_rank(self.stops.requested)
+                validate = self.length.eval_due(here.epoch, progress.micro,
+                                                cfg.train.eval_every_steps)
                 if stop or (step.status == "applied" and every
                             and state.global_step % every == 0
                             and progress.micro < self.train_loader.batch_sampler.stop):
-                    self._checkpoint(Position(here.stage, here.epoch, progress.micro),
-                                     progress.summed())
+                    self._checkpoint(Position(here.stage, here.epoch, progress.micro,
+                                              evaluating=validate), progress.summed())
                 if stop:
                     raise self._interrupted(here)
+                if validate:
+                    break  # validate now; the epoch goes on from here afterwards
         except Exception as exc:  # noqa: BLE001 - out of memory only; the rest goes on
             if not is_out_of_memory(exc):
                 raise
@@ -231,32 +246,38 @@ class Trainer:
                 self._checkpoint(Position(here.stage, here.epoch, progress.micro,
                                           evaluating=True), progress.summed())
                 raise self._interrupted(here)
-            if not math.isfinite(result["loss"]):
-                raise UserError(f"the {kind} weights give a non-finite validation loss at {desc} "
-                                f"({result['loss']}); they are not saved as best: lower "
-                                f"stages.{here.stage}.optimizer.lr or check train.ema / "
-                                f"train.swa")
-            results[kind] = result
+            results[kind] = finite_validation(kind, result, desc, here.stage)
         return results
 
     def _finish_epoch(self, here, progress, results):
-        """Record the epoch, keep the best weights, checkpoint the next position, report;
-        True when the stage is done (its epochs, or an ``until`` reached)."""
+        """Record the epoch (or the segment of it since the last validation), keep the best
+        weights, checkpoint the next position, report; True when the stage is done (its
+        steps, or an ``until`` reached)."""
         cfg, state = self.cfg, self.state
         stage = cfg.stages[here.stage]
         stats, val = progress.summed().means(), results["raw"]
-        record = epoch_record(here.stage, here.epoch + 1, self.optimizer.get_lr(), stats,
+        step = self.length.step_at(here.epoch, progress.micro)
+        record = epoch_record(here.stage, here.epoch + 1, step, self.optimizer.get_lr(), stats,
                               results, self.averages)
-        self.logger.log_epoch(state.epoch_index, record)
+        self.logger.log_epoch(state.records, record)
         self._keep_best(record, results)
         reached = [key for key, goal in stage.until.items()
                    if goal is not None and val[key[len("val_"):]] >= goal]
-        done = bool(reached) or here.epoch + 1 == stage.epochs
-        state.epoch_index += 1
-        self._checkpoint(Position(here.stage + 1) if done
-                         else Position(here.stage, here.epoch + 1), None)
-        print(epoch_line(place(here.stage, here.epoch + 1, stage.epochs), stats, results,
-                         stage_loss(cfg.loss, stage)), flush=True)
+        epoch_ends = progress.micro == self.length.window(here.epoch)
+        done = bool(reached) or (epoch_ends and here.epoch + 1 == self.length.epochs)
+        state.records += 1
+        state.epoch_index += done or epoch_ends  # counts the data epochs begun: their seeds
+        if done:
+            self._checkpoint(Position(here.stage + 1), None)
+        elif epoch_ends:
+            self._checkpoint(Position(here.stage, here.epoch + 1), None)
+        else:
+            self._checkpoint(Position(here.stage, here.epoch, progress.micro),
+                             EpochProgress(micro=progress.micro))
+        where = place(here.stage, here.epoch + 1, self.length.epochs)
+        if cfg.train.eval_every_steps:
+            where += f", step {step}/{self.length.steps}"
+        print(epoch_line(where, stats, results, stage_loss(cfg.loss, stage)), flush=True)
         if reached:
             print(f"stage {here.stage} ends early: {', '.join(reached)} reached", flush=True)
         finished = done and here.stage == len(cfg.stages) - 1
@@ -277,14 +298,6 @@ class Trainer:
             weights = self.averages[best["kind"]].state_dict()
         if is_main():
             save_best(self.out, weights, best)
-
-    def _skip_nonfinite(self, values, here, progress):
-        """Stop on a non-finite loss (or float32/bf16 gradient), or count it as skipped under
-        ``train.nan_policy: skip``."""
-        self.state.skipped_steps = skip_nonfinite(
-            self.cfg.train, self.state.skipped_steps, values, here.stage,
-            f"{place(here.stage, here.epoch + 1)} step "
-            f"{progress.micro // self.cfg.train.accum_steps}", find_last(self.out))
 
     def _interrupted(self, here):
         """The :class:`Interrupted` to raise once the stop checkpoint is saved."""

@@ -149,6 +149,8 @@ def check_state(state):
             raise ValueError(f"'{key}' must be true or false")
     for key in ("epoch_index", "global_step", "skipped_steps"):
         _count(state[key], key)
+    if "records" in state:
+        _count(state["records"], "records")
     for kind, updates in _mapping(state["updates"], "updates").items():
         _count(updates, f"updates.{kind}")
     if state["best"] is not None:

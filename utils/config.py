@@ -281,6 +281,10 @@ def check_relations(cfg):
         raise UserError("config key 'model.head_init': zero applies to the linear class heads; "
                         "with model.head=mlp leave it at default")
     for index, stage in enumerate(cfg.stages):
+        if (stage.epochs is None) == (stage.steps is None):
+            raise UserError(f"config key 'stages.{index}.epochs' is "
+                            f"{'missing' if stage.epochs is None else 'given with .steps'}: "
+                            f"give the stage's length in epochs or in optimizer steps (steps)")
         if stage.warmup.steps and stage.warmup.epochs:
             raise UserError(f"config keys 'stages.{index}.warmup.steps' and '.epochs': "
                             f"give one of them, not both")

@@ -135,6 +135,8 @@ TRAIN = Section({
     "clip_grad_norm": _nullable(float, minimum=0.0),
     "exclude_from_decay": Field(bool, True),
     "save_every_steps": _nullable(int, minimum=1, maximum=BIG),
+    # Also validate (and record) every N optimizer steps of a stage, inside epochs.
+    "eval_every_steps": _nullable(int, minimum=1, maximum=BIG),
     # What a non-finite loss does: stop the run, or skip that update (at most nan_max_skips).
     "nan_policy": Field(str, "stop", choices=("stop", "skip")),
     "nan_max_skips": Field(int, 10, minimum=0, maximum=BIG),
@@ -183,7 +185,9 @@ UNTIL = Section({
 
 STAGE = Section({
     "name": _nullable(str),
-    "epochs": Field(int, minimum=1, maximum=BIG),
+    # How long: whole epochs, or optimizer steps (the last epoch then ends midway); one of them.
+    "epochs": _nullable(int, minimum=1, maximum=BIG),
+    "steps": _nullable(int, minimum=1, maximum=BIG),
     "until": UNTIL,
     "optimizer": OPTIMIZER,
     "lr_schedule": LR_SCHEDULE,

@@ -26,6 +26,8 @@ def position_text(position, stages):
     if position.stage >= len(stages):
         return "after the last stage (training complete, the final test follows)"
     text = place(position.stage, position.epoch + 1, stages[position.stage].epochs)
+    if stages[position.stage].steps:
+        text += f" (a stage of {stages[position.stage].steps} optimizer steps)"
     if position.evaluating:
         return text + ", its evaluation"
     return text + (f", after micro-batch {position.micro}" if position.micro else ", its start")
