@@ -5,8 +5,8 @@ attention path exactly as the run would choose them; then, for each distinct sta
 (micro-batch, accumulation, loss, optimizer), real optimizer steps through the stage's own
 loader, one evaluation batch, and a checkpoint saved and loaded back in a temporary folder.
 Prints a table (``--json``: one JSON line) with the step time, images per second, peak
-memory, the projected time per epoch and for the whole recipe at its epoch caps, and the
-disk the checkpoints need. A micro-batch that does not fit is halved until one does, and
+memory, the projected time per epoch and for the whole recipe (its epoch caps or step
+budgets), and the disk the checkpoints need. A micro-batch that does not fit is halved until one does, and
 the settings that keep the same global batch are printed.
 """
 
@@ -185,13 +185,13 @@ def _project(report, cfg, train, val, test, eval_ips):
         images = data_cfg.train_subset or len(train[1])
         steps = images // entry["batch_size"]
         val_images = data_cfg.val_subset or len(val[1])
+        validation_s = kinds * val_images / eval_ips
         entry["steps_per_epoch"] = steps
-        entry["projected_epoch_s"] = steps * entry["step_s"] + kinds * val_images / eval_ips
+        entry["projected_epoch_s"] = steps * entry["step_s"] + validation_s
         length = StageLength.of(stage, max(steps, 1))
         every = cfg.train.eval_every_steps
         validations = length.epochs + (length.steps // every if every else 0)
-        total += (length.steps * entry["step_s"]
-                  + validations * kinds * val_images / eval_ips)
+        total += length.steps * entry["step_s"] + validations * validation_s
     report["projected_epoch_s"] = report["stages"][0]["projected_epoch_s"]
     report["projected_total_s"] = total + 2 * len(test[1]) / eval_ips
 
@@ -227,5 +227,5 @@ def print_report(report, as_json=False):
           f"{_human_bytes(report['peak_memory_bytes'])}; checkpoint "
           f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
           f"{_human_bytes(report['disk_bytes'])}")
-    print(f"projected: the whole recipe at its epoch caps {_human_seconds(report['projected_total_s'])} "
+    print(f"projected: the whole recipe at its full length {_human_seconds(report['projected_total_s'])} "
           f"(preflight took {report['preflight_s']:.0f} s)")

@@ -54,11 +54,28 @@ def test_defaults_are_filled_and_ints_accepted_for_floats():
     ("stages.9.epochs=1", "override 'stages.9.epochs': stages is a list of 2"),
     ("stages=[]", "config key 'stages' must be a non-empty list"),
     ("data.batch_size", "must look like section.key=value"),
+    ("data.random_resized_crop={scale: [0.5, 0.1]}", "scale must be [a, b] with 0 < a <= b <= 1"),
+    ("data.random_resized_crop={scale: [0.0, 1.0]}", "scale must be [a, b] with 0 < a <= b <= 1"),
+    ("data.random_resized_crop={ratio: [2.0, 0.5]}", "ratio [r1, r2] with r1 <= r2"),
+    ("data.random_resized_crop={scale: [.nan, 1.0]}",
+     "'data.random_resized_crop.scale.0' must be a finite number"),
+    ("data.random_resized_crop={scale: [0.1, 0.5, 1.0]}",
+     "'data.random_resized_crop.scale' must have 2 items"),
+    ("data.random_resized_crop=[0.1, 1.0]", "'data.random_resized_crop' must be a section"),
+    ("loss.form=papers", "config key 'loss.form' must be one of mean, paper"),
+    ("stages.1.steps=0", "config key 'stages.1.steps' must be >= 1"),
+    ("stages.1.steps=100", "'stages.1.epochs' is given with .steps"),
+    ("train.eval_every_steps=0", "config key 'train.eval_every_steps' must be >= 1"),
 ])
 def test_bad_keys_and_types_name_the_key(override, message):
     with pytest.raises(UserError) as info:
         load_config("configs/demo.yaml", [override])
     assert message in str(info.value)
+
+
+def test_zero_heads_need_the_linear_heads():
+    with pytest.raises(UserError, match="'model.head_init': zero applies to the linear"):
+        load_config("configs/demo.yaml", ["model.head=mlp", "model.head_init=zero"])
 
 
 def test_missing_required_key_is_named():

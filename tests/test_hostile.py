@@ -403,6 +403,7 @@ STATE_EDITS = {
     "no position": (lambda s: {k: v for k, v in s.items() if k != "position"},
                     "lacks position"),
     "negative step": (lambda s: dict(s, global_step=-3), "'global_step' must be a count"),
+    "negative records": (lambda s: dict(s, records=-1), "'records' must be a count"),
     "stage -1": (lambda s: dict(s, position=dict(s["position"], stage=-1)),
                  "'position.stage' must be a count"),
     "micro 1e9": (lambda s: dict(s, position=dict(s["position"], stage=1, micro=10 ** 9),

@@ -39,6 +39,11 @@ def test_a_position_keeps_the_on_disk_form_of_earlier_checkpoints():
     assert Position(1, 0, 8, True).to_json() == {"stage": 1, "epoch": 0, "micro": 8,
                                                  "evaluating": True}
     assert Position.from_json({"stage": 2, "epoch": 1, "micro": 4}) == Position(2, 1, 4)
+    # Keys a later version may add are ignored, not a crash.
+    assert Position.from_json({"stage": 2, "epoch": 1, "micro": 4, "note": "x"}) == \
+        Position(2, 1, 4)
+    progress = EpochProgress.from_json(dict(EpochProgress(micro=3).to_json(), note="x"))
+    assert progress == EpochProgress(micro=3)
 
 
 def test_a_resumed_epoch_never_shares_the_saved_sums():

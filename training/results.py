@@ -64,7 +64,7 @@ def test_best_and_last(model, preprocess, loader, num_classes, precision, best, 
         chosen["best"] = (best["kind"], load_tensors(best_path)[0])
     records = []
     for which, (kind, weights) in chosen.items():
-        with (weights_in(model, weights) if weights else contextlib.nullcontext()):
+        with (weights_in(model, weights) if weights is not None else contextlib.nullcontext()):
             result = evaluate(model, preprocess, loader, num_classes, desc=f"test ({which})",
                               precision=precision)
         records.append({"test": which, "kind": kind, "test_top1": result["top1"],

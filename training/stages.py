@@ -49,6 +49,10 @@ class StageLength:
         return min(self.steps_per_epoch, self.steps - epoch * self.steps_per_epoch) \
             * self.accum_steps
 
+    def ends_epoch(self, epoch, micro):
+        """Whether micro-batch ``micro`` is the end of epoch ``epoch``'s window."""
+        return micro == self.window(epoch)
+
     def step_at(self, epoch, micro):
         """Optimizer steps of the stage done at micro-batch ``micro`` of epoch ``epoch``
         (skipped steps included: they used their batches)."""
@@ -57,7 +61,7 @@ class StageLength:
     def eval_due(self, epoch, micro, every):
         """Whether a validation every ``every`` steps falls at ``micro``, inside the epoch
         (its end is validated anyway)."""
-        return bool(every) and micro < self.window(epoch) \
+        return bool(every) and not self.ends_epoch(epoch, micro) \
             and self.step_at(epoch, micro) % every == 0
 
 

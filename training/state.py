@@ -40,8 +40,8 @@ class Position:
 
     @classmethod
     def from_json(cls, data):
-        """The position a :meth:`to_json` dict describes."""
-        return cls(**data)
+        """The position a :meth:`to_json` dict describes (other keys are ignored)."""
+        return cls(data["stage"], data["epoch"], data["micro"], data.get("evaluating", False))
 
 
 @dataclass
@@ -72,8 +72,8 @@ class EpochProgress:
 
     @classmethod
     def from_json(cls, data):
-        """The progress a :meth:`to_json` dict describes."""
-        return cls(**data)
+        """The progress a :meth:`to_json` dict describes (other keys are ignored)."""
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
     def add_step(self, grad_norm):
         """Count one applied optimizer step and its gradient norm (before clipping)."""

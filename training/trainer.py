@@ -171,14 +171,14 @@ class Trainer:
         while True:
             if not evaluating:
                 self._train_epoch(here, progress)
-                if ("swa" in self.averages and progress.micro == self.length.window(here.epoch)
+                if ("swa" in self.averages and self.length.ends_epoch(here.epoch, progress.micro)
                         and (here.stage, here.epoch) >= self.swa_start):
                     self.averages["swa"].update(self.model, self.masters.by_path(self.optimizer))
             evaluating = False
             results = self._validate(here, progress)
             if self._finish_epoch(here, progress, results):
                 return True
-            if progress.micro == self.length.window(here.epoch):
+            if self.length.ends_epoch(here.epoch, progress.micro):
                 return False
             progress = EpochProgress(micro=progress.micro)  # the epoch's next segment
 
@@ -263,7 +263,7 @@ class Trainer:
         self._keep_best(record, results)
         reached = [key for key, goal in stage.until.items()
                    if goal is not None and val[key[len("val_"):]] >= goal]
-        epoch_ends = progress.micro == self.length.window(here.epoch)
+        epoch_ends = self.length.ends_epoch(here.epoch, progress.micro)
         done = bool(reached) or (epoch_ends and here.epoch + 1 == self.length.epochs)
         state.records += 1
         state.epoch_index += done or epoch_ends  # counts the data epochs begun: their seeds
