@@ -18,21 +18,22 @@ import time
 import paddle
 
 from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
-from data.preprocess import DevicePreprocess
 from losses import build_loss
 from models.attention import FusedAttention
 from models.build import build_model, input_size
+from models.teacher import build_teacher
 from training.amp import Precision
 from training.averaging import build_averages
 from training.engine import evaluate, train_steps
 from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
+from training.stage_model import prepare_stage
 from training.stages import StageLength, lr_scale, micro_batch, stage_data, stage_loss
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
 from utils.reports.progress import set_mode as set_progress
 from utils.runtime.device import peak_memory_bytes, select_device
-from utils.runtime.dist import any_rank, init, world_size, wrap
+from utils.runtime.dist import any_rank, init, world_size
 from utils.runtime.seeds import seed_everything
 
 # Steps timed per setup: at least this many seconds of them (and at least MIN_STEPS), after
@@ -41,11 +42,13 @@ TIMED_SECONDS, MIN_STEPS, MAX_STEPS = 3.0, 3, 50
 
 
 def _setups(cfg):
-    """The distinct stage setups: ``(data, loss, optimizer name) -> stage indices``."""
+    """The distinct stage setups: ``(batch, loss, optimizer name, resolution, trained
+    parameters) -> stage indices``."""
     setups = {}
     for index, stage in enumerate(cfg.stages):
         data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
-        key = (data_cfg.batch_size, loss_cfg.rdrop, stage.optimizer.name)
+        key = (data_cfg.batch_size, loss_cfg.rdrop, stage.optimizer.name, data_cfg.image_size,
+               tuple(stage.trainable or ()))
         setups.setdefault(key, []).append(index)
     return setups
 
@@ -56,16 +59,20 @@ def _time_steps(run, cfg, stage_index, accum, splits):
     data_cfg = stage_data(cfg.data, stage)
     loader, _ = stage_loaders(data_cfg, cfg.train.seed, accum, *splits)
     set_epoch(loader, 0)
+    run["train_model"], run["preprocess"] = prepare_stage(
+        run["model"], stage_index, stage, data_cfg.image_size or run["base_size"],
+        run["averages"], run["masters"], run["teacher"], run.get("train_model"))
     optimizer, scheduler = build_optimizer(stage, run["model"], 1000, cfg.train,
                                            run["precision"].half_weights, run["masters"].by_name,
                                            lr_scale(cfg.train, data_cfg.batch_size))
-    criterion = build_loss(stage_loss(cfg.loss, stage))
+    criterion = build_loss(stage_loss(cfg.loss, stage), cfg.distill)
     sampler = loader.batch_sampler
     sampler.stop = min(sampler.full_length() // accum, MAX_STEPS + 1) * accum
     times, last = [], time.perf_counter()
     for _ in train_steps(run["train_model"], criterion, run["preprocess"], loader, optimizer,
                          scheduler, EpochProgress(), accum, desc="preflight",
-                         precision=run["precision"], clip_norm=cfg.train.clip_grad_norm):
+                         precision=run["precision"], clip_norm=cfg.train.clip_grad_norm,
+                         teacher=run["teacher"]):
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -129,18 +136,20 @@ def preflight(cfg):
     seed_everything(cfg.train.seed)
     train, val, test = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
     precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
-    model = build_model(cfg.model, amp=precision.mode, image_size=cfg.data.image_size)
+    model = build_model(cfg.model, amp=precision.mode, image_size=cfg.data.image_size,
+                        two_heads=cfg.distill is not None)
     masters = MasterCopies(model, precision)
-    run = {"model": model, "precision": precision, "masters": masters,
-           "train_model": wrap(model), "preprocess": DevicePreprocess(input_size(model))}
     averages = build_averages(cfg.train, model)
+    run = {"model": model, "precision": precision, "masters": masters, "averages": averages,
+           "base_size": input_size(model), "teacher": build_teacher(
+               cfg.distill, cfg.model.num_classes, precision) if cfg.distill else None}
     fused = sum(isinstance(layer, FusedAttention) for layer in model.sublayers())
     report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
               "precision": precision.mode if precision.mode != "off" else "float32",
               "attention": f"fused ({fused} layers)" if fused else "PPIM's",
               "recompute": cfg.model.recompute, "stages": []}
     fits, optimizer = True, None
-    for (batch, _, name), indices in _setups(cfg).items():
+    for (batch, _, name, _, _), indices in _setups(cfg).items():
         accum, step_s, optimizer = _fitting_accum(run, cfg, indices[0], (train, val), device)
         fits = fits and accum == cfg.train.accum_steps
         micro = micro_batch(batch, accum, world_size())

@@ -56,9 +56,11 @@ def stage_loaders(data_cfg, seed, accum_steps, train_split, val_split):
     images, labels = train_split
     keep = subset_indices(len(labels), data_cfg.train_subset, (seed, TRAIN_SUBSET_STREAM),
                           "data.train_subset")
-    train_set = ImageArrayDataset(images[keep], labels[keep], hflip_prob=data_cfg.hflip_prob,
-                                  rotation=data_cfg.rotation, seed=seed,
-                                  crop=data_cfg.random_resized_crop)
+    augment = data_cfg.train_augment  # false: the images as evaluation sees them (FixRes)
+    train_set = ImageArrayDataset(images[keep], labels[keep],
+                                  hflip_prob=data_cfg.hflip_prob if augment else 0.0,
+                                  rotation=data_cfg.rotation if augment else 0.0, seed=seed,
+                                  crop=data_cfg.random_resized_crop if augment else None)
     micro = micro_batch(data_cfg.batch_size, accum_steps, world_size())
     train_loader = build_loader(train_set, micro, data_cfg.num_workers, train=True)
     images, labels = val_split

@@ -86,11 +86,3 @@ class CrossEntropyLoss(nn.Layer):
     def forward(self, logits, label):
         ce = nll(log_softmax(logits.astype("float32")), label)
         return {"loss": ce, "ce": ce, "kl": paddle.zeros_like(ce)}
-
-
-def build_loss(loss_cfg):
-    """The loss named by the config's ``loss`` section."""
-    if loss_cfg.rdrop:
-        return RDropLoss(alpha=loss_cfg.alpha, kl_reduction=loss_cfg.kl_reduction,
-                         form=loss_cfg.form)
-    return CrossEntropyLoss()

@@ -12,6 +12,7 @@ from ppim.models.vit import Block
 
 from models.attention import use_fused_attention
 from models.drop_path import DropPath
+from models.heads import separate_heads
 from models.recompute import RecomputedBlock
 from models.resolution import backbone_of, extra_tokens, resample_pos_embed, set_resolution
 from utils.errors import UserError
@@ -40,7 +41,8 @@ class MLPHeadClassifier(nn.Layer):
         return self.fc2(self.drop(self.act(self.fc1(self.backbone(x)))))
 
 
-def _constructor(name):
+def ppim_constructor(name):
+    """PPIM's model constructor (function or class) called ``name``; one error otherwise."""
     constructor = getattr(ppim, name, None)
     if constructor is None or not callable(constructor) or name.startswith("_"):
         raise UserError(f"model.name {name!r} is not a PPIM model; try deit_b_distilled_384, "
@@ -50,7 +52,7 @@ def _constructor(name):
 
 def pretrained_url(name):
     """The ImageNet weights URL PPIM lists for constructor ``name``."""
-    module = sys.modules[_constructor(name).__module__]
+    module = sys.modules[ppim_constructor(name).__module__]
     url = getattr(module, "urls", {}).get(name)
     if url is None:
         raise UserError(f"PPIM has no pretrained weights for model.name {name!r}; "
@@ -58,7 +60,7 @@ def pretrained_url(name):
     return url
 
 
-def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
+def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None, two_heads=False):
     """The model described by the ``model`` config section, with weights per ``model.pretrained``.
 
     ``num_classes`` sizes both the class head and, on distilled models, the
@@ -67,6 +69,8 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
     effect) decides, with ``model.fused_attention``, whether attention is fused.
     ``image_size`` other than the model's own resamples its position embedding
     (:mod:`models.resolution`); weights from another resolution are resampled on load.
+    ``two_heads`` keeps a distilled model's heads apart in training (distillation,
+    :class:`models.heads.SeparateHeads`).
     """
     mlp = model_cfg.head == "mlp"
     kwargs = dict(
@@ -77,12 +81,14 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None):
     )
     kwargs.update(model_cfg.kwargs)
     try:
-        backbone = _constructor(model_cfg.name)(**kwargs)
+        backbone = ppim_constructor(model_cfg.name)(**kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
         raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
     if image_size:
         set_resolution(backbone, image_size)
     _swap_layers(backbone, PPIMDropPath, DropPath)
+    if two_heads:
+        separate_heads(backbone, model_cfg.name)
     _check_runs(backbone, model_cfg)
     print(use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp,
                               tokens=backbone.pos_embed.shape[1]), flush=True)
@@ -231,8 +237,10 @@ def describe_load(path, summary):
 
 def load_trained(cfg, precision, weights=None, config="CONFIG"):
     """``(model, path)``: the config's model with trained weights (``weights``, else the
-    run's best) loaded strictly, in eval mode, at ``data.image_size``. Missing weights are
-    one error saying how to get them (``config`` names the config file in it)."""
+    run's best) loaded strictly, in eval mode, at the resolution of the last stage
+    (``data.image_size`` unless that stage sets its own). Missing weights are one error
+    saying how to get them (``config`` names the config file in it)."""
+    from training.stages import final_image_size
     from utils.checkpoint import weights_path
 
     path = weights or weights_path(cfg.train.output_dir, "best")
@@ -241,7 +249,7 @@ def load_trained(cfg, precision, weights=None, config="CONFIG"):
         raise UserError(f"no weights at {path} (it {problem}); train first (python main.py "
                         f"-c {config}) or pass --weights PATH")
     model = precision.prepare(build_model(cfg.model, load_pretrained=False, amp=precision.mode,
-                                          image_size=cfg.data.image_size))
+                                          image_size=final_image_size(cfg)))
     print(describe_load(path, load_weights(model, path, strict=True)), flush=True)
     model.eval()
     return model, path

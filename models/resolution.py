@@ -44,18 +44,52 @@ def resample_pos_embed(pos_embed, tokens, grid):
     return np.concatenate([pos_embed[:, :tokens], patches], axis=1)
 
 
-def set_resolution(model, size):
-    """Make ``model`` take ``size × size`` images: patch embedding size and position embedding."""
+def set_resolution(model, size, source=None):
+    """Make ``model`` take ``size × size`` images: patch embedding size and position embedding
+    (resampled from ``source``, float32 values of it such as AMP O2's master copy, if given).
+    Returns the resampled float32 embedding, or ``None`` when the size was already ``size``."""
     backbone = backbone_of(model)
     patch = patch_size(model)
     if size % patch:
         raise UserError(f"data.image_size={size} must be a multiple of the patch size {patch}")
     grid = size // patch
     if backbone.patch_embed.img_size[0] == size:
-        return
-    resampled = resample_pos_embed(backbone.pos_embed.numpy(), extra_tokens(model), grid)
-    backbone.pos_embed = backbone.create_parameter(
-        shape=list(resampled.shape), dtype=backbone.pos_embed.dtype,
-        default_initializer=paddle.nn.initializer.Assign(resampled))
+        return None
+    if source is None:
+        source = backbone.pos_embed.astype("float32").numpy()
+    resampled = resample_pos_embed(source, extra_tokens(model), grid)
+    dtype = backbone.pos_embed.dtype
+    backbone.pos_embed = backbone.create_parameter(shape=list(resampled.shape), dtype=dtype)
+    # Set, not an Assign initializer: that reads a bfloat16 tensor's bits as numbers.
+    backbone.pos_embed.set_value(paddle.to_tensor(resampled).astype(dtype))
     backbone.patch_embed.img_size = (size, size)
     backbone.patch_embed.num_patches = grid * grid
+    return resampled
+
+
+def _pos_embed_key(model):
+    """The state-dict path of the position embedding."""
+    return "backbone.pos_embed" if backbone_of(model) is not model else "pos_embed"
+
+
+def resolution_of(weights, model):
+    """The image side the position embedding in ``weights`` (a state dict of ``model``'s
+    kind) was made for."""
+    tokens = np.asarray(weights[_pos_embed_key(model)]).shape[1] - extra_tokens(model)
+    return int(round(tokens ** 0.5)) * patch_size(model)
+
+
+def fit_resolution(weights, model):
+    """``weights`` (state dict: path -> tensor or array) with a position embedding of
+    another resolution resampled to ``model``'s (a new dict; other entries shared)."""
+    key = _pos_embed_key(model)
+    target = backbone_of(model).pos_embed
+    value = weights.get(key)
+    if value is None or list(value.shape) == list(target.shape):
+        return weights
+    array = value.astype("float32").numpy() if isinstance(value, paddle.Tensor) else value
+    grid = backbone_of(model).patch_embed.img_size[0] // patch_size(model)
+    resampled = resample_pos_embed(array, extra_tokens(model), grid)
+    if isinstance(value, paddle.Tensor):
+        resampled = paddle.to_tensor(resampled).astype(value.dtype)
+    return dict(weights, **{key: resampled})

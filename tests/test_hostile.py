@@ -596,7 +596,7 @@ def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, m
         return real_stage(self, stage_index, start)
 
     monkeypatch.setattr(trainer_module.Trainer, "_run_stage", run_stage)
-    monkeypatch.setattr(trainer_module, "build_loss", lambda cfg: nan_in_stage_0)
+    monkeypatch.setattr(trainer_module, "build_loss", lambda *args: nan_in_stage_0)
     out = str(tmp_path / "run")
     run_module.fit(load_config("configs/demo.yaml", [
         f"train.output_dir={out}", "data.train_subset=128", "data.val_subset=40",

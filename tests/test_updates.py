@@ -195,7 +195,7 @@ def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(t
     precision = _loss_scaling()
     monkeypatch.setattr(trainer_module, "Precision", lambda *args: precision)
     criterion = _InjectsNonFiniteGradients({1, 3})
-    monkeypatch.setattr(trainer_module, "build_loss", lambda cfg: criterion)
+    monkeypatch.setattr(trainer_module, "build_loss", lambda *args: criterion)
     out = str(tmp_path / "run")
     fit(load_config("configs/demo.yaml", [
         f"train.output_dir={out}", "data.train_subset=64", "data.val_subset=20",

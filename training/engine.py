@@ -16,7 +16,8 @@ from utils.runtime.dist import all_sum, any_rank, rank, world_size
 from utils.runtime.seeds import derived_seed
 
 
-def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None):
+def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None,
+               teacher=None):
     """Forward and backward of one (micro-)batch; returns the unscaled loss parts.
 
     With R-Drop (``criterion.copies == 2``) the batch is doubled as ``[x; x]`` and
@@ -25,15 +26,20 @@ def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, pre
     ``loss_scale`` (1/accum_steps) makes accumulated gradients equal those of
     one batch holding all the micro-batches. ``precision`` (a :class:`Precision`)
     runs the forward under AMP and scales the loss for fp16; the loss itself is
-    computed in float32.
+    computed in float32. A distillation ``teacher`` (frozen, eval mode) sees the same
+    preprocessed images, once, without gradients; the criterion gets its logits.
     """
     precision = precision or Precision()
     x = preprocess(images)
+    targets = {}
+    if teacher is not None:
+        with paddle.no_grad(), precision.autocast():
+            targets["teacher_logits"] = teacher(x)
     if criterion.copies == 2:
         x = paddle.concat([x, x])
     with precision.autocast():
         logits = model(x)
-    parts = criterion(logits, labels)
+    parts = criterion(logits, labels, **targets)
     precision.scaled(parts["loss"] * loss_scale).backward()
     return parts
 
@@ -48,7 +54,8 @@ class Step(NamedTuple):
 
 
 def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, progress,
-                accum_steps=1, dropout_seed=None, desc="train", precision=None, clip_norm=None):
+                accum_steps=1, dropout_seed=None, desc="train", precision=None, clip_norm=None,
+                teacher=None):
     """Train over ``loader`` (which yields the batches not yet done in ``progress``),
     yielding a :class:`Step` after each optimizer step; ``progress`` holds the epoch so far.
 
@@ -62,6 +69,7 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
     ``dropout_seed`` (keys such as ``(seed, epoch)``) seeds the dropout masks of each
     micro-batch from those keys and its index, so that a resumed epoch draws the masks
     the uninterrupted one drew; ranks add their own key and draw different masks.
+    ``teacher``: a distillation teacher, see :func:`train_step`.
     """
     precision = precision or Precision()
     model.train()
@@ -77,13 +85,13 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
         with (contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync")
               else model.no_sync()):
             parts = train_step(model, criterion, preprocess, images, labels, 1.0 / accum_steps,
-                               precision)
+                               precision, teacher)
         values = {name: float(value) for name, value in parts.items()}
         batch = labels.shape[0]
         progress.seen += batch
         if all(math.isfinite(value) for value in values.values()):
-            for name in progress.sums:
-                progress.sums[name] += values[name] * batch
+            for name, value in values.items():
+                progress.sums[name] = progress.sums.get(name, 0.0) + value * batch
         else:
             nonfinite = True
             progress.excluded += batch

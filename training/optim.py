@@ -97,7 +97,7 @@ def master_copies(optimizer):
     return dict(optimizer.state_dict().get("master_weights", {}))
 
 
-def _master_named(param_name, tensor):
+def master_named(param_name, tensor):
     """``tensor`` named as Paddle names the master copy of ``param_name`` (in the fresh name
     scope of each update, :func:`training.grads.apply_update`). The optimizer names its state
     for a master copy after it, so the name must start with the parameter's for a
@@ -111,7 +111,7 @@ def cast_keeping_masters(model, cast):
     before it, of the parameters it turned to half precision, keyed by parameter name."""
     before = {param.name: param.detach().astype("float32").clone() for param in model.parameters()}
     cast(model)
-    return {param.name: _master_named(param.name, before[param.name])
+    return {param.name: master_named(param.name, before[param.name])
             for param in model.parameters() if param.dtype in HALF_TYPES}
 
 
@@ -137,16 +137,17 @@ class MasterCopies:
             self.by_name = optimizer_state_for(model, saved_optimizer).get("master_weights", {})
 
     def carry(self, optimizer):
-        """Take the copies of a stage's optimizer, for the next stage's."""
+        """Take the copies of a stage's optimizer, for the next stage's (those of parameters
+        it did not train are kept)."""
         if self.enabled:
-            self.by_name = master_copies(optimizer) or self.by_name
+            self.by_name = {**self.by_name, **master_copies(optimizer)}
 
     def by_path(self, optimizer=None):
         """The current copies (``optimizer``'s, once it has them) keyed by state-dict path,
         for the model's half-precision parameters."""
         if not self.enabled:
             return {}
-        masters = (master_copies(optimizer) if optimizer else {}) or self.by_name
+        masters = {**self.by_name, **(master_copies(optimizer) if optimizer else {})}
         return {path: masters[param.name] for path, param in self.model.named_parameters()
                 if param.name in masters and param.dtype in HALF_TYPES}
 
@@ -185,6 +186,6 @@ def optimizer_state_for(model, portable):
     state = _rename_state(portable,
                           {f"@{path}": param.name for path, param in model.named_parameters()})
     if "master_weights" in state:
-        state["master_weights"] = {name: _master_named(name, tensor)
+        state["master_weights"] = {name: master_named(name, tensor)
                                    for name, tensor in state["master_weights"].items()}
     return state

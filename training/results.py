@@ -4,6 +4,7 @@ test of the best and the last weights, and what a non-finite step means for the 
 import contextlib
 import math
 
+from models.resolution import fit_resolution
 from training.averaging import weights_in
 from training.engine import evaluate
 from training.state import KINDS
@@ -24,6 +25,8 @@ def epoch_record(stage, epoch, step, lr, stats, results, averages):
         "images_per_s": stats["images_per_s"], "grad_norm": stats["grad_norm"],
         "grad_norm_max": stats["grad_norm_max"], "overflow_steps": stats["overflow_steps"],
     }
+    if "distill" in stats:
+        record["train_distill"] = stats["distill"]
     for kind in averages:
         record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
     return record
@@ -58,10 +61,10 @@ def new_best(record, results, epoch_index, best, selected_on):
 
 def test_best_and_last(model, preprocess, loader, num_classes, precision, best, best_path):
     """The test records of the last weights (the model's) and of the best ones (if any), in
-    that order; the model keeps its last weights."""
+    that order, both at the model's resolution; the model keeps its last weights."""
     chosen = {"last": ("raw", None)}
-    if best is not None:
-        chosen["best"] = (best["kind"], load_tensors(best_path)[0])
+    if best is not None:  # at the model's resolution, if a stage at another one saved it
+        chosen["best"] = (best["kind"], fit_resolution(load_tensors(best_path)[0], model))
     records = []
     for which, (kind, weights) in chosen.items():
         with (weights_in(model, weights) if weights is not None else contextlib.nullcontext()):

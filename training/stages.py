@@ -110,17 +110,24 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
     def size(n):
         return "all" if n is None else str(n)
 
-    data_text = (f"train {size(data_cfg.train_subset)} / val {size(data_cfg.val_subset)} images, "
-                 f"{data_cfg.batch_size} images per step, hflip p={data_cfg.hflip_prob:g}, "
-                 f"rotation ±{data_cfg.rotation:g}°")
     crop = data_cfg.get("random_resized_crop")
-    if crop:
-        data_text += (f", random-resized crop scale {crop.scale[0]:g}-{crop.scale[1]:g} ratio "
-                      f"{crop.ratio[0]:.3g}-{crop.ratio[1]:.3g}")
+    if data_cfg.get("train_augment", True):
+        augment = f"hflip p={data_cfg.hflip_prob:g}, rotation ±{data_cfg.rotation:g}°"
+        if crop:
+            augment += (f", random-resized crop scale {crop.scale[0]:g}-{crop.scale[1]:g} ratio "
+                        f"{crop.ratio[0]:.3g}-{crop.ratio[1]:.3g}")
+    else:
+        augment = "test-time preprocessing (no crop, flip or rotation)"
+    data_text = (f"train {size(data_cfg.train_subset)} / val {size(data_cfg.val_subset)} images, "
+                 f"{data_cfg.batch_size} images per step, {augment}")
+    if "image_size" in stage.data:
+        data_text += f", at {data_cfg.image_size or 'the model size'} px"
     loss_text = f"R-Drop alpha={loss_cfg.alpha:g}" if loss_cfg.rdrop else "cross-entropy"
     if loss_cfg.rdrop and loss_cfg.form == "paper":
         loss_text += (" in the paper's form: ce1 + ce2 + alpha x (KL(p1||p2) + KL(p2||p1)) "
                       "summed over batch and classes")
+    if stage.trainable is not None:
+        loss_text += f"; trains {', '.join(stage.trainable)} only"
     name = stage.name or f"stage {index}"
     length = f"{stage.steps} optimizer steps" if stage.steps else f"{stage.epochs} epoch(s)"
     epochs = f"up to {length} until {until}" if until else length
@@ -154,6 +161,12 @@ def describe_run(cfg):
         parts.append(f"checkpoint every {train.save_every_steps} steps")
     if train.eval_every_steps:
         parts.append(f"validation also every {train.eval_every_steps} steps of a stage")
+    if cfg.distill:
+        distill = cfg.distill
+        kind = ("hard (the teacher's top class)" if distill.type == "hard"
+                else f"soft (temperature {distill.tau:g})")
+        parts.append(f"distillation from {distill.teacher} into the distillation head: {kind}, "
+                     f"weight {distill.alpha:g} (the class head's loss {1 - distill.alpha:g})")
     return "; ".join(parts)
 
 
@@ -162,6 +175,12 @@ def stage_data(data_cfg, stage):
     merged = type(data_cfg)(data_cfg)
     merged.update(stage.data)
     return merged
+
+
+def final_image_size(cfg):
+    """The resolution the trained weights are evaluated at: the last stage's
+    ``data.image_size`` (``None``: the model's own)."""
+    return stage_data(cfg.data, cfg.stages[-1]).image_size
 
 
 def stage_loss(loss_cfg, stage):

@@ -20,6 +20,8 @@ from utils.schema import CONFIG
 # The kinds of weights a run keeps, by the name they have everywhere (records, best.json,
 # the checkpoint's files, val.py --kind): the trained weights and their two averages.
 KINDS = ("raw", "ema", "swa")
+# The loss parts an epoch sums (distill only with distillation).
+LOSS_PARTS = ("loss", "ce", "kl", "distill")
 
 
 @dataclass
@@ -85,11 +87,14 @@ class EpochProgress:
         """This progress with sample counts and loss sums added over all ranks (what a
         checkpoint and the epoch record hold). Step counts and gradient norms are the same
         on every rank (gradients are all-reduced before they are measured)."""
-        names = sorted(self.sums)
-        totals = all_sum([self.seen, self.excluded, *(self.sums[n] for n in names)])
+        names = LOSS_PARTS  # the same list on every rank, whichever have summed a part yet
+        totals = all_sum([self.seen, self.excluded, *(self.sums.get(n, 0.0) for n in names),
+                          *(n in self.sums for n in names)])
+        sums, present = totals[2:2 + len(names)], totals[2 + len(names):]
         return EpochProgress(**dict(self.to_json(), seen=int(totals[0]),
                                     excluded=int(totals[1]),
-                                    sums={n: float(v) for n, v in zip(names, totals[2:])}))
+                                    sums={n: float(v) for n, v, here in zip(names, sums, present)
+                                          if here}))
 
     def resumed(self):
         """The progress a rank resumes this (summed, saved) progress with: rank 0 carries the

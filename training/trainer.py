@@ -14,16 +14,12 @@ from dataclasses import replace
 from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
 from data.preprocess import DevicePreprocess
 from losses import build_loss
-from models.build import build_model, input_size
+from models.build import input_size
+from models.teacher import build_teacher
 from training.amp import Precision
 from training.averaging import build_averages, weights_in
 from training.engine import evaluate, train_steps
-from training.optim import (
-    MasterCopies,
-    build_optimizer,
-    optimizer_state_for,
-    portable_optimizer_state,
-)
+from training.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
 from training.results import (
     epoch_record,
     finite_validation,
@@ -32,18 +28,26 @@ from training.results import (
     test_best_and_last,
     test_line,
 )
-from training.stages import StageLength, describe_stage, lr_scale, stage_data, stage_loss
+from training.stage_model import prepare_stage, run_model
+from training.stages import (
+    StageLength,
+    describe_stage,
+    final_image_size,
+    lr_scale,
+    stage_data,
+    stage_loss,
+)
 from training.state import EpochProgress, Position, RunState, checkpoint_trees, restore
 from utils.checkpoint import find_last, resume_folder, save_best, save_last, weights_path
 from utils.config import dump_config, to_plain
 from utils.errors import Interrupted, is_out_of_memory, out_of_memory_error
 from utils.io.files import write_atomically, write_json
-from utils.io.tensor_io import as_paddle, load_state
+from utils.io.tensor_io import as_paddle
 from utils.reports.logger import RunLogger
 from utils.reports.plots import curves_at_end
 from utils.reports.text import epoch_line, place, position_text, run_line
 from utils.runtime.device import select_device
-from utils.runtime.dist import any_rank, init, is_main, world_size, wrap
+from utils.runtime.dist import any_rank, init, is_main, world_size
 from utils.runtime.seeds import seed_everything
 from utils.runtime.signals import StopRequests
 
@@ -69,13 +73,14 @@ class Trainer:
             folder = resume_folder(resume, self.out)
             self.state, self.restored = restore(folder, cfg)
         self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
-        self.model = self._build_model()
+        self.model, self.masters, self.base_size = run_model(cfg, self.precision, self.restored)
         if resume:
             print(f"resuming from {folder} at "
                   f"{position_text(self.state.position, cfg.stages)}", flush=True)
-        self.optimizer = None
-        self.train_model = wrap(self.model)  # DataParallel with ranks
+        self.optimizer = self.train_model = None
         self.preprocess = DevicePreprocess(input_size(self.model))
+        self.teacher = (build_teacher(cfg.distill, cfg.model.num_classes, self.precision)
+                        if cfg.distill else None)
         self.averages = build_averages(cfg.train, self.model, self.state.updates, self.restored,
                                        self.masters.by_path())
         self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
@@ -87,20 +92,6 @@ class Trainer:
         self.logger = RunLogger(self.out, keep_records=self.state.records,
                                 keep_steps=self.state.global_step, enabled=is_main())
         self.stops = StopRequests()
-
-    def _build_model(self):
-        """The model with the pretrained weights, or a checkpoint's; its float32 master
-        copies (AMP O2) and the loss scaler's state restored with them."""
-        restored = self.restored
-        if "scaler" in restored and self.precision.scaling:
-            self.precision.scaler.load_state_dict(restored["scaler"])
-        model = build_model(self.cfg.model, load_pretrained=not restored,
-                            amp=self.precision.mode, image_size=self.cfg.data.image_size)
-        if restored:
-            load_state(model, restored["raw"])
-        self.masters = MasterCopies(model, self.precision,  # casts the weights for O2
-                                    as_paddle(restored["optimizer"]) if restored else None)
-        return model
 
     def fit(self):
         """Run the stages from the current position, then the final test; return the best
@@ -142,8 +133,11 @@ class Trainer:
         ``start`` is the position a resumed run starts this stage from."""
         cfg, stage = self.cfg, self.cfg.stages[stage_index]
         data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
-        self.criterion = build_loss(loss_cfg)
+        self.criterion = build_loss(loss_cfg, cfg.distill)
         print(describe_stage(stage_index, stage, data_cfg, loss_cfg), flush=True)
+        self.train_model, self.preprocess = prepare_stage(
+            self.model, stage_index, stage, data_cfg.image_size or self.base_size, self.averages,
+            self.masters, self.teacher, self.train_model)
         self.train_loader, self.val_loader = stage_loaders(data_cfg, self.seed,
                                                            cfg.train.accum_steps, *self.splits)
         self.length = StageLength.measured(stage_index, stage, self.train_loader.batch_sampler,
@@ -192,7 +186,7 @@ class Trainer:
         steps = train_steps(self.train_model, self.criterion, self.preprocess, self.train_loader,
                             self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
                             (self.seed, state.epoch_index), desc, self.precision,
-                            cfg.train.clip_grad_norm)
+                            cfg.train.clip_grad_norm, self.teacher)
         try:
             for step in steps:
                 # Only applied updates count as steps: a skipped one (non-finite loss under
@@ -260,7 +254,8 @@ class Trainer:
         record = epoch_record(here.stage, here.epoch + 1, step, self.optimizer.get_lr(), stats,
                               results, self.averages)
         self.logger.log_epoch(state.records, record)
-        self._keep_best(record, results)
+        if input_size(self.model) == (final_image_size(cfg) or self.base_size):
+            self._keep_best(record, results)  # the resolution the weights are evaluated at
         reached = [key for key, goal in stage.until.items()
                    if goal is not None and val[key[len("val_"):]] >= goal]
         epoch_ends = self.length.ends_epoch(here.epoch, progress.micro)
@@ -277,7 +272,8 @@ class Trainer:
         where = place(here.stage, here.epoch + 1, self.length.epochs)
         if cfg.train.eval_every_steps:
             where += f", step {step}/{self.length.steps}"
-        print(epoch_line(where, stats, results, stage_loss(cfg.loss, stage)), flush=True)
+        print(epoch_line(where, stats, results, stage_loss(cfg.loss, stage), cfg.distill),
+              flush=True)
         if reached:
             print(f"stage {here.stage} ends early: {', '.join(reached)} reached", flush=True)
         finished = done and here.stage == len(cfg.stages) - 1

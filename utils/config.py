@@ -237,13 +237,14 @@ def load_config(path=DEFAULT_CONFIG, overrides=()):
     return cfg
 
 
-def _check_kwargs(kwargs):
-    """``model.kwargs``: names to plain values; PPIM's sizing arguments within bounds."""
+def _check_kwargs(kwargs, where="model.kwargs"):
+    """``model.kwargs`` (or ``where``): names to plain values; PPIM's sizing arguments within
+    bounds."""
     for key, value in kwargs.items():
-        path = f"model.kwargs.{key}"
+        path = f"{where}.{key}"
         if not isinstance(key, str):
-            raise UserError(f"config key 'model.kwargs' must map argument names to values, got "
-                            f"the key {_short(key)}")
+            raise UserError(f"config key '{where}' must map argument names to values, got the "
+                            f"key {_short(key)}")
         items = value if isinstance(value, list) else [value]
         if len(items) > 16 or not all(isinstance(v, (type(None), bool, int, float, str))
                                       for v in items):
@@ -258,7 +259,7 @@ def _check_kwargs(kwargs):
             kwargs[key] = _check_field(value, field, path)
     dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
     if dim is not None and heads is not None and dim % heads:
-        raise UserError(f"config keys 'model.kwargs.embed_dim'={dim} and '.num_heads'={heads}: "
+        raise UserError(f"config keys '{where}.embed_dim'={dim} and '.num_heads'={heads}: "
                         f"the width must divide into the heads")
 
 
@@ -280,7 +281,15 @@ def check_relations(cfg):
     if cfg.model.head_init == "zero" and cfg.model.head != "linear":
         raise UserError("config key 'model.head_init': zero applies to the linear class heads; "
                         "with model.head=mlp leave it at default")
+    if cfg.distill is not None:
+        _check_kwargs(cfg.distill.kwargs, "distill.kwargs")
+        if cfg.model.head != "linear":
+            raise UserError("config key 'distill': the teacher trains the distillation head of "
+                            "a DeiT distilled model; set model.head=linear")
     for index, stage in enumerate(cfg.stages):
+        if stage.trainable is not None and not (stage.trainable and all(stage.trainable)):
+            raise UserError(f"config key 'stages.{index}.trainable' must list parameter names "
+                            f"(e.g. [head, head_dist, norm]), got {_short(stage.trainable)}")
         if (stage.epochs is None) == (stage.steps is None):
             raise UserError(f"config key 'stages.{index}.epochs' is "
                             f"{'missing' if stage.epochs is None else 'given with .steps'}: "

@@ -69,6 +69,8 @@ DATA = Section({
     "num_workers": Field(int, 2, minimum=0, maximum=64),
     "hflip_prob": Field(float, 0.5, minimum=0.0, maximum=1.0),
     "rotation": Field(float, 0.0, minimum=0.0, maximum=180.0),
+    # false: train on the images as evaluation sees them (no crop, flip or rotation; FixRes).
+    "train_augment": Field(bool, True),
     # A random-resized crop of each training image (area fraction, aspect ratio); null: none.
     "random_resized_crop": Section({
         "scale": Field(list, [0.08, 1.0], item_type=float, length=2, minimum=0.0, maximum=1.0),
@@ -81,7 +83,8 @@ DATA = Section({
 STAGE_DATA = Section(
     {key: _nullable(DATA.fields[key].types, minimum=DATA.fields[key].minimum,
                     maximum=DATA.fields[key].maximum)
-     for key in ("train_subset", "val_subset", "hflip_prob", "rotation", "batch_size")},
+     for key in ("train_subset", "val_subset", "hflip_prob", "rotation", "batch_size",
+                 "image_size", "train_augment")},
     partial=True,
 )
 
@@ -194,6 +197,8 @@ STAGE = Section({
     "warmup": WARMUP,
     "data": STAGE_DATA,
     "loss": Section({"alpha": _nullable(float, minimum=0.0)}, partial=True),
+    # Parameter-path prefixes the stage trains (e.g. [head, head_dist, norm]); null: all.
+    "trainable": Field(list, None, nullable=True, item_type=str),
 })
 
 # Bounds of the PPIM constructor arguments that size a model (model.kwargs): generous, but a
@@ -206,10 +211,23 @@ KWARG_BOUNDS = {
     "attn_drop_rate": (float, 0.0, 1.0), "drop_path_rate": (float, 0.0, 1.0),
 }
 
+# Knowledge distillation into the distillation head of a DeiT distilled model; null: off.
+DISTILL = Section({
+    # A run folder of this project (its config.yaml and weights), or a PPIM model name.
+    "teacher": Field(str),
+    # Run folder: its best weights unless given; PPIM model: required, trained for these classes.
+    "weights": _nullable(str),
+    "kwargs": Field(dict, {}),  # a PPIM teacher's constructor arguments (as model.kwargs)
+    "type": Field(str, "hard", choices=("soft", "hard")),
+    "tau": Field(float, 1.0, minimum=0.01, maximum=100.0),
+    "alpha": Field(float, 0.5, minimum=0.0, maximum=1.0),
+}, optional=True)
+
 CONFIG = Section({
     "data": DATA,
     "model": MODEL,
     "loss": LOSS,
     "train": TRAIN,
+    "distill": DISTILL,
     "stages": ListOf(STAGE),
 })

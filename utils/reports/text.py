@@ -37,16 +37,21 @@ def _fmt(value):
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def epoch_line(where, stats, results, loss_cfg):
+def epoch_line(where, stats, results, loss_cfg, distill_cfg=None):
     """The console line of one finished epoch: the training loss and its parts (R-Drop:
-    ``loss = ce + alpha x kl``, so the parts add up), validation metrics of the raw weights
-    and of each average, gradient norms, speed."""
+    ``loss = ce + alpha x kl``, with distillation ``(1 - a) x that + a x distill``, so the
+    parts add up), validation metrics of the raw weights and of each average, gradient
+    norms, speed."""
     val = results["raw"]
     if loss_cfg.rdrop:
-        loss = (f"loss {_fmt(stats['loss'])} = ce {_fmt(stats['ce'])} + {loss_cfg.alpha:g} x kl "
-                f"{_fmt(stats['kl'])}")
+        loss = f"ce {_fmt(stats['ce'])} + {loss_cfg.alpha:g} x kl {_fmt(stats['kl'])}"
     else:
-        loss = f"loss {_fmt(stats['loss'])} (cross-entropy)"
+        loss = f"ce {_fmt(stats['ce'])}" if distill_cfg else "(cross-entropy)"
+    if distill_cfg:
+        share = distill_cfg.alpha
+        loss = (f"{1 - share:g} x ({loss}) + {share:g} x distill "
+                f"{_fmt(stats.get('distill'))}")
+    loss = f"loss {_fmt(stats['loss'])} {'' if loss.startswith('(') else '= '}{loss}"
     text = (f"{where}: {loss} | val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss "
             f"{val['loss']:.4f} on {val['num_samples']}"
             + "".join(f", {kind} top1 {result['top1']:.4f}" for kind, result in results.items()

@@ -1,0 +1,70 @@
+"""The teacher of knowledge distillation: a run of this project, or a PPIM model with weights."""
+
+import os
+
+from models.build import build_model, describe_load, load_trained, load_weights, ppim_constructor
+from utils.errors import UserError
+from utils.io.files import path_problem
+
+
+def _run_teacher(folder, distill_cfg, precision):
+    """The best (or ``distill.weights``) weights of the run in ``folder``, built from the
+    run's own config."""
+    from utils.checkpoint import weights_path
+    from utils.config import load_config
+
+    config_path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise UserError(f"distill.teacher {folder} is a folder without config.yaml; name the "
+                        f"output folder of a finished run of main.py, or a PPIM model name")
+    cfg = load_config(config_path)
+    cfg.train.output_dir = folder
+    weights = distill_cfg.weights or weights_path(folder, "best")
+    problem = path_problem(weights)
+    if problem:
+        raise UserError(f"distill.teacher: no weights at {weights} (it {problem}); let the "
+                        f"teacher's run finish, or name a weights file with distill.weights")
+    return load_trained(cfg, precision, weights, config_path)[0], cfg.model.num_classes
+
+
+def _ppim_teacher(name, distill_cfg, num_classes, precision):
+    """PPIM's model ``name`` (sized by ``distill.kwargs``) with ``distill.weights``."""
+    from utils.config import validate
+    from utils.schema import MODEL
+
+    if not distill_cfg.weights:
+        raise UserError(f"config key 'distill.weights' is missing: the PPIM teacher {name} "
+                        f"needs weights trained for these {num_classes} classes (.safetensors "
+                        f"or .pdparams)")
+    problem = path_problem(distill_cfg.weights)
+    if problem:
+        raise UserError(f"distill.weights {distill_cfg.weights} {problem}")
+    model_cfg = validate({"name": name, "pretrained": False, "num_classes": num_classes,
+                          "kwargs": dict(distill_cfg.kwargs)}, MODEL, "distill")
+    model = precision.prepare(build_model(model_cfg, load_pretrained=False, amp=precision.mode))
+    print(describe_load(distill_cfg.weights,
+                        load_weights(model, distill_cfg.weights, strict=True)), flush=True)
+    return model, num_classes
+
+
+def build_teacher(distill_cfg, num_classes, precision):
+    """The teacher the ``distill`` section names, frozen: eval mode (no dropout), no
+    gradients, cast as the run's ``precision`` casts the student."""
+    source = distill_cfg.teacher
+    print(f"distillation teacher: {source}", flush=True)
+    if os.path.isdir(source):
+        teacher, classes = _run_teacher(source, distill_cfg, precision)
+    else:
+        try:
+            ppim_constructor(source)
+        except UserError:
+            raise UserError(f"distill.teacher {source!r} is neither a run folder of this "
+                            f"project (with config.yaml) nor a PPIM model name") from None
+        teacher, classes = _ppim_teacher(source, distill_cfg, num_classes, precision)
+    if classes != num_classes:
+        raise UserError(f"distill.teacher {source} predicts {classes} classes, this run "
+                        f"{num_classes} (model.num_classes); use a teacher of the same classes")
+    teacher.eval()
+    for param in teacher.parameters():
+        param.stop_gradient = True
+    return teacher
