@@ -43,15 +43,13 @@ def epoch_line(where, stats, results, loss_cfg, distill_cfg=None):
     parts add up), validation metrics of the raw weights and of each average, gradient
     norms, speed."""
     val = results["raw"]
-    if loss_cfg.rdrop:
-        loss = f"ce {_fmt(stats['ce'])} + {loss_cfg.alpha:g} x kl {_fmt(stats['kl'])}"
-    else:
-        loss = f"ce {_fmt(stats['ce'])}" if distill_cfg else "(cross-entropy)"
+    parts = (f"ce {_fmt(stats['ce'])} + {loss_cfg.alpha:g} x kl {_fmt(stats['kl'])}"
+             if loss_cfg.rdrop else f"ce {_fmt(stats['ce'])}")
     if distill_cfg:
         share = distill_cfg.alpha
-        loss = (f"{1 - share:g} x ({loss}) + {share:g} x distill "
-                f"{_fmt(stats.get('distill'))}")
-    loss = f"loss {_fmt(stats['loss'])} {'' if loss.startswith('(') else '= '}{loss}"
+        parts = f"{1 - share:g} x ({parts}) + {share:g} x distill {_fmt(stats.get('distill'))}"
+    loss = (f"loss {_fmt(stats['loss'])} = {parts}" if loss_cfg.rdrop or distill_cfg
+            else f"loss {_fmt(stats['loss'])} (cross-entropy)")
     text = (f"{where}: {loss} | val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss "
             f"{val['loss']:.4f} on {val['num_samples']}"
             + "".join(f", {kind} top1 {result['top1']:.4f}" for kind, result in results.items()
