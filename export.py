@@ -28,14 +28,17 @@ def main(argv=None):
     """Export and print the folder."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
-    from data.dataset import class_names
+    from data.dataset import names_for_weights
     from models.build import input_size, load_trained
     from models.inference import export_model
     from training.amp import Precision
 
-    model, _ = load_trained(cfg, Precision("off", select_device()), args.weights, args.config)
+    model, weights = load_trained(cfg, Precision("off", select_device()), args.weights,
+                                  args.config)
     out = args.out or os.path.join(cfg.train.output_dir, "inference")
-    export_model(model, input_size(model), out, class_names(cfg.data, cfg.model.num_classes))
+    export_model(model, input_size(model), out,
+                 names_for_weights(weights, cfg.data, cfg.model.num_classes),
+                 cfg.data.crop_fraction)
     print(f"exported to {out}", flush=True)
     return 0
 

@@ -5,8 +5,10 @@ Examples:
   python predict.py photos/ "more/*.jpg" --topk 3 --json out.json # folders and globs
   python predict.py -c configs/demo.yaml --model-dir output/demo/inference digit.png
 PNG, JPEG, BMP, GIF, TIFF, WebP and PPM/PGM/PBM images of any size up to 40 megapixels are
-converted to RGB, resized (bicubic) and normalised exactly as in training. A file that cannot
-be read is skipped with a warning; the run then ends with an error after the others.
+converted to RGB and prepared as evaluation prepares them (the shorter side resized to
+data.image_size / data.crop_fraction, bicubic, the centre cropped, normalised). The class
+names are those the weights carry. A file that cannot be read is skipped with a warning; the
+run then ends with an error after the others.
 """
 
 import sys
@@ -37,7 +39,8 @@ def main(argv=None):
     import numpy as np
     import paddle
 
-    from data.dataset import class_names
+    from data.augment import eval_view
+    from data.dataset import names_for_weights
     from data.images import find_images, read_rgb
     from data.preprocess import DevicePreprocess
     from utils.errors import UserError
@@ -54,6 +57,7 @@ def main(argv=None):
 
         exported = ExportedModel(args.model_dir)
         size, names = exported.contract["image_size"], exported.contract["class_names"]
+        crop_fraction = exported.contract["crop_fraction"]
 
         def run(images):
             return exported(images.numpy())
@@ -61,8 +65,9 @@ def main(argv=None):
         from models.build import input_size, load_trained
         from training.amp import Precision
 
-        model, _ = load_trained(cfg, Precision("off", device), args.weights, args.config)
-        size, names = input_size(model), class_names(cfg.data, cfg.model.num_classes)
+        model, weights = load_trained(cfg, Precision("off", device), args.weights, args.config)
+        size, crop_fraction = input_size(model), cfg.data.crop_fraction
+        names = names_for_weights(weights, cfg.data, cfg.model.num_classes)
 
         def run(images):
             return model(images).numpy()
@@ -71,12 +76,12 @@ def main(argv=None):
     with paddle.no_grad():
         for path in files:
             try:
-                image = read_rgb(path)
+                image = eval_view(read_rgb(path), size, crop_fraction)
             except UserError as exc:  # the others still get their predictions
                 print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
                 skipped += 1
                 continue
-            logits = run(preprocess(paddle.to_tensor(image[None])))[0].astype(np.float64)
+            logits = run(preprocess(paddle.to_tensor(np.ascontiguousarray(image)[None])))[0].astype(np.float64)
             if len(logits) != len(names) or not np.all(np.isfinite(logits)):
                 raise UserError(f"the model gives {len(logits)} logits (finite: "
                                 f"{bool(np.all(np.isfinite(logits)))}) for {len(names)} class "

@@ -17,7 +17,8 @@ import time
 
 import paddle
 
-from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
+from data.dataset import eval_loader, run_splits, stage_loaders
+from data.loader import loader_rate, set_epoch
 from losses import build_loss
 from models.attention import FusedAttention
 from models.build import build_model, input_size
@@ -57,11 +58,12 @@ def _time_steps(run, cfg, stage_index, accum, splits):
     """Seconds per optimizer step of stage ``stage_index`` with ``accum`` micro-batches."""
     stage = cfg.stages[stage_index]
     data_cfg = stage_data(cfg.data, stage)
-    loader, _ = stage_loaders(data_cfg, cfg.train.seed, accum, *splits)
+    size = data_cfg.image_size or run["base_size"]
+    loader, _ = stage_loaders(data_cfg, cfg.train.seed, accum, size, *splits)
     set_epoch(loader, 0)
     run["train_model"], run["preprocess"] = prepare_stage(
-        run["model"], stage_index, stage, data_cfg.image_size or run["base_size"],
-        run["averages"], run["masters"], run["teacher"], run.get("train_model"))
+        run["model"], stage_index, stage, size, run["averages"], run["masters"], run["teacher"],
+        run.get("train_model"))
     optimizer, scheduler = build_optimizer(stage, run["model"], 1000, cfg.train,
                                            run["precision"].half_weights, run["masters"].by_name,
                                            lr_scale(cfg.train, data_cfg.batch_size))
@@ -119,7 +121,7 @@ def _checkpoint_bytes(run, optimizer, averages):
                              averages, run["precision"])
     with tempfile.TemporaryDirectory(prefix="preflight-") as folder:
         state = RunState(config={}, updates={kind: 0 for kind in averages})
-        save_last(folder, trees, state.to_json())
+        save_last(folder, trees, state.to_json(), run["class_names"])
         load_last(os.path.join(folder, "last"))
         sizes = {name: os.path.getsize(os.path.join(folder, "last", name))
                  for name in os.listdir(os.path.join(folder, "last"))}
@@ -134,13 +136,14 @@ def preflight(cfg):
     set_progress("off")
     init()
     seed_everything(cfg.train.seed)
-    train, val, test = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    train, val, test, class_names = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
     precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
     model = build_model(cfg.model, amp=precision.mode, image_size=cfg.data.image_size,
                         two_heads=cfg.distill is not None)
     masters = MasterCopies(model, precision)
     averages = build_averages(cfg.train, model)
     run = {"model": model, "precision": precision, "masters": masters, "averages": averages,
+           "class_names": class_names,
            "base_size": input_size(model), "teacher": build_teacher(
                cfg.distill, cfg.model.num_classes, precision) if cfg.distill else None}
     fused = sum(isinstance(layer, FusedAttention) for layer in model.sublayers())
@@ -158,6 +161,7 @@ def preflight(cfg):
                                      "accum_steps": accum, "optimizer": name,
                                      "step_s": step_s, "train_images_per_s": batch / step_s})
     eval_s, eval_images = _time_eval(run, cfg, val)
+    report.update(_time_loader(cfg, (train, val), run["base_size"]))
     _project(report, cfg, train, val, test, eval_images / eval_s)
     last, best = _checkpoint_bytes(run, optimizer, averages)
     # last/ and, while it is replaced, last.partial/; the best weights beside them.
@@ -170,11 +174,23 @@ def preflight(cfg):
     return report
 
 
+def _time_loader(cfg, splits, base_size):
+    """What the host alone delivers to the first stage: images per second from its loader
+    (configured workers, no model; after the first batch, which starts the workers) and the
+    bytes per image."""
+    data_cfg = stage_data(cfg.data, cfg.stages[0])
+    loader, _ = stage_loaders(data_cfg, cfg.train.seed, cfg.train.accum_steps,
+                              data_cfg.image_size or base_size, *splits)
+    set_epoch(loader, 0)
+    side = loader.dataset.size
+    return {"loader_images_per_s": loader_rate(loader, TIMED_SECONDS),
+            "host_bytes_per_image": side * side * 3, "num_workers": data_cfg.num_workers}
+
+
 def _time_eval(run, cfg, val):
     """Seconds and images of one evaluation batch (after an untimed one)."""
-    images, labels = val
     count = 2 * (cfg.data.eval_batch_size or cfg.data.batch_size)
-    loader = eval_loader(images[:count], labels[:count], cfg.data)
+    loader = eval_loader(val.take(slice(0, count)), cfg.data, input_size(run["model"]))
     evaluate(run["model"], run["preprocess"], loader, cfg.model.num_classes, desc="preflight",
              precision=run["precision"])
     start = time.perf_counter()
@@ -236,5 +252,12 @@ def print_report(report, as_json=False):
           f"{_human_bytes(report['peak_memory_bytes'])}; checkpoint "
           f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
           f"{_human_bytes(report['disk_bytes'])}")
+    loader = report["loader_images_per_s"]
+    if loader is not None:
+        wait = loader < report["train_images_per_s"]
+        print(f"host loader {loader:.1f} img/s with {report['num_workers']} workers, "
+              f"{_human_bytes(report['host_bytes_per_image'])} per image: "
+              + ("slower than training, which will wait for it; raise data.num_workers"
+                 if wait else "faster than training, which will not wait for it"))
     print(f"projected: the whole recipe at its full length {_human_seconds(report['projected_total_s'])} "
           f"(preflight took {report['preflight_s']:.0f} s)")

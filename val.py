@@ -29,8 +29,8 @@ def parse_args(argv=None):
                         help="evaluate the last checkpoint's raw weights, EMA or SWA average "
                              "instead of the best weights")
     parser.add_argument("--split", choices=("test", "val"), default="test",
-                        help="the test split (default), or the validation images the run held "
-                             "out with data.val_split")
+                        help="the test split (default), or the validation split (the images "
+                             "held out with data.val_split, or the data's own val/)")
     return parser.parse_args(argv)
 
 
@@ -50,8 +50,7 @@ def main(argv=None):
     """Evaluate and write ``val_metrics.json`` next to the checkpoints."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
-    from data.dataset import class_names as data_class_names
-    from data.dataset import eval_loader, run_splits
+    from data.dataset import eval_loader, names_for_weights, run_splits, validation_source
     from data.preprocess import DevicePreprocess
     from models.build import input_size, load_trained
     from training.amp import Precision
@@ -68,18 +67,19 @@ def main(argv=None):
         raise UserError(f"--kind {args.kind}: {args.kind.upper()} is off in the run in {out} "
                         f"(train.{args.kind}.enabled: false in its config.yaml), so it kept no "
                         f"such average; use --kind raw, or the best weights")
-    if args.split == "val" and not cfg.data.val_split:
-        raise UserError("--split val: this config holds out no validation images "
-                        "(data.val_split: 0), so validation was the test split")
     precision = Precision(cfg.train.amp, select_device(), cfg.train.amp_level)
     model, weights = load_trained(cfg, precision, args.weights or (
         weights_path(out, args.kind) if args.kind else None), args.config)
     set_progress(cfg.train.progress)
-    _, val, test = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
-    images, labels = test if args.split == "test" else val
-    class_names = data_class_names(cfg.data, cfg.model.num_classes)
-    preprocess = DevicePreprocess(input_size(model))
-    result = evaluate(model, preprocess, eval_loader(images, labels, cfg.data),
+    _, val, test, _ = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    if args.split == "val" and validation_source(cfg.data) == "test":
+        raise UserError("--split val: this config holds out no validation images "
+                        "(data.val_split: 0, and the data has no validation split of its "
+                        "own), so validation was the test split")
+    class_names = names_for_weights(weights, cfg.data, cfg.model.num_classes)
+    size = input_size(model)
+    result = evaluate(model, DevicePreprocess(size),
+                      eval_loader(test if args.split == "test" else val, cfg.data, size),
                       cfg.model.num_classes, precision=precision)
     if not math.isfinite(result["loss"]):
         raise UserError(f"the weights {weights} give a non-finite loss ({result['loss']}) on the "

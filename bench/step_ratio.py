@@ -43,7 +43,8 @@ def main(argv=None):
 
     import paddle
 
-    from data.dataset import ImageArrayDataset, build_loader, load_split
+    from data.dataset import ImageDataset, load_split
+    from data.loader import build_loader
     from data.preprocess import DevicePreprocess
     from losses import CrossEntropyLoss, RDropLoss
     from models.build import build_model, input_size
@@ -52,12 +53,12 @@ def main(argv=None):
 
     device = select_device()
     seed_everything(cfg.train.seed)
-    images, labels, _ = load_split(cfg.data, "train")
-    loader = build_loader(ImageArrayDataset(images, labels, seed=cfg.train.seed),
+    split, _ = load_split(cfg.data, "train", cfg.model.num_classes)
+    model = build_model(cfg.model)
+    loader = build_loader(ImageDataset(split, input_size(model), cfg.data, seed=cfg.train.seed),
                           cfg.data.batch_size, 0, train=True)
     batch_images, batch_labels = next(iter(loader))
     host_bytes = batch_images.numpy().nbytes / batch_images.shape[0]
-    model = build_model(cfg.model)
     model.train()
     preprocess = DevicePreprocess(input_size(model))
     optimizer, _ = build_optimizer(cfg.stages[0], model, 1, cfg.train)

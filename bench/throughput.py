@@ -89,8 +89,9 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     """``(ours, seed loop)`` images/s and the model, for one batch size and AMP mode."""
     import paddle
 
-    from data.dataset import ImageArrayDataset, build_loader
+    from data.dataset import ImageDataset
     from data.digits import load_digits
+    from data.loader import build_loader
     from data.preprocess import DevicePreprocess
     from losses import RDropLoss
     from models.build import build_model, input_size
@@ -126,7 +127,7 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
         optimizers[1].clear_grad()
         float(parts["loss"])
 
-    our_loader = build_loader(ImageArrayDataset(images, labels, seed=cfg.train.seed),
+    our_loader = build_loader(ImageDataset((images, labels), size, cfg.data, seed=cfg.train.seed),
                               batch_size, workers, train=True)
     ours.train()
     seed.train()

@@ -1,16 +1,22 @@
-"""Random-resized crops drawn on the host, per sample, from the sample's seeded generator.
+"""Host-side views of one image: what training and evaluation send to the device.
 
-The box follows ``torchvision.transforms.RandomResizedCrop.get_params`` (what the R-Drop
+Training draws, from the sample's seeded generator, a random-resized crop (or a resize of the
+shorter side and a random crop), a flip and a rotation; evaluation resizes the shorter side
+to ``size / crop_fraction`` and takes the centre (PPIM's DeiT evaluation transform: bicubic,
+fraction 1 at 384). An image already of the right size is left as it is, so the in-memory
+32x32 data sets go through the same code unchanged.
+
+The random-resized box follows ``torchvision.transforms.RandomResizedCrop.get_params`` (what the R-Drop
 authors' ViT code trains with): up to ten draws of an area fraction (uniform in ``scale``)
 and an aspect ratio (log-uniform in ``ratio``) until the box fits, else the largest
-centred box within ``ratio``. The crop is resized back to the stored image size with
-bilinear interpolation on the uint8 image; the device then resizes to the model's
-resolution as it does for every image.
+centred box within ``ratio``. The crop is resized to the output size with bilinear
+interpolation (torchvision's default, which the R-Drop authors train with).
 """
 
 import math
 
 import numpy as np
+from paddle.vision.transforms import functional as F
 from PIL import Image
 
 ATTEMPTS = 10
@@ -40,9 +46,55 @@ def random_resized_box(rng, height, width, scale, ratio):
     return (height - box_h) // 2, (width - box_w) // 2, box_h, box_w
 
 
-def resized_crop(image, box):
-    """The ``box`` of a uint8 ``[H, W, 3]`` image, resized (bilinear) back to ``[H, W, 3]``."""
+def resized_crop(image, box, size=None):
+    """The ``box`` of a uint8 ``[H, W, 3]`` image, resized (bilinear) to ``size`` x ``size``
+    (default: back to ``H`` x ``W``)."""
     top, left, box_h, box_w = box
-    height, width = image.shape[:2]
+    height, width = image.shape[:2] if size is None else (size, size)
     crop = Image.fromarray(np.ascontiguousarray(image[top:top + box_h, left:left + box_w]))
     return np.asarray(crop.resize((width, height), Image.BILINEAR))
+
+
+def resize_shorter(image, side):
+    """``image`` with its shorter side resized (bicubic) to ``side``, the aspect ratio kept
+    (the longer side truncated, as paddle.vision's ``resize`` does)."""
+    height, width = image.shape[:2]
+    if min(height, width) == side:
+        return image
+    if width <= height:
+        new_w, new_h = side, int(side * height / width)
+    else:
+        new_w, new_h = int(side * width / height), side
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h),
+                                                                          Image.BICUBIC))
+
+
+def eval_view(image, size, crop_fraction=1.0):
+    """The evaluation view: the shorter side resized to ``round(size / crop_fraction)``, then
+    the centre ``size`` x ``size`` (offsets rounded as paddle.vision's ``center_crop``)."""
+    image = resize_shorter(image, round(size / crop_fraction))
+    height, width = image.shape[:2]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image[top:top + size, left:left + size]
+
+
+def train_view(image, rng, size, crop=None, crop_fraction=1.0, hflip_prob=0.0, rotation=0.0):
+    """A training view drawn from ``rng``, in this order: a random-resized crop (``crop``:
+    ``{scale, ratio}``) or, without one, the shorter side resized as :func:`eval_view` does
+    and a random ``size`` x ``size`` crop (drawn only where there is room); a horizontal flip
+    with probability ``hflip_prob``; a rotation uniform in +-``rotation`` degrees."""
+    if crop:
+        image = resized_crop(image, random_resized_box(rng, *image.shape[:2], crop["scale"],
+                                                       crop["ratio"]), size)
+    else:
+        image = resize_shorter(image, round(size / crop_fraction))
+        top, left = (int(rng.integers(0, extent - size + 1)) if extent > size else 0
+                     for extent in image.shape[:2])
+        image = image[top:top + size, left:left + size]
+    if rng.random() < hflip_prob:
+        image = image[:, ::-1]
+    if rotation > 0:
+        angle = rng.uniform(-rotation, rotation)
+        image = np.asarray(F.rotate(Image.fromarray(np.ascontiguousarray(image)), angle,
+                                    interpolation="bilinear"))
+    return np.ascontiguousarray(image)

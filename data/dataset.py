@@ -1,72 +1,115 @@
-"""Datasets and loaders over uint8 image arrays, with seeded host-side augmentation."""
+"""The splits a run uses (CIFAR, the digits demo, your own folders or lists) and the
+datasets over them, with seeded host-side views."""
 
-import functools
+import multiprocessing
 import os
+import sys
+from typing import NamedTuple
 
 import numpy as np
-from paddle.io import DataLoader, Dataset, DistributedBatchSampler
-from paddle.vision.transforms import functional as F
-from PIL import Image
+from paddle.io import Dataset
 
-from data.augment import random_resized_box, resized_crop
+from data import folders
+from data.augment import eval_view, train_view
 from data.cifar import CIFARS, cifar_class_names, default_archive_path, load_cifar, locate_cifar
 from data.digits import digits_class_names, load_digits
+from data.loader import FAILED, build_loader
+from data.sources import FileImages, as_source
 from training.stages import micro_batch
 from utils.errors import UserError
-from utils.runtime.dist import die_with_parent, rank, world_size
-from utils.runtime.seeds import derived_seed
+from utils.io.tensor_io import class_names_of
+from utils.runtime.dist import rank, world_size
 
 # Seed streams: the train and val subsets, the held-out validation split.
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM, HOLDOUT_STREAM = 0, 1, 2
 
 
-def load_split(data_cfg, mode):
-    """Load a whole split named by ``data.name``: ``(images, labels, class_names)``."""
+class Split(NamedTuple):
+    """A split's images (a :mod:`data.sources` source) and int64 labels."""
+
+    images: object
+    labels: np.ndarray
+
+    def take(self, indices):
+        """The samples at ``indices`` (an index array or a slice)."""
+        return Split(self.images.take(indices), self.labels[indices])
+
+
+def load_split(data_cfg, mode, num_classes=None):
+    """Split ``mode`` (train, val or test) named by ``data.name`` as ``(Split, class_names)``;
+    ``None`` for a ``val`` split the data does not have (only folders and lists may)."""
     if data_cfg.name == "digits":
         images, labels = load_digits(mode)
-        return images, labels, digits_class_names()
-    cifar = CIFARS[data_cfg.name]
-    path = locate_cifar(cifar, data_cfg.path)
-    images, labels = load_cifar(cifar, path, mode)
-    return images, labels, cifar_class_names(cifar, path)
+        return Split(as_source(images), labels), digits_class_names()
+    if data_cfg.name in CIFARS:
+        cifar = CIFARS[data_cfg.name]
+        path = locate_cifar(cifar, data_cfg.path)
+        images, labels = load_cifar(cifar, path, mode)
+        return Split(as_source(images), labels), cifar_class_names(cifar, path)
+    if data_cfg.name == "folder":
+        classes = folders.class_folders(folders.split_folder(data_cfg, "train"))
+        found = folders.folder_split(data_cfg, mode, classes)
+        if num_classes is not None and len(classes) != num_classes:
+            raise UserError(f"{data_cfg.path}/train has {len(classes)} class folders "
+                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) "
+                            f"but model.num_classes={num_classes}; set model.num_classes="
+                            f"{len(classes)}")
+    else:
+        found = folders.list_split(data_cfg, f"{mode}_list", num_classes)
+        classes = folders.label_names(data_cfg, num_classes)
+    return (None if found is None else Split(*found)), classes
+
+
+def validation_source(data_cfg):
+    """Where validation images come from: ``own`` (a ``val/`` folder, ``data.val_list``),
+    ``held_out`` (``data.val_split``) or ``test`` (the test split)."""
+    if (data_cfg.name == "folder" and os.path.isdir(os.path.join(data_cfg.path, "val"))) or (
+            data_cfg.name == "list" and data_cfg.val_list is not None):
+        return "own"
+    return "held_out" if data_cfg.val_split else "test"
 
 
 def run_splits(data_cfg, num_classes, seed):
-    """The ``(images, labels)`` a run trains, validates and tests on.
+    """The :class:`Split` a run trains, validates and tests on, and the class names.
 
-    With ``data.val_split: N`` the validation set is N training images held out (stratified
-    by class, seeded) and the test split is kept for the end; with 0 the test split is also
-    the validation set (the original's and the R-Drop paper's protocol).
+    The validation split is the data's own (a ``val/`` folder, ``data.val_list``) when it has
+    one; else with ``data.val_split: N`` N training images held out (stratified by class,
+    seeded), the test split kept for the end; with 0 the test split (the original's and the
+    R-Drop paper's protocol).
     """
-    images, labels, _ = load_split(data_cfg, "train")
-    test_images, test_labels, _ = load_split(data_cfg, "test")
-    check_labels(labels, num_classes, "train")
-    check_labels(test_labels, num_classes, "test")
-    test = (test_images, test_labels)
+    train, names = load_split(data_cfg, "train", num_classes)
+    test, _ = load_split(data_cfg, "test", num_classes)
+    check_labels(train.labels, num_classes, "train")
+    check_labels(test.labels, num_classes, "test")
+    if validation_source(data_cfg) == "own":
+        if data_cfg.val_split:
+            raise UserError(f"the data has its own validation split (val/, data.val_list) and "
+                            f"data.val_split={data_cfg.val_split} asks to hold one out; set "
+                            f"data.val_split=0 or remove the data's own")
+        return train, load_split(data_cfg, "val", num_classes)[0], test, \
+            name_classes(names, num_classes)
     if not data_cfg.val_split:
-        return (images, labels), test, test
-    train, val = holdout_indices(labels, data_cfg.val_split, (seed, HOLDOUT_STREAM))
-    return (images[train], labels[train]), (images[val], labels[val]), test
+        return train, test, test, name_classes(names, num_classes)
+    kept, held = holdout_indices(train.labels, data_cfg.val_split, (seed, HOLDOUT_STREAM))
+    return train.take(kept), train.take(held), test, name_classes(names, num_classes)
 
 
-def stage_loaders(data_cfg, seed, accum_steps, train_split, val_split):
+def stage_loaders(data_cfg, seed, accum_steps, size, train_split, val_split):
     """A stage's training loader (its subset, augmentation and per-rank micro-batches of
     ``data.batch_size / (ranks x accum_steps)``) and validation loader (its subset, this
-    rank's share)."""
-    images, labels = train_split
-    keep = subset_indices(len(labels), data_cfg.train_subset, (seed, TRAIN_SUBSET_STREAM),
-                          "data.train_subset")
+    rank's share), for a model of ``size`` pixels."""
+    keep = subset_indices(len(train_split.labels), data_cfg.train_subset,
+                          (seed, TRAIN_SUBSET_STREAM), "data.train_subset")
     augment = data_cfg.train_augment  # false: the images as evaluation sees them (FixRes)
-    train_set = ImageArrayDataset(images[keep], labels[keep],
-                                  hflip_prob=data_cfg.hflip_prob if augment else 0.0,
-                                  rotation=data_cfg.rotation if augment else 0.0, seed=seed,
-                                  crop=data_cfg.random_resized_crop if augment else None)
+    train_set = ImageDataset(
+        train_split.take(keep), size, data_cfg, seed=seed, replace_bad=True,
+        augment={"crop": data_cfg.random_resized_crop, "hflip_prob": data_cfg.hflip_prob,
+                 "rotation": data_cfg.rotation} if augment else None)
     micro = micro_batch(data_cfg.batch_size, accum_steps, world_size())
     train_loader = build_loader(train_set, micro, data_cfg.num_workers, train=True)
-    images, labels = val_split
-    keep = subset_indices(len(labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
+    keep = subset_indices(len(val_split.labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
                           "data.val_subset")
-    return train_loader, eval_loader(images[keep], labels[keep], data_cfg)
+    return train_loader, eval_loader(val_split.take(keep), data_cfg, size)
 
 
 def holdout_indices(labels, count, seed):
@@ -91,15 +134,31 @@ def holdout_indices(labels, count, seed):
 
 
 def class_names(data_cfg, num_classes):
-    """Class names for reports, without downloading anything: the digits, CIFAR's from
-    the archive's meta when the archive is here, otherwise the class indices."""
+    """Class names for reports, without downloading anything: the digits, the class folders
+    or ``data.label_names`` of your own data, CIFAR's from the archive's meta when the
+    archive is here; otherwise the class indices."""
     if data_cfg.name == "digits":
         return name_classes(digits_class_names(), num_classes)
+    if data_cfg.name == "folder":
+        train = os.path.join(data_cfg.path, "train")
+        return name_classes(folders.class_folders(train) if os.path.isdir(train) else [],
+                            num_classes)
+    if data_cfg.name == "list":
+        return folders.label_names(data_cfg, num_classes)
     cifar = CIFARS[data_cfg.name]
     archive = data_cfg.path or default_archive_path(cifar)
     if os.path.exists(archive):
         return name_classes(cifar_class_names(cifar, archive), num_classes)
     return name_classes([], num_classes)
+
+
+def names_for_weights(weights, data_cfg, num_classes):
+    """The class names of trained weights: those the file carries (so the data need not be at
+    hand), else :func:`class_names` of the data."""
+    names = class_names_of(weights)
+    if names is not None and len(names) == num_classes:
+        return names
+    return class_names(data_cfg, num_classes)
 
 
 def name_classes(names, num_classes):
@@ -122,19 +181,30 @@ def subset_indices(total, size, seed, key):
     return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
 
 
-class ImageArrayDataset(Dataset):
-    """uint8 ``[N, H, W, 3]`` images and int64 labels, augmented on the CPU.
+class ImageDataset(Dataset):
+    """The samples of a :class:`Split` (or ``(uint8 array, labels)``) as the host sends them: uint8 ``[S, S, 3]`` views
+    (:mod:`data.augment`; S is the source's ``ship_size`` for a model of ``size``) and labels.
 
-    Each sample's random-resized crop (``crop``: ``{scale, ratio}``), flip and rotation
-    are drawn, in that order, from a generator seeded by ``(seed, epoch, index)``, so an
-    epoch is the same whatever the number of workers and whichever worker loads the sample.
+    With ``augment`` (``{crop, hflip_prob, rotation}``) each sample's view is drawn from a
+    generator seeded by ``(seed, epoch, index)``, so an epoch is the same whatever the number
+    of workers and whichever worker loads the sample; without it the evaluation view.
+
+    An image that cannot be read stops the run, or with ``data.skip_bad_images`` is one
+    warning line (once per file in a run, whichever worker meets it) and counted
+    (:meth:`take_skipped`): a training sample (``replace_bad``) is then the next readable
+    one, an evaluation sample gets label -1, which :func:`training.engine.evaluate` leaves out.
     """
 
-    def __init__(self, images, labels, hflip_prob=0.0, rotation=0.0, seed=0, crop=None):
+    def __init__(self, split, size, data_cfg, seed=0, augment=None, replace_bad=False):
         super().__init__()
-        self.images, self.labels = images, labels
-        self.hflip_prob, self.rotation, self.crop = hflip_prob, rotation, crop
-        self.seed, self.epoch = seed, 0
+        images, self.labels = split
+        self.images = as_source(images)
+        self.size = self.images.ship_size(size)
+        self.crop_fraction, self.augment = data_cfg.crop_fraction, augment
+        self.seed, self.epoch, self.replace_bad = seed, 0, replace_bad
+        self.skip_bad = data_cfg.skip_bad_images
+        if self.skip_bad:  # shared with the loader's worker processes
+            self.skipped = multiprocessing.Value("q", 0)
 
     def set_epoch(self, epoch):
         """Select the augmentation draws of ``epoch``."""
@@ -143,80 +213,67 @@ class ImageArrayDataset(Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def take_skipped(self):
+        """The unreadable images met since the last call (0 without ``data.skip_bad_images``)."""
+        if not self.skip_bad:
+            return 0
+        with self.skipped.get_lock():
+            count, self.skipped.value = self.skipped.value, 0
+        return count
+
     def __getitem__(self, index):
-        image = self.images[index]
-        if self.crop or self.hflip_prob > 0 or self.rotation > 0:
-            rng = np.random.default_rng((self.seed, self.epoch, int(index)))
-            if self.crop:
-                image = resized_crop(image, random_resized_box(
-                    rng, *image.shape[:2], self.crop["scale"], self.crop["ratio"]))
-            if rng.random() < self.hflip_prob:
-                image = image[:, ::-1]
-            if self.rotation > 0:
-                angle = rng.uniform(-self.rotation, self.rotation)
-                image = np.asarray(F.rotate(Image.fromarray(np.ascontiguousarray(image)), angle,
-                                            interpolation="bilinear"))
-        return np.ascontiguousarray(image), self.labels[index]
+        try:
+            return self._sample(int(index))
+        except UserError:  # raised again by the loader in the training process (data.loader)
+            return np.zeros((self.size, self.size, 3), np.uint8), np.int64(FAILED - int(index))
+
+    def raise_failure(self, index):
+        """Raise, in this process, the error that sample ``index`` met in a loader worker."""
+        self._sample(index)
+        raise UserError(f"{self.images.name(index)} could not be read in a loader worker")
+
+    def _sample(self, index):
+        """Sample ``index`` as :meth:`__getitem__` returns it, or the :class:`UserError` of
+        an image that cannot be read (or, skipping those, of a split with none readable)."""
+        image, label = self._read(index, report=True), self.labels[index]
+        if image is None and not self.replace_bad:
+            return np.zeros((self.size, self.size, 3), np.uint8), np.int64(-1)
+        follower = index
+        while image is None:
+            follower = (follower + 1) % len(self)
+            if follower == index:
+                raise UserError(f"none of the {len(self)} images of this split can be read")
+            image, label = self._read(follower, report=False), self.labels[follower]
+        if self.augment is None:
+            return np.ascontiguousarray(eval_view(image, self.size, self.crop_fraction)), label
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        return train_view(image, rng, self.size, crop_fraction=self.crop_fraction,
+                          **self.augment), label
+
+    def _read(self, index, report):
+        """Image ``index``, or ``None`` when it cannot be read and bad images are skipped
+        (``report``: this is the sample's own file, to warn about and count)."""
+        try:
+            return self.images.read(index)
+        except UserError as exc:
+            if not self.skip_bad:
+                raise UserError(f"{exc}; remove it or set data.skip_bad_images=true") from None
+            if report:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                if self.images.first_failure(index):
+                    print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
+            return None
 
 
-class WindowedBatchSampler(DistributedBatchSampler):
-    """DistributedBatchSampler that yields only batches ``start .. stop-1`` of an epoch.
-
-    ``start`` skips the batches a resumed epoch already did, without loading them;
-    ``stop`` drops the micro-batches that would not fill a gradient accumulation.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.start, self.stop = 0, None
-
-    def full_length(self):
-        """Batches in a whole epoch."""
-        return super().__len__()
-
-    def __iter__(self):
-        stop = self.full_length() if self.stop is None else self.stop
-        for index, batch in enumerate(super().__iter__()):
-            if index >= stop:
-                break
-            if index >= self.start:
-                yield batch
-
-    def __len__(self):
-        stop = self.full_length() if self.stop is None else self.stop
-        return max(stop - self.start, 0)
-
-
-def build_loader(dataset, batch_size, num_workers, train):
-    """A DataLoader over ``dataset``; training shuffles and drops the last partial batch.
-
-    Training batches are sharded across ranks (DistributedBatchSampler); evaluation
-    loaders get a dataset already sharded by :func:`eval_loader` and take all of it.
-    """
-    shard = {} if train else {"num_replicas": 1, "rank": 0}
-    sampler = WindowedBatchSampler(dataset, batch_size=batch_size, shuffle=train,
-                                   drop_last=train, **shard)
-    if train and len(sampler) == 0:
-        raise UserError(f"the training split has {len(dataset)} images, fewer than one "
-                        f"batch of {batch_size}; lower data.batch_size")
-    # Workers die with the training process (without it, the workers of a run killed with
-    # kill -9 live on for minutes).
-    init = functools.partial(_worker_dies_with, os.getpid()) if num_workers else None
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      worker_init_fn=init)
-
-
-def _worker_dies_with(parent, worker_id):
-    die_with_parent(parent)
-
-
-def eval_loader(images, labels, data_cfg):
-    """A loader over this rank's share of the samples (every ``world_size``-th from ``rank``,
-    all of them on one process), in order, nothing dropped, nothing repeated, no augmentation."""
+def eval_loader(split, data_cfg, size):
+    """A loader over this rank's share of ``split`` (every ``world_size``-th sample from
+    ``rank``, all of them on one process), in order, nothing dropped, nothing repeated, in
+    the evaluation view for a model of ``size`` pixels."""
     batch = data_cfg.eval_batch_size or max(data_cfg.batch_size // world_size(), 1)
-    share = slice(rank(), None, world_size())
-    return build_loader(ImageArrayDataset(images[share], labels[share]), batch,
-                        data_cfg.num_workers, train=False)
+    share = split.take(slice(rank(), None, world_size()))
+    return build_loader(ImageDataset(share, size, data_cfg), batch, data_cfg.num_workers,
+                        train=False)
 
 
 def check_labels(labels, num_classes, split):
@@ -226,10 +283,10 @@ def check_labels(labels, num_classes, split):
                         f"outside [0, {num_classes}); set model.num_classes")
 
 
-def set_epoch(loader, epoch, start=0):
-    """Select ``epoch``'s shuffle order and augmentation draws (both derived from the seed),
-    beginning at batch ``start``."""
-    dataset = loader.dataset
-    dataset.set_epoch(epoch)
-    loader.batch_sampler.set_epoch(derived_seed(dataset.seed, epoch))
-    loader.batch_sampler.start = start
+def shipping_line(dataset, num_workers):
+    """What the host sends the device per training image, and who prepares it."""
+    side = dataset.size
+    source = "decoded from files" if isinstance(dataset.images, FileImages) else "from memory"
+    workers = f"{num_workers} loader workers" if num_workers else "the training process"
+    return (f"host -> device: uint8 {side}x{side}x3 = {side * side * 3:,} bytes per image, "
+            f"{source} by {workers}")

@@ -3,7 +3,9 @@
 Only raster formats are opened, by content as well as by name: Pillow would hand an EPS or
 PostScript file (whatever its name) to Ghostscript, an external program. Only regular
 files are opened (a pipe named ``x.png`` would block forever), and an image that declares
-more pixels than any photo is refused before it is decoded.
+more pixels than any photo is refused before it is decoded. Every mode comes out as 8-bit RGB,
+the right way up: EXIF orientation applied, 16-bit scaled (Pillow's own conversion clips it),
+alpha dropped (as PaddleClas's OpenCV decoder does), CMYK, grey and palette converted.
 """
 
 import glob
@@ -12,7 +14,7 @@ import stat
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UserError
 from utils.io.files import path_problem
@@ -25,6 +27,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 # Pillow checks it from the header, before decoding (and refuses twice as many outright).
 MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Pillow modes of integers wider than 8 bits: 16-bit PNG and TIFF, and 32-bit ones.
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def find_images(inputs):
@@ -35,7 +39,7 @@ def find_images(inputs):
     for item in inputs:
         if os.path.isdir(item):
             found += sorted(os.path.join(root, name) for root, _, names in os.walk(item)
-                            for name in names if name.lower().endswith(IMAGE_EXTENSIONS)
+                            for name in names if is_image_name(name)
                             and not path_problem(os.path.join(root, name)))
         elif not path_problem(item):
             found.append(item)
@@ -52,8 +56,37 @@ def find_images(inputs):
     return found
 
 
+def is_image_name(name):
+    """Whether a file name has a raster image extension (and is not hidden: ``._x.jpg`` files
+    are macOS metadata, not images)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def upright(image):
+    """``image`` turned as its EXIF orientation says (unchanged when the tag is damaged)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block does not make the pixels wrong
+        return image
+
+
+def to_rgb(image):
+    """A uint8 ``[H, W, 3]`` RGB array of a Pillow image of any mode.
+
+    Integers wider than 8 bits are read as 16-bit values and scaled by 255/65535 (rounded);
+    alpha is dropped.
+    """
+    if image.mode in WIDE_INTEGER_MODES:
+        wide = np.asarray(image).astype(np.float64)
+        grey = np.round(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+        image = image.convert("RGBA")  # a palette's transparency needs this step first
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def read_rgb(path):
-    """A uint8 ``[H, W, 3]`` RGB array of a raster image (grey, RGBA, palette converted)."""
+    """A uint8 ``[H, W, 3]`` RGB array of a raster image file, upright (:func:`to_rgb`)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe must not block the open
     except OSError as exc:
@@ -65,7 +98,7 @@ def read_rgb(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(handle, formats=RASTER_FORMATS) as image:
-                    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+                    return to_rgb(upright(image))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise UserError(f"{path} declares more than {MAX_PIXELS:,} pixels ({exc}); resize "
                             f"it first") from None

@@ -2,7 +2,7 @@
 
 The exported graph takes what the eager model takes: float32 ``[B, 3, S, S]`` images,
 already resized and normalised. ``preprocess.json`` beside it records that contract
-(size, bicubic resize, mean and std, class names), and :class:`ExportedModel` reads it
+(size, crop fraction, bicubic resize, mean and std, class names), and :class:`ExportedModel` reads it
 back, so ``predict.py`` prepares images the same way for both paths.
 """
 
@@ -21,8 +21,10 @@ MODEL_PREFIX = "model"
 CONTRACT = "preprocess.json"
 
 
-def export_model(model, image_size, out_dir, class_names):
-    """Save ``model`` (eval mode) as a static graph for ``image_size`` inputs, plus its contract."""
+def export_model(model, image_size, out_dir, class_names, crop_fraction=1.0):
+    """Save ``model`` (eval mode) as a static graph for ``image_size`` inputs, plus its contract
+    (evaluation's view: the shorter side resized to ``image_size / crop_fraction``, the centre
+    cropped)."""
     import paddle
     from paddle.static import InputSpec
 
@@ -33,7 +35,9 @@ def export_model(model, image_size, out_dir, class_names):
                     os.path.join(out_dir, MODEL_PREFIX))
     write_json(os.path.join(out_dir, CONTRACT), {
         "input": "float32 [batch, 3, image_size, image_size], RGB",
-        "image_size": image_size, "resize": "bicubic (align_corners=false) from uint8 RGB / 255",
+        "image_size": image_size, "crop_fraction": crop_fraction,
+        "resize": "shorter side to round(image_size / crop_fraction), bicubic (PIL), centre "
+                  "crop of image_size, then uint8 RGB / 255",
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "output": "logits [batch, num_classes]", "class_names": list(class_names),
     })
@@ -45,11 +49,14 @@ def _checked_contract(contract, path):
     normalisation this project applies (predict.py prepares images by it)."""
     size = contract.get("image_size") if isinstance(contract, dict) else None
     names = contract.get("class_names") if isinstance(contract, dict) else None
+    fraction = contract.setdefault("crop_fraction", 1.0) if isinstance(contract, dict) else None
     if (type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE or not isinstance(names, list)
+            or type(fraction) not in (int, float) or not 0.01 <= fraction <= 1
             or not names or not all(isinstance(n, str) for n in names)
             or len(set(names)) != len(names)):
-        raise UserError(f"{path} is damaged (it needs an image_size of 1 to {MAX_IMAGE_SIZE} "
-                        f"and distinct class_names); run python export.py again")
+        raise UserError(f"{path} is damaged (it needs an image_size of 1 to {MAX_IMAGE_SIZE}, "
+                        f"a crop_fraction in [0.01, 1] and distinct class_names); run python "
+                        f"export.py again")
     if contract.get("mean") != list(IMAGENET_MEAN) or contract.get("std") != list(IMAGENET_STD):
         raise UserError(f"{path} asks for another normalisation than this project's "
                         f"(mean {list(IMAGENET_MEAN)}, std {list(IMAGENET_STD)}); run python "

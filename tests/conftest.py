@@ -119,6 +119,47 @@ def tiny_model_config(kwargs=None, **fields):
                     MODEL, "model")
 
 
+def stop_at_evaluation(cfg, call, monkeypatch):
+    """Train ``cfg`` in this process until SIGTERM arrives during its ``call``-th evaluation;
+    return the position of the checkpoint that stop left."""
+    import training.trainer as trainer_module
+    from training.run import fit
+    from utils.checkpoint import find_last, load_last
+    from utils.errors import Interrupted
+
+    real_evaluate, calls = trainer_module.evaluate, []
+
+    def evaluate_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_signal)
+    with pytest.raises(Interrupted):
+        fit(cfg)
+    monkeypatch.undo()
+    return load_last(find_last(cfg.train.output_dir))[0]["position"]
+
+
+def assert_same_run(whole, resumed, records, kinds=("raw",)):
+    """Two run folders hold ``records`` identical records (``images_per_s`` aside) and
+    bit-identical last weights of ``kinds``."""
+    import numpy as np
+
+    from utils.io.tensor_io import load_tensors
+
+    want, got = read_records(whole), read_records(resumed)
+    assert len(want) == len(got) == records
+    for a, b in zip(want, got):
+        assert {k: v for k, v in a.items() if k != "images_per_s"} == \
+            {k: v for k, v in b.items() if k != "images_per_s"}
+    for name in kinds:
+        a = load_tensors(os.path.join(whole, "last", f"{name}.safetensors"))[0]
+        b = load_tensors(os.path.join(resumed, "last", f"{name}.safetensors"))[0]
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+
+
 @pytest.fixture
 def tiny_model_cfg():
     """:func:`tiny_model_config` as a fixture."""

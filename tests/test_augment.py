@@ -8,8 +8,9 @@ import pytest
 from scipy import stats
 
 from data.augment import random_resized_box, resized_crop
-from data.dataset import ImageArrayDataset
+from data.dataset import ImageDataset
 from data.digits import load_digits
+from utils.config import Node
 
 
 def _boxes(count, size, scale, ratio):
@@ -89,10 +90,11 @@ def test_one_crop_is_that_box_resized_bilinearly_to_the_stored_size():
 def test_the_dataset_draws_crops_from_seed_epoch_and_index_only():
     images, labels = load_digits("test")
     crop = {"scale": [0.05, 1.0], "ratio": [0.75, 4 / 3]}
-    dataset = ImageArrayDataset(images, labels, seed=3, crop=crop)
+    data_cfg = Node(crop_fraction=1.0, skip_bad_images=False)
+    dataset = ImageDataset((images, labels), 32, data_cfg, seed=3, augment={"crop": crop})
     dataset.set_epoch(1)
     first = [dataset[i][0] for i in range(6)]
-    again = ImageArrayDataset(images, labels, seed=3, crop=crop)
+    again = ImageDataset((images, labels), 32, data_cfg, seed=3, augment={"crop": crop})
     again.set_epoch(1)
     assert all(np.array_equal(a, again[i][0]) for i, a in enumerate(first))
     assert all(a.shape == (32, 32, 3) and a.dtype == np.uint8 for a in first)

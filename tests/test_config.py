@@ -107,8 +107,9 @@ def test_cli_config_error_is_one_line_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: config key 'data.bach_size' is unknown; valid keys at data: name, path, "
-        "val_split, train_subset, val_subset, image_size, batch_size, eval_batch_size, num_workers, "
-        "hflip_prob, rotation, train_augment, random_resized_crop"]
+        "train_list, test_list, val_list, label_names, val_split, train_subset, val_subset, "
+        "image_size, batch_size, eval_batch_size, num_workers, hflip_prob, rotation, "
+        "train_augment, random_resized_crop, crop_fraction, skip_bad_images"]
 
 
 def test_dry_run_prints_config_and_stage_plan():

@@ -9,13 +9,16 @@ from conftest import cifar_batch, write_cifar_archive
 
 from data import cifar
 from data.cifar import CIFARS, cifar_class_names, load_cifar, locate_cifar
-from data.dataset import ImageArrayDataset, build_loader, eval_loader, set_epoch, subset_indices
+from data.dataset import ImageDataset, Split, eval_loader, subset_indices
 from data.digits import load_digits
+from data.loader import build_loader, set_epoch
+from data.sources import as_source
 from utils.config import Node
 from utils.errors import UserError
 
 FINE_NAMES = [f"class_{i}" for i in range(100)]
 C100, C10 = CIFARS["cifar100"], CIFARS["cifar10"]
+PLAIN = Node(crop_fraction=1.0, skip_bad_images=False)  # the data keys a dataset reads
 
 
 def _real_digit_images(mode):
@@ -111,8 +114,9 @@ def test_cifar10_is_a_data_name_with_its_class_names(cifar10_archive):
 
     cfg = load_config("configs/demo.yaml", ["data.name=cifar10", f"data.path={cifar10_archive}",
                                             "data.val_split=100"])
-    (train, _), (val, _), (test, _) = run_splits(cfg.data, 10, 0)
-    assert (len(train), len(val), len(test)) == (1337, 100, 360)
+    train, val, test, names = run_splits(cfg.data, 10, 0)
+    assert (len(train.labels), len(val.labels), len(test.labels)) == (1337, 100, 360)
+    assert names == [f"digit {i}" for i in range(10)]
     assert class_names(cfg.data, 10) == [f"digit {i}" for i in range(10)]
     with pytest.raises(UserError, match="is it the cifar-10-python.tar.gz archive"):
         load_cifar(C10, write_cifar_archive(
@@ -160,20 +164,21 @@ def test_subsets_are_seeded_sorted_and_bounded():
 
 def test_augmentation_depends_only_on_seed_epoch_and_index():
     images, labels = load_digits("test")
-    dataset = ImageArrayDataset(images, labels, hflip_prob=0.5, rotation=15.0, seed=1)
+    dataset = ImageDataset((images, labels), 32, PLAIN, seed=1,
+                           augment={"hflip_prob": 0.5, "rotation": 15.0})
     dataset.set_epoch(2)
     first = [dataset[i][0] for i in range(8)]
     assert [np.array_equal(a, dataset[i][0]) for i, a in enumerate(first)] == [True] * 8
     dataset.set_epoch(3)
     assert not all(np.array_equal(a, dataset[i][0]) for i, a in enumerate(first))
-    plain = ImageArrayDataset(images, labels)
+    plain = ImageDataset((images, labels), 32, PLAIN)
     assert np.array_equal(plain[5][0], images[5])
 
 
 def test_train_loader_ships_uint8_and_eval_loader_sees_every_sample():
     images, labels = load_digits("test")
-    data_cfg = Node(batch_size=64, eval_batch_size=None, num_workers=0)
-    train = build_loader(ImageArrayDataset(images, labels, seed=0), 64, 0, train=True)
+    data_cfg = Node(PLAIN, batch_size=64, eval_batch_size=None, num_workers=0)
+    train = build_loader(ImageDataset((images, labels), 32, PLAIN, seed=0), 64, 0, train=True)
     set_epoch(train, 0)
     batches = list(train)
     assert len(batches) == 360 // 64 and str(batches[0][0].dtype).endswith("uint8")
@@ -182,7 +187,8 @@ def test_train_loader_ships_uint8_and_eval_loader_sees_every_sample():
     set_epoch(train, 1)
     order1 = np.concatenate([b[1].numpy() for b in train])
     assert not np.array_equal(order0, order1)
-    seen = np.concatenate([b[1].numpy() for b in eval_loader(images, labels, data_cfg)])
+    seen = np.concatenate([b[1].numpy() for b in eval_loader(Split(as_source(images), labels),
+                                                                   data_cfg, 32)])
     assert np.array_equal(seen, labels)
 
 

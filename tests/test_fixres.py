@@ -2,15 +2,22 @@
 resolution (model, averages, AMP O2 master copies, resume), test-time preprocessing."""
 
 import os
-import signal
 from types import SimpleNamespace
 
 import numpy as np
 import paddle
 import pytest
-from conftest import final_tests, read_records, run_script, tiny_model_config
+from conftest import (
+    assert_same_run,
+    final_tests,
+    read_records,
+    run_script,
+    stop_at_evaluation,
+    tiny_model_config,
+)
 
-from data.dataset import run_splits, set_epoch, stage_loaders
+from data.dataset import run_splits, stage_loaders
+from data.loader import set_epoch
 from models.build import build_model, input_size
 from models.resolution import resample_pos_embed
 from training import trainer as trainer_module
@@ -21,7 +28,7 @@ from training.stage_model import change_resolution, set_trainable
 from training.stages import stage_data
 from utils.checkpoint import find_last, load_last
 from utils.config import load_config
-from utils.errors import Interrupted, UserError
+from utils.errors import UserError
 from utils.io.tensor_io import load_tensors
 
 CONFIG = "configs/demo_fixres.yaml"
@@ -68,22 +75,6 @@ def test_a_fixres_stage_trains_only_its_parameters_at_the_test_resolution(tmp_pa
     assert f"top1={tests['best']['test_top1']:.4f}" in proc.stdout
 
 
-def _stop_at_evaluation(cfg, call, monkeypatch):
-    real_evaluate, calls = trainer_module.evaluate, []
-
-    def evaluate_then_signal(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_signal)
-    with pytest.raises(Interrupted):
-        fit(cfg)
-    monkeypatch.undo()
-    return load_last(find_last(cfg.train.output_dir))[0]["position"]
-
-
 @pytest.mark.parametrize("call,stage", [(4, 1), (5, 2)])
 def test_a_run_stopped_before_or_after_the_resolution_change_resumes_to_the_same_records(
         tmp_path, monkeypatch, call, stage):
@@ -92,18 +83,10 @@ def test_a_run_stopped_before_or_after_the_resolution_change_resumes_to_the_same
     stopped = _cfg(str(tmp_path / "stopped"))
     # Evaluations: raw and EMA per epoch; call 4 is stage 1's EMA (at 24 px), call 5 is
     # stage 2's first (at 32 px).
-    position = _stop_at_evaluation(stopped, call, monkeypatch)
+    position = stop_at_evaluation(stopped, call, monkeypatch)
     assert position["stage"] == stage and position["evaluating"]
     fit(stopped, resume=True)
-    want, got = read_records(whole), read_records(stopped.train.output_dir)
-    assert len(want) == len(got) == 4
-    for a, b in zip(want, got):
-        assert {k: v for k, v in a.items() if k != "images_per_s"} == \
-            {k: v for k, v in b.items() if k != "images_per_s"}
-    for name in ("raw", "ema"):
-        a = load_tensors(os.path.join(whole, "last", f"{name}.safetensors"))[0]
-        b = load_tensors(os.path.join(stopped.train.output_dir, "last", f"{name}.safetensors"))[0]
-        assert all(np.array_equal(a[k], b[k]) for k in a), name
+    assert_same_run(whole, stopped.train.output_dir, 4, ("raw", "ema"))
 
 
 def _o2(half):
@@ -162,15 +145,15 @@ def test_trainable_names_must_name_parameters_and_be_a_list_of_names(tmp_path):
 
 def test_test_time_preprocessing_trains_on_the_stored_images(tmp_path):
     cfg = _cfg(str(tmp_path))
-    train, val, _ = run_splits(cfg.data, 10, 0)
+    train, val, _, _ = run_splits(cfg.data, 10, 0)
     for augment, same in ((False, True), (True, False)):
         data_cfg = stage_data(cfg.data, cfg.stages[2])
         data_cfg["train_augment"], data_cfg["train_subset"] = augment, None
         data_cfg["hflip_prob"] = 0.5
-        loader, _ = stage_loaders(data_cfg, 0, 1, train, val)
+        loader, _ = stage_loaders(data_cfg, 0, 1, data_cfg.image_size, train, val)
         set_epoch(loader, 0)
         images, _ = next(iter(loader))
-        stored = {img.tobytes() for img in train[0]}
+        stored = {img.tobytes() for img in train.images.images}
         hits = sum(img.tobytes() in stored for img in images.numpy())
         assert (hits == len(images)) == same, (augment, hits)
 

@@ -21,7 +21,7 @@ from training.run import fit
 from training.state import RunState
 from utils.checkpoint import find_last, load_last, weights_path
 from utils.config import load_config
-from utils.errors import Interrupted
+from utils.errors import Interrupted, UserError
 from utils.io.tensor_io import load_tensors
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
@@ -177,8 +177,8 @@ for version in range(1, 100000):
     state = {"position": {"stage": 0, "epoch": 0, "micro": version}, "epoch_index": 0,
              "global_step": version, "skipped_steps": 0, "best": None, "progress": None,
              "updates": {}, "config": {}, "version": version}
-    save_last(out, {"raw": model, "optimizer": optimizer}, state)
-    save_best(out, model, {"version": version})
+    save_last(out, {"raw": model, "optimizer": optimizer}, state, ["a", "b"])
+    save_best(out, model, {"version": version}, ["a", "b"])
     if version == 1:
         print("saved", flush=True)
 """
@@ -235,3 +235,34 @@ def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(whole, tmp_p
     resumed = run_script("main.py", *RUN, "-o", f"train.output_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_records(whole, read_records(out))
+
+
+def _started_then_sleep(started):
+    started.set()  # the fork's handlers have run by now
+    time.sleep(30)
+
+
+def test_a_forked_worker_does_not_keep_the_run_folder_locked(tmp_path):
+    """A loader worker that outlives an interrupted run must not lock the folder against the
+    same process resuming it (a notebook's next cell)."""
+    import multiprocessing
+
+    from utils.run_folder import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    folder.hold()
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    child = context.Process(target=_started_then_sleep, args=(started,))
+    child.start()
+    try:
+        assert started.wait(30)
+        folder.release()
+        again = RunFolder(str(tmp_path))
+        again.hold(resume=True)  # the child still runs
+        with pytest.raises(UserError, match="is in use by another run"):
+            RunFolder(str(tmp_path)).hold(resume=True)
+        again.release()
+    finally:
+        child.kill()
+        child.join()

@@ -37,3 +37,23 @@ def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
     notebook = nbformat.read(executed, as_version=4)
     text = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
     assert "is complete (its final test is done); nothing to resume" in text
+
+
+def test_notebook_trains_on_a_folder_of_photos(tmp_path):
+    from data.sample_photos import write_sample_folder
+
+    photos, out = str(tmp_path / "photos"), str(tmp_path / "notebook")
+    write_sample_folder(photos, {"train": 8, "test": 4})
+    executed = str(tmp_path / "executed.ipynb")
+    papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
+                               kernel_name="python3", progress_bar=False,
+                               parameters={"CONFIG": "configs/demo_folder.yaml",
+                                           "OUTPUT_DIR": out, "DATA_PATH": photos,
+                                           "OVERRIDES": ["stages.0.epochs=2"]})
+    notebook = nbformat.read(executed, as_version=4)
+    assert _outputs(notebook, "error") == []
+    text = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
+    assert f"data: your images (folder) under {photos}" in text
+    assert "the test split as validation" in text  # no val/ here
+    images = [o for o in _outputs(notebook, "display_data") if "image/png" in o["data"]]
+    assert len(images) >= 3  # curves, per-class chart, predictions of the photos

@@ -78,7 +78,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
 
 def test_incomplete_or_damaged_checkpoints_are_not_used(tmp_path):
     out = str(tmp_path)
-    save_last(out, {"raw": {"w": np.ones(2, np.float32)}}, {"version": 1})
+    save_last(out, {"raw": {"w": np.ones(2, np.float32)}}, {"version": 1}, ["0", "1"])
     shutil.copytree(os.path.join(out, "last"), os.path.join(out, "last.old"))
     os.remove(os.path.join(out, "last", "raw.safetensors"))  # a folder missing a listed file
     assert find_last(out) == os.path.join(out, "last.old")

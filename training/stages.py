@@ -137,11 +137,17 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
 def describe_run(cfg):
     """One line of the run-wide training settings: batch, accumulation, clipping, precision,
     averages."""
+    from data.dataset import validation_source  # data imports this module
+
     train = cfg.train
     batch, accum = cfg.data.batch_size, train.accum_steps
-    parts = [f"validation on {cfg.data.val_split} held-out training images, the test split "
-             f"once at the end" if cfg.data.val_split else
-             "validation on the test split (data.val_split: 0; best chosen on it)",
+    validation = {
+        "held_out": f"validation on {cfg.data.val_split} held-out training images, the test "
+                    f"split once at the end",
+        "own": "validation on the data's own split (val/ or data.val_list), the test split "
+               "once at the end",
+        "test": "validation on the test split (data.val_split: 0; best chosen on it)"}
+    parts = [validation[validation_source(cfg.data)],
              f"{batch} images per optimizer step (data.batch_size, all ranks): micro-batches of "
              f"{batch} / (ranks x {accum}) per rank, "
              f"{micro_batch(batch, accum, 1)} on one process",

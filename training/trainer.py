@@ -11,7 +11,8 @@ import signal
 from contextlib import nullcontext
 from dataclasses import replace
 
-from data.dataset import eval_loader, run_splits, set_epoch, stage_loaders
+from data.dataset import eval_loader, run_splits, shipping_line, stage_loaders, validation_source
+from data.loader import set_epoch
 from data.preprocess import DevicePreprocess
 from losses import build_loss
 from models.build import input_size
@@ -38,10 +39,17 @@ from training.stages import (
     stage_loss,
 )
 from training.state import EpochProgress, Position, RunState, checkpoint_trees, restore
-from utils.checkpoint import find_last, resume_folder, save_best, save_last, weights_path
+from utils.checkpoint import (
+    find_last,
+    resume_folder,
+    save_best,
+    save_last,
+    weights_path,
+    write_best_json,
+)
 from utils.config import dump_config, to_plain
 from utils.errors import Interrupted, is_out_of_memory, out_of_memory_error
-from utils.io.files import write_atomically, write_json
+from utils.io.files import write_atomically
 from utils.io.tensor_io import as_paddle
 from utils.reports.logger import RunLogger
 from utils.reports.plots import curves_at_end
@@ -66,7 +74,8 @@ class Trainer:
         device = select_device()
         init()
         seed_everything(self.seed)
-        train, val, self.test = run_splits(cfg.data, cfg.model.num_classes, self.seed)
+        train, val, self.test, self.class_names = run_splits(cfg.data, cfg.model.num_classes,
+                                                             self.seed)
         self.splits = (train, val)
         self.state, self.restored = RunState(config=to_plain(cfg)), {}
         if resume:
@@ -87,8 +96,8 @@ class Trainer:
         if is_main():
             os.makedirs(self.out, exist_ok=True)
             write_atomically(os.path.join(self.out, "config.yaml"), dump_config(cfg).encode())
-        print(run_line(device, len(train[1]), len(val[1]) if cfg.data.val_split else None,
-                       len(self.test[1]), self.out), flush=True)
+        print(run_line(device, len(train.labels), len(val.labels), len(self.test.labels),
+                       self.out, validation_source(cfg.data)), flush=True)
         self.logger = RunLogger(self.out, keep_records=self.state.records,
                                 keep_steps=self.state.global_step, enabled=is_main())
         self.stops = StopRequests()
@@ -115,8 +124,8 @@ class Trainer:
         if self.state.tested:
             return
         best = self.state.best
-        for record in test_best_and_last(self.model, self.preprocess,
-                                         eval_loader(*self.test, self.cfg.data),
+        loader = eval_loader(self.test, self.cfg.data, input_size(self.model))
+        for record in test_best_and_last(self.model, self.preprocess, loader,
                                          self.cfg.model.num_classes, self.precision, best,
                                          weights_path(self.out, "best")):
             self.logger.log_test(record)
@@ -124,7 +133,7 @@ class Trainer:
             if record["test"] == "best":
                 best.update({k: record[k] for k in ("test_top1", "test_top5", "test_loss")})
                 if is_main():
-                    write_json(os.path.join(self.out, "best.json"), best)
+                    write_best_json(self.out, best, self.class_names)
         self.state.tested = True
         self._checkpoint(self.state.position, None)
 
@@ -135,11 +144,13 @@ class Trainer:
         data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
         self.criterion = build_loss(loss_cfg, cfg.distill)
         print(describe_stage(stage_index, stage, data_cfg, loss_cfg), flush=True)
+        size = data_cfg.image_size or self.base_size
         self.train_model, self.preprocess = prepare_stage(
-            self.model, stage_index, stage, data_cfg.image_size or self.base_size, self.averages,
-            self.masters, self.teacher, self.train_model)
+            self.model, stage_index, stage, size, self.averages, self.masters, self.teacher,
+            self.train_model)
         self.train_loader, self.val_loader = stage_loaders(data_cfg, self.seed,
-                                                           cfg.train.accum_steps, *self.splits)
+                                                           cfg.train.accum_steps, size, *self.splits)
+        print(shipping_line(self.train_loader.dataset, data_cfg.num_workers), flush=True)
         self.length = StageLength.measured(stage_index, stage, self.train_loader.batch_sampler,
                                            cfg.train.accum_steps, start)
         self.optimizer, self.scheduler = build_optimizer(
@@ -222,6 +233,10 @@ class Trainer:
                 f"{desc}, micro-batch {progress.micro + 1} of "
                 f"{self.train_loader.batch_sampler.full_length()}", find_last(self.out),
                 cfg.train.accum_steps) from None
+        skipped = self.train_loader.dataset.take_skipped()
+        if skipped:
+            print(f"warning: {skipped} unreadable training images were replaced by the next "
+                  f"readable ones in {desc}", flush=True)
 
     def _validate(self, here, progress):
         """The validation results of the raw weights and of each average updated so far; a
@@ -284,7 +299,7 @@ class Trainer:
     def _keep_best(self, record, results):
         """Save the best of the raw, EMA and SWA weights if it beats the best so far."""
         best = new_best(record, results, self.state.epoch_index, self.state.best,
-                        "val" if self.cfg.data.val_split else "test")
+                        "test" if validation_source(self.cfg.data) == "test" else "val")
         if best is None:
             return
         self.state.best = best
@@ -293,7 +308,7 @@ class Trainer:
         else:
             weights = self.averages[best["kind"]].state_dict()
         if is_main():
-            save_best(self.out, weights, best)
+            save_best(self.out, weights, best, self.class_names)
 
     def _interrupted(self, here):
         """The :class:`Interrupted` to raise once the stop checkpoint is saved."""
@@ -312,4 +327,5 @@ class Trainer:
                      if self.optimizer is not None else self.restored["optimizer"])
         if is_main():
             save_last(self.out, checkpoint_trees(self.model, optimizer, self.averages,
-                                                 self.precision), self.state.to_json())
+                                                 self.precision), self.state.to_json(),
+                      self.class_names)

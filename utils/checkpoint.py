@@ -46,18 +46,25 @@ def _saving(output_dir, write):
                         f"{': ' + str(exc.filename) if exc.filename else ''}); {kept}") from None
 
 
-def save_best(output_dir, state_dict, record):
-    """Save the best weights with their record."""
+def save_best(output_dir, state_dict, record, class_names):
+    """Save the best weights with their record and class names."""
     def write():
         os.makedirs(output_dir, exist_ok=True)
-        save_tensors(weights_path(output_dir, "best"), state_dict, {"record": record})
-        write_json(os.path.join(output_dir, "best.json"), record)
+        save_tensors(weights_path(output_dir, "best"), state_dict,
+                     {"record": record, "class_names": list(class_names)})
+        write_best_json(output_dir, record, class_names)
     _saving(output_dir, write)
 
 
-def save_last(output_dir, trees, state):
+def write_best_json(output_dir, record, class_names):
+    """``best.json``: the best record and the class names, for people and other programs."""
+    write_json(os.path.join(output_dir, "best.json"), dict(record, class_names=list(class_names)))
+
+
+def save_last(output_dir, trees, state, class_names):
     """Save the resume checkpoint: ``trees`` maps names (``raw``, ``optimizer``, ...) to
-    (nested) state dicts, ``state`` is the run state's JSON form."""
+    (nested) state dicts, ``state`` is the run state's JSON form; the weights files carry
+    ``class_names``."""
     partial = os.path.join(output_dir, PARTIAL)
     last, old = os.path.join(output_dir, LAST), os.path.join(output_dir, OLD)
 
@@ -65,7 +72,9 @@ def save_last(output_dir, trees, state):
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         for name, tree in trees.items():
-            save_tensors(os.path.join(partial, name + SAFETENSORS), tree)
+            save_tensors(os.path.join(partial, name + SAFETENSORS), tree,
+                         None if name in ("optimizer", "scaler") else
+                         {"class_names": list(class_names)})
         write_json(os.path.join(partial, STATE), dict(state, files=sorted(trees)))
         if os.path.isdir(last):
             shutil.rmtree(old, ignore_errors=True)

@@ -273,6 +273,9 @@ def check_relations(cfg):
     if cfg.train.lr_scaling == "linear" and cfg.train.reference_batch is None:
         raise UserError("config key 'train.reference_batch' is missing: train.lr_scaling=linear "
                         "scales the learning rates by data.batch_size / train.reference_batch")
+    if cfg.data.name in ("folder", "list") and not cfg.data.path:
+        raise UserError(f"config key 'data.path' is missing: data.name={cfg.data.name} reads "
+                        f"your images from that folder (see README, Your own images)")
     crop = cfg.data.random_resized_crop
     if crop and not (0 < crop.scale[0] <= crop.scale[1] and crop.ratio[0] <= crop.ratio[1]):
         raise UserError(f"config key 'data.random_resized_crop': scale must be [a, b] with "

@@ -18,6 +18,19 @@ from utils.errors import UserError
 from utils.io.files import ensure_folder, json_text, read_json
 
 LOCK = "run.lock"
+# The lock files this process holds open. A forked child (a loader worker) closes its copies:
+# the lock belongs to the open file, so a worker outliving an interrupted run would otherwise
+# keep the folder locked against that same process resuming it (a notebook's next cell).
+_HELD = set()
+
+
+def _close_held_locks():
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
 # What runs and the tools around them write into an output folder: only such a folder is
 # moved aside by --overwrite (a typo must not move a home folder).
 RUN_ENTRIES = {LOCK, "config.yaml", "metrics.jsonl", "last", "last.old", "last.partial",
@@ -111,9 +124,11 @@ class RunFolder:
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                                  "command": " ".join(sys.argv)}) + "\n").encode("utf-8"))
         self._fd = fd
+        _HELD.add(fd)
 
     def release(self):
         """Let another run take the folder (also happens when the process ends)."""
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)
             self._fd = None

@@ -57,8 +57,14 @@ def _nullable(types, minimum=None, maximum=None):
 
 
 DATA = Section({
-    "name": Field(str, "cifar100", choices=("cifar100", "cifar10", "digits")),
+    "name": Field(str, "cifar100", choices=("cifar100", "cifar10", "digits", "folder", "list")),
+    # CIFAR: the archive or its folder (null: Paddle's cache); folder and list: the data's root.
     "path": _nullable(str),
+    # data.name=list: the list files (relative to data.path), the optional label-names file.
+    "train_list": Field(str, "train_list.txt"),
+    "test_list": Field(str, "test_list.txt"),
+    "val_list": _nullable(str),
+    "label_names": _nullable(str),
     # Training images held out for validation, stratified; 0: validate on the test split.
     "val_split": Field(int, 0, minimum=0, maximum=BIG),
     "train_subset": _nullable(int, minimum=1, maximum=BIG),
@@ -77,6 +83,10 @@ DATA = Section({
         "ratio": Field(list, [0.75, 4 / 3], item_type=float, length=2, minimum=0.01,
                        maximum=100.0),
     }, optional=True),
+    # Evaluation view: the shorter side resized to image_size / crop_fraction, centre crop.
+    "crop_fraction": Field(float, 1.0, minimum=0.01, maximum=1.0),
+    # An unreadable image: stop (false), or warn once, count and go on without it (true).
+    "skip_bad_images": Field(bool, False),
 })
 
 # What a stage may change in the data section.

@@ -152,8 +152,8 @@ def _load_pdparams(path):
     return tensors, {}
 
 
-def record_of(path):
-    """The record a best-weights file carries in its header (``{}`` if none), read without
+def metadata_of(path):
+    """The metadata of a weights file (``{}`` if none or not ``.safetensors``), read without
     its tensors."""
     if not path.endswith(SAFETENSORS) or path_problem(path):
         return {}
@@ -164,8 +164,23 @@ def record_of(path):
             metadata = json.loads((handle.metadata() or {}).get("metadata", "{}"))
     except Exception:  # noqa: BLE001 - a damaged header: loading the tensors says so
         return {}
-    record = metadata.get("record") if isinstance(metadata, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def record_of(path):
+    """The record a best-weights file carries in its header (``{}`` if none)."""
+    record = metadata_of(path).get("record")
     return record if isinstance(record, dict) else {}
+
+
+def class_names_of(path):
+    """The class names a weights file of this project carries, or ``None`` (another file, or
+    names that are not a list of distinct strings)."""
+    names = metadata_of(path).get("class_names")
+    if (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        return names
+    return None
 
 
 def load_tensors(path):

@@ -10,13 +10,17 @@ def place(stage, epoch, epochs=None):
     return f"stage {stage} epoch {epoch}" + (f"/{epochs}" if epochs else "")
 
 
-def run_line(device, train, val, test, output_dir):
-    """The line a run starts with: where it runs and the images of each split (``val`` is
-    ``None`` when the test split serves as validation)."""
+VALIDATION = {"held_out": "{} held out for validation (data.val_split)",
+              "own": "{} of the data's own for validation",
+              "test": "the test split as validation (data.val_split: 0)"}
+
+
+def run_line(device, train, val, test, output_dir, source):
+    """The line a run starts with: where it runs and the images of each split (``source``:
+    where validation comes from, :func:`data.dataset.validation_source`)."""
     from utils.runtime.dist import rank, world_size
 
-    validation = (f"{val} held out for validation (data.val_split)" if val is not None
-                  else "the test split as validation (data.val_split: 0)")
+    validation = VALIDATION[source].format(val)
     return (f"device {device}, rank {rank()} of {world_size()}; {train} train images, "
             f"{validation}, {test} test; output in {output_dir}")
 
@@ -65,7 +69,7 @@ def best_line(best, path):
     """The end-of-run line naming the best weights, where they came from and on which split
     they were chosen (the test split under ``data.val_split: 0``: a biased number)."""
     chosen = ("chosen on the test split (data.val_split: 0), so this number is biased upward"
-              if best.get("selected_on") == "test" else "chosen on the held-out validation split")
+              if best.get("selected_on") == "test" else "chosen on the validation split")
     text = (f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, "
             f"{place(best['stage'], best['epoch'])}, {chosen})")
     if "test_top1" in best:

@@ -1,0 +1,107 @@
+"""Loaders: per-rank batches (training sharded and shuffled by seed and epoch, resumable
+at any batch), with workers that die with the training process."""
+
+import functools
+import os
+import time
+
+from paddle.io import DataLoader, DistributedBatchSampler
+
+from utils.errors import UserError
+from utils.runtime.dist import die_with_parent
+from utils.runtime.seeds import derived_seed
+
+# Labels at or below this mark a sample whose loading failed: FAILED - index.
+FAILED = -2
+
+
+class SampleErrorLoader(DataLoader):
+    """A DataLoader whose samples' errors stop the training process with their own message.
+
+    paddle.io re-raises a worker's exception in a background thread, which leaves the
+    training process only "Blocking queue is killed" (a SystemError). The dataset therefore
+    marks a failed sample by its label (``FAILED - index``) and its ``raise_failure`` raises
+    the error again here.
+    """
+
+    def __iter__(self):
+        for images, labels in super().__iter__():
+            values = labels.numpy()
+            if values.min() <= FAILED:
+                self.dataset.raise_failure(FAILED - int(values.min()))
+            yield images, labels
+
+
+
+class WindowedBatchSampler(DistributedBatchSampler):
+    """DistributedBatchSampler that yields only batches ``start .. stop-1`` of an epoch.
+
+    ``start`` skips the batches a resumed epoch already did, without loading them;
+    ``stop`` drops the micro-batches that would not fill a gradient accumulation.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start, self.stop = 0, None
+
+    def full_length(self):
+        """Batches in a whole epoch."""
+        return super().__len__()
+
+    def __iter__(self):
+        stop = self.full_length() if self.stop is None else self.stop
+        for index, batch in enumerate(super().__iter__()):
+            if index >= stop:
+                break
+            if index >= self.start:
+                yield batch
+
+    def __len__(self):
+        stop = self.full_length() if self.stop is None else self.stop
+        return max(stop - self.start, 0)
+
+
+def build_loader(dataset, batch_size, num_workers, train):
+    """A DataLoader over ``dataset``; training shuffles and drops the last partial batch.
+
+    Training batches are sharded across ranks (DistributedBatchSampler); evaluation
+    loaders get a dataset already sharded by :func:`eval_loader` and take all of it.
+    """
+    shard = {} if train else {"num_replicas": 1, "rank": 0}
+    sampler = WindowedBatchSampler(dataset, batch_size=batch_size, shuffle=train,
+                                   drop_last=train, **shard)
+    if train and len(sampler) == 0:
+        raise UserError(f"the training split has {len(dataset)} images, fewer than one "
+                        f"batch of {batch_size}; lower data.batch_size")
+    # Workers die with the training process (without it, the workers of a run killed with
+    # kill -9 live on for minutes).
+    init = functools.partial(_worker_dies_with, os.getpid()) if num_workers else None
+    return SampleErrorLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                             worker_init_fn=init)
+
+
+def _worker_dies_with(parent, worker_id):
+    die_with_parent(parent)
+
+
+def set_epoch(loader, epoch, start=0):
+    """Select ``epoch``'s shuffle order and augmentation draws (both derived from the seed),
+    beginning at batch ``start``."""
+    dataset = loader.dataset
+    dataset.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(derived_seed(dataset.seed, epoch))
+    loader.batch_sampler.start = start
+
+
+def loader_rate(loader, seconds=None):
+    """Images per second that ``loader`` delivers after its first batch (which starts its
+    workers), over its epoch or at most ``seconds``; ``None`` for a single batch."""
+    images, start = 0, None
+    for batch, _ in loader:
+        if start is None:
+            start = time.perf_counter()
+        else:
+            images += batch.shape[0]
+        if seconds is not None and images and time.perf_counter() - start >= seconds:
+            break
+    return images / (time.perf_counter() - start) if images else None
