@@ -5,7 +5,7 @@ Four classes, the left and right halves of each photo: every image is a random c
 half (a quarter to all of the half's area), mirrored or not, resized to a 500x375 JPEG (the
 size of a typical web photo). The files are the same for the same arguments.
 
-    python -m data.sample_photos photos/ [--train 40 --val 10 --test 20]
+    python -m data.sample_photos output/photos [--train 40 --val 10 --test 20]
 """
 
 import argparse
