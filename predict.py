@@ -81,7 +81,7 @@ def main(argv=None):
                 print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
                 skipped += 1
                 continue
-            logits = run(preprocess(paddle.to_tensor(np.ascontiguousarray(image)[None])))[0].astype(np.float64)
+            logits = run(preprocess(paddle.to_tensor(image[None])))[0].astype(np.float64)
             if len(logits) != len(names) or not np.all(np.isfinite(logits)):
                 raise UserError(f"the model gives {len(logits)} logits (finite: "
                                 f"{bool(np.all(np.isfinite(logits)))}) for {len(names)} class "

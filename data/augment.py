@@ -75,7 +75,7 @@ def eval_view(image, size, crop_fraction=1.0):
     image = resize_shorter(image, round(size / crop_fraction))
     height, width = image.shape[:2]
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return image[top:top + size, left:left + size]
+    return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
 def train_view(image, rng, size, crop=None, crop_fraction=1.0, hflip_prob=0.0, rotation=0.0):

@@ -81,17 +81,17 @@ def run_splits(data_cfg, num_classes, seed):
     test, _ = load_split(data_cfg, "test", num_classes)
     check_labels(train.labels, num_classes, "train")
     check_labels(test.labels, num_classes, "test")
+    names = name_classes(names, num_classes)
     if validation_source(data_cfg) == "own":
         if data_cfg.val_split:
             raise UserError(f"the data has its own validation split (val/, data.val_list) and "
                             f"data.val_split={data_cfg.val_split} asks to hold one out; set "
                             f"data.val_split=0 or remove the data's own")
-        return train, load_split(data_cfg, "val", num_classes)[0], test, \
-            name_classes(names, num_classes)
+        return train, load_split(data_cfg, "val", num_classes)[0], test, names
     if not data_cfg.val_split:
-        return train, test, test, name_classes(names, num_classes)
+        return train, test, test, names
     kept, held = holdout_indices(train.labels, data_cfg.val_split, (seed, HOLDOUT_STREAM))
-    return train.take(kept), train.take(held), test, name_classes(names, num_classes)
+    return train.take(kept), train.take(held), test, names
 
 
 def stage_loaders(data_cfg, seed, accum_steps, size, train_split, val_split):
@@ -182,8 +182,9 @@ def subset_indices(total, size, seed, key):
 
 
 class ImageDataset(Dataset):
-    """The samples of a :class:`Split` (or ``(uint8 array, labels)``) as the host sends them: uint8 ``[S, S, 3]`` views
-    (:mod:`data.augment`; S is the source's ``ship_size`` for a model of ``size``) and labels.
+    """The samples of a :class:`Split` (or ``(uint8 array, labels)``) as the host sends them:
+    uint8 ``[S, S, 3]`` views (:mod:`data.augment`; S is the source's ``ship_size`` for a
+    model of ``size``) and labels.
 
     With ``augment`` (``{crop, hflip_prob, rotation}``) each sample's view is drawn from a
     generator seeded by ``(seed, epoch, index)``, so an epoch is the same whatever the number
@@ -245,7 +246,7 @@ class ImageDataset(Dataset):
                 raise UserError(f"none of the {len(self)} images of this split can be read")
             image, label = self._read(follower, report=False), self.labels[follower]
         if self.augment is None:
-            return np.ascontiguousarray(eval_view(image, self.size, self.crop_fraction)), label
+            return eval_view(image, self.size, self.crop_fraction), label
         rng = np.random.default_rng((self.seed, self.epoch, index))
         return train_view(image, rng, self.size, crop_fraction=self.crop_fraction,
                           **self.augment), label

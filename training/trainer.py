@@ -96,8 +96,9 @@ class Trainer:
         if is_main():
             os.makedirs(self.out, exist_ok=True)
             write_atomically(os.path.join(self.out, "config.yaml"), dump_config(cfg).encode())
+        self.validation = validation_source(cfg.data)  # own, held_out or test
         print(run_line(device, len(train.labels), len(val.labels), len(self.test.labels),
-                       self.out, validation_source(cfg.data)), flush=True)
+                       self.out, self.validation), flush=True)
         self.logger = RunLogger(self.out, keep_records=self.state.records,
                                 keep_steps=self.state.global_step, enabled=is_main())
         self.stops = StopRequests()
@@ -299,7 +300,7 @@ class Trainer:
     def _keep_best(self, record, results):
         """Save the best of the raw, EMA and SWA weights if it beats the best so far."""
         best = new_best(record, results, self.state.epoch_index, self.state.best,
-                        "test" if validation_source(self.cfg.data) == "test" else "val")
+                        "test" if self.validation == "test" else "val")
         if best is None:
             return
         self.state.best = best
