@@ -1,7 +1,8 @@
 """``python main.py --preflight``: will this run fit, how fast is it, how long will it take?
 
 With the run's own config: the data, the model and its weights, the precision and the
-attention path exactly as the run would choose them; then, for each distinct stage setup
+attention path exactly as the run would choose them; the run's start-of-run stage check
+(:mod:`training.stage_check`); then, for each distinct stage setup
 (micro-batch, accumulation, loss, optimizer), real optimizer steps through the stage's own
 loader, one evaluation batch, and a checkpoint saved and loaded back in a temporary folder.
 Prints a table (``--json``: one JSON line) with the step time, images per second, peak
@@ -27,6 +28,7 @@ from training.amp import Precision
 from training.averaging import build_averages
 from training.engine import evaluate, train_steps
 from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
+from training.stage_check import check_stages, validate_stages
 from training.stage_model import prepare_stage
 from training.stages import StageLength, lr_scale, micro_batch, stage_data, stage_loss
 from training.state import EpochProgress, RunState, checkpoint_trees
@@ -74,7 +76,7 @@ def _time_steps(run, cfg, stage_index, accum, splits):
     for _ in train_steps(run["train_model"], criterion, run["preprocess"], loader, optimizer,
                          scheduler, EpochProgress(), accum, desc="preflight",
                          precision=run["precision"], clip_norm=cfg.train.clip_grad_norm,
-                         teacher=run["teacher"]):
+                         teacher=run["teacher"], frozen_eval=stage.frozen_mode == "eval"):
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -146,11 +148,13 @@ def preflight(cfg):
            "class_names": class_names,
            "base_size": input_size(model), "teacher": build_teacher(
                cfg.distill, cfg.model.num_classes, precision) if cfg.distill else None}
+    validate_stages(cfg, model, run["base_size"], run["teacher"])
+    check_s = check_stages(cfg, precision, run["teacher"], device=device)
     fused = sum(isinstance(layer, FusedAttention) for layer in model.sublayers())
     report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
               "precision": precision.mode if precision.mode != "off" else "float32",
               "attention": f"fused ({fused} layers)" if fused else "PPIM's",
-              "recompute": cfg.model.recompute, "stages": []}
+              "recompute": cfg.model.recompute, "stage_check_s": check_s, "stages": []}
     fits, optimizer = True, None
     for (batch, _, name, _, _), indices in _setups(cfg).items():
         accum, step_s, optimizer = _fitting_accum(run, cfg, indices[0], (train, val), device)

@@ -16,7 +16,10 @@ class DistillationLoss(nn.Layer):
     - ``soft``: τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), summed over classes and averaged over
       rows (Hinton et al.; DeiT's code divides by rows × classes instead);
 
-    ``loss = (1 − alpha) · base + alpha · distill``. ``forward(logits, label,
+    ``loss = (1 − alpha) · base + alpha · distill``. With the R-Drop paper form
+    (``base.form == "paper"``), whose cross-entropy is the SUM of the two copies' means, the
+    distillation term is summed over the copies in the same way, so that ``alpha`` weighs the
+    two heads as DeiT does in either form. ``forward(logits, label,
     teacher_logits)`` takes ``[copies·B, 2C]`` logits of :class:`models.heads.SeparateHeads`
     (class head first; R-Drop's copies ``[x; x]`` each learn from the same teacher outputs)
     and ``[B, C]`` teacher logits; it returns the base's parts (``ce`` and ``kl`` are the
@@ -45,5 +48,7 @@ class DistillationLoss(nn.Layer):
             target = log_softmax(teacher / self.tau)
             pointwise = paddle.exp(target) * (target - log_softmax(student / self.tau))
             distill = pointwise.sum() / student.shape[0] * self.tau ** 2
+        if getattr(self.base, "form", "mean") == "paper":
+            distill = distill * self.copies  # per copy, summed like the paper form's ce
         loss = (1.0 - self.alpha) * parts["loss"] + self.alpha * distill
         return dict(parts, loss=loss, distill=distill)

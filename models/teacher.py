@@ -3,6 +3,7 @@
 import os
 
 from models.build import build_model, describe_load, load_trained, load_weights, ppim_constructor
+from models.resolution import backbone_of
 from utils.errors import UserError
 from utils.io.files import path_problem
 
@@ -67,4 +68,7 @@ def build_teacher(distill_cfg, num_classes, precision):
     teacher.eval()
     for param in teacher.parameters():
         param.stop_gradient = True
+    backbone = backbone_of(teacher)
+    if hasattr(backbone, "pos_embed"):  # what each stage's resolution is resampled from
+        teacher.native_pos_embed = backbone.pos_embed.astype("float32").numpy()
     return teacher

@@ -72,6 +72,44 @@ def test_loss_value_and_gradient_match_float64_formulas(kind):
     np.testing.assert_allclose(grad[:, classes:], share * want / rows, rtol=1e-4, atol=1e-7)
 
 
+def _rdrop_paper(logits, labels, alpha):
+    """The R-Drop authors' ViT objective in float64: CE(l1) + CE(l2) (batch means) plus
+    alpha x (KL(p1||p2) + KL(p2||p1)) summed over batch and classes."""
+    batch = len(labels)
+    lp = _log_softmax(logits)
+    ce = sum(-lp[rows, labels].mean() for rows in (np.arange(batch), batch + np.arange(batch)))
+    p1, p2 = np.exp(lp[:batch]), np.exp(lp[batch:])
+    kl = (p1 * (lp[:batch] - lp[batch:])).sum() + (p2 * (lp[batch:] - lp[:batch])).sum()
+    return ce + alpha * kl
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_the_paper_form_sums_the_distillation_term_over_the_copies_like_its_ce(kind):
+    """DeiT: loss = (1 - a) CE(class head) + a distill(dist head), per copy. The paper form
+    sums its two copies' CEs, so the distillation term is summed over the copies too: the
+    share of each head is the same as in the mean form (where both are means)."""
+    rng = np.random.default_rng(4)
+    batch, classes, alpha, share, tau = 5, 6, 0.3, 0.5, 2.0
+    logits = rng.normal(0, 2, (2 * batch, 2 * classes))
+    teacher = rng.normal(0, 2, (batch, classes))
+    labels = rng.integers(0, classes, batch)
+    student = logits[:, classes:]
+    want_distill = sum(_distill(student[rows], teacher, kind, tau)
+                       for rows in (slice(0, batch), slice(batch, 2 * batch)))
+    want_base = _rdrop_paper(logits[:, :classes], labels, alpha)
+    paper = DistillationLoss(RDropLoss(alpha, form="paper"), kind, tau, share)
+    x = paddle.to_tensor(logits.astype("float32"), stop_gradient=False)
+    parts = paper(x, paddle.to_tensor(labels), paddle.to_tensor(teacher.astype("float32")))
+    assert float(parts["distill"]) == pytest.approx(want_distill, rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx((1 - share) * want_base + share * want_distill,
+                                                 rel=1e-5)
+    # The same ratio of the two heads' terms as the mean form, where each is a mean.
+    mean = DistillationLoss(RDropLoss(alpha), kind, tau, share)(
+        x, paddle.to_tensor(labels), paddle.to_tensor(teacher.astype("float32")))
+    assert float(parts["distill"]) / float(parts["ce"]) == pytest.approx(
+        float(mean["distill"]) / float(mean["ce"]), rel=1e-5)
+
+
 def test_all_weight_on_distillation_leaves_the_class_head_without_gradient():
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.normal(size=(8, 10)).astype("float32"), stop_gradient=False)

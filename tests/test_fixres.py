@@ -171,3 +171,61 @@ def test_with_ranks_a_stage_that_changes_what_trains_is_refused(monkeypatch):
     with pytest.raises(UserError, match="stage 2 changes the resolution or the trained"):
         stage_model.prepare_stage(model, 2, cfg.stages[2], 32, {}, MasterCopies(
             model, SimpleNamespace(half_weights=False)), None, wrapped)
+
+
+def _block_outputs(model, x):
+    """The outputs of each transformer block in one forward pass of ``x``."""
+    outputs = []
+    hooks = [block.register_forward_post_hook(lambda layer, inputs, out: outputs.append(
+        out.numpy().copy())) for block in model.blocks]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_stage_with_frozen_blocks_runs_them_as_at_test_time(mode, capsys):
+    """FixRes fits the head on the features evaluation gives it: the frozen blocks (and the
+    dropout in front of them) run in eval mode, unless the stage says frozen_mode: train."""
+    from training.stage_model import prepare_stage, random_layers, train_mode
+
+    paddle.seed(1)
+    model = build_model(tiny_model_config(drop_rate=0.3, attn_drop_rate=0.2,
+                                          drop_path_rate=0.2))
+    cfg = load_config(CONFIG, [f"stages.2.frozen_mode={mode}"])
+    prepare_stage(model, 2, cfg.stages[2], 32, {}, MasterCopies(
+        model, SimpleNamespace(half_weights=False)))
+    line = capsys.readouterr().out
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype("float32"))
+    model.eval()
+    expected = _block_outputs(model, x)
+    train_mode(model, frozen_eval=mode == "eval")
+    assert model.training and model.head.training  # the trained part stays in training
+    got = [_block_outputs(model, x) for _ in range(2)]
+    if mode == "eval":
+        for outputs in got:
+            assert all(np.array_equal(a, b) for a, b in zip(outputs, expected))
+        assert not model.pos_drop.training and random_layers(model) == []
+        assert "run as at test time" in line and "R-Drop's two copies are the same" in line
+    else:  # dropout on: two passes differ, and neither is the eval one
+        assert not np.array_equal(got[0][-1], got[1][-1])
+        assert not np.array_equal(got[0][-1], expected[-1])
+        assert len(random_layers(model)) > 0 and "keep dropout" in line
+    # A stage that trains everything: everything in training mode.
+    set_trainable(model, None, 0)
+    train_mode(model)
+    assert all(layer.training for layer in model.sublayers())
+
+
+def test_a_trained_layer_keeps_the_dropout_that_feeds_it():
+    """The original's MLP head: dropout between its two trained layers stays on when only the
+    head trains; the frozen backbone runs in eval mode."""
+    from training.stage_model import train_mode
+
+    model = build_model(tiny_model_config(head="mlp", drop_rate=0.3))
+    set_trainable(model, ["fc1", "fc2"], 2)
+    train_mode(model)
+    assert model.drop.training and model.fc1.training
+    assert not model.backbone.training and not any(
+        layer.training for layer in model.backbone.sublayers())

@@ -30,6 +30,7 @@ def _config(output_dir):
         "data.batch_size=16", "data.val_split=0", "data.rotation=0.0", "data.hflip_prob=0.0", "model.drop_rate=0.0",
         "train.accum_steps=2", "train.clip_grad_norm=0.5",
         "train.ema={enabled: true, decay: 0.9, warmup: true}",
+        "train.check_stages=false",  # its trial steps would be recorded as the run's batches
         "stages.0.epochs=2", "stages.0.warmup={steps: 3, start_lr: 1.0e-4}",
         "stages.0.optimizer={name: AdamW, lr: 3.0e-3, betas: [0.9, 0.99], epsilon: 1.0e-6, "
         "weight_decay: 0.05}",

@@ -16,7 +16,7 @@ from data.preprocess import DevicePreprocess
 from losses import RDropLoss
 from models.build import build_model
 from training import trainer as trainer_module
-from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, LossScaler, Precision
+from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, MIN_LOSS_SCALE, LossScaler, Precision
 from training.averaging import EMA, SWA
 from training.engine import train_steps
 from training.grads import apply_update, trainable
@@ -72,8 +72,8 @@ def test_clipping_takes_one_norm_over_all_parameter_groups():
     before = {n: p.numpy().astype(np.float64) for n, p in model.named_parameters()}
     norm = math.sqrt(sum((g ** 2).sum() for g in grads.values()))
     assert norm > 10 * CLIP
-    reported, applied = apply_update(optimizer, trainable(model), Precision(), CLIP)
-    assert applied and reported == pytest.approx(norm, rel=1e-6)
+    reported, status = apply_update(optimizer, trainable(model), Precision(), CLIP)
+    assert status == "applied" and reported == pytest.approx(norm, rel=1e-6)
     updates = {n: before[n] - p.numpy().astype(np.float64) for n, p in model.named_parameters()}
     for name, grad in grads.items():  # SGD with lr 1: the update is the clipped gradient
         np.testing.assert_allclose(updates[name], grad * CLIP / norm, rtol=1e-4, atol=1e-7,
@@ -94,9 +94,9 @@ def test_no_clipping_below_the_limit_and_the_norm_is_still_reported():
     optimizer, _ = build_optimizer(cfg.stages[1], model, 1, cfg.train)
     sum((p * 1e-4).sum() for p in model.parameters()).backward()
     before = {n: p.numpy().copy() for n, p in model.named_parameters()}
-    norm, applied = apply_update(optimizer, trainable(model), Precision(), clip_norm=1e6)
+    norm, status = apply_update(optimizer, trainable(model), Precision(), clip_norm=1e6)
     expected = 1e-4 * math.sqrt(sum(p.size for p in model.parameters()))
-    assert applied and norm == pytest.approx(expected, rel=1e-5)
+    assert status == "applied" and norm == pytest.approx(expected, rel=1e-5)
     for name, param in model.named_parameters():
         np.testing.assert_allclose(before[name] - param.numpy(), 1e-4, rtol=1e-3, err_msg=name)
 
@@ -182,6 +182,59 @@ def test_loss_scale_halves_on_overflow_and_doubles_after_the_growth_interval():
     assert off.scale == 1.0
 
 
+class _InjectsNonFiniteLoss:
+    """The R-Drop loss, infinite on the listed calls (an fp16 overflow in the forward pass:
+    inf logits or attention scores)."""
+
+    copies = 2
+
+    def __init__(self, calls):
+        self.calls, self.count, self.loss = set(calls), 0, RDropLoss(alpha=1.0)
+
+    def __call__(self, logits, labels):
+        self.count += 1
+        parts = self.loss(logits, labels)
+        if self.count in self.calls:
+            parts["loss"] = parts["loss"] * float("inf")
+        return parts
+
+
+def test_an_fp16_overflow_of_the_loss_is_skipped_like_one_of_the_gradients():
+    precision = _loss_scaling()
+    seen, progress, means, optimizer = _run_epoch(precision, _InjectsNonFiniteLoss({2}),
+                                                  _batches(4))
+    statuses, lrs, norms, heads = zip(*seen)
+    assert statuses == ("applied", "overflow", "applied", "applied")
+    assert np.array_equal(heads[0], heads[1]) and norms[1] is None
+    assert lrs == pytest.approx((0.0, 0.75e-3, 0.75e-3, 1.5e-3))  # the schedule waited
+    assert (progress.steps, progress.overflow_steps) == (3, 1)
+    assert precision.scaler.state_dict() == {"scale": INIT_LOSS_SCALE / 2, "good_steps": 2}
+    assert progress.excluded == 16 and means["loss"] is not None  # its loss is left out
+
+
+@pytest.mark.parametrize("injected", ["loss", "gradient"])
+def test_an_overflow_that_persists_at_the_minimum_loss_scale_is_a_non_finite_step(injected):
+    precision = _loss_scaling()
+    precision.scaler.load_state_dict({"scale": 2 * MIN_LOSS_SCALE, "good_steps": 5})
+    criterion = (_InjectsNonFiniteLoss if injected == "loss" else
+                 _InjectsNonFiniteGradients)({1, 2, 3})
+    seen, progress, _, _ = _run_epoch(precision, criterion, _batches(4))
+    statuses, _, _, heads = zip(*seen)
+    # Halved once to the minimum, then each further one is for train.nan_policy.
+    assert statuses == ("overflow", "nonfinite", "nonfinite", "applied")
+    assert all(np.array_equal(heads[0], head) for head in heads[1:3])
+    assert precision.scaler.state_dict() == {"scale": MIN_LOSS_SCALE, "good_steps": 1}
+    assert (progress.steps, progress.overflow_steps) == (1, 1)
+    assert seen[0][0] == "overflow" and [s for s, *_ in seen].count("nonfinite") == 2
+
+
+def test_scaler_never_goes_below_its_minimum():
+    scaler = LossScaler(enabled=True)
+    halvings = [scaler.update(False) for _ in range(20)]
+    assert halvings == [True] * 15 + [False] * 5  # 2^15 down to 2^0
+    assert scaler.scale == MIN_LOSS_SCALE == 1.0
+
+
 def test_without_loss_scaling_a_non_finite_gradient_is_a_non_finite_step():
     seen, progress, _, _ = _run_epoch(Precision(), _InjectsNonFiniteGradients({2}), _batches(3))
     statuses, _, _, heads = zip(*seen)
@@ -190,11 +243,15 @@ def test_without_loss_scaling_a_non_finite_gradient_is_a_non_finite_step():
     assert (progress.steps, progress.overflow_steps) == (2, 0)
 
 
+@pytest.mark.parametrize("injector", [_InjectsNonFiniteGradients, _InjectsNonFiniteLoss])
 def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch,
+                                                                              injector):
+    """Under train.nan_policy: stop (the default) an fp16 overflow, of the loss or of the
+    gradients, is skipped and the run goes on."""
     precision = _loss_scaling()
     monkeypatch.setattr(trainer_module, "Precision", lambda *args: precision)
-    criterion = _InjectsNonFiniteGradients({1, 3})
+    criterion = injector({1, 3})
     monkeypatch.setattr(trainer_module, "build_loss", lambda *args: criterion)
     out = str(tmp_path / "run")
     fit(load_config("configs/demo.yaml", [

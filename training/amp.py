@@ -10,6 +10,7 @@ and trains in float32.
 """
 
 import contextlib
+import copy
 
 import numpy as np
 import paddle
@@ -19,6 +20,9 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 INIT_LOSS_SCALE = 2.0 ** 15
 # Updates in a row without an overflow after which the scale doubles (Paddle's default).
 GROWTH_INTERVAL = 1000
+# The smallest scale: a non-finite loss or gradient at it is not an fp16 overflow that a
+# lower scale could cure, and train.nan_policy decides.
+MIN_LOSS_SCALE = 1.0
 
 
 def _supported(mode, device):
@@ -30,9 +34,10 @@ def _supported(mode, device):
 
 class LossScaler:
     """Dynamic loss scaling for fp16: the loss is multiplied by ``scale`` before the backward
-    pass so that small gradients survive in float16; an update whose gradients overflowed
-    is skipped and halves the scale, ``GROWTH_INTERVAL`` updates in a row without one
-    double it. The scale stays a power of two, so unscaling is exact.
+    pass so that small gradients survive in float16; an update whose loss or gradients
+    overflowed is skipped and halves the scale (down to ``MIN_LOSS_SCALE``),
+    ``GROWTH_INTERVAL`` updates in a row without one double it. The scale stays a power of
+    two, so unscaling is exact.
 
     Paddle's ``paddle.amp.GradScaler`` does the same but does not tell whether it skipped
     an update (the LR schedule, the EMA and the step count must know), and in Paddle
@@ -46,15 +51,22 @@ class LossScaler:
         self.good_steps = 0
 
     def update(self, finite):
-        """Adapt the scale after an update whose gradients were ``finite`` or not."""
+        """Adapt the scale after an update whose loss and gradients were ``finite`` or not.
+        Returns whether a non-finite one is an overflow, skipped as such: the scale was
+        above its minimum and is halved (False when finite, without scaling, or at the
+        minimum, where a non-finite value is a divergence for ``train.nan_policy``)."""
         if not self.enabled:
-            return
+            return False
         if not finite:
-            self.scale, self.good_steps = self.scale / 2.0, 0
-            return
+            self.good_steps = 0
+            if self.scale <= MIN_LOSS_SCALE:
+                return False
+            self.scale = max(self.scale / 2.0, MIN_LOSS_SCALE)
+            return True
         self.good_steps += 1
         if self.good_steps == GROWTH_INTERVAL:
             self.scale, self.good_steps = self.scale * 2.0, 0
+        return False
 
     def state_dict(self):
         """The scale and the count of updates since it last changed."""
@@ -77,6 +89,14 @@ class Precision:
         self.mode = mode
         self.level = level
         self.scaler = LossScaler(enabled=mode == "fp16")
+
+    def scratch(self):
+        """A copy with a loss scaler of its own (at the same scale): for trial steps that
+        must leave the run's scaler as it is."""
+        other = copy.copy(self)
+        other.scaler = LossScaler(self.scaler.enabled)
+        other.scaler.load_state_dict(self.scaler.state_dict())
+        return other
 
     def autocast(self):
         """The context for forward passes."""

@@ -11,6 +11,7 @@ import paddle
 from losses.rdrop import log_softmax, nll
 from training.amp import Precision
 from training.grads import apply_update, trainable
+from training.stage_model import train_mode
 from utils.reports.progress import track
 from utils.runtime.dist import all_sum, any_rank, rank, world_size
 from utils.runtime.seeds import derived_seed
@@ -55,7 +56,7 @@ class Step(NamedTuple):
 
 def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, progress,
                 accum_steps=1, dropout_seed=None, desc="train", precision=None, clip_norm=None,
-                teacher=None):
+                teacher=None, frozen_eval=True):
     """Train over ``loader`` (which yields the batches not yet done in ``progress``),
     yielding a :class:`Step` after each optimizer step; ``progress`` holds the epoch so far.
 
@@ -63,16 +64,18 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
     step (under DataParallel, ranks exchange gradients only on the last of them),
     then clipped to the global norm ``clip_norm`` (:func:`training.grads.apply_update`).
     A step is ``"applied"``, or not applied and leaves the weights, the optimizer and
-    the LR schedule as they were: ``"nonfinite"`` when a micro-batch's loss (on any
-    rank) or, without fp16 loss scaling, the gradient is not finite; ``"overflow"``
-    when fp16 gradients overflowed (the loss scaler then lowers its scale).
+    the LR schedule as they were: under fp16 loss scaling a micro-batch's loss (on any
+    rank) or a gradient that is not finite is an ``"overflow"`` (the loss scaler then
+    lowers its scale), without it, or when it persists at the minimum scale, it is
+    ``"nonfinite"`` (``train.nan_policy`` decides).
     ``dropout_seed`` (keys such as ``(seed, epoch)``) seeds the dropout masks of each
     micro-batch from those keys and its index, so that a resumed epoch draws the masks
     the uninterrupted one drew; ranks add their own key and draw different masks.
-    ``teacher``: a distillation teacher, see :func:`train_step`.
+    ``teacher``: a distillation teacher, see :func:`train_step`. ``frozen_eval``: the
+    frozen parameters' layers run in eval mode (:func:`training.stage_model.train_mode`).
     """
     precision = precision or Precision()
-    model.train()
+    train_mode(model, frozen_eval)
     params = trainable(model)
     rank_key = (rank(),) if world_size() > 1 else ()  # one process keeps the keys it had
     start = time.perf_counter() - progress.elapsed
@@ -99,10 +102,11 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
         if progress.micro % accum_steps:
             continue
         lr = optimizer.get_lr()
-        grad_norm, status = None, "nonfinite"
-        if not any_rank(nonfinite):
-            grad_norm, applied = apply_update(optimizer, params, precision, clip_norm)
-            status = "applied" if applied else "overflow" if precision.scaling else "nonfinite"
+        if any_rank(nonfinite):  # under fp16 loss scaling an overflow of the forward pass
+            grad_norm = None
+            status = "overflow" if precision.scaler.update(False) else "nonfinite"
+        else:
+            grad_norm, status = apply_update(optimizer, params, precision, clip_norm)
         optimizer.clear_grad()
         if status == "applied":
             progress.add_step(grad_norm)
@@ -112,7 +116,8 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
             progress.overflow_steps += 1
         progress.elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-        yield Step(dict(values, lr=lr, grad_norm=grad_norm), status)
+        extra = {"loss_scale": precision.scaler.scale} if precision.scaling else {}
+        yield Step(dict(values, lr=lr, grad_norm=grad_norm, **extra), status)
         nonfinite = False
     progress.elapsed = time.perf_counter() - start
 

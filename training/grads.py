@@ -39,13 +39,14 @@ def scale_grads_(params, factor):
 
 
 def apply_update(optimizer, params, precision, clip_norm=None):
-    """Unscale, measure, clip and step; return ``(grad_norm, applied)``.
+    """Unscale, measure, clip and step; return ``(grad_norm, status)``.
 
     ``grad_norm`` is the global norm of the unscaled gradients before clipping; above
     ``clip_norm`` every gradient is scaled by ``clip_norm / grad_norm`` (the rule of
     ``paddle.nn.ClipGradByGlobalNorm``), in the same pass that removes the fp16 loss
-    scale. An update whose gradients are not finite is not applied: the optimizer is
-    not stepped, and under fp16 loss scaling the scale is halved.
+    scale. ``status`` is ``"applied"``, or the update is not applied (the optimizer is not
+    stepped) because the gradients are not finite: ``"overflow"`` under fp16 loss scaling
+    (the scale is halved), ``"nonfinite"`` otherwise or at the minimum scale.
     """
     loss_scale = precision.scaler.scale
     norm = global_grad_norm(params) / loss_scale  # a power of two: exact
@@ -63,5 +64,7 @@ def apply_update(optimizer, params, precision, clip_norm=None):
         # every process.
         with paddle.utils.unique_name.guard():
             optimizer.step()
-    precision.scaler.update(finite)
-    return norm, finite
+    if finite:
+        precision.scaler.update(True)
+        return norm, "applied"
+    return norm, "overflow" if precision.scaler.update(False) else "nonfinite"

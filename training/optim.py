@@ -53,10 +53,10 @@ def decay_groups(model, exclude):
             continue
         skip = exclude and (len(param.shape) <= 1 or name.split(".")[-1] in NO_DECAY_NAMES)
         (no_decay if skip else decay).append(param)
-    groups = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    # An empty group makes Paddle's optimizer fail with an IndexError (a stage that trains
+    # only ``head.bias`` or ``pos_embed`` has nothing to decay).
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=False, masters=None,

@@ -89,6 +89,8 @@ def skip_nonfinite(train_cfg, skipped, values, stage_index, step_place, last_che
     ``train.nan_policy: stop`` or past ``train.nan_max_skips``."""
     norm = values["grad_norm"]
     what = "loss" if norm is None else "gradient"
+    if "loss_scale" in values:  # fp16 loss scaling: its overflows were skipped down to here
+        what += " (still at the minimum fp16 loss scale, so not an overflow)"
     where = (f"{step_place} (lr {values['lr']:.3g}, loss {values['loss']}"
              + ("" if norm is None else f", gradient norm {norm}") + ")")
     kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint

@@ -48,7 +48,8 @@ def prepare_stage(model, index, stage, size, averages, masters, teacher=None, wr
     trained, total = set_trainable(model, stage.trainable, index)
     if stage.trainable is not None:
         print(f"stage {index} trains {trained} of {total} parameter tensors "
-              f"({', '.join(stage.trainable)}); the others are frozen", flush=True)
+              f"({', '.join(stage.trainable)}); the others are frozen; "
+              + frozen_line(model, stage.frozen_mode), flush=True)
     after = {path for path, param in model.named_parameters() if not param.stop_gradient}
     if wrapped is not None and not changed and before == after:
         return wrapped, DevicePreprocess(size)
@@ -65,7 +66,9 @@ def change_resolution(model, size, averages, masters, teacher=None):
     the position embedding of each average in ``averages`` and of the
     :class:`training.optim.MasterCopies` ``masters``. True when the size changed."""
     if teacher is not None and hasattr(backbone_of(teacher), "pos_embed"):
-        set_resolution(teacher, size)
+        # From the teacher's own embedding each time: resampling a resampled one would
+        # blur it a little more at every change (and make a stage check leave a trace).
+        set_resolution(teacher, size, getattr(teacher, "native_pos_embed", None))
     if input_size(model) == size:
         return False
     old = backbone_of(model).pos_embed
@@ -79,24 +82,83 @@ def change_resolution(model, size, averages, masters, teacher=None):
     return True
 
 
-def set_trainable(model, prefixes, stage_index):
-    """Train the parameters whose state-dict path is one of ``prefixes`` or lies under one
-    (``head`` covers ``head.weight`` and ``head.bias``), freeze the others; all train when
-    ``prefixes`` is ``None``. Returns ``(trained, total)`` parameter counts."""
-    params = dict(model.named_parameters())
+def trainable_paths(model, prefixes, stage_index):
+    """The state-dict paths of the parameters a stage trains: each of ``prefixes`` names a
+    parameter (``head.bias``) or lies above some (``head`` covers ``head.weight`` and
+    ``head.bias``); all when ``prefixes`` is ``None``. One error naming
+    ``stages.<stage_index>.trainable`` for a prefix that names none."""
+    params = [path for path, _ in model.named_parameters()]
     if prefixes is None:
-        chosen = set(params)
-    else:
-        unmatched = [p for p in prefixes
-                     if not any(path == p or path.startswith(p + ".") for path in params)]
-        if unmatched:
-            tops = sorted({".".join(path.split(".")[:2 if path.startswith("backbone.") else 1])
-                           for path in params})
-            raise UserError(f"config key 'stages.{stage_index}.trainable': {unmatched[0]!r} "
-                            f"names no parameter of this model; its layers include "
-                            f"{', '.join(tops[:12])}")
-        chosen = {path for path in params
-                  if any(path == p or path.startswith(p + ".") for p in prefixes)}
+        return set(params)
+    unmatched = [p for p in prefixes
+                 if not any(path == p or path.startswith(p + ".") for path in params)]
+    if unmatched:
+        tops = sorted({".".join(path.split(".")[:2 if path.startswith("backbone.") else 1])
+                       for path in params})
+        raise UserError(f"config key 'stages.{stage_index}.trainable': {unmatched[0]!r} "
+                        f"names no parameter of this model; its layers include "
+                        f"{', '.join(tops[:12])}")
+    return {path for path in params if any(path == p or path.startswith(p + ".")
+                                           for p in prefixes)}
+
+
+def set_trainable(model, prefixes, stage_index):
+    """Train the parameters :func:`trainable_paths` chooses, freeze the others. Returns
+    ``(trained, total)`` parameter counts."""
+    chosen = trainable_paths(model, prefixes, stage_index)
+    params = dict(model.named_parameters())
     for path, param in params.items():
         param.stop_gradient = path not in chosen
     return len(chosen), len(params)
+
+
+def train_mode(model, frozen_eval=True):
+    """``model.train()``, then, with ``frozen_eval``, the frozen part back in eval mode (no
+    dropout, attention dropout or drop path), as at test time: every layer whose parameters
+    are all frozen, and every layer without parameters (a dropout) that feeds one. A FixRes
+    stage thus fits its trained part on the features evaluation will give it."""
+    model.train()
+    if frozen_eval:
+        _frozen_to_eval(model)
+    return model
+
+
+def _frozen_to_eval(layer):
+    children = [child for _, child in layer.named_children()]
+    params = [list(child.parameters()) for child in children]
+    trains = [any(not p.stop_gradient for p in group) for group in params]
+    for i, child in enumerate(children):
+        if params[i]:
+            if trains[i]:
+                _frozen_to_eval(child)
+            else:
+                child.eval()
+            continue
+        following = next((j for j in range(i + 1, len(children)) if params[j]), None)
+        if following is not None and not trains[following]:
+            child.eval()  # a parameterless layer (dropout) in front of a frozen one
+
+
+def random_layers(model):
+    """The layers that draw random numbers in the model's current mode (dropout and drop
+    path with a rate above 0, in training mode)."""
+    return [layer for layer in model.sublayers() if layer.training and (
+        (isinstance(layer, paddle.nn.Dropout) and layer.p > 0)
+        or getattr(layer, "drop_prob", 0) > 0)]
+
+
+def frozen_line(model, frozen_mode):
+    """What a stage with frozen parameters does with their dropout, and what R-Drop then
+    compares (its two copies differ only through the random layers still on)."""
+    train_mode(model, frozen_mode == "eval")
+    active = len(random_layers(model))
+    if frozen_mode == "train":
+        where = "the frozen layers keep dropout and drop path (frozen_mode: train)"
+    else:
+        where = "the frozen layers run as at test time (no dropout or drop path)"
+    if active:
+        rdrop = f"R-Drop's two copies differ through the {active} dropout layers left on"
+    else:
+        rdrop = ("no dropout is left on, so R-Drop's two copies are the same: its KL term is "
+                 "0 and the stage trains on the cross-entropy")
+    return f"{where}; {rdrop}"

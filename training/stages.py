@@ -127,7 +127,9 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
         loss_text += (" in the paper's form: ce1 + ce2 + alpha x (KL(p1||p2) + KL(p2||p1)) "
                       "summed over batch and classes")
     if stage.trainable is not None:
-        loss_text += f"; trains {', '.join(stage.trainable)} only"
+        loss_text += (f"; trains {', '.join(stage.trainable)} only, the frozen layers "
+                      + ("as at test time" if stage.frozen_mode == "eval"
+                         else "with their dropout"))
     name = stage.name or f"stage {index}"
     length = f"{stage.steps} optimizer steps" if stage.steps else f"{stage.epochs} epoch(s)"
     epochs = f"up to {length} until {until}" if until else length

@@ -171,23 +171,57 @@ def checkpoint_trees(model, optimizer_state, averages, precision):
 
 # Keys that may change between a run and its resume without changing the results.
 # nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
-# would have stopped or skipped (a resume after such a stop may relax them).
+# would have stopped or skipped (a resume after such a stop may relax them). The stage
+# check runs on scratch state and leaves the run as it was.
 RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
-                     "train.nan_policy", "train.nan_max_skips", "train.progress")
+                     "train.nan_policy", "train.nan_max_skips", "train.progress",
+                     "train.check_stages")
+
+
+def last_started_stage(position):
+    """The last stage that has trained at ``position`` (-1: none): a position at the very
+    start of a stage (written when the stage before it ended) has not started that one."""
+    started = position.epoch or position.micro or position.evaluating
+    return position.stage if started else position.stage - 1
+
+
+def _swa_stage(plain):
+    swa = plain["train"]["swa"]
+    return swa["stage"] % len(plain["stages"]) if swa["enabled"] else None
 
 
 def check_same_config(state, cfg, folder):
     """A resume must use the config the checkpoint was trained with (but for the keys that
-    change nothing of the results)."""
+    change nothing of the results), except in the stages that have not started yet: those
+    may be corrected, added or removed. Returns the indices of the later stages that
+    differ."""
     saved = state.config
     try:  # keys added to the schema since the checkpoint was written take their defaults
         saved = to_plain(validate(saved, CONFIG))
     except UserError:
         pass  # a config this version no longer accepts: compared as it was saved
-    changed = first_difference(saved, to_plain(cfg), RESUMABLE_CHANGES)
+    current = to_plain(cfg)
+    saved_stages, stages = saved.get("stages"), current["stages"]
+    done = last_started_stage(state.position) + 1  # the stages that have trained
+    if isinstance(saved_stages, list):  # a position past them: check_position says damaged
+        done = min(done, len(saved_stages))
+    changed = first_difference({**saved, "stages": None}, {**current, "stages": None},
+                               RESUMABLE_CHANGES)
+    if changed is None and not (isinstance(saved_stages, list) and len(saved_stages) >= done
+                                and len(stages) >= done):
+        changed = "stages"
+    for index in range(done if changed is None else 0):
+        changed = changed or first_difference(saved_stages[index], stages[index],
+                                              path=f"stages.{index}")
+    if changed is None and done and _swa_stage(saved) != _swa_stage(current):
+        changed = "train.swa.stage (through the number of stages)"
     if changed:
         raise UserError(f"the checkpoint in {folder} was trained with another config "
-                        f"('{changed}' differs); resume with the same -c/-o")
+                        f"('{changed}' differs); resume with the same -c/-o (stages that "
+                        f"have not started may change)")
+    return [index for index in range(done, max(len(saved_stages), len(stages)))
+            if index >= len(saved_stages) or index >= len(stages)
+            or saved_stages[index] != stages[index]]
 
 
 def first_difference(saved, current, ignore=(), path=""):
@@ -240,9 +274,13 @@ def restore(folder, cfg, trees=True):
     weights. Without ``trees`` only the state is read and the config compared."""
     saved, tensors = load_last(folder, trees=trees)
     state = RunState.from_json(saved)
-    check_same_config(state, cfg, folder)
+    later = check_same_config(state, cfg, folder)
     if trees:
         check_position(state, tensors, cfg.stages, folder)
+        if later:
+            print(f"stages {', '.join(map(str, later))} differ from the checkpoint's config; "
+                  f"they have not started and run as configured now", flush=True)
+        state.config = to_plain(cfg)  # what later checkpoints are compared with
     return state, tensors
 
 

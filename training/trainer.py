@@ -29,6 +29,7 @@ from training.results import (
     test_best_and_last,
     test_line,
 )
+from training.stage_check import check_stages, validate_stages
 from training.stage_model import prepare_stage, run_model
 from training.stages import (
     StageLength,
@@ -81,7 +82,7 @@ class Trainer:
         if resume:
             folder = resume_folder(resume, self.out)
             self.state, self.restored = restore(folder, cfg)
-        self.precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
+        self.device, self.precision = device, Precision(cfg.train.amp, device, cfg.train.amp_level)
         self.model, self.masters, self.base_size = run_model(cfg, self.precision, self.restored)
         if resume:
             print(f"resuming from {folder} at "
@@ -90,6 +91,7 @@ class Trainer:
         self.preprocess = DevicePreprocess(input_size(self.model))
         self.teacher = (build_teacher(cfg.distill, cfg.model.num_classes, self.precision)
                         if cfg.distill else None)
+        validate_stages(cfg, self.model, self.base_size, self.teacher, self.state.position.stage)
         self.averages = build_averages(cfg.train, self.model, self.state.updates, self.restored,
                                        self.masters.by_path())
         self.swa_start = (cfg.train.swa.stage % len(cfg.stages), cfg.train.swa.start_epoch)
@@ -108,6 +110,8 @@ class Trainer:
         record. SIGINT/SIGTERM end the run at the next step with a checkpoint and
         :class:`Interrupted`; a non-finite loss per ``train.nan_policy``."""
         start = replace(self.state.position)
+        if self.cfg.train.check_stages and start.stage < len(self.cfg.stages):
+            check_stages(self.cfg, self.precision, self.teacher, start.stage, self.device)
         with self.stops:
             try:
                 for stage_index in range(start.stage, len(self.cfg.stages)):
@@ -198,7 +202,8 @@ class Trainer:
         steps = train_steps(self.train_model, self.criterion, self.preprocess, self.train_loader,
                             self.optimizer, self.scheduler, progress, cfg.train.accum_steps,
                             (self.seed, state.epoch_index), desc, self.precision,
-                            cfg.train.clip_grad_norm, self.teacher)
+                            cfg.train.clip_grad_norm, self.teacher,
+                            cfg.stages[here.stage].frozen_mode == "eval")
         try:
             for step in steps:
                 # Only applied updates count as steps: a skipped one (non-finite loss under

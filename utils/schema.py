@@ -155,6 +155,9 @@ TRAIN = Section({
     "nan_max_skips": Field(int, 10, minimum=0, maximum=BIG),
     "ema": EMA,
     "swa": SWA,
+    # Before training, one step of every stage's setup on scratch state (kernels, dtypes,
+    # trainable sets, resolutions), so that a later stage's failure costs minutes, not hours.
+    "check_stages": Field(bool, True),
     # Progress of loops: bars on a terminal or in a notebook, a line a minute in a log (auto).
     "progress": Field(str, "auto", choices=("auto", "bars", "lines", "off")),
 })
@@ -209,6 +212,9 @@ STAGE = Section({
     "loss": Section({"alpha": _nullable(float, minimum=0.0)}, partial=True),
     # Parameter-path prefixes the stage trains (e.g. [head, head_dist, norm]); null: all.
     "trainable": Field(list, None, nullable=True, item_type=str),
+    # With trainable: the frozen part runs as at test time (eval: no dropout or drop path,
+    # FixRes), or keeps them (train).
+    "frozen_mode": Field(str, "eval", choices=("eval", "train")),
 })
 
 # Bounds of the PPIM constructor arguments that size a model (model.kwargs): generous, but a

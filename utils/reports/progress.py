@@ -6,6 +6,7 @@ live bar, in a file (``nohup``, AI Studio background jobs) it is one ever longer
 ``LINE_INTERVAL_S`` seconds), ``bars``, ``lines`` or ``off``.
 """
 
+import contextlib
 import sys
 import time
 
@@ -22,6 +23,17 @@ def set_mode(mode):
     """Choose how loops report progress from now on (one of :data:`MODES`)."""
     global _mode
     _mode = mode
+
+
+@contextlib.contextmanager
+def silenced():
+    """No progress reports inside the block (short trial loops)."""
+    global _mode
+    saved, _mode = _mode, "off"
+    try:
+        yield
+    finally:
+        _mode = saved
 
 
 def _watched():
