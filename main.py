@@ -20,7 +20,7 @@ from training.stages import describe_run, describe_stage, stage_data, stage_loss
 from utils import cli
 from utils.checkpoint import weights_path
 from utils.cli import config_parser
-from utils.config import dump_config, load_config
+from utils.config import dump_config, load_config, path_override
 from utils.errors import Interrupted, UserError
 
 
@@ -68,7 +68,7 @@ def main(argv=None):
         path = args.init_from
         if os.path.isdir(path):
             path = weights_path(path, "best")
-        overrides.append(f"model.pretrained={path}")
+        overrides.append(path_override("model.pretrained", path))
     cfg = load_config(args.config, overrides)
     if args.dry_run:
         print_plan(cfg)

@@ -11,6 +11,7 @@ names are those the weights carry. A file that cannot be read is skipped with a 
 run then ends with an error after the others.
 """
 
+import contextlib
 import sys
 
 from utils import cli
@@ -28,27 +29,36 @@ def parse_args(argv=None):
     parser.add_argument("--model-dir", metavar="DIR",
                         help="use the model exported there (paddle.inference) instead")
     parser.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image")
-    parser.add_argument("--json", metavar="FILE", help="also write the predictions as JSON")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the predictions as JSON (- for standard output, the "
+                             "per-image lines then go to standard error); a stopped run "
+                             "(Ctrl-C, SIGTERM, SIGHUP) still writes the images done")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    """Print the top-k classes of each image (and write them as JSON with ``--json``)."""
+    """Print the top-k classes of each image (and write them as JSON with ``--json``; with
+    ``--json -`` the JSON alone goes to standard output, every other line to standard
+    error)."""
     args = parse_args(argv)
-    cfg = load_config(args.config, args.override)
-    import numpy as np
-    import paddle
+    json_out = sys.stdout
+    if args.json != "-":
+        return _main(args, json_out)
+    with contextlib.redirect_stdout(sys.stderr):
+        return _main(args, json_out)
 
-    from data.augment import eval_view
+
+def _main(args, json_out):
+    cfg = load_config(args.config, args.override)
     from data.dataset import names_for_weights
-    from data.images import find_images, read_rgb
+    from data.images import find_images
     from data.preprocess import DevicePreprocess
     from utils.errors import UserError
-    from utils.io.files import check_writable, write_json
+    from utils.io.files import check_writable
 
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
-    if args.json:  # before the work, not after it
+    if args.json and args.json != "-":  # before the work, not after it
         check_writable(args.json, "--json")
     files = find_images(args.inputs)
     device = select_device()
@@ -72,14 +82,50 @@ def main(argv=None):
         def run(images):
             return model(images).numpy()
     preprocess = DevicePreprocess(size)
-    results, skipped = [], 0
+    results = []
+    try:
+        _predict(files, size, crop_fraction, preprocess, run, names, args.topk, results)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: keep what is done
+        if args.json:
+            _write_results(args.json, results, json_out)
+            print(f"interrupted: the {len(results)} of {len(files)} images done are in "
+                  f"{args.json}", file=sys.stderr, flush=True)
+        raise
+    skipped = len(files) - len(results)
+    if args.json:
+        _write_results(args.json, results, json_out)
+    if skipped:
+        raise UserError(f"{skipped} of {len(files)} images could not be read (warnings above); "
+                        f"the other {len(results)} were predicted"
+                        + (f" and written to {args.json}" if args.json else ""))
+    return 0
+
+
+def _write_results(target, results, json_out):
+    """The predictions as JSON: to the file ``target``, or to ``json_out`` for ``-``."""
+    from utils.io.files import json_text, write_json
+
+    if target == "-":
+        print(json_text(results, indent=2), file=json_out, flush=True)
+    else:
+        write_json(target, results)
+
+
+def _predict(files, size, crop_fraction, preprocess, run, names, topk, results):
+    """Append each readable image's top-k to ``results`` and print its line."""
+    import numpy as np
+    import paddle
+
+    from data.augment import eval_view
+    from data.images import read_rgb
+    from utils.errors import UserError
+
     with paddle.no_grad():
         for path in files:
             try:
                 image = eval_view(read_rgb(path), size, crop_fraction)
             except UserError as exc:  # the others still get their predictions
                 print(f"warning: skipped {exc}", file=sys.stderr, flush=True)
-                skipped += 1
                 continue
             logits = run(preprocess(paddle.to_tensor(image[None])))[0].astype(np.float64)
             if len(logits) != len(names) or not np.all(np.isfinite(logits)):
@@ -88,18 +134,11 @@ def main(argv=None):
                                 f"names; are the weights and the config of one model?")
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
-            top = np.argsort(-probs, kind="stable")[:args.topk]
+            top = np.argsort(-probs, kind="stable")[:topk]
             results.append({"file": path, "topk": [
                 {"index": int(i), "class": names[i], "prob": float(probs[i])} for i in top]})
             print(f"{path}: " + ", ".join(f"{t['class']} {t['prob']:.4f}"
                                           for t in results[-1]["topk"]), flush=True)
-    if args.json:
-        write_json(args.json, results)
-    if skipped:
-        raise UserError(f"{skipped} of {len(files)} images could not be read (warnings above); "
-                        f"the other {len(results)} were predicted"
-                        + (f" and written to {args.json}" if args.json else ""))
-    return 0
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def _kept_average(output_dir, kind):
     path = os.path.join(output_dir, "config.yaml")
     if not os.path.isfile(path):
         return True
-    section = read_yaml(path).get("train", {}).get(kind, {})
+    train = read_yaml(path).get("train")  # a damaged file: the benefit of the doubt too
+    section = train.get(kind) if isinstance(train, dict) else None
     return not isinstance(section, dict) or section.get("enabled", True) is not False
 
 

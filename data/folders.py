@@ -10,12 +10,14 @@ are passed over, and only regular files with a raster-image extension are listed
 """
 
 import os
+import unicodedata
 
 import numpy as np
 
 from data.images import IMAGE_EXTENSIONS, is_image_name
 from data.sources import FileImages
 from utils.errors import UserError
+from utils.io.files import path_problem, read_text_lines
 
 SPLIT_FOLDERS = ("train", "val", "test")
 FOLDER_LAYOUT = "PATH/train/<class>/<image> and PATH/test/<class>/<image> (optionally PATH/val/)"
@@ -33,7 +35,10 @@ def split_folder(data_cfg, split):
 
 
 def class_folders(folder):
-    """The sorted names of the class folders in ``folder`` (hidden ones passed over)."""
+    """The sorted names of the class folders in ``folder`` (hidden ones passed over). A name
+    that is not UTF-8, two names that are one after Unicode normalisation (NFC: macOS writes
+    "é" as e + accent, others as one character), and a class folder that is a link to another
+    (the same images under two labels) are one error each."""
     try:
         with os.scandir(folder) as entries:
             names = sorted(e.name for e in entries
@@ -43,7 +48,40 @@ def class_folders(folder):
     if not names:
         raise UserError(f"{folder} has no class folders; data.name=folder reads "
                         f"{FOLDER_LAYOUT}")
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"the class folder {name!r} in {folder} is not a UTF-8 name; "
+                            f"rename it") from None
+    _distinct(names, lambda name: unicodedata.normalize("NFC", name),
+              lambda a, b: f"the class folders {a!r} and {b!r} in {folder} differ only in "
+                           f"their Unicode normalisation (NFC/NFD); they are one name: merge "
+                           f"or rename them")
+    _distinct(names, lambda name: _identity(os.path.join(folder, name)),
+              lambda a, b: f"the class folders {a!r} and {b!r} in {folder} are the same folder "
+                           f"(a symbolic link): their images would be read under two labels; "
+                           f"remove the link")
     return names
+
+
+def _distinct(names, key, message):
+    """One :class:`UserError` (``message(first, second)``) for two names with one ``key``."""
+    first = {}
+    for name in names:
+        if key(name) in first:
+            raise UserError(message(first[key(name)], name))
+        first[key(name)] = name
+
+
+def _nfc(name):
+    return unicodedata.normalize("NFC", name)
+
+
+def _is_number(text):
+    """Whether ``text`` is a count in the digits 0-9 (``str.isdigit`` also takes "٣" and "³",
+    which ``int`` reads as 3)."""
+    return text.isascii() and text.isdigit()
 
 
 def _identity(path):
@@ -84,8 +122,9 @@ def folder_split(data_cfg, split, classes):
     folder = split_folder(data_cfg, split)
     if folder is None:
         return None
-    index, present = {name: i for i, name in enumerate(classes)}, class_folders(folder)
-    unknown = [name for name in present if name not in index]
+    index = {_nfc(name): i for i, name in enumerate(classes)}  # NFC: macOS writes NFD
+    present = class_folders(folder)
+    unknown = [name for name in present if _nfc(name) not in index]
     if unknown:
         raise UserError(f"{folder} has class folders that {data_cfg.path}/train lacks: "
                         f"{', '.join(unknown[:5])}; every class needs training images")
@@ -96,7 +135,7 @@ def folder_split(data_cfg, split, classes):
         if not files:
             empty.append(name)
         paths += files
-        labels.append(np.full(len(files), index[name], dtype=np.int64))
+        labels.append(np.full(len(files), index[_nfc(name)], dtype=np.int64))
     if empty:
         raise UserError(f"class folders with no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                         f"{folder}: {', '.join(empty[:10])}; add images or remove them")
@@ -118,30 +157,33 @@ def list_split(data_cfg, key, num_classes):
     path = list_path(data_cfg, key)
     if path is None:
         return None
-    if not os.path.isfile(path):
-        raise UserError(f"data.{key}: {path} is not a file; data.name=list reads lines of "
+    if path_problem(path) == "does not exist":
+        raise UserError(f"data.{key}: {path} does not exist; data.name=list reads lines of "
                         f"'relative/path label' from files under data.path")
     paths, labels = [], []
-    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            parts = line.strip().rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise UserError(f"{where} does not read 'relative/path label': {line.strip()!r}")
-            name, label = parts[0], int(parts[1])
-            if not 0 <= label < num_classes:
-                raise UserError(f"{where} has label {label}, outside [0, {num_classes}); fix the "
-                                f"line or set model.num_classes")
-            if not is_image_name(os.path.basename(name)):
-                raise UserError(f"{where} names {name}, which has no image extension "
-                                f"({', '.join(IMAGE_EXTENSIONS)})")
-            if not os.path.isfile(os.path.join(data_cfg.path, name)):
-                raise UserError(f"{where} names {name}, which is not a file under "
-                                f"{data_cfg.path}")
-            paths.append(name)
-            labels.append(label)
+    for number, line in enumerate(read_text_lines(path, f"data.{key}:", "surrogateescape"), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        parts = line.strip().rsplit(maxsplit=1)
+        if len(parts) != 2 or not _is_number(parts[1].removeprefix("-")):
+            raise UserError(f"{where} does not read 'relative/path label' (a label of the digits "
+                            f"0-9): {line.strip()!r}")
+        name, label = parts[0], int(parts[1])
+        if not 0 <= label < num_classes:
+            raise UserError(f"{where} has label {label}, outside [0, {num_classes}); fix the "
+                            f"line or set model.num_classes")
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise UserError(f"{where} names {name}, which lies outside data.path; list "
+                            f"files name images by their path under data.path")
+        if not is_image_name(os.path.basename(name)):
+            raise UserError(f"{where} names {name}, which has no image extension "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
+        if not os.path.isfile(os.path.join(data_cfg.path, name)):
+            raise UserError(f"{where} names {name}, which is not a file under "
+                            f"{data_cfg.path}")
+        paths.append(name)
+        labels.append(label)
     if not paths:
         raise UserError(f"data.{key}: {path} lists no images")
     return FileImages(data_cfg.path, paths), np.array(labels, dtype=np.int64)
@@ -153,18 +195,19 @@ def label_names(data_cfg, num_classes):
     if data_cfg.label_names is None:
         return [str(i) for i in range(num_classes)]
     path = os.path.join(data_cfg.path or "", data_cfg.label_names)
-    names = {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = [(n, line.strip()) for n, line in enumerate(handle, 1) if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"data.label_names: cannot read {path} ({exc})") from None
-    for number, line in lines:
+    names, lines = {}, read_text_lines(path, "data.label_names:")
+    for number, line in ((n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()):
         index, _, name = line.partition(" ")
-        if not index.isdigit() or not name.strip() or int(index) in names:
-            raise UserError(f"{path} line {number} does not read 'index name' with a new "
-                            f"index: {line!r}")
+        if not _is_number(index) or not name.strip():
+            raise UserError(f"{path} line {number} does not read 'index name' (an index of the "
+                            f"digits 0-9, a space, a name): {line!r}")
+        if int(index) in names:
+            raise UserError(f"{path} line {number} gives index {int(index)} a second name "
+                            f"({name.strip()!r}; it is already {names[int(index)]!r})")
         names[int(index)] = name.strip()
+    _distinct([names[i] for i in sorted(names)], _nfc,
+              lambda a, b: f"{path} gives two classes one name: {a!r} and {b!r}"
+                           + ("" if a == b else " (the same after Unicode normalisation, NFC)"))
     if sorted(names) != list(range(num_classes)):
         raise UserError(f"{path} names classes {min(names)}..{max(names)} ({len(names)} of "
                         f"them); model.num_classes={num_classes} needs each of 0.."

@@ -29,6 +29,8 @@ MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Pillow modes of integers wider than 8 bits: 16-bit PNG and TIFF, and 32-bit ones.
 WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# The most the sides of an image may differ (panoramas are about 4:1 to 10:1).
+MAX_ASPECT = 16
 
 
 def find_images(inputs):
@@ -76,13 +78,34 @@ def to_rgb(image):
     Integers wider than 8 bits are read as 16-bit values and scaled by 255/65535 (rounded);
     alpha is dropped.
     """
+    if image.mode == "F" or image.mode.startswith("F;"):
+        raise UnsupportedPixels("it holds 32-bit floating-point pixels, whose range (0-1? 0-255? "
+                         "physical units?) the file does not say; save it as an 8- or 16-bit "
+                         "image")
     if image.mode in WIDE_INTEGER_MODES:
         wide = np.asarray(image).astype(np.float64)
-        grey = np.round(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise UnsupportedPixels(f"it holds 32-bit integer pixels from {wide.min():.0f} to "
+                             f"{wide.max():.0f}, beyond 16 bits; save it as an 8- or 16-bit "
+                             f"image")
+        grey = np.round(wide * (255 / 65535)).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
         image = image.convert("RGBA")  # a palette's transparency needs this step first
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+class UnsupportedPixels(ValueError):
+    """Pixels whose meaning as 8-bit RGB the file does not say."""
+
+
+def _check_shape(path, width, height):
+    """Refuse an image whose sides differ more than ``MAX_ASPECT`` times, from its header:
+    resizing its shorter side to the model's would make the longer one explode (a 1 x
+    1,000,000 image is 3 GB at 32 px and 450 GB at 384 px)."""
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise UserError(f"{path} is {width} x {height} pixels, a ratio beyond {MAX_ASPECT}:1 "
+                        f"between its sides; crop it to its subject first")
 
 
 def read_rgb(path):
@@ -91,19 +114,25 @@ def read_rgb(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe must not block the open
     except OSError as exc:
         raise UserError(f"{path} cannot be opened ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # e.g. replaced by a folder since listed
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file (a folder, device or pipe)")
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"{path} is not a regular file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(handle, formats=RASTER_FORMATS) as image:
+                    _check_shape(path, *image.size)
                     return to_rgb(upright(image))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise UserError(f"{path} declares more than {MAX_PIXELS:,} pixels ({exc}); resize "
                             f"it first") from None
         except UnidentifiedImageError:
             raise UserError(f"{path} is not a {'/'.join(RASTER_FORMATS)} image") from None
+        except UserError:
+            raise
+        except UnsupportedPixels as exc:
+            raise UserError(f"{path}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
             message = " ".join(str(exc).split())[:200]
             raise UserError(f"{path} cannot be decoded ({type(exc).__name__}: {message})") from None

@@ -13,9 +13,9 @@ import numpy as np
 
 from data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
-from utils.io.files import ensure_folder, path_problem, read_json, write_json
+from utils.io.files import ensure_folder, path_problem, read_json, refuse_link, write_json
 from utils.runtime.device import gpu_visible
-from utils.schema import MAX_IMAGE_SIZE
+from utils.schema import MAX_IMAGE_SIZE, MIN_CROP_FRACTION
 
 MODEL_PREFIX = "model"
 CONTRACT = "preprocess.json"
@@ -29,6 +29,14 @@ def export_model(model, image_size, out_dir, class_names, crop_fraction=1.0):
     from paddle.static import InputSpec
 
     ensure_folder(out_dir, "the export folder")
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"the export folder {out_dir} is not writable; choose another --out")
+    for path in [*glob.glob(os.path.join(out_dir, MODEL_PREFIX + ".*")),
+                 os.path.join(out_dir, CONTRACT)]:
+        refuse_link(path, "the export file")
+        if os.path.isdir(path):
+            raise UserError(f"the export file {path} is a folder; remove it or choose another "
+                            f"--out")
     model.eval()
     spec = InputSpec([None, 3, image_size, image_size], "float32", name="image")
     paddle.jit.save(paddle.jit.to_static(model, input_spec=[spec], full_graph=True),
@@ -51,11 +59,13 @@ def _checked_contract(contract, path):
     names = contract.get("class_names") if isinstance(contract, dict) else None
     fraction = contract.setdefault("crop_fraction", 1.0) if isinstance(contract, dict) else None
     if (type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE or not isinstance(names, list)
-            or type(fraction) not in (int, float) or not 0.01 <= fraction <= 1
+            or type(fraction) not in (int, float)
+            or not MIN_CROP_FRACTION <= fraction <= 1
             or not names or not all(isinstance(n, str) for n in names)
             or len(set(names)) != len(names)):
         raise UserError(f"{path} is damaged (it needs an image_size of 1 to {MAX_IMAGE_SIZE}, "
-                        f"a crop_fraction in [0.01, 1] and distinct class_names); run python "
+                        f"a crop_fraction in [{MIN_CROP_FRACTION}, 1] and distinct "
+                        f"class_names); run python "
                         f"export.py again")
     if contract.get("mean") != list(IMAGENET_MEAN) or contract.get("std") != list(IMAGENET_STD):
         raise UserError(f"{path} asks for another normalisation than this project's "

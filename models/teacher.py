@@ -5,7 +5,8 @@ import os
 from models.build import build_model, describe_load, load_trained, load_weights, ppim_constructor
 from models.resolution import backbone_of
 from utils.errors import UserError
-from utils.io.files import path_problem
+from utils.io.files import file_digest, path_problem
+from utils.run_folder import folder_in_use
 
 
 def _run_teacher(folder, distill_cfg, precision):
@@ -14,6 +15,11 @@ def _run_teacher(folder, distill_cfg, precision):
     from utils.checkpoint import weights_path
     from utils.config import load_config
 
+    if folder_in_use(folder):
+        raise UserError(f"distill.teacher {folder} is the output folder of a run that is still "
+                        f"going (its run.lock is held): its best weights may change under this "
+                        f"run; let it finish, or copy its best.safetensors and name it with "
+                        f"distill.weights")
     config_path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(config_path):
         raise UserError(f"distill.teacher {folder} is a folder without config.yaml; name the "
@@ -25,7 +31,7 @@ def _run_teacher(folder, distill_cfg, precision):
     if problem:
         raise UserError(f"distill.teacher: no weights at {weights} (it {problem}); let the "
                         f"teacher's run finish, or name a weights file with distill.weights")
-    return load_trained(cfg, precision, weights, config_path)[0], cfg.model.num_classes
+    return load_trained(cfg, precision, weights, config_path)[0], cfg.model.num_classes, weights
 
 
 def _ppim_teacher(name, distill_cfg, num_classes, precision):
@@ -45,7 +51,7 @@ def _ppim_teacher(name, distill_cfg, num_classes, precision):
     model = precision.prepare(build_model(model_cfg, load_pretrained=False, amp=precision.mode))
     print(describe_load(distill_cfg.weights,
                         load_weights(model, distill_cfg.weights, strict=True)), flush=True)
-    return model, num_classes
+    return model, num_classes, distill_cfg.weights
 
 
 def build_teacher(distill_cfg, num_classes, precision):
@@ -54,14 +60,14 @@ def build_teacher(distill_cfg, num_classes, precision):
     source = distill_cfg.teacher
     print(f"distillation teacher: {source}", flush=True)
     if os.path.isdir(source):
-        teacher, classes = _run_teacher(source, distill_cfg, precision)
+        teacher, classes, weights = _run_teacher(source, distill_cfg, precision)
     else:
         try:
             ppim_constructor(source)
         except UserError:
             raise UserError(f"distill.teacher {source!r} is neither a run folder of this "
                             f"project (with config.yaml) nor a PPIM model name") from None
-        teacher, classes = _ppim_teacher(source, distill_cfg, num_classes, precision)
+        teacher, classes, weights = _ppim_teacher(source, distill_cfg, num_classes, precision)
     if classes != num_classes:
         raise UserError(f"distill.teacher {source} predicts {classes} classes, this run "
                         f"{num_classes} (model.num_classes); use a teacher of the same classes")
@@ -71,4 +77,17 @@ def build_teacher(distill_cfg, num_classes, precision):
     backbone = backbone_of(teacher)
     if hasattr(backbone, "pos_embed"):  # what each stage's resolution is resampled from
         teacher.native_pos_embed = backbone.pos_embed.astype("float32").numpy()
+    teacher.pin = {"weights": os.path.abspath(weights), "sha256": file_digest(weights)}
     return teacher
+
+
+def check_teacher_pin(saved, teacher, folder):
+    """A resumed run learns from the teacher it started with: one :class:`UserError` when
+    the weights file differs from the one the checkpoint in ``folder`` recorded (``saved``;
+    ``None`` for a checkpoint from before teachers were recorded)."""
+    if saved and saved["sha256"] != teacher.pin["sha256"]:
+        raise UserError(f"the distillation teacher's weights differ from those the checkpoint "
+                        f"in {folder} was trained with ({saved['weights']}, sha256 "
+                        f"{saved['sha256'][:12]}...; now {teacher.pin['weights']}, "
+                        f"{teacher.pin['sha256'][:12]}...); resume with that teacher, or start "
+                        f"again")

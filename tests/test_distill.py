@@ -17,6 +17,7 @@ from losses.rdrop import CrossEntropyLoss, RDropLoss
 from models.build import build_model
 from utils.config import load_config
 from utils.errors import UserError
+from utils.io.tensor_io import load_tensors, save_tensors
 
 
 def _log_softmax(x):
@@ -239,3 +240,41 @@ def test_preflight_times_a_distilled_fixres_run_with_its_teacher(teacher, tmp_pa
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "soft (temperature 5)" in dry.stdout and "at 32 px" in dry.stdout
     assert "trains head, head_dist, norm only" in dry.stdout
+
+
+def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
+        teacher, tmp_path, monkeypatch):
+    """The teacher is pinned in the checkpoint by its weights' SHA-256; a teacher folder
+    that a live run holds is refused (its best weights may change)."""
+    from conftest import stop_at_evaluation
+
+    from models.teacher import build_teacher
+    from training.amp import Precision
+    from training.run import fit
+    from utils.run_folder import RunFolder
+
+    copy = tmp_path / "teacher"
+    copy.mkdir()
+    for name in ("config.yaml", "best.safetensors"):
+        (copy / name).write_bytes(open(os.path.join(teacher, name), "rb").read())
+    cfg = load_config("configs/demo.yaml", [f"train.output_dir={tmp_path / 'student'}",
+                                             f"distill={{teacher: {copy}}}",
+                                             "train.progress=off", *SHORT])
+    stop_at_evaluation(cfg, 1, monkeypatch)
+    from utils.checkpoint import find_last, load_last
+
+    pinned = load_last(find_last(cfg.train.output_dir), trees=False)[0]["teacher"]
+    assert pinned["sha256"] == hashlib.sha256((copy / "best.safetensors").read_bytes()).hexdigest()
+    weights, metadata = load_tensors(str(copy / "best.safetensors"))
+    weights["head.bias"] = weights["head.bias"] + 1.0
+    save_tensors(str(copy / "best.safetensors"), weights, metadata)
+    with pytest.raises(UserError, match="the distillation teacher's weights differ from those "
+                                        "the checkpoint"):
+        fit(cfg, resume=True)
+    held = RunFolder(str(copy))
+    held.hold(resume=True)
+    try:
+        with pytest.raises(UserError, match="is the output folder of a run that is still going"):
+            build_teacher(cfg.distill, 10, Precision())
+    finally:
+        held.release()

@@ -342,7 +342,7 @@ def test_missing_list_or_label_files_are_one_error_each(photos, tmp_path):
     root, _ = photos
     proc = run_script("main.py", "-c", "configs/demo_folder.yaml", "-o", "data.name=list",
                       "-o", f"data.path={root}", "-o", f"train.output_dir={tmp_path}")
-    assert_one_error(proc, "data.train_list", "train_list.txt is not a file")
+    assert_one_error(proc, "data.train_list", "train_list.txt does not exist")
     listing = tmp_path / "train.txt"
     listing.write_text("train/flower/000-rgb.jpg 0\n")
     (tmp_path / "labels.txt").write_text("0 flower\n1 temple\n")

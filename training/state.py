@@ -124,8 +124,8 @@ class RunState:
     """Everything but tensors that a resume needs: the position, the data epochs begun (their
     seeds), the records written (epochs, and validations inside them), the optimizer steps
     done, the steps skipped for a non-finite loss, the best record so far, the progress of
-    an epoch stopped midway, the averages' update counts, the config, and whether the final
-    test is done."""
+    an epoch stopped midway, the averages' update counts, the config, whether the final
+    test is done, and the distillation teacher's weights file and SHA-256."""
 
     config: dict
     position: Position = field(default_factory=Position)
@@ -137,6 +137,7 @@ class RunState:
     progress: Optional[EpochProgress] = None
     updates: dict = field(default_factory=dict)
     tested: bool = False
+    teacher: Optional[dict] = None
 
     def to_json(self):
         """The JSON form ``state.json`` holds."""
@@ -144,7 +145,8 @@ class RunState:
                 "records": self.records,
                 "global_step": self.global_step, "skipped_steps": self.skipped_steps,
                 "best": self.best, "progress": self.progress and self.progress.to_json(),
-                "updates": dict(self.updates), "config": self.config, "tested": self.tested}
+                "updates": dict(self.updates), "config": self.config, "tested": self.tested,
+                "teacher": self.teacher}
 
     @classmethod
     def from_json(cls, data):
@@ -156,7 +158,8 @@ class RunState:
                    skipped_steps=data["skipped_steps"], best=data["best"],
                    progress=(EpochProgress.from_json(data["progress"])
                              if data["progress"] is not None else None),
-                   updates=dict(data["updates"]), tested=data.get("tested", False))
+                   updates=dict(data["updates"]), tested=data.get("tested", False),
+                   teacher=data.get("teacher"))
 
 
 def checkpoint_trees(model, optimizer_state, averages, precision):

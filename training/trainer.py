@@ -16,7 +16,7 @@ from data.loader import set_epoch
 from data.preprocess import DevicePreprocess
 from losses import build_loss
 from models.build import input_size
-from models.teacher import build_teacher
+from models.teacher import build_teacher, check_teacher_pin
 from training.amp import Precision
 from training.averaging import build_averages, weights_in
 from training.engine import evaluate, train_steps
@@ -91,6 +91,9 @@ class Trainer:
         self.preprocess = DevicePreprocess(input_size(self.model))
         self.teacher = (build_teacher(cfg.distill, cfg.model.num_classes, self.precision)
                         if cfg.distill else None)
+        if self.teacher is not None:
+            check_teacher_pin(self.state.teacher, self.teacher, self.out)
+            self.state.teacher = self.teacher.pin
         validate_stages(cfg, self.model, self.base_size, self.teacher, self.state.position.stage)
         self.averages = build_averages(cfg.train, self.model, self.state.updates, self.restored,
                                        self.masters.by_path())

@@ -181,6 +181,10 @@ def check_state(state):
                 _number(progress[key], f"progress.{key}")
         if progress.get("grad_norm_max") is not None:
             _number(progress["grad_norm_max"], "progress.grad_norm_max")
+    if state.get("teacher") is not None:
+        teacher = _mapping(state["teacher"], "teacher", ("weights", "sha256"))
+        if not all(isinstance(teacher[key], str) for key in ("weights", "sha256")):
+            raise ValueError("'teacher' must name a weights file and its sha256")
     _mapping(state["config"], "config")
     files = state["files"]
     if not isinstance(files, list) or not all(isinstance(f, str) and f in TREES for f in files):

@@ -3,31 +3,43 @@ an exit code for every expected failure."""
 
 import argparse
 import errno
+import os
 import signal
 import sys
 import traceback
 
 from utils.config import DEFAULT_CONFIG
 from utils.errors import Interrupted, UserError
-from utils.runtime.signals import hold_sigterm
+from utils.runtime.signals import HELD, hold_sigterm, leave_closed_terminal
 
 # OS errors a user fixes (free space, fix permissions) rather than bugs: one line each.
-USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                  errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside training (where it stops the run with a checkpoint instead)."""
+    """SIGTERM or SIGHUP outside training (where it stops the run with a checkpoint
+    instead)."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated
+    if signum == signal.SIGHUP:
+        leave_closed_terminal()
+    raise Terminated(signum)
 
 
 def _report(message, debug):
     if debug:
         traceback.print_exc()
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    print(f"error: {'; '.join(lines)}", file=sys.stderr)
+    try:
+        print(f"error: {'; '.join(lines)}", file=sys.stderr)
+    except OSError:  # no terminal left to say it on
+        pass
 
 
 def run(main):
@@ -38,7 +50,11 @@ def run(main):
     ``--debug`` is among the arguments; an :class:`Interrupted` run exits 128 + signal.
     """
     debug = "--debug" in sys.argv[1:]
-    signal.signal(signal.SIGTERM, _terminate)
+    for stream in (sys.stdout, sys.stderr):  # a class name a terminal cannot show: escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    for signum in HELD:
+        signal.signal(signum, _terminate)
     hold_sigterm(True)  # until select_device() has taken it back from Paddle's import
     try:
         try:
@@ -49,9 +65,13 @@ def run(main):
         print(f"interrupted: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt as exc:
-        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         _report(f"interrupted ({signal.Signals(signum).name}); nothing was saved", debug)
         code = 128 + signum
+    except BrokenPipeError:  # `main.py --dry-run | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's last flush must not fail again
+        code = 128 + signal.SIGPIPE
     except UserError as exc:
         _report(exc, debug)
         code = 2
@@ -59,6 +79,11 @@ def run(main):
         if exc.errno not in USER_OS_ERRORS:
             raise
         _report(exc.strerror + (f": {exc.filename}" if exc.filename else ""), debug)
+        code = 2
+    except ValueError as exc:  # a path given with a NUL character, which no file name has
+        if "null" not in str(exc):
+            raise
+        _report(f"a path holds a NUL character ({exc}); no file name can", debug)
         code = 2
     sys.exit(code or 0)
 

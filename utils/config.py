@@ -5,6 +5,7 @@ the key, so that a typo never silently falls back to a default.
 """
 
 import copy
+import json
 import math
 import os
 import re
@@ -12,7 +13,7 @@ import re
 import yaml
 
 from utils.errors import UserError
-from utils.io.files import path_problem
+from utils.io.files import read_text
 from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Field, ListOf, Section, Tagged
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,9 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_VALUES = 100_000
 MAX_CONFIG_DEPTH = 32
 DEFAULT_CONFIG = "configs/rdrop_deit_b_384_cifar100.yaml"
+# PPIM constructor arguments no setting may pass: what they would make the constructor do.
+LOADER_KWARGS = {"pretrained": "download weights and load them with paddle.load (plain pickle)",
+                 "return_transforms": "return a pair instead of the model"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -36,6 +40,28 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
+
+
+def _unique_mapping(loader, node, deep=False):
+    """A mapping whose keys are all different: YAML lets a repeated key silently replace the
+    first (a second ``train:`` section would drop the first one's settings)."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            repeated = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: the mapping's own check reports it
+            continue
+        if repeated:
+            line = key_node.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {_short(key)} appears twice in one mapping (line {line}); "
+                f"the second would silently replace the first", key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -84,6 +110,12 @@ def _load_yaml(text, source):
     return value
 
 
+def path_override(key, path):
+    """The ``-o`` assignment that sets ``key`` to the string ``path`` as it is: a path is not
+    YAML (``run #2`` would lose `` #2`` as a comment, ``true`` would be a boolean)."""
+    return f"{key}={json.dumps(str(path))}"
+
+
 def parse_value(text):
     """Parse one override value as YAML (``1e-4`` → float, ``[1, 2]`` → list)."""
     return _load_yaml(text, f"override value {_short(text)}")
@@ -93,18 +125,7 @@ def read_yaml(path):
     """Read a YAML mapping from ``path`` (relative paths also tried from the project root)."""
     if not os.path.exists(path) and os.path.isfile(os.path.join(PROJECT_ROOT, path)):
         path = os.path.join(PROJECT_ROOT, path)
-    problem = path_problem(path)
-    if problem:
-        raise UserError(f"config file {path} {problem} (pass a YAML file with -c)")
-    if os.path.getsize(path) > MAX_CONFIG_BYTES:
-        raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes; is it "
-                        f"a config?")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except UnicodeDecodeError as exc:
-        raise UserError(f"config file {path} is not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start}); save it as UTF-8") from None
+    text = read_text(path, "config file", MAX_CONFIG_BYTES)
     raw = _load_yaml(text, f"config file {path}")
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
@@ -117,12 +138,15 @@ def apply_override(raw, assignment):
     if not sep or not key:
         raise UserError(f"override {assignment!r} must look like section.key=value")
     parts = key.split(".")
+    if len(parts) > MAX_CONFIG_DEPTH:
+        raise UserError(f"override key {_short(key)} has {len(parts)} levels; configs have at "
+                        f"most {MAX_CONFIG_DEPTH}")
     node = raw
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         where = ".".join(parts[:depth]) or "the config"
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
                 raise UserError(
                     f"override {key!r}: {where} is a list of {len(node)}, "
                     f"{part!r} is not an index in it")
@@ -156,6 +180,9 @@ def _check_field(value, field, path):
             f"got {type(value).__name__} {_short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"config key '{path}' must be a finite number, got {value}")
+    if isinstance(value, str) and "\x00" in value:
+        raise UserError(f"config key '{path}' holds a NUL character, which no name or path "
+                        f"can: {_short(value)}")
     if field.choices and value not in field.choices:
         raise UserError(f"config key '{path}' must be one of {', '.join(field.choices)}; "
                         f"got {_short(value)}")
@@ -245,6 +272,11 @@ def _check_kwargs(kwargs, where="model.kwargs"):
         if not isinstance(key, str):
             raise UserError(f"config key '{where}' must map argument names to values, got the "
                             f"key {_short(key)}")
+        if key in LOADER_KWARGS:
+            raise UserError(f"config key '{path}' is not accepted: it makes PPIM's constructor "
+                            f"{LOADER_KWARGS[key]}; weights are loaded by model.pretrained "
+                            f"(distill.weights for a teacher), through this project's checked "
+                            f"loader")
         items = value if isinstance(value, list) else [value]
         if len(items) > 16 or not all(isinstance(v, (type(None), bool, int, float, str))
                                       for v in items):

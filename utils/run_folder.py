@@ -15,7 +15,7 @@ import sys
 import time
 
 from utils.errors import UserError
-from utils.io.files import ensure_folder, json_text, read_json
+from utils.io.files import ensure_folder, json_text, path_problem, read_json, refuse_link
 
 LOCK = "run.lock"
 # The lock files this process holds open. A forked child (a loader worker) closes its copies:
@@ -97,6 +97,10 @@ class RunFolder:
             raise UserError(f"train.output_dir {self.path} holds files that no run wrote (e.g. "
                             f"{', '.join(foreign[:3])}); --overwrite moves only earlier runs: "
                             f"choose another train.output_dir")
+        if os.path.islink(self.path.rstrip(os.sep)):
+            raise UserError(f"train.output_dir {self.path} is a symbolic link, which "
+                            f"--overwrite would replace by a folder; move the earlier run "
+                            f"aside yourself, or name the folder it points to")
         moved = _aside(self.path)
         os.replace(self.path, moved)
         self.release()
@@ -106,7 +110,9 @@ class RunFolder:
         return moved
 
     def _lock(self):
-        fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        refuse_link(os.path.join(self.path, LOCK))
+        fd = os.open(os.path.join(self.path, LOCK),
+                     os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,3 +138,18 @@ class RunFolder:
             _HELD.discard(self._fd)
             os.close(self._fd)
             self._fd = None
+
+
+def folder_in_use(path):
+    """Whether a run holds ``path`` now (its ``run.lock`` is locked by a live process)."""
+    lock = os.path.join(path, LOCK)
+    if path_problem(lock):
+        return False
+    fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False

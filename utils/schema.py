@@ -10,6 +10,7 @@ REQUIRED = object()
 BIG = 10 ** 9
 MAX_BATCH = 65_536
 MAX_IMAGE_SIZE = 1024  # 4,096 tokens at patch 16: attention is quadratic in them
+MIN_CROP_FRACTION = 0.25
 
 
 class Field:
@@ -84,7 +85,8 @@ DATA = Section({
                        maximum=100.0),
     }, optional=True),
     # Evaluation view: the shorter side resized to image_size / crop_fraction, centre crop.
-    "crop_fraction": Field(float, 1.0, minimum=0.01, maximum=1.0),
+    # At least MIN_CROP_FRACTION: 0.01 would resize a photo's shorter side to 100 x 1024 px.
+    "crop_fraction": Field(float, 1.0, minimum=MIN_CROP_FRACTION, maximum=1.0),
     # An unreadable image: stop (false), or warn once, count and go on without it (true).
     "skip_bad_images": Field(bool, False),
 })

@@ -8,6 +8,7 @@ as it was.
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -32,6 +33,8 @@ def path_problem(path, want="file"):
 
     Devices, pipes and sockets are refused: reading one can block forever or never end.
     """
+    if "\x00" in str(path):
+        return "holds a NUL character, which no file name can"
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -51,6 +54,34 @@ def path_problem(path, want="file"):
     return "is not a regular file (a device, pipe or socket)"
 
 
+# A text file a setting names (a list file of millions of lines fits): a bound on the read.
+MAX_TEXT_BYTES = 256 << 20
+
+
+def read_text(path, what, limit=MAX_TEXT_BYTES, errors="strict"):
+    """The UTF-8 text of the file ``path`` (a byte-order mark dropped: Windows editors write
+    one), or one :class:`UserError` naming ``what``: not a regular file (a pipe would block,
+    ``/dev/zero`` never ends), larger than ``limit`` bytes, not UTF-8
+    (``errors="surrogateescape"`` keeps undecodable bytes, e.g. of file names)."""
+    problem = path_problem(path)
+    if problem:
+        raise UserError(f"{what} {path} {problem}")
+    if os.path.getsize(path) > limit:
+        raise UserError(f"{what} {path} is larger than {limit} bytes; is it the right file?")
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    try:
+        return data.decode("utf-8-sig", errors)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        f"save it as UTF-8") from None
+
+
+def read_text_lines(path, what, errors="strict"):
+    """The lines of :func:`read_text`."""
+    return read_text(path, what, errors=errors).splitlines()
+
+
 def ensure_folder(path, what):
     """Create the folder ``path`` (named by ``what``, e.g. a config key) if it is missing;
     one :class:`UserError` when it cannot be (a file is in the way)."""
@@ -63,6 +94,29 @@ def ensure_folder(path, what):
     return path
 
 
+def refuse_link(path, what="the file"):
+    """One :class:`UserError` when ``path`` is a symbolic link: a file this project writes
+    never replaces a link it did not make, nor writes through one (``/dev/stdout`` is a link:
+    replaced, it would become a regular file)."""
+    if os.path.islink(path):
+        raise UserError(f"{what} {path} is a symbolic link; files are never written through "
+                        f"or over a link: remove it or name the real file")
+
+
+def open_unlinked(path, mode="w"):
+    """``path`` opened as UTF-8 text to write (``"w"``) or append (``"a"``), never through a
+    symbolic link (one :class:`UserError` when it is one)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    refuse_link(path)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # made a link since the check above
+            refuse_link(path)
+        raise
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
 def check_writable(path, what):
     """Stop before any work when the file ``path`` (named by option ``what``) cannot be
     written: its folder is missing or not writable, or it is not a regular file."""
@@ -72,8 +126,18 @@ def check_writable(path, what):
         raise UserError(f"{what} {path}: its folder {folder} {problem}")
     if not os.access(folder, os.W_OK):
         raise UserError(f"{what} {path}: its folder {folder} is not writable")
+    refuse_link(path, what)
     if os.path.lexists(path) and path_problem(path):
         raise UserError(f"{what} {path} {path_problem(path)}")
+
+
+def file_digest(path):
+    """The SHA-256 of the regular file ``path`` (hex), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(folder):
@@ -86,10 +150,16 @@ def fsync_dir(folder):
 
 
 def write_atomically(path, data):
-    """Replace ``path`` with ``data`` (bytes) durably and atomically."""
+    """Replace ``path`` with ``data`` (bytes) durably and atomically; never a symbolic link
+    (:func:`refuse_link`), and the temporary file is made afresh, not opened through one."""
     tmp = f"{path}.tmp"
+    refuse_link(path)
+    if os.path.islink(tmp) or os.path.isfile(tmp):  # left by a crash, or planted
+        os.remove(tmp)
     try:
-        with open(tmp, "wb") as handle:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o644)
+        with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -14,7 +14,7 @@ import numbers
 import os
 import shutil
 
-from utils.io.files import json_text
+from utils.io.files import json_text, open_unlinked, refuse_link
 
 VDL_FILE = "vdlrecords.run.log"
 
@@ -78,9 +78,11 @@ class RunLogger:
         if keep_records and os.path.isfile(self.metrics_path):
             with open(self.metrics_path, encoding="utf-8") as handle:
                 kept = handle.readlines()[:keep_records]
-        with open(self.metrics_path, "w", encoding="utf-8") as handle:
+        with open_unlinked(self.metrics_path, "w") as handle:
             handle.writelines(kept)
         vdl = os.path.join(output_dir, "vdl")
+        for path in (vdl, os.path.join(vdl, VDL_FILE)):
+            refuse_link(path)
         if glob.glob(os.path.join(vdl, "vdlrecords.*")):
             _rewrite_history(vdl, keep_steps, keep_records)
         self.writer = _quietly(LogWriter, logdir=vdl, file_name=VDL_FILE)  # appends
@@ -96,7 +98,7 @@ class RunLogger:
         """Append ``record`` to metrics.jsonl and mirror its numbers to VisualDL."""
         if not self.enabled:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+        with open_unlinked(self.metrics_path, "a") as handle:
             handle.write(json_text(record) + "\n")
         for name, value in record.items():
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
@@ -107,7 +109,7 @@ class RunLogger:
         and VisualDL (``test/best_top1``, ...)."""
         if not self.enabled:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+        with open_unlinked(self.metrics_path, "a") as handle:
             handle.write(json_text(record) + "\n")
         for key in ("test_top1", "test_top5", "test_loss"):
             self.writer.add_scalar(tag=f"test/{record['test']}_{key[len('test_'):]}",

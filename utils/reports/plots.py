@@ -3,12 +3,22 @@
   python -m utils.reports.plots OUTPUT_DIR     # (re)write OUTPUT_DIR/curves.png
 """
 
+import io
 import json
 import os
 import sys
 
+from utils.io.files import write_atomically
+
 CURVES = "curves.png"
 PER_CLASS = "per_class_top1.png"
+
+
+def _save(figure, path):
+    """Render ``figure`` as PNG and write it atomically (never through a symbolic link)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomically(path, buffer.getvalue())
 
 
 def _figure(**kwargs):
@@ -75,7 +85,7 @@ def plot_curves(output_dir):
     top1_ax.legend(loc="center right")
     figure.tight_layout()
     path = os.path.join(output_dir, CURVES)
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
     return path
 
 
@@ -125,7 +135,7 @@ def plot_per_class(per_class, path, title):
     axis.set(ylim=(0, 1), ylabel="top-1", title=title)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
     return path
 
 

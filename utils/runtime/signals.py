@@ -1,12 +1,37 @@
-"""Stop a run cleanly on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before a kill), and
-keep those signals with the Python handlers once Paddle is imported."""
+"""Stop a run cleanly on SIGINT (Ctrl-C), SIGTERM (what schedulers send before a kill) or
+SIGHUP (a closed terminal or SSH session), and keep those signals with the Python handlers
+once Paddle is imported."""
 
 import os
 import signal
 import sys
 import threading
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Held back while Paddle is imported (its C++ handlers would print a dump), then delivered.
+HELD = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _say(text):
+    """Write ``text`` to standard error from a signal handler; a closed terminal is not an
+    error there."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError):
+        pass
+
+
+def leave_closed_terminal():
+    """After SIGHUP: send what would go to the terminal, which is gone, to /dev/null, so
+    that the checkpoint and the messages after it do not fail on it (log files are kept)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream.isatty():
+                os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):
+            pass
+    os.close(devnull)
 
 
 class StopRequests:
@@ -36,15 +61,14 @@ class StopRequests:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            leave_closed_terminal()
         if self.signum is not None:
-            os.write(sys.stderr.fileno(),
-                     f"\nerror: second {name}: exiting now; the last saved checkpoint is "
-                     f"kept\n".encode())
+            _say(f"\nerror: second {name}: exiting now; the last saved checkpoint is kept\n")
             os._exit(128 + signum)
         self.signum = signum
-        os.write(sys.stderr.fileno(),
-                 f"\n{name}: stopping after the current step to save a checkpoint (send it "
-                 f"again to exit at once)\n".encode())
+        _say(f"\n{name}: stopping after the current step to save a checkpoint (send it "
+             f"again to exit at once)\n")
 
     @property
     def requested(self):
@@ -53,10 +77,9 @@ class StopRequests:
 
 
 def hold_sigterm(hold):
-    """Hold SIGTERM back (``hold``) or let a held one arrive."""
+    """Hold SIGTERM and SIGHUP back (``hold``) or let a held one arrive."""
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK,
-                               [signal.SIGTERM])
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, HELD)
 
 
 def reassert_handlers():
@@ -64,7 +87,7 @@ def reassert_handlers():
     dump); hand the signals back to the Python handlers in place, then let a SIGTERM held
     back by :func:`run` while Paddle was imported arrive."""
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in SIGNALS:
             handler = signal.getsignal(signum)
             if handler is not None:
                 signal.signal(signum, handler)
