@@ -225,13 +225,23 @@ class ImageDataset(Dataset):
     def __getitem__(self, index):
         try:
             return self._sample(int(index))
-        except UserError:  # raised again by the loader in the training process (data.loader)
+        except Exception:  # noqa: BLE001 - raised again in the training process (data.loader):
+            # an exception let out of here hangs Paddle's loader for good with num_workers: 0
             return np.zeros((self.size, self.size, 3), np.uint8), np.int64(FAILED - int(index))
 
     def raise_failure(self, index):
-        """Raise, in this process, the error that sample ``index`` met in a loader worker."""
-        self._sample(index)
-        raise UserError(f"{self.images.name(index)} could not be read in a loader worker")
+        """Raise, in this process, the error that sample ``index`` met in a loader worker,
+        as one :class:`UserError`."""
+        name = self.images.name(index)
+        try:
+            self._sample(index)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MemoryError, a decoder's bug: one line
+            message = " ".join(str(exc).split())[:200]
+            raise UserError(f"{name} could not be prepared ({type(exc).__name__}: {message}); "
+                            f"data.skip_bad_images=true leaves out images that fail") from None
+        raise UserError(f"{name} could not be read in a loader worker")
 
     def _sample(self, index):
         """Sample ``index`` as :meth:`__getitem__` returns it, or the :class:`UserError` of

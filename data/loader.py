@@ -25,7 +25,18 @@ class SampleErrorLoader(DataLoader):
     """
 
     def __iter__(self):
-        for images, labels in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                return
+            except SystemError as exc:  # Paddle's word for a worker that died
+                if "Blocking queue is killed" not in str(exc):
+                    raise
+                raise UserError("a data loader worker died (killed by the system, perhaps out "
+                                "of memory); lower data.num_workers or data.batch_size, or "
+                                "look for an image that needs too much memory") from None
             values = labels.numpy()
             if values.min() <= FAILED:
                 self.dataset.raise_failure(FAILED - int(values.min()))

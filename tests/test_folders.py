@@ -386,3 +386,44 @@ def test_preflight_and_the_gpu_recipe_s_data_settings_run_on_a_folder(photos, tm
     fit(load_config("configs/rdrop_deit_b_384_folder.yaml", tiny))
     assert [r["stage"] for r in read_records(str(tmp_path / "recipe"))] == [0, 1]
     assert final_tests(str(tmp_path / "recipe"))["best"]["num_samples"] == 12
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_exception_while_preparing_an_image_ends_the_run_in_one_line(photos, tmp_path,
+                                                                        monkeypatch, workers):
+    """Any exception in a sample (here a MemoryError from the decoder), not only an unreadable
+    file: with num_workers 0 Paddle's loader used to wait for it forever."""
+    import data.sources as sources
+
+    root, _ = photos
+    real = sources.read_rgb
+
+    def runs_out(path):
+        if path.endswith("001-grey.png"):
+            raise MemoryError("decoding needs more memory than there is")
+        return real(path)
+
+    monkeypatch.setattr(sources, "read_rgb", runs_out)
+    with pytest.raises(UserError, match="001-grey.png could not be prepared .MemoryError: "
+                                        "decoding needs more memory"):
+        fit(_cfg(root, str(tmp_path), f"data.num_workers={workers}"))
+
+
+def test_a_loader_worker_killed_by_the_system_ends_the_run_in_one_line(photos, tmp_path,
+                                                                       monkeypatch):
+    """The out-of-memory killer takes a worker: one line, not Paddle's SystemError."""
+    import signal
+
+    import data.sources as sources
+
+    root, _ = photos
+    real, main_pid = sources.read_rgb, os.getpid()
+
+    def killed(path):
+        if os.getpid() != main_pid and path.endswith("002-rgba.png"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    monkeypatch.setattr(sources, "read_rgb", killed)
+    with pytest.raises(UserError, match="a data loader worker died"):
+        fit(_cfg(root, str(tmp_path), "data.num_workers=2"))

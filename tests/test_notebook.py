@@ -42,7 +42,8 @@ def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
 def test_notebook_trains_on_a_folder_of_photos(tmp_path):
     from data.sample_photos import write_sample_folder
 
-    photos, out = str(tmp_path / "photos"), str(tmp_path / "notebook")
+    # Paths that YAML would misread (" #" starts a comment): the notebook passes them as they are.
+    photos, out = str(tmp_path / "photos #1"), str(tmp_path / "notebook #2")
     write_sample_folder(photos, {"train": 8, "test": 4})
     executed = str(tmp_path / "executed.ipynb")
     papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
@@ -54,6 +55,7 @@ def test_notebook_trains_on_a_folder_of_photos(tmp_path):
     assert _outputs(notebook, "error") == []
     text = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
     assert f"data: your images (folder) under {photos}" in text
+    assert os.path.isfile(os.path.join(out, "best.safetensors"))
     assert "the test split as validation" in text  # no val/ here
     images = [o for o in _outputs(notebook, "display_data") if "image/png" in o["data"]]
     assert len(images) >= 3  # curves, per-class chart, predictions of the photos

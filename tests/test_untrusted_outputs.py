@@ -196,3 +196,15 @@ def test_a_stopped_prediction_writes_the_images_it_did(tmp_path, monkeypatch):
     done = json.loads(target.read_text())
     assert [os.path.basename(r["file"]) for r in done] == ["0.png", "1.png"]
     assert all(len(r["topk"]) == 5 for r in done)
+
+
+def test_export_py_into_a_folder_with_a_planted_link_is_one_line(tmp_path, victim):
+    paddle.seed(0)
+    weights = str(tmp_path / "w.safetensors")
+    save_tensors(weights, build_model(load_config("configs/demo.yaml").model).state_dict())
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "preprocess.json").symlink_to(victim)
+    proc = run_script("export.py", *DEMO, "--weights", weights, "--out", str(out))
+    assert_one_error(proc, "preprocess.json is a symbolic link")
+    assert victim.read_text() == "keep me\n"

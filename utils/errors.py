@@ -25,6 +25,8 @@ class Interrupted(Exception):
 def is_out_of_memory(exc):
     """Whether ``exc`` is the device (or host) running out of memory, however Paddle says it
     (``MemoryError``, ``ResourceExhaustedError``, "Out of memory" in a ``RuntimeError``)."""
+    if isinstance(exc, UserError):  # already says what happened and what to do
+        return False
     text = f"{type(exc).__name__} {exc}".lower()
     return isinstance(exc, MemoryError) or "resourceexhausted" in text \
         or "out of memory" in text

@@ -48,6 +48,7 @@ def _rewrite_history(vdl, steps, epochs):
 
     history = _scalars_before(vdl, steps, epochs)
     partial = vdl + ".partial"
+    refuse_link(partial)
     shutil.rmtree(partial, ignore_errors=True)
     writer = _quietly(LogWriter, logdir=partial, file_name=VDL_FILE)
     for tag, step, value, walltime in history:
