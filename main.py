@@ -6,12 +6,14 @@ Examples:
   python main.py -o loss.rdrop=false            # the plain cross-entropy baseline
   python main.py -o stages.0.optimizer.lr=1e-4  # change one stage's learning rate
   python main.py --dry-run                      # print the resolved config and stage plan
-  python main.py --preflight                    # will it fit, how fast, how long (a minute)
+  python main.py --dry-run --json               # the cost: steps, hours per GPU, memory, disk
+  python main.py --preflight                    # measured here: fit, speed, time (GPU: a minute)
   python main.py --resume                       # continue after an interruption
   python main.py --overwrite                    # start again, the earlier run moved aside
   python main.py --init-from output/subset      # carry weights of an earlier run
 """
 
+import json
 import os
 import shlex
 import sys
@@ -38,26 +40,40 @@ def parse_args(argv=None):
                         help="start afresh in a train.output_dir that holds an earlier run, "
                              "after moving its contents aside to OUTPUT_DIR.old-<time>")
     parser.add_argument("--preflight", action="store_true",
-                        help="measure this run before starting it: a few real steps of each "
-                             "stage setup, an evaluation batch and a checkpoint round trip; "
-                             "prints step time, memory, projected time and disk, then exits "
-                             "(2 when the micro-batch does not fit, with settings that do)")
+                        help="measure this run on this machine before starting it: the stage "
+                             "check, a few seconds of real steps of each stage setup, an "
+                             "evaluation batch, the loader and a checkpoint round trip; prints "
+                             "step time, memory, projected time and disk (on a GPU beside the "
+                             "plan's estimate), then exits (2 when the micro-batch does not "
+                             "fit, with settings that do). About a minute on a GPU; on a CPU "
+                             "the real model takes many minutes, with a progress line every "
+                             "10 s")
     parser.add_argument("--json", action="store_true",
-                        help="with --preflight: print the report as one JSON line")
+                        help="with --preflight: print the report as one JSON line; with "
+                             "--dry-run: the run's cost plan as one JSON document")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and the stage plan, then exit "
-                             "(loads no data and no weights)")
+                        help="print the resolved config, the stage plan and its cost (steps, "
+                             "images, FLOPs, memory and hours per GPU, disk), then exit "
+                             "(loads no data and no weights; in about a second)")
     return parser.parse_args(argv)
 
 
-def print_plan(cfg):
-    """The resolved config followed by one line per stage."""
+def print_plan(cfg, as_json=False):
+    """The resolved config, one line per stage and the cost (:mod:`training.plan`); with
+    ``as_json`` the cost alone, as one JSON document."""
+    from training.plan import cost_lines, plan
+
+    cost = plan(cfg)
+    if as_json:
+        print(json.dumps(cost, indent=2))
+        return
     print(dump_config(cfg), end="")
     print("training: " + describe_run(cfg))
     print("stage plan:")
     for index, stage in enumerate(cfg.stages):
         print("  " + describe_stage(index, stage, stage_data(cfg.data, stage),
                                     stage_loss(cfg.loss, stage)))
+    print("\n".join(cost_lines(cost)))
 
 
 def main(argv=None):
@@ -71,7 +87,7 @@ def main(argv=None):
         overrides.append(path_override("model.pretrained", path))
     cfg = load_config(args.config, overrides)
     if args.dry_run:
-        print_plan(cfg)
+        print_plan(cfg, args.json)
         return 0
     if args.preflight:
         return run_preflight(cfg, args.json)
@@ -86,11 +102,18 @@ def main(argv=None):
 
 
 def run_preflight(cfg, as_json):
-    """Measure the run, print the report; an error line when the micro-batch does not fit."""
-    from preflight import preflight, print_report
+    """Measure the run, print the report; an error line when the micro-batch does not fit.
+    With ``as_json`` standard output holds the report alone, everything else goes to
+    standard error."""
+    import contextlib
 
-    report = preflight(cfg)
-    print_report(report, as_json)
+    from preflight import preflight
+    from utils.reports.preflight import print_report
+
+    report_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        report = preflight(cfg)
+    print_report(report, as_json, report_out)
     for entry in report["stages"]:
         if entry["accum_steps"] != cfg.train.accum_steps:
             configured = entry["batch_size"] // report["ranks"] // cfg.train.accum_steps

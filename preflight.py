@@ -11,18 +11,22 @@ budgets), and the disk the checkpoints need. A micro-batch that does not fit is 
 the settings that keep the same global batch are printed.
 """
 
-import json
+import contextlib
 import os
+import sys
 import tempfile
+import threading
 import time
 
 import paddle
 
+from data.cifar import pending_download as cifar_download
 from data.dataset import eval_loader, run_splits, stage_loaders
 from data.loader import loader_rate, set_epoch
 from losses import build_loss
 from models.attention import FusedAttention
 from models.build import build_model, input_size
+from models.build import pending_download as weights_download
 from models.teacher import build_teacher
 from training.amp import Precision
 from training.averaging import build_averages
@@ -34,6 +38,8 @@ from training.stages import StageLength, lr_scale, micro_batch, stage_data, stag
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
+from utils.io.download import ensure_downloadable
+from utils.reports.preflight import plan_rates
 from utils.reports.progress import set_mode as set_progress
 from utils.runtime.device import peak_memory_bytes, select_device
 from utils.runtime.dist import any_rank, init, world_size
@@ -42,6 +48,8 @@ from utils.runtime.seeds import seed_everything
 # Steps timed per setup: at least this many seconds of them (and at least MIN_STEPS), after
 # one untimed step (kernels, caches, allocations).
 TIMED_SECONDS, MIN_STEPS, MAX_STEPS = 3.0, 3, 50
+# Seconds between progress lines while preflight works.
+HEARTBEAT_S = 10
 
 
 def _setups(cfg):
@@ -136,9 +144,43 @@ def preflight(cfg):
     start = time.perf_counter()
     device = select_device()
     set_progress("off")
+    if not str(device).startswith("gpu"):
+        print(f"preflight on {device}: no GPU here, so the times and memory below are this "
+              f"machine's; the GPU estimates are in python main.py --dry-run", flush=True)
+    ensure_downloadable([item for item in (
+        cifar_download(cfg.data), weights_download(cfg.model)) if item])
+    with heartbeat() as phase:
+        return _preflight(cfg, device, start, phase)
+
+
+@contextlib.contextmanager
+def heartbeat(every=HEARTBEAT_S):
+    """A line on standard error every ``every`` seconds while preflight works (one real step
+    of the full model on a CPU can take minutes); yields a function that names the phase."""
+    state = {"phase": "starting", "since": time.perf_counter()}
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            print(f"preflight: {state['phase']} ({time.perf_counter() - state['since']:.0f} s "
+                  f"so far)", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield lambda phase: state.update(phase=phase)
+    finally:
+        done.set()
+        thread.join()
+
+
+def _preflight(cfg, device, start, phase):
+    """:func:`preflight` once the downloads are known to be there."""
     init()
     seed_everything(cfg.train.seed)
+    phase("loading the data")
     train, val, test, class_names = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    phase("building the model")
     precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
     model = build_model(cfg.model, amp=precision.mode, image_size=cfg.data.image_size,
                         two_heads=cfg.distill is not None)
@@ -149,6 +191,7 @@ def preflight(cfg):
            "base_size": input_size(model), "teacher": build_teacher(
                cfg.distill, cfg.model.num_classes, precision) if cfg.distill else None}
     validate_stages(cfg, model, run["base_size"], run["teacher"])
+    phase("the stage check")
     check_s = check_stages(cfg, precision, run["teacher"], device=device)
     fused = sum(isinstance(layer, FusedAttention) for layer in model.sublayers())
     report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
@@ -157,6 +200,7 @@ def preflight(cfg):
               "recompute": cfg.model.recompute, "stage_check_s": check_s, "stages": []}
     fits, optimizer = True, None
     for (batch, _, name, _, _), indices in _setups(cfg).items():
+        phase(f"timing the steps of stage {indices[0]}")
         accum, step_s, optimizer = _fitting_accum(run, cfg, indices[0], (train, val), device)
         fits = fits and accum == cfg.train.accum_steps
         micro = micro_batch(batch, accum, world_size())
@@ -164,6 +208,7 @@ def preflight(cfg):
             report["stages"].append({"stage": index, "batch_size": batch, "micro_batch": micro,
                                      "accum_steps": accum, "optimizer": name,
                                      "step_s": step_s, "train_images_per_s": batch / step_s})
+    phase("timing evaluation, the loader and a checkpoint")
     eval_s, eval_images = _time_eval(run, cfg, val)
     report.update(_time_loader(cfg, (train, val), run["base_size"]))
     _project(report, cfg, train, val, test, eval_images / eval_s)
@@ -175,6 +220,7 @@ def preflight(cfg):
     report.update(step_s=first["step_s"], train_images_per_s=first["train_images_per_s"],
                   eval_images_per_s=eval_images / eval_s, fits=fits,
                   preflight_s=time.perf_counter() - start)
+    plan_rates(report, cfg, device)
     return report
 
 
@@ -223,45 +269,3 @@ def _project(report, cfg, train, val, test, eval_ips):
         total += length.steps * entry["step_s"] + validations * validation_s
     report["projected_epoch_s"] = report["stages"][0]["projected_epoch_s"]
     report["projected_total_s"] = total + 2 * len(test[1]) / eval_ips
-
-
-def _human_bytes(count):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-
-
-def _human_seconds(seconds):
-    hours, rest = divmod(int(round(seconds)), 3600)
-    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
-
-
-def print_report(report, as_json=False):
-    """The table (or the JSON line) of :func:`preflight`."""
-    if as_json:
-        print(json.dumps(report))
-        return
-    print(f"device {report['device']}, Paddle {report['paddle']}, {report['ranks']} rank(s), "
-          f"{report['precision']}, attention {report['attention']}, recompute "
-          f"{'on' if report['recompute'] else 'off'}")
-    print(f"{'stage':>5} {'batch':>6} {'micro':>6} {'accum':>6} {'step':>9} {'img/s':>8} "
-          f"{'steps/epoch':>12} {'epoch':>14}")
-    for entry in report["stages"]:
-        print(f"{entry['stage']:>5} {entry['batch_size']:>6} {entry['micro_batch']:>6} "
-              f"{entry['accum_steps']:>6} {entry['step_s']:>8.3f}s "
-              f"{entry['train_images_per_s']:>8.1f} {entry['steps_per_epoch']:>12} "
-              f"{_human_seconds(entry['projected_epoch_s']):>14}")
-    print(f"evaluation {report['eval_images_per_s']:.1f} img/s per rank; peak memory "
-          f"{_human_bytes(report['peak_memory_bytes'])}; checkpoint "
-          f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
-          f"{_human_bytes(report['disk_bytes'])}")
-    loader = report["loader_images_per_s"]
-    if loader is not None:
-        wait = loader < report["train_images_per_s"]
-        print(f"host loader {loader:.1f} img/s with {report['num_workers']} workers, "
-              f"{_human_bytes(report['host_bytes_per_image'])} per image: "
-              + ("slower than training, which will wait for it; raise data.num_workers"
-                 if wait else "faster than training, which will not wait for it"))
-    print(f"projected: the whole recipe at its full length {_human_seconds(report['projected_total_s'])} "
-          f"(preflight took {report['preflight_s']:.0f} s)")

@@ -231,10 +231,10 @@ def test_preflight_times_a_distilled_fixres_run_with_its_teacher(teacher, tmp_pa
                       f"train.output_dir={tmp_path}", "-o", f"distill={{teacher: {teacher}}}",
                       "--preflight", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout)  # standard output is the report alone
     assert [s["stage"] for s in report["stages"]] == [0, 1, 2] and report["fits"]
     assert all(s["step_s"] > 0 for s in report["stages"])
-    assert "stage 2 trains 6 of 35 parameter tensors" in proc.stdout
+    assert "stage 2 trains 6 of 35 parameter tensors" in proc.stderr
     dry = run_script("main.py", "-c", "configs/demo_fixres.yaml", "-o",
                      f"distill={{teacher: {teacher}, type: soft, tau: 5.0}}", "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]

@@ -1,0 +1,154 @@
+"""The run plan (``--dry-run --json``): counts from the config alone, checked against counts
+made independently (the operations a real forward pass runs) and against measurements."""
+
+import json
+
+import numpy as np
+import paddle
+import pytest
+from conftest import run_script, tiny_model_config
+
+from models.build import build_model
+from training.plan import activation_values, forward_flops, model_shape, plan
+from utils.config import load_config
+
+# bench/memory.py on this project's 2-core CPU (README, Measured): deit_b_distilled_384 at
+# 384 px, float32, one R-Drop step ([x; x]), bytes per image.
+MEASURED_BYTES_PER_IMAGE = {"plain": 1.58e9, "recompute": 0.224e9}
+
+
+def _executed_flops(model, size):
+    """FLOPs of the matmuls and convolutions one forward pass of ``model`` runs, counted from
+    the shapes of the tensors they see (Linear and Conv2D layers by hooks, the attention's
+    ``Tensor.matmul`` by wrapping it)."""
+    count = [0]
+
+    def linear(layer, inputs, output):
+        count[0] += 2 * int(np.prod(inputs[0].shape[:-1])) * layer.weight.shape[0] * \
+            layer.weight.shape[1]
+
+    def conv(layer, inputs, output):
+        out_channels, in_channels, kh, kw = layer.weight.shape
+        count[0] += 2 * int(np.prod(output.shape)) * in_channels * kh * kw
+
+    hooks = [layer.register_forward_post_hook(linear) for layer in model.sublayers()
+             if isinstance(layer, paddle.nn.Linear)]
+    hooks += [layer.register_forward_post_hook(conv) for layer in model.sublayers()
+              if isinstance(layer, paddle.nn.Conv2D)]
+    real = paddle.Tensor.matmul
+
+    def matmul(x, y, *args, **kwargs):
+        count[0] += 2 * int(np.prod(x.shape[:-1])) * x.shape[-1] * y.shape[-1]
+        return real(x, y, *args, **kwargs)
+
+    paddle.Tensor.matmul = matmul
+    try:
+        model.eval()
+        with paddle.no_grad():
+            model(paddle.zeros([1, 3, size, size]))
+    finally:
+        paddle.Tensor.matmul = real
+        for hook in hooks:
+            hook.remove()
+    return count[0]
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_forward_flops_equal_the_operations_a_forward_pass_runs(size):
+    cfg = tiny_model_config()
+    model = build_model(cfg, image_size=size)
+    assert forward_flops(model_shape(cfg, size)) == _executed_flops(model, size)
+
+
+def test_deit_b_384_flops_match_the_published_count():
+    cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml").model
+    shape = model_shape(cfg)
+    # DeiT's paper: 55.5 G multiply-adds for DeiT-B at 384 ("FLOPs" there count those).
+    assert forward_flops(shape) / 2 == pytest.approx(55.5e9, rel=0.01)
+    assert shape["params"] == pytest.approx(86.2e6, rel=0.01)
+
+
+@pytest.mark.parametrize("kind, recompute", [("plain", False), ("recompute", True)])
+def test_activation_estimate_agrees_with_the_cpu_measurement(kind, recompute):
+    cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml").model
+    estimate = 2 * activation_values(model_shape(cfg), recompute) * 4  # two copies, float32
+    assert estimate == pytest.approx(MEASURED_BYTES_PER_IMAGE[kind], rel=0.3)
+
+
+def test_the_paper_recipe_plan_is_one_json_document():
+    proc = run_script("main.py", "-c", "configs/rdrop_paper_recipe.yaml", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cost = json.loads(proc.stdout)
+    assert cost["total_images"] == 5_120_000 and cost["total_optimizer_steps"] == 10_000
+    assert set(cost["hours"]) == {"V100-16GB", "V100-32GB", "A100-40GB"}
+    assert {"flops_per_image", "activation_bytes_per_image", "memory_bytes", "fits",
+            "disk_bytes", "stages"} <= set(cost)
+    # 5.12 M images x 667 GFLOPs at 20 % of a V100's 125 TFLOP/s fp16 peak.
+    assert cost["hours"]["V100-32GB"] == pytest.approx(
+        5.12e6 * cost["flops_per_image"] / (0.2 * 125e12) / 3600)
+
+
+def test_the_reproduction_plan_counts_its_held_out_images_and_stage_budgets():
+    cost = plan(load_config("configs/rdrop_deit_b_384_cifar100.yaml"))
+    steps = [s["optimizer_steps"] for s in cost["stages"]]
+    # 1,000-image subset: 41 steps x 10 epochs; then 45,000 images / 24 = 1,875 per epoch.
+    assert steps == [41 * 10, 1875 * 2, 1875 * 3, 1875 * 2]
+    assert cost["stages"][0]["upper_bound"] and not cost["stages"][3]["upper_bound"]
+    assert cost["fits"]["V100-32GB"]
+
+
+def test_offline_preflight_names_every_missing_download_at_once(monkeypatch):
+    import data.cifar as cifar
+    import main
+    import models.build as build
+    import utils.io.download as download
+
+    monkeypatch.setattr(cifar, "default_archive_path", lambda c: "/nonexistent/archive.tar.gz")
+    monkeypatch.setattr(build, "weights_cached", lambda url: False)
+    monkeypatch.setattr(download, "_unreachable", lambda url: "Name or service not known")
+    from utils.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        main.run_preflight(load_config("configs/rdrop_deit_b_384_cifar100.yaml"), as_json=True)
+    message = str(caught.value)
+    assert "2 download(s) cannot be made" in message
+    assert "cifar-100-python.tar.gz from https://" in message
+    assert "DeiT_base_distilled_patch16_384.pdparams from https://" in message
+
+
+def test_preflight_json_is_one_document_and_a_cpu_says_so_first():
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", "stages.0.epochs=1",
+                      "-o", "stages.1.epochs=1", "-o", "data.train_subset=256",
+                      "--preflight", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # the whole of standard output
+    assert report["card"] is None and "stage_check_s" in report
+    first = [line for line in proc.stderr.splitlines() if not line.startswith(("  ", "/"))
+             and "Warning" not in line][0]
+    assert first.startswith("preflight on cpu: no GPU here, so the times and memory below are "
+                            "this machine's")
+
+
+def test_the_heartbeat_names_the_phase_every_interval(capsys):
+    import time
+
+    from preflight import heartbeat
+
+    with heartbeat(every=0.05) as phase:
+        phase("timing the steps of stage 2")
+        time.sleep(0.18)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("preflight: timing the steps of stage 2 (")
+                                   for line in lines)
+
+
+def test_the_readme_budget_table_is_the_plans():
+    import os
+
+    from conftest import ROOT
+
+    from training.plan import budget_markdown
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = text.split("<!-- budget:start -->\n", 1)[1].split("\n<!-- budget:end -->", 1)[0]
+    assert table.strip() == "\n".join(budget_markdown()).strip()
