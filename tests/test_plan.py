@@ -152,3 +152,24 @@ def test_the_readme_budget_table_is_the_plans():
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     table = text.split("<!-- budget:start -->\n", 1)[1].split("\n<!-- budget:end -->", 1)[0]
     assert table.strip() == "\n".join(budget_markdown()).strip()
+
+
+def test_a_known_gpu_gets_the_plans_rate_beside_the_measured_one(monkeypatch):
+    """On a card of the table the report carries the plan's images per second (what a user's
+    measurement is compared with to correct the efficiency factor); elsewhere nothing."""
+    from types import SimpleNamespace
+
+    from utils.reports import preflight as report_module
+
+    monkeypatch.setattr(paddle.device.cuda, "get_device_name", lambda: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(paddle.device.cuda, "get_device_properties",
+                        lambda: SimpleNamespace(total_memory=32 * 2 ** 30 - 300 * 2 ** 20))
+    cfg = load_config("configs/rdrop_paper_recipe.yaml")
+    report = {"stages": [{"stage": 0, "train_images_per_s": 30.0}]}
+    report_module.plan_rates(report, cfg, "gpu:0")
+    assert report["card"] == "V100-32GB"
+    flops = plan(cfg)["flops_per_image"]
+    assert report["stages"][0]["plan_images_per_s"] == pytest.approx(125e12 * 0.2 / flops)
+    cpu = {"stages": [{"stage": 0, "train_images_per_s": 1.0}]}
+    report_module.plan_rates(cpu, cfg, "cpu")
+    assert cpu["card"] is None and "plan_images_per_s" not in cpu["stages"][0]
