@@ -173,3 +173,22 @@ def test_a_known_gpu_gets_the_plans_rate_beside_the_measured_one(monkeypatch):
     cpu = {"stages": [{"stage": 0, "train_images_per_s": 1.0}]}
     report_module.plan_rates(cpu, cfg, "cpu")
     assert cpu["card"] is None and "plan_images_per_s" not in cpu["stages"][0]
+
+
+def test_the_demo_models_memory_per_image_agrees_with_its_measured_peak():
+    """The demo's tiny ViT: the growth of the measured peak memory (bench/memory.py's child,
+    one R-Drop step, float32, CPU) from 64 to 512 images, per image, against the plan's
+    activations. Wide batches: a 64-wide model's per-image bytes are small beside the
+    allocator's granularity."""
+    import os
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import memory
+
+    peaks = [memory._measure(memory.QUICK, False, batch)["peak_bytes"] for batch in (64, 512)]
+    measured = (peaks[1] - peaks[0]) / (512 - 64)
+    cfg = load_config("configs/demo.yaml").model
+    assert 2 * activation_values(model_shape(cfg)) * 4 == pytest.approx(measured, rel=0.3)
