@@ -83,11 +83,7 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None, two
     )
     kwargs.update(model_cfg.kwargs)
     check_model_size(model_cfg.name, kwargs)
-    try:
-        with _no_weight_loading(model_cfg.name):
-            backbone = ppim_constructor(model_cfg.name)(**kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise UserError(f"model.kwargs do not fit {model_cfg.name}: {exc}") from None
+    backbone = construct(model_cfg.name, kwargs)
     if image_size:
         set_resolution(backbone, image_size)
     _swap_layers(backbone, PPIMDropPath, DropPath)
@@ -131,6 +127,16 @@ def _zero_new_heads(backbone, missing):
             head.bias.set_value(paddle.zeros_like(head.bias))
             zeroed.append(name)
     print(f"model.head_init=zero: {', '.join(zeroed) or 'no new head'} set to zero", flush=True)
+
+
+def construct(name, kwargs):
+    """PPIM's model ``name`` built with ``kwargs`` (no weights loaded: see
+    :func:`_no_weight_loading`); one error when the arguments do not fit it."""
+    try:
+        with _no_weight_loading(name):
+            return ppim_constructor(name)(**kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise UserError(f"model.kwargs do not fit {name}: {exc}") from None
 
 
 # What an unnamed size defaults to in the estimate (a named model's: DeiT-B at 384 px).

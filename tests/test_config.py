@@ -115,8 +115,9 @@ def test_cli_config_error_is_one_line_without_traceback():
 def test_dry_run_prints_config_and_stage_plan():
     proc = run_script("main.py", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    plan = proc.stdout.split("stage plan:")[1].strip().splitlines()
+    plan = proc.stdout.split("stage plan:")[1].split("\ncost:")[0].strip().splitlines()
     assert len(plan) == 4
+    assert "cost: at most 13535 optimizer steps, 324840 images" in proc.stdout
     assert "train 1000 / val 100 images" in plan[0] and "AdamW lr=0.0001" in plan[0]
     assert "until val_top1 >= 0.6" in plan[0] and "20 steps of linear warmup" in plan[0]
     assert "Momentum lr=0.001" in plan[2] and "l2_decay=0.01" in plan[2]

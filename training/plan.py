@@ -36,12 +36,12 @@ TOKEN_VALUES, ATTENTION_VALUES = 19, 2.25
 def model_shape(model_cfg, image_size=None):
     """The sizes that set a ViT's cost: width, depth, heads, MLP width, patch, channels,
     tokens at ``image_size`` (the model's own when ``None``), classes, heads, parameters."""
-    from models.build import IMAGENET_CLASSES, _no_weight_loading, ppim_constructor
+    from models.build import IMAGENET_CLASSES, construct
 
     kwargs = dict(model_cfg.kwargs, class_dim=IMAGENET_CLASSES if model_cfg.head == "mlp"
                   else model_cfg.num_classes)
-    with paddle.LazyGuard(), _no_weight_loading(model_cfg.name):
-        net = ppim_constructor(model_cfg.name)(**kwargs)
+    with paddle.LazyGuard():
+        net = construct(model_cfg.name, kwargs)
     patch = net.patch_embed.patch_size[0]
     size = image_size or net.patch_embed.img_size[0]
     extra = net.pos_embed.shape[1] - net.patch_embed.num_patches
