@@ -188,9 +188,17 @@ def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(t
 def test_a_fresh_run_never_writes_over_an_earlier_one(trained, tmp_path):
     before = {name: open(os.path.join(trained, name), "rb").read()
               for name in ("metrics.jsonl", "config.yaml", "best.safetensors")}
+    # The same command again: the run is complete, nothing is trained or written, exit 0.
     proc = run_script("main.py", *DEMO, *FAST, "-o", f"train.output_dir={trained}")
-    assert_one_error(proc, f"train.output_dir {trained} already holds a finished run (2 epochs)",
-                     "--resume", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"the run in {trained} is complete with this config" in proc.stdout
+    assert "best val top1" in proc.stdout.splitlines()[-1]
+    # Another config: one error, and no --resume offered for a finished run.
+    proc = run_script("main.py", *DEMO, *FAST, "-o", f"train.output_dir={trained}",
+                      "-o", "train.seed=1")
+    line = assert_one_error(proc, f"train.output_dir {trained} already holds a finished run "
+                                  f"(2 epochs)", "--overwrite")
+    assert "--resume" not in line
     for name, data in before.items():
         assert open(os.path.join(trained, name), "rb").read() == data, name
     copy = tmp_path / "copy"

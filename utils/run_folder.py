@@ -90,9 +90,11 @@ class RunFolder:
         foreign = sorted(name for name in os.listdir(self.path)
                          if name not in RUN_ENTRIES and not name.endswith(".tmp"))
         if not overwrite:
-            raise UserError(f"train.output_dir {self.path} already holds {_describe(self.path)}; "
-                            f"continue it with --resume, choose another train.output_dir, or pass "
-                            f"--overwrite to move it aside and start afresh")
+            held = _describe(self.path)
+            fix = ("" if held.startswith("a finished run") else "continue it with --resume, ")
+            raise UserError(f"train.output_dir {self.path} already holds {held}; {fix}choose "
+                            f"another train.output_dir, or pass --overwrite to move it aside "
+                            f"and start afresh")
         if foreign:
             raise UserError(f"train.output_dir {self.path} holds files that no run wrote (e.g. "
                             f"{', '.join(foreign[:3])}); --overwrite moves only earlier runs: "
