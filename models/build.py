@@ -82,7 +82,6 @@ def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None, two
         drop_path_rate=model_cfg.drop_path_rate,
     )
     kwargs.update(model_cfg.kwargs)
-    check_model_size(model_cfg.name, kwargs)
     backbone = construct(model_cfg.name, kwargs)
     if image_size:
         set_resolution(backbone, image_size)
@@ -131,7 +130,10 @@ def _zero_new_heads(backbone, missing):
 
 def construct(name, kwargs):
     """PPIM's model ``name`` built with ``kwargs`` (no weights loaded: see
-    :func:`_no_weight_loading`); one error when the arguments do not fit it."""
+    :func:`_no_weight_loading`); one error when the arguments do not fit it, or ask for more
+    memory than the machine has (:func:`models.size.check_model_size`: PPIM allocates its
+    position embedding at once, even under ``paddle.LazyGuard``)."""
+    check_model_size(name, kwargs)
     try:
         with _no_weight_loading(name):
             return ppim_constructor(name)(**kwargs)
