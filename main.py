@@ -72,7 +72,8 @@ def print_plan(cfg, as_json=False):
     print("stage plan:")
     for index, stage in enumerate(cfg.stages):
         print("  " + describe_stage(index, stage, stage_data(cfg.data, stage),
-                                    stage_loss(cfg.loss, stage)))
+                                    stage_loss(cfg.loss, stage),
+                                    cost["stages"][index]["image_size"], cfg.distill))
     print("\n".join(cost_lines(cost)))
 
 

@@ -20,6 +20,7 @@ import time
 
 import paddle
 
+from data.batching import micro_batch
 from data.cifar import pending_download as cifar_download
 from data.dataset import eval_loader, run_splits, stage_loaders
 from data.loader import loader_rate, set_epoch
@@ -34,7 +35,7 @@ from training.engine import evaluate, train_steps
 from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
 from training.stage_check import check_stages, validate_stages
 from training.stage_model import prepare_stage
-from training.stages import StageLength, lr_scale, micro_batch, stage_data, stage_loss
+from training.stages import StageLength, lr_scale, stage_data, stage_loss
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory

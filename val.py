@@ -1,4 +1,5 @@
-"""Evaluate trained weights on the whole test split: top-1, top-5 and loss, per sample.
+"""Evaluate trained weights on the whole test split (or the validation split): top-1, top-5
+and loss, per sample, written to val_metrics.json (val_metrics_val.json for --split val).
 
 Examples:
   python val.py                                  # best checkpoint of the reproduction
@@ -14,7 +15,12 @@ from utils import cli
 from utils.cli import add_weights_option, config_parser
 from utils.config import load_config
 from utils.errors import UserError
+from utils.reports.progress import one_output
 from utils.runtime.device import select_device
+
+# One result file and one chart per split, so that evaluating one never replaces the other's.
+RESULT_FILES = {"test": "val_metrics.json", "val": "val_metrics_val.json"}
+CHART_FILES = {"test": "per_class_top1.png", "val": "per_class_top1_val.png"}
 
 
 def parse_args(argv=None):
@@ -23,8 +29,8 @@ def parse_args(argv=None):
     add_weights_option(parser, "weights to evaluate: .safetensors, or .pdparams read without "
                                "running code")
     parser.add_argument("--plot", action="store_true",
-                        help="also write per_class_top1.png (a bar per class) next to "
-                             "val_metrics.json")
+                        help="also write per_class_top1.png (a bar per class; "
+                             "per_class_top1_val.png for --split val) next to the results")
     parser.add_argument("--kind", choices=("raw", "ema", "swa"),
                         help="evaluate the last checkpoint's raw weights, EMA or SWA average "
                              "instead of the best weights")
@@ -37,7 +43,7 @@ def parse_args(argv=None):
 def _kept_average(output_dir, kind):
     """Whether the run in ``output_dir`` kept the average ``kind`` (its own config says; a
     folder without one is given the benefit of the doubt)."""
-    from utils.config import read_yaml
+    from utils.yaml_text import read_yaml
 
     path = os.path.join(output_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -47,6 +53,7 @@ def _kept_average(output_dir, kind):
     return not isinstance(section, dict) or section.get("enabled", True) is not False
 
 
+@one_output()
 def main(argv=None):
     """Evaluate and write ``val_metrics.json`` next to the checkpoints."""
     args = parse_args(argv)
@@ -84,26 +91,27 @@ def main(argv=None):
                       cfg.model.num_classes, precision=precision)
     if not math.isfinite(result["loss"]):
         raise UserError(f"the weights {weights} give a non-finite loss ({result['loss']}) on the "
-                        f"test split: they hold non-finite values or overflow")
+                        f"{args.split} split: they hold non-finite values or overflow")
     report = {
         "weights": os.path.abspath(weights), "split": args.split,
         "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
         "num_samples": result["num_samples"],
         "per_class_top1": dict(zip(class_names, result["per_class_top1"])),
     }
-    write_json(os.path.join(ensure_folder(out, "train.output_dir"), "val_metrics.json"), report)
+    write_json(os.path.join(ensure_folder(out, "train.output_dir"), RESULT_FILES[args.split]),
+               report)
     if args.plot:
-        from utils.reports.plots import PER_CLASS, plot_per_class
+        from utils.reports.plots import plot_per_class
 
-        print(plot_per_class(report["per_class_top1"], os.path.join(out, PER_CLASS),
-                             f"per-class top-1 of {os.path.basename(weights)} "
-                             f"(top-1 {result['top1']:.4f})"), flush=True)
+        print(plot_per_class(report["per_class_top1"], os.path.join(out, CHART_FILES[args.split]),
+                             f"per-class top-1 of {os.path.basename(weights)} on the "
+                             f"{args.split} split (top-1 {result['top1']:.4f})"), flush=True)
     chosen = record_of(weights).get("selected_on")
     if chosen == "test" and args.split == "test":
         print("note: these weights were chosen on the test split (data.val_split: 0); this "
               "top-1 is biased upward", flush=True)
     print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} loss={result['loss']:.4f} "
-          f"n={result['num_samples']}", flush=True)
+          f"n={result['num_samples']} on the {args.split} split", flush=True)
     return 0
 
 

@@ -1,10 +1,25 @@
-"""The bundled demo data: scikit-learn's 1,797 handwritten digit scans as CIFAR-like images."""
+"""The bundled demo data: scikit-learn's 1,797 handwritten digit scans as CIFAR-like images.
+
+Preparing a split imports scikit-learn (about 1.5 s) and upsamples every scan, so the result
+is kept in Paddle's dataset cache, under a name made from what produced it (the scans' file,
+the scikit-learn and Pillow versions, the split's settings): a later run reads it back in
+milliseconds, and any change to its sources makes a new one.
+"""
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import os
+import tempfile
 
 import numpy as np
 
 SIDE = 32
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
+CLASSES = 10
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "paddle", "dataset", "digits")
 
 
 def _to_rgb32(scans):
@@ -18,11 +33,8 @@ def _to_rgb32(scans):
     return np.ascontiguousarray(np.repeat(np.stack(big)[..., None], 3, axis=-1))
 
 
-def load_digits(mode):
-    """One split of the digits demo: uint8 ``[N, 32, 32, 3]`` and int64 labels ``[N]``.
-
-    The split is stratified by class and fixed (seeded), holding out 20 %.
-    """
+def _prepare(mode):
+    """The split ``mode`` computed from scikit-learn's scans."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
@@ -34,6 +46,63 @@ def load_digits(mode):
     return _to_rgb32(bunch.images[chosen]), bunch.target[chosen].astype(np.int64)
 
 
+def cache_path(mode):
+    """Where the prepared split ``mode`` is kept: named by a hash of what produced it."""
+    package = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+    with open(os.path.join(package, "datasets", "data", "digits.csv.gz"), "rb") as handle:
+        scans = handle.read()
+    sources = [scans, importlib.metadata.version("scikit-learn").encode(),
+               importlib.metadata.version("Pillow").encode(),
+               f"{mode} {SIDE} {HELD_OUT_FRACTION} {SPLIT_SEED}".encode()]
+    key = hashlib.sha256(b"\0".join(sources)).hexdigest()[:16]
+    return os.path.join(CACHE_DIR, f"{mode}-{key}.npz")
+
+
+def _read_cached(path):
+    """The cached split at ``path``, or ``None`` when it is missing or not what this module
+    writes (arrays only: a pickle inside is never loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            images, labels = stored["images"], stored["labels"]
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+    if (images.dtype != np.uint8 or images.shape[1:] != (SIDE, SIDE, 3)
+            or labels.dtype != np.int64 or labels.shape != images.shape[:1]
+            or not np.all((labels >= 0) & (labels < CLASSES))):
+        return None
+    return images, labels
+
+
+def _write_cached(path, images, labels):
+    """Keep the split at ``path`` (a unique temporary file renamed into place, so that runs
+    writing it at once leave a whole file); a cache that cannot be written is skipped."""
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def load_digits(mode):
+    """One split of the digits demo: uint8 ``[N, 32, 32, 3]`` and int64 labels ``[N]``.
+
+    The split is stratified by class and fixed (seeded), holding out 20 %.
+    """
+    path = cache_path(mode)
+    cached = _read_cached(path)
+    if cached is not None:
+        return cached
+    images, labels = _prepare(mode)
+    _write_cached(path, images, labels)
+    return images, labels
+
+
 def digits_class_names():
     """Class names of the digits demo."""
-    return [str(d) for d in range(10)]
+    return [str(d) for d in range(CLASSES)]

@@ -28,6 +28,55 @@ TINY_MODEL_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 
 DEMO_BAND = 0.94
 
 
+# A short demo run from the command line: a few digits, one epoch a stage.
+DEMO_CLI = ["-c", "configs/demo.yaml"]
+FAST_CLI = ["-o", "data.train_subset=128", "-o", "data.val_subset=40", "-o", "data.batch_size=32",
+            "-o", "stages.0.epochs=1", "-o", "stages.1.epochs=1"]
+
+
+def out_args(tmp_path, name="out"):
+    """The ``-o`` arguments that write a run to ``tmp_path / name``."""
+    return ["-o", f"train.output_dir={tmp_path / name}"]
+
+
+def digits_cifar_archive(path, **members):
+    """A CIFAR-100 archive at ``path`` of 160 train and 60 test digits (``members`` replace
+    or add members)."""
+    from data.digits import load_digits
+
+    images, labels = load_digits("train")
+    content = {"meta": {b"fine_label_names": [f"c{i}".encode() for i in range(100)]},
+               "train": cifar_batch(images[:160], labels[:160]),
+               "test": cifar_batch(images[160:220], labels[160:220])}
+    content.update(members)
+    return write_cifar_archive(path, content)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A finished short demo run (:data:`FAST_CLI`) and its exported model, shared."""
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, "-o", f"train.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("export.py", *DEMO_CLI, "-o", f"train.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+# The modules with the longest runs (the whole demo on one process and on two ranks) start
+# first, so that the parallel workers finish together (pytest.ini keeps this order).
+LONGEST_FIRST = ("test_demo.py", "test_scaling.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests of the :data:`LONGEST_FIRST` modules first, the rest in their order."""
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 def final_tests(output_dir):
     """The final test records of a run, by the weights they evaluated (best, last)."""
     return {record["test"]: record for record in read_records(output_dir, test=True)}

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from data.augment import random_resized_box, resized_crop
-from data.dataset import ImageDataset
+from data.samples import ImageDataset
 from data.digits import load_digits
 from utils.config import Node
 

@@ -1,5 +1,6 @@
 """The CIFAR-100 reader against Paddle's own Cifar100, the digits demo data and the loaders."""
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from conftest import cifar_batch, write_cifar_archive
 
 from data import cifar
 from data.cifar import CIFARS, cifar_class_names, load_cifar, locate_cifar
-from data.dataset import ImageDataset, Split, eval_loader, subset_indices
+from data.dataset import Split, eval_loader, subset_indices
+from data.samples import ImageDataset
 from data.digits import load_digits
 from data.loader import build_loader, set_epoch
 from data.sources import as_source
@@ -231,3 +233,29 @@ def test_device_resize_stays_in_range_and_close_to_pils_bicubic(size):
     assert np.all(ours >= low - 1e-6) and np.all(ours <= high + 1e-6)
     difference = np.abs(ours - pil)
     assert difference.mean() < 0.02 and difference.max() < 0.35
+
+
+def test_the_digits_cache_holds_what_scikit_learn_gives_and_a_bad_one_is_remade(tmp_path,
+                                                                              monkeypatch):
+    import pickle
+
+    from data import digits
+
+    monkeypatch.setattr(digits, "CACHE_DIR", str(tmp_path))
+    fresh = digits._prepare("test")
+    first = digits.load_digits("test")  # computed, then kept
+    path = digits.cache_path("test")
+    assert os.path.isfile(path) and path.startswith(str(tmp_path))
+    again = digits.load_digits("test")  # read back
+    for got in (first, again):
+        assert np.array_equal(got[0], fresh[0]) and np.array_equal(got[1], fresh[1])
+        assert got[0].dtype == np.uint8 and got[1].dtype == np.int64
+    for damage in (b"not an npz", pickle.dumps({"images": fresh[0]})):
+        with open(path, "wb") as handle:
+            handle.write(damage)
+        got = digits.load_digits("test")
+        assert np.array_equal(got[0], fresh[0]) and np.array_equal(got[1], fresh[1])
+        assert digits._read_cached(path) is not None  # written again, whole
+    np.savez(path, images=fresh[0], labels=fresh[1] + 10)  # labels beyond the ten classes
+    assert digits._read_cached(path) is None
+    assert digits.cache_path("train") != path  # one file per split

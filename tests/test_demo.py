@@ -4,6 +4,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 from urllib.parse import urlparse
@@ -17,6 +18,7 @@ from data.cifar import CIFARS
 from data.digits import load_digits
 from utils.config import load_config
 from utils.io.tensor_io import load_tensors
+
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_val_reports_demo_accuracy_per_sample(demo_run):
     proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"top1=(\S+) top5=(\S+) loss=(\S+) n=(\d+)", last)
+    match = re.fullmatch(r"top1=(\S+) top5=(\S+) loss=(\S+) n=(\d+) on the test split", last)
     assert match, last
     top1, top5, loss, n = float(match[1]), float(match[2]), float(match[3]), int(match[4])
     # Measured 0.950-0.967 over seeds 0-2 (best weights chosen on the 240 held-out digits);
@@ -64,6 +66,15 @@ def test_val_reports_demo_accuracy_per_sample(demo_run):
         best = json.load(handle)
     assert best["test_top1"] == pytest.approx(report["top1"]) and best["selected_on"] == "val"
     assert final_tests(out)["best"]["test_top1"] == pytest.approx(report["top1"])
+    # The held-out split has a result file of its own: the test split's is kept.
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}",
+                      "--split", "val", "--plot")
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("n=240 on the val split")
+    with open(os.path.join(out, "val_metrics_val.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["num_samples"] == 240
+    with open(os.path.join(out, "val_metrics.json"), encoding="utf-8") as handle:
+        assert json.load(handle) == report
+    assert os.path.isfile(os.path.join(out, "per_class_top1_val.png"))
 
 
 def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_run, tmp_path):
@@ -107,10 +118,17 @@ def _is_png(path):
         return handle.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 10_000
 
 
+def _png_size(path):
+    """(width, height) from a PNG's header."""
+    with open(path, "rb") as handle:
+        return struct.unpack(">II", handle.read(24)[16:24])
+
+
 def test_curves_are_drawn_at_the_end_and_on_demand(demo_run):
     out, proc = demo_run
     curves = os.path.join(out, "curves.png")
     assert _is_png(curves) and f"curves in {curves}" in proc.stdout
+    assert _png_size(curves) == (1000, 700)  # shown about that wide: its text stays readable
     os.remove(curves)
     regenerated = subprocess.run([sys.executable, "-m", "utils.reports.plots", out], cwd=ROOT,
                                  capture_output=True, text=True, timeout=300)
@@ -146,3 +164,18 @@ def test_default_run_offline_fails_fast_with_one_line(tmp_path):
                      "-o model.pretrained=/path/to/DeiT_base_distilled_patch16_384.pdparams"):
         assert fragment in lines[0], fragment
 
+
+
+def test_a_per_class_chart_of_many_classes_is_sorted_by_accuracy(tmp_path):
+    from utils.reports.plots import per_class_order, plot_per_class
+
+    few = {str(d): d / 10 for d in range(10)}
+    assert per_class_order(few) == list(few)  # ten digits keep their order
+    rng = np.random.default_rng(0)
+    many = {f"class{i}": float(rng.random()) for i in range(100)}
+    many["class7"] = None  # no test image of it
+    order = per_class_order(many)
+    values = [many[n] for n in order[:-1]]
+    assert sorted(order) == sorted(many) and order[-1] == "class7"
+    assert values == sorted(values, reverse=True)
+    assert _is_png(plot_per_class(many, str(tmp_path / "chart.png"), "per-class top-1"))

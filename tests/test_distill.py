@@ -20,6 +20,7 @@ from utils.errors import UserError
 from utils.io.tensor_io import load_tensors, save_tensors
 
 
+
 def _log_softmax(x):
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -239,6 +240,9 @@ def test_preflight_times_a_distilled_fixres_run_with_its_teacher(teacher, tmp_pa
                      f"distill={{teacher: {teacher}, type: soft, tau: 5.0}}", "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "soft (temperature 5)" in dry.stdout and "at 32 px" in dry.stdout
+    stage_lines = [line for line in dry.stdout.splitlines() if line.startswith("  [")]
+    assert [" at 24 px," in line for line in stage_lines] == [True, True, False]
+    assert all(f"distillation from {teacher} (soft, alpha=0.5)" in line for line in stage_lines)
     assert "trains head, head_dist, norm only" in dry.stdout
 
 

@@ -1,7 +1,7 @@
 """Bad input, fed to main.py and val.py as a user would: one ``error:`` line, no traceback,
 nothing executed from a file, checkpoints kept.
 
-Rows (and the README's Troubleshooting table): untrusted pickles, config values, data
+Rows (and docs/troubleshooting.md's table): untrusted pickles, config values, data
 files, weight files, a diverging loss.
 """
 

@@ -3,6 +3,7 @@ batch of a step whatever the ranks, activation recompute, and the rough edges of
 (VisualDL across a resume, a finished run resumed, numbering, offline downloads, progress
 in a log file)."""
 
+import importlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from conftest import (
     tiny_model_config,
 )
 
+from data.batching import micro_batch
 from data.dataset import holdout_indices
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
@@ -31,7 +33,6 @@ from models.build import build_model
 from training import engine
 from training.optim import build_schedule
 from training.run import fit
-from training.stages import micro_batch
 from utils.config import load_config
 from utils.errors import UserError
 
@@ -133,7 +134,7 @@ def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(t
         saved = json.load(handle)
     assert saved["test_top1"] == tests["best"]["test_top1"]
     val = run_script("val.py", *DEMO, "-o", f"train.output_dir={out}", "--split", "val")
-    assert val.returncode == 0 and val.stdout.strip().endswith("n=240")
+    assert val.returncode == 0 and val.stdout.strip().endswith("n=240 on the val split")
     test = run_script("val.py", *DEMO, "-o", f"train.output_dir={out}")
     top1 = float(re.search(r"top1=(\S+)", test.stdout)[1])
     assert top1 == pytest.approx(tests["best"]["test_top1"], abs=1e-4)
@@ -321,6 +322,8 @@ def test_offline_every_missing_download_is_named_at_once(monkeypatch):
 
 
 def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path, capsys):
+    importlib.import_module("ipykernel")  # papermill imports it: that alone is no notebook
+
     from utils.reports import progress
 
     progress.set_mode("auto")  # pytest's stderr is no terminal: lines, never bars

@@ -18,7 +18,8 @@ from conftest import (
 from PIL import Image
 
 from data.augment import eval_view, train_view
-from data.dataset import ImageDataset, run_splits
+from data.dataset import run_splits
+from data.samples import ImageDataset
 from data.images import read_rgb
 from data.loader import build_loader, set_epoch
 from training.run import fit

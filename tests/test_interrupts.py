@@ -24,6 +24,7 @@ from utils.config import load_config
 from utils.errors import Interrupted, UserError
 from utils.io.tensor_io import load_tensors
 
+
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
 RUN = ["-c", "configs/demo.yaml", *[a for o in SMALL for a in ("-o", o)],
        "-o", "stages.0.epochs=2", "-o", "stages.1.epochs=2", "-o", "train.save_every_steps=3",

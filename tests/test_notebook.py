@@ -1,18 +1,36 @@
-"""main.ipynb runs top to bottom on the demo through papermill (the README's command), with
-its parameters injected, as Jupyter would run it."""
+"""main.ipynb runs top to bottom on the demo through papermill (the command in
+docs/notebook_predict_export.md), with its parameters injected, as Jupyter would run it."""
 
+import importlib
 import os
+import sys
 
 import nbformat
 import papermill
 from conftest import ROOT
 
-FAST = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=2", "stages.1.epochs=1"]
+# Short epochs but many of them: each prints a line and draws bars, so a notebook that kept
+# one output per write would hold far more than 20 in the training cell.
+FAST = ["data.train_subset=64", "data.val_subset=20", "stages.0.epochs=8", "stages.1.epochs=8"]
+MAX_OUTPUTS_PER_CELL, MAX_TEXT_BYTES = 20, 60_000
 
 
 def _outputs(notebook, kind):
     return [output for cell in notebook.cells for output in cell.get("outputs", [])
             if output.get("output_type") == kind]
+
+
+def _text(notebook):
+    """Everything the notebook's outputs say in text (streams and text displays)."""
+    return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
+                   for cell in notebook.cells for o in cell.get("outputs", []))
+
+
+def _assert_small(notebook):
+    """At most 20 outputs in any cell and 60 KB of text in all: progress redraws and epoch
+    lines update one output instead of adding one each."""
+    assert max(len(cell.get("outputs", [])) for cell in notebook.cells) <= MAX_OUTPUTS_PER_CELL
+    assert len(_text(notebook).encode()) <= MAX_TEXT_BYTES
 
 
 def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
@@ -26,17 +44,18 @@ def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
     images = [o for o in _outputs(notebook, "display_data") if "image/png" in o["data"]]
     assert len(images) >= 3  # curves, per-class chart, predictions
     assert _outputs(notebook, "error") == []
-    text = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
+    text = _text(notebook)
     assert "data: scikit-learn's handwritten digits" in text
     assert "Warning" not in text and "warnings.warn" not in text  # no Paddle import noise
+    assert text.count("stage 1 epoch 8/8: loss") == 1 and "test split, best weights" in text
+    _assert_small(notebook)
     # Run again: the finished run is reported complete, not trained over.
     papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
                                kernel_name="python3", progress_bar=False,
                                parameters={"CONFIG": "configs/demo.yaml", "OUTPUT_DIR": out,
                                            "OVERRIDES": FAST, "RESUME": True})
     notebook = nbformat.read(executed, as_version=4)
-    text = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
-    assert "is complete (its final test is done); nothing to resume" in text
+    assert "is complete (its final test is done); nothing to resume" in _text(notebook)
 
 
 def test_notebook_trains_on_a_folder_of_photos(tmp_path):
@@ -53,9 +72,39 @@ def test_notebook_trains_on_a_folder_of_photos(tmp_path):
                                            "OVERRIDES": ["stages.0.epochs=2"]})
     notebook = nbformat.read(executed, as_version=4)
     assert _outputs(notebook, "error") == []
-    text = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
+    text = _text(notebook)
     assert f"data: your images (folder) under {photos}" in text
     assert os.path.isfile(os.path.join(out, "best.safetensors"))
     assert "the test split as validation" in text  # no val/ here
     images = [o for o in _outputs(notebook, "display_data") if "image/png" in o["data"]]
     assert len(images) >= 3  # curves, per-class chart, predictions of the photos
+
+
+def test_one_output_redraws_a_bar_in_place_and_keeps_the_last_lines(monkeypatch):
+    from utils.reports import progress
+
+    shown = []
+    handle = type("Handle", (), {"update": lambda self, data, raw: shown.append(
+        data["text/plain"])})()
+    stream = progress._OneOutput(handle)
+    stream.write("stage 0 epoch 1/1:  50%|#")
+    stream.write("\rstage 0 epoch 1/1: 100%|##\n")
+    assert shown[-1] == "stage 0 epoch 1/1: 100%|##"  # a finished line shows at once
+    print("epoch line", file=stream)
+    assert shown[-1].splitlines() == ["stage 0 epoch 1/1: 100%|##", "epoch line"]
+    monkeypatch.setattr(progress, "MAX_LINES", 3)
+    for index in range(5):
+        stream.write(f"line {index}\n")
+    assert shown[-1].splitlines() == ["... (5 earlier lines)", "line 3", "line 4"]
+
+
+def test_one_output_outside_a_notebook_changes_nothing(capsys):
+    importlib.import_module("ipykernel")  # imported, as papermill does, yet no kernel runs
+
+    from utils.reports.progress import one_output
+
+    stdout = sys.stdout
+    with one_output():
+        assert sys.stdout is stdout
+        print("plain")
+    assert capsys.readouterr().out == "plain\n"

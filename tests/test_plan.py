@@ -12,7 +12,7 @@ from models.build import build_model
 from training.plan import activation_values, forward_flops, model_shape, plan
 from utils.config import load_config
 
-# bench/memory.py on this project's 2-core CPU (README, Measured): deit_b_distilled_384 at
+# bench/memory.py on this project's 2-core CPU (docs/measured.md): deit_b_distilled_384 at
 # 384 px, float32, one R-Drop step ([x; x]), bytes per image.
 MEASURED_BYTES_PER_IMAGE = {"plain": 1.58e9, "recompute": 0.224e9}
 
@@ -142,14 +142,15 @@ def test_the_heartbeat_names_the_phase_every_interval(capsys):
                                    for line in lines)
 
 
-def test_the_readme_budget_table_is_the_plans():
+@pytest.mark.parametrize("page", ["README.md", "README_cn.md"])
+def test_the_front_pages_budget_table_is_the_plans(page):
     import os
 
     from conftest import ROOT
 
     from training.plan import budget_markdown
 
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
     table = text.split("<!-- budget:start -->\n", 1)[1].split("\n<!-- budget:end -->", 1)[0]
     assert table.strip() == "\n".join(budget_markdown()).strip()
 

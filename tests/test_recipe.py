@@ -70,7 +70,7 @@ def test_cosine_decay_after_warmup_follows_the_formula(warmup):
         0.0005 + (0.01 - 0.0005) * (1 + math.cos(math.pi * t / decay)) / 2 for t in range(decay)]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert "cosine decay to 0.0005 over the stage" in describe_stage(1, cfg.stages[1], cfg.data,
-                                                                     cfg.loss)
+                                                                     cfg.loss, 384)
     resumed = build_schedule(cfg.stages[1], steps_per_epoch=40)
     stopped = build_schedule(cfg.stages[1], steps_per_epoch=40)
     for _ in range(37):
@@ -240,7 +240,7 @@ def test_a_stage_budgeted_in_steps_ends_midway_through_an_epoch_and_resumes_ther
     whole_out, cut_out = str(tmp_path / "whole"), str(tmp_path / "cut")
     cfg = _cfg(*overrides, f"train.output_dir={whole_out}")
     assert "[1] momentum: 20 optimizer steps;" in describe_stage(1, cfg.stages[1], cfg.data,
-                                                                 cfg.loss)
+                                                                 cfg.loss, 32)
     fit(cfg)
     whole = read_records(whole_out)
     assert [(r["stage"], r["epoch"]) for r in whole] == [(0, 1), (1, 1), (1, 2), (1, 3)]

@@ -4,7 +4,7 @@ global norm over all parameters, gradient accumulation, decay exclusions and EMA
 
 Paddle serves only as the gradient oracle (the model's mean cross-entropy on the whole
 accumulated batch, through Paddle's own ``cross_entropy``); every update rule is written
-here from the formulas the README states.
+here from the formulas docs/recipe.md states.
 """
 
 import os

@@ -28,6 +28,7 @@ from utils.config import load_config, to_plain
 from utils.errors import UserError
 from utils.io.tensor_io import load_tensors
 
+
 CONFIG = "configs/demo_fixres.yaml"
 SHORT = ["data.train_subset=128", "data.val_subset=40", "stages.0.epochs=1",
          "stages.1.epochs=1", "stages.2.epochs=1", "train.progress=off"]

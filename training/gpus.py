@@ -17,7 +17,7 @@ GPUS = {
 BF16_CARDS = ("A100-40GB",)
 
 # The fraction of the peak a training step reaches. Derived from the public Paddle
-# reproductions of the R-Drop authors' recipe (README, What to expect): 29 and 54 V100-hours
+# reproductions of the R-Drop authors' recipe (README.md, What to expect): 29 and 54 V100-hours
 # for 5,120,000 images of about 667 GFLOPs each (deit-B/16 at 384: 6 x 111.2 GFLOPs forward
 # for an R-Drop step) in fp16: 3.4e18 / (29 h x 125e12) = 0.26, / (54 h x 125e12) = 0.14.
 EFFICIENCY = 0.2

@@ -10,13 +10,14 @@ from training.trainer import Trainer
 from utils.checkpoint import find_last, resume_folder, weights_path
 from utils.errors import UserError
 from utils.io.download import ensure_downloadable
-from utils.reports.progress import set_mode as set_progress
+from utils.reports.progress import one_output, set_mode as set_progress
 from utils.reports.text import best_line
 from utils.run_folder import RunFolder
 from utils.runtime.device import select_device
 from utils.runtime.dist import is_main
 
 
+@one_output()
 def fit(cfg, resume=None, overwrite=False):
     """Run every stage of ``cfg`` (from a checkpoint with ``resume``: True or a path),
     holding ``train.output_dir`` meanwhile; ``overwrite`` moves an earlier run there aside.

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import paddle
 
+from data.batching import micro_batch
 from losses import build_loss
 from models.build import build_model, input_size
 from models.recompute import hooks_keep_random_state
@@ -35,7 +36,7 @@ from training.averaging import build_averages
 from training.engine import evaluate, train_steps
 from training.optim import MasterCopies, build_optimizer, warmup_steps
 from training.stage_model import prepare_stage, trainable_paths
-from training.stages import lr_scale, micro_batch, stage_data, stage_loss
+from training.stages import lr_scale, stage_data, stage_loss
 from training.state import EpochProgress
 from utils.errors import UserError, is_out_of_memory
 from utils.reports.progress import silenced

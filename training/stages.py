@@ -4,6 +4,7 @@ and its description."""
 import math
 from dataclasses import dataclass
 
+from data.batching import micro_batch
 from utils.errors import UserError
 
 
@@ -65,17 +66,6 @@ class StageLength:
             and self.step_at(epoch, micro) % every == 0
 
 
-def micro_batch(batch_size, accum_steps, ranks, where="data.batch_size"):
-    """Images per rank and micro-batch: ``batch_size`` (the images of one optimizer step, all
-    ranks together) split over ``ranks`` and ``accum_steps`` micro-batches, exactly."""
-    parts = ranks * accum_steps
-    if batch_size % parts:
-        raise UserError(f"{where}={batch_size} does not split into {ranks} rank(s) x "
-                        f"train.accum_steps={accum_steps} equal micro-batches; make it a "
-                        f"multiple of {parts} or change train.accum_steps")
-    return batch_size // parts
-
-
 def lr_scale(train_cfg, batch_size):
     """The factor on a stage's learning rates: ``batch_size / train.reference_batch`` with
     ``train.lr_scaling: linear``, else 1."""
@@ -84,8 +74,9 @@ def lr_scale(train_cfg, batch_size):
     return 1.0
 
 
-def describe_stage(index, stage, data_cfg, loss_cfg):
-    """One line of the stage plan: epochs, stop condition, optimizer, LR, decay, data and loss."""
+def describe_stage(index, stage, data_cfg, loss_cfg, image_size, distill_cfg=None):
+    """One line of the stage plan: epochs, stop condition, optimizer, LR, decay, data at
+    ``image_size`` pixels, the loss and whether a teacher (``distill_cfg``) takes part."""
     opt = stage.optimizer
     if opt.name == "AdamW":
         opt_text = (f"AdamW lr={opt.lr:g} betas=({opt.betas[0]:g}, {opt.betas[1]:g}) "
@@ -118,14 +109,14 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
                         f"{crop.ratio[0]:.3g}-{crop.ratio[1]:.3g}")
     else:
         augment = "test-time preprocessing (no crop, flip or rotation)"
-    data_text = (f"train {size(data_cfg.train_subset)} / val {size(data_cfg.val_subset)} images, "
-                 f"{data_cfg.batch_size} images per step, {augment}")
-    if "image_size" in stage.data:
-        data_text += f", at {data_cfg.image_size or 'the model size'} px"
+    data_text = (f"train {size(data_cfg.train_subset)} / val {size(data_cfg.val_subset)} images "
+                 f"at {image_size} px, {data_cfg.batch_size} images per step, {augment}")
     loss_text = f"R-Drop alpha={loss_cfg.alpha:g}" if loss_cfg.rdrop else "cross-entropy"
     if loss_cfg.rdrop and loss_cfg.form == "paper":
         loss_text += (" in the paper's form: ce1 + ce2 + alpha x (KL(p1||p2) + KL(p2||p1)) "
                       "summed over batch and classes")
+    loss_text += (f"; distillation from {distill_cfg.teacher} ({distill_cfg.type}, "
+                  f"alpha={distill_cfg.alpha:g})" if distill_cfg else "; no distillation")
     if stage.trainable is not None:
         loss_text += (f"; trains {', '.join(stage.trainable)} only, the frozen layers "
                       + ("as at test time" if stage.frozen_mode == "eval"
@@ -139,7 +130,7 @@ def describe_stage(index, stage, data_cfg, loss_cfg):
 def describe_run(cfg):
     """One line of the run-wide training settings: batch, accumulation, clipping, precision,
     averages."""
-    from data.dataset import validation_source  # data imports this module
+    from data.dataset import validation_source  # it loads Paddle, which --help does not need
 
     train = cfg.train
     batch, accum = cfg.data.batch_size, train.accum_steps

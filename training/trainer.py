@@ -7,28 +7,22 @@ therefore continues exactly as the uninterrupted run would have.
 """
 
 import os
-import signal
 from contextlib import nullcontext
 from dataclasses import replace
 
-from data.dataset import eval_loader, run_splits, shipping_line, stage_loaders, validation_source
+from data.dataset import run_splits, stage_loaders, validation_source
 from data.loader import set_epoch
 from data.preprocess import DevicePreprocess
+from data.samples import shipping_line
 from losses import build_loss
 from models.build import input_size
 from models.teacher import build_teacher, check_teacher_pin
 from training.amp import Precision
 from training.averaging import build_averages, weights_in
 from training.engine import evaluate, train_steps
-from training.optim import build_optimizer, optimizer_state_for, portable_optimizer_state
-from training.results import (
-    epoch_record,
-    finite_validation,
-    new_best,
-    skip_nonfinite,
-    test_best_and_last,
-    test_line,
-)
+from training.optim import build_optimizer, optimizer_state_for
+from training.outputs import RunOutputs
+from training.results import epoch_record, finite_validation, skip_nonfinite
 from training.stage_check import check_stages, validate_stages
 from training.stage_model import prepare_stage, run_model
 from training.stages import (
@@ -39,17 +33,10 @@ from training.stages import (
     stage_data,
     stage_loss,
 )
-from training.state import EpochProgress, Position, RunState, checkpoint_trees, restore
-from utils.checkpoint import (
-    find_last,
-    resume_folder,
-    save_best,
-    save_last,
-    weights_path,
-    write_best_json,
-)
+from training.state import EpochProgress, Position, RunState, restore
+from utils.checkpoint import find_last, resume_folder
 from utils.config import dump_config, to_plain
-from utils.errors import Interrupted, is_out_of_memory, out_of_memory_error
+from utils.errors import is_out_of_memory, out_of_memory_error
 from utils.io.files import write_atomically
 from utils.io.tensor_io import as_paddle
 from utils.reports.logger import RunLogger
@@ -61,7 +48,7 @@ from utils.runtime.seeds import seed_everything
 from utils.runtime.signals import StopRequests
 
 
-class Trainer:
+class Trainer(RunOutputs):
     """One training run over all stages of a config, resumable at any optimizer step.
 
     Where things happen: an optimizer step in :func:`training.engine.train_steps`, which
@@ -126,33 +113,15 @@ class Trainer:
                 curves_at_end(self.out, self.stops.requested)
         return self.state.best
 
-    def _final_test(self):
-        """Evaluate the best and the last weights on the test split, once, at the end:
-        records in metrics.jsonl, the best's numbers in best.json."""
-        if self.state.tested:
-            return
-        best = self.state.best
-        loader = eval_loader(self.test, self.cfg.data, input_size(self.model))
-        for record in test_best_and_last(self.model, self.preprocess, loader,
-                                         self.cfg.model.num_classes, self.precision, best,
-                                         weights_path(self.out, "best")):
-            self.logger.log_test(record)
-            print(test_line(record), flush=True)
-            if record["test"] == "best":
-                best.update({k: record[k] for k in ("test_top1", "test_top5", "test_loss")})
-                if is_main():
-                    write_best_json(self.out, best, self.class_names)
-        self.state.tested = True
-        self._checkpoint(self.state.position, None)
-
     def _run_stage(self, stage_index, start):
         """Build the stage's loss, loaders and optimizer; run its epochs until done or ``until``.
         ``start`` is the position a resumed run starts this stage from."""
         cfg, stage = self.cfg, self.cfg.stages[stage_index]
         data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
         self.criterion = build_loss(loss_cfg, cfg.distill)
-        print(describe_stage(stage_index, stage, data_cfg, loss_cfg), flush=True)
         size = data_cfg.image_size or self.base_size
+        print(describe_stage(stage_index, stage, data_cfg, loss_cfg, size, cfg.distill),
+              flush=True)
         self.train_model, self.preprocess = prepare_stage(
             self.model, stage_index, stage, size, self.averages, self.masters, self.teacher,
             self.train_model)
@@ -304,37 +273,3 @@ class Trainer:
         if any_rank(self.stops.requested) and not finished:
             raise self._interrupted(here)
         return done
-
-    def _keep_best(self, record, results):
-        """Save the best of the raw, EMA and SWA weights if it beats the best so far."""
-        best = new_best(record, results, self.state.epoch_index, self.state.best,
-                        "test" if self.validation == "test" else "val")
-        if best is None:
-            return
-        self.state.best = best
-        if best["kind"] == "raw":
-            weights = dict(self.model.state_dict(), **self.masters.by_path(self.optimizer))
-        else:
-            weights = self.averages[best["kind"]].state_dict()
-        if is_main():
-            save_best(self.out, weights, best, self.class_names)
-
-    def _interrupted(self, here):
-        """The :class:`Interrupted` to raise once the stop checkpoint is saved."""
-        return Interrupted(self.stops.signum or signal.SIGTERM,
-                           f"{self.stops.requested or 'SIGTERM'} at "
-                           f"{place(here.stage, here.epoch + 1)} (step "
-                           f"{self.state.global_step}); checkpoint saved in "
-                           f"{find_last(self.out)}")
-
-    def _checkpoint(self, position, progress):
-        """Write the resume checkpoint for ``position`` (the next thing to do) with the
-        progress of the epoch it stops in (``None`` at an epoch's start)."""
-        self.state.position, self.state.progress = position, progress
-        self.state.updates = {kind: avg.updates for kind, avg in self.averages.items()}
-        optimizer = (portable_optimizer_state(self.model, self.optimizer)
-                     if self.optimizer is not None else self.restored["optimizer"])
-        if is_main():
-            save_last(self.out, checkpoint_trees(self.model, optimizer, self.averages,
-                                                 self.precision), self.state.to_json(),
-                      self.class_names)

@@ -7,66 +7,17 @@ the key, so that a typo never silently falls back to a default.
 import copy
 import json
 import math
-import os
-import re
 
 import yaml
 
 from utils.errors import UserError
-from utils.io.files import read_text
 from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Field, ListOf, Section, Tagged
+from utils.yaml_text import MAX_CONFIG_DEPTH, load_yaml, read_yaml, short
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Far above any recipe, far below what hangs a machine (YAML aliases can multiply a file).
-MAX_CONFIG_BYTES = 1 << 20
-MAX_CONFIG_VALUES = 100_000
-MAX_CONFIG_DEPTH = 32
 DEFAULT_CONFIG = "configs/rdrop_deit_b_384_cifar100.yaml"
 # PPIM constructor arguments no setting may pass: what they would make the constructor do.
 LOADER_KWARGS = {"pretrained": "download weights and load them with paddle.load (plain pickle)",
                  "return_transforms": "return a pair instead of the model"}
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2's scalars: ``1e-4`` is a float (YAML 1.1 needs ``1.0e-4``)
-    and only true/false are booleans (YAML 1.1 also reads on/off/yes/no, so
-    ``amp: off`` would not be the string ``off``)."""
-
-
-BOOL_TAG = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    key: [(tag, regexp) for tag, regexp in value if tag != BOOL_TAG]
-    for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-def _unique_mapping(loader, node, deep=False):
-    """A mapping whose keys are all different: YAML lets a repeated key silently replace the
-    first (a second ``train:`` section would drop the first one's settings)."""
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            repeated = key in seen
-            seen.add(key)
-        except TypeError:  # an unhashable key: the mapping's own check reports it
-            continue
-        if repeated:
-            line = key_node.start_mark.line + 1
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the key {_short(key)} appears twice in one mapping (line {line}); "
-                f"the second would silently replace the first", key_node.start_mark)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 class Node(dict):
@@ -79,37 +30,6 @@ class Node(dict):
             raise AttributeError(key) from None
 
 
-def _short(value, limit=80):
-    """``repr(value)``, cut to ``limit`` characters for an error line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _check_size(value, source):
-    """Refuse YAML whose aliases expand beyond any config (a "billion laughs" file makes a
-    small text into an exponentially large, or endless, tree)."""
-    budget, stack = MAX_CONFIG_VALUES, [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        budget -= 1
-        if budget < 0 or depth > MAX_CONFIG_DEPTH:
-            raise UserError(f"{source} expands to more than {MAX_CONFIG_VALUES} values or "
-                            f"{MAX_CONFIG_DEPTH} levels (YAML aliases referring to each other?)")
-        if isinstance(node, dict):
-            stack.extend((item, depth + 1) for pair in node.items() for item in pair)
-        elif isinstance(node, list):
-            stack.extend((item, depth + 1) for item in node)
-
-
-def _load_yaml(text, source):
-    try:
-        value = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{source} is not valid YAML: {' '.join(str(exc).split())}") from None
-    _check_size(value, source)
-    return value
-
-
 def path_override(key, path):
     """The ``-o`` assignment that sets ``key`` to the string ``path`` as it is: a path is not
     YAML (``run #2`` would lose `` #2`` as a comment, ``true`` would be a boolean)."""
@@ -118,18 +38,7 @@ def path_override(key, path):
 
 def parse_value(text):
     """Parse one override value as YAML (``1e-4`` → float, ``[1, 2]`` → list)."""
-    return _load_yaml(text, f"override value {_short(text)}")
-
-
-def read_yaml(path):
-    """Read a YAML mapping from ``path`` (relative paths also tried from the project root)."""
-    if not os.path.exists(path) and os.path.isfile(os.path.join(PROJECT_ROOT, path)):
-        path = os.path.join(PROJECT_ROOT, path)
-    text = read_text(path, "config file", MAX_CONFIG_BYTES)
-    raw = _load_yaml(text, f"config file {path}")
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections")
-    return raw
+    return load_yaml(text, f"override value {short(text)}")
 
 
 def apply_override(raw, assignment):
@@ -139,7 +48,7 @@ def apply_override(raw, assignment):
         raise UserError(f"override {assignment!r} must look like section.key=value")
     parts = key.split(".")
     if len(parts) > MAX_CONFIG_DEPTH:
-        raise UserError(f"override key {_short(key)} has {len(parts)} levels; configs have at "
+        raise UserError(f"override key {short(key)} has {len(parts)} levels; configs have at "
                         f"most {MAX_CONFIG_DEPTH}")
     node = raw
     for depth, part in enumerate(parts):
@@ -177,15 +86,15 @@ def _check_field(value, field, path):
     if not isinstance(value, field.types):
         raise UserError(
             f"config key '{path}' must be {_type_name(field.types)}, "
-            f"got {type(value).__name__} {_short(value)}")
+            f"got {type(value).__name__} {short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"config key '{path}' must be a finite number, got {value}")
     if isinstance(value, str) and "\x00" in value:
         raise UserError(f"config key '{path}' holds a NUL character, which no name or path "
-                        f"can: {_short(value)}")
+                        f"can: {short(value)}")
     if field.choices and value not in field.choices:
         raise UserError(f"config key '{path}' must be one of {', '.join(field.choices)}; "
-                        f"got {_short(value)}")
+                        f"got {short(value)}")
     if field.item_type is not None:  # bounds apply to each item
         item = Field(field.item_type, minimum=field.minimum, maximum=field.maximum)
         value = [_check_field(v, item, f"{path}.{i}") for i, v in enumerate(value)]
@@ -271,7 +180,7 @@ def _check_kwargs(kwargs, where="model.kwargs"):
         path = f"{where}.{key}"
         if not isinstance(key, str):
             raise UserError(f"config key '{where}' must map argument names to values, got the "
-                            f"key {_short(key)}")
+                            f"key {short(key)}")
         if key in LOADER_KWARGS:
             raise UserError(f"config key '{path}' is not accepted: it makes PPIM's constructor "
                             f"{LOADER_KWARGS[key]}; weights are loaded by model.pretrained "
@@ -281,7 +190,7 @@ def _check_kwargs(kwargs, where="model.kwargs"):
         if len(items) > 16 or not all(isinstance(v, (type(None), bool, int, float, str))
                                       for v in items):
             raise UserError(f"config key '{path}' must be a number, a string, a boolean or a "
-                            f"short list of them; got {_short(value)}")
+                            f"short list of them; got {short(value)}")
         for item in items:
             if isinstance(item, float) and not math.isfinite(item):
                 raise UserError(f"config key '{path}' must be a finite number, got {item}")
@@ -307,7 +216,7 @@ def check_relations(cfg):
                         "scales the learning rates by data.batch_size / train.reference_batch")
     if cfg.data.name in ("folder", "list") and not cfg.data.path:
         raise UserError(f"config key 'data.path' is missing: data.name={cfg.data.name} reads "
-                        f"your images from that folder (see README, Your own images)")
+                        f"your images from that folder (see docs/own_images.md)")
     crop = cfg.data.random_resized_crop
     if crop and not (0 < crop.scale[0] <= crop.scale[1] and crop.ratio[0] <= crop.ratio[1]):
         raise UserError(f"config key 'data.random_resized_crop': scale must be [a, b] with "
@@ -324,7 +233,7 @@ def check_relations(cfg):
     for index, stage in enumerate(cfg.stages):
         if stage.trainable is not None and not (stage.trainable and all(stage.trainable)):
             raise UserError(f"config key 'stages.{index}.trainable' must list parameter names "
-                            f"(e.g. [head, head_dist, norm]), got {_short(stage.trainable)}")
+                            f"(e.g. [head, head_dist, norm]), got {short(stage.trainable)}")
         if (stage.epochs is None) == (stage.steps is None):
             raise UserError(f"config key 'stages.{index}.epochs' is "
                             f"{'missing' if stage.epochs is None else 'given with .steps'}: "
@@ -345,4 +254,5 @@ def to_plain(node):
 
 def dump_config(cfg):
     """The resolved config as YAML text."""
-    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None,
+                          width=math.inf)  # a long path stays on one line, as a user copies it

@@ -35,7 +35,7 @@ os.register_at_fork(after_in_child=_close_held_locks)
 # moved aside by --overwrite (a typo must not move a home folder).
 RUN_ENTRIES = {LOCK, "config.yaml", "metrics.jsonl", "last", "last.old", "last.partial",
                "best.safetensors", "best.json", "vdl", "vdl.partial", "curves.png", "val_metrics.json",
-               "per_class_top1.png", "inference"}
+               "val_metrics_val.json", "per_class_top1.png", "per_class_top1_val.png", "inference"}
 
 
 def _describe(folder):

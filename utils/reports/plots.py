@@ -7,11 +7,15 @@ import io
 import json
 import os
 import sys
+import textwrap
 
 from utils.io.files import write_atomically
 
 CURVES = "curves.png"
-PER_CLASS = "per_class_top1.png"
+CURVES_INCHES = (10, 7)  # at 100 dpi
+# Beyond this many classes the per-class bars are sorted by accuracy: a hundred bars in class
+# order show nothing, sorted they show the spread and name the worst classes.
+SORT_CLASSES_BEYOND = 20
 
 
 def _save(figure, path):
@@ -60,8 +64,10 @@ def plot_curves(output_dir):
     per epoch, with the stages shaded; return its path."""
     records = read_metrics(output_dir)
     epochs = list(range(1, len(records) + 1))
-    figure = _figure(figsize=(20, 4.2))
-    loss_ax, lr_ax, grad_ax, top1_ax = figure.subplots(1, 4)
+    # Two by two at 1000 x 700 pixels: a README or a notebook shows it about that wide, so its
+    # text stays readable (four panels in a row were shrunk to half their size).
+    figure = _figure(figsize=CURVES_INCHES)
+    (loss_ax, lr_ax), (grad_ax, top1_ax) = figure.subplots(2, 2)
     for name, style in (("train_loss", "-"), ("train_ce", "--"), ("train_kl", ":")):
         loss_ax.plot(epochs, [_number(r.get(name)) for r in records], style,
                      label=name[len("train_"):])
@@ -123,16 +129,29 @@ def _shade_stages(axis, records):
             start = index
 
 
+def per_class_order(per_class):
+    """The class names in the chart's order: as given, or from the best to the worst top-1
+    beyond :data:`SORT_CLASSES_BEYOND` classes (classes without images last)."""
+    names = list(per_class)
+    if len(names) <= SORT_CLASSES_BEYOND:
+        return names
+    return sorted(names, key=lambda n: (per_class[n] is None, -(per_class[n] or 0.0)))
+
+
 def plot_per_class(per_class, path, title):
     """Write a bar chart of per-class top-1 (a mapping class name → accuracy) to ``path``."""
-    names = list(per_class)
+    names = per_class_order(per_class)
+    if names != list(per_class):
+        title += ", sorted by top-1"
     values = [0.0 if per_class[n] is None else per_class[n] for n in names]
-    figure = _figure(figsize=(max(6, 0.18 * len(names)), 4))
+    width = max(6, 0.18 * len(names))
+    figure = _figure(figsize=(width, 4))
     axis = figure.subplots()
     axis.bar(range(len(names)), values, color="tab:blue")
     axis.set_xticks(range(len(names)))
-    axis.set_xticklabels(names, rotation=90, fontsize=7 if len(names) > 20 else 9)
-    axis.set(ylim=(0, 1), ylabel="top-1", title=title)
+    axis.set_xticklabels(names, rotation=90, fontsize=7 if len(names) > SORT_CLASSES_BEYOND else 9)
+    axis.set(ylim=(0, 1), ylabel="top-1")
+    axis.set_title(textwrap.fill(title, int(9 * width)), fontsize=10)  # about 9 characters an inch
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     _save(figure, path)

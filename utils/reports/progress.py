@@ -1,18 +1,22 @@
 """Progress of long loops: live bars where a person watches, plain lines in a log file.
 
-A tqdm bar redraws one line with carriage returns: in a terminal or a notebook that is a
-live bar, in a file (``nohup``, AI Studio background jobs) it is one ever longer line.
+A tqdm bar redraws one line with carriage returns: in a terminal that is a live bar, in a
+file (``nohup``, AI Studio background jobs) it is one ever longer line.
 ``train.progress`` chooses: ``auto`` (bars on a terminal or in a notebook, else a line every
 ``LINE_INTERVAL_S`` seconds), ``bars``, ``lines`` or ``off``.
+
+In a notebook every write is an output of its own once the notebook is saved (papermill
+keeps each redraw of a bar, and each epoch line between them), so :func:`one_output` gathers
+what a block prints into one output that is updated in place.
 """
 
 import contextlib
+import io
+import re
 import sys
 import time
 
 from tqdm import tqdm
-
-from utils.runtime.dist import is_main
 
 LINE_INTERVAL_S = 60
 MODES = ("auto", "bars", "lines", "off")
@@ -36,13 +40,23 @@ def silenced():
         _mode = saved
 
 
+def _in_notebook():
+    """Whether this process is a Jupyter kernel (not merely a process that imported one, as
+    papermill's caller does)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
 def _watched():
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
+    return sys.stderr.isatty() or _in_notebook()
 
 
 def track(iterable, desc):
     """``iterable`` wrapped to report its progress per the mode; the result also takes
     ``set_postfix(**values)`` (shown on the bar or the line)."""
+    from utils.runtime.dist import is_main
+
     mode = _mode if _mode != "auto" else "bars" if _watched() else "lines"
     if not is_main():  # rank 0 reports for all
         mode = "off"
@@ -73,3 +87,61 @@ class _Lines:
                 extra = "".join(f", {key} {value}" for key, value in self.postfix.items())
                 print(f"{self.desc}: {done}{share}, {done / (now - start):.2f} it/s{extra}",
                       file=sys.stderr, flush=True)
+
+
+# A redrawn bar updates the output at most this often; a finished line shows at once.
+REDRAW_INTERVAL_S = 0.5
+# The output keeps the last lines only; metrics.jsonl holds every epoch.
+MAX_LINES = 400
+
+
+@contextlib.contextmanager
+def one_output():
+    """In a notebook, what the block prints (lines, bars, warnings) is one output updated in
+    place, bars redrawn where they stand; elsewhere nothing changes."""
+    if not _in_notebook() or isinstance(sys.stdout, _OneOutput):
+        yield
+        return
+    from IPython.display import display
+
+    handle = display({"text/plain": ""}, raw=True, display_id=True)
+    saved, sys.stdout = (sys.stdout, sys.stderr), _OneOutput(handle)
+    sys.stderr = sys.stdout
+    try:
+        yield
+    finally:
+        sys.stdout.show()
+        sys.stdout, sys.stderr = saved
+
+
+class _OneOutput(io.TextIOBase):
+    """A text stream shown as one notebook output: a carriage return starts its line again
+    (a bar's redraw), a newline ends it."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle, self.lines, self.shown_at, self.dropped = handle, [""], 0.0, 0
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        for piece in re.split(r"(\r|\n)", text):
+            if piece == "\n":
+                self.lines.append("")
+            elif piece == "\r":
+                self.lines[-1] = ""
+            else:
+                self.lines[-1] += piece
+        if len(self.lines) > MAX_LINES:
+            self.dropped += len(self.lines) - MAX_LINES
+            del self.lines[:-MAX_LINES]
+        if "\n" in text or time.monotonic() - self.shown_at >= REDRAW_INTERVAL_S:
+            self.show()
+        return len(text)
+
+    def show(self):
+        """Update the output with the text so far."""
+        head = [f"... ({self.dropped} earlier lines)"] if self.dropped else []
+        self.handle.update({"text/plain": "\n".join(head + self.lines).rstrip("\n")}, raw=True)
+        self.shown_at = time.monotonic()
