@@ -209,6 +209,28 @@ def assert_same_run(whole, resumed, records, kinds=("raw",)):
         assert all(np.array_equal(a[k], b[k]) for k in a), name
 
 
+def seeded_tiny_model():
+    """The tiny model of :func:`tiny_model_config` without dropout, seeded (the same weights
+    at every call)."""
+    import paddle
+
+    from models.build import build_model
+
+    paddle.seed(0)
+    return build_model(tiny_model_config(drop_rate=0.0))
+
+
+def digit_batches(count, size=16):
+    """``count`` batches of ``size`` training digits as Paddle tensors (images, labels)."""
+    import paddle
+
+    from data.digits import load_digits
+
+    images, labels = load_digits("train")
+    return [(paddle.to_tensor(images[i * size:(i + 1) * size]),
+             paddle.to_tensor(labels[i * size:(i + 1) * size])) for i in range(count)]
+
+
 @pytest.fixture
 def tiny_model_cfg():
     """:func:`tiny_model_config` as a fixture."""

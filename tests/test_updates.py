@@ -4,33 +4,24 @@ overflow steps, gradient norms in the logs, and AMP O2 master copies."""
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import paddle
 import pytest
-from conftest import read_records, tiny_model_config
+from conftest import digit_batches, read_records, seeded_tiny_model
 
-from data.digits import load_digits
 from data.preprocess import DevicePreprocess
 from losses import RDropLoss
-from models.build import build_model
 from training import trainer as trainer_module
 from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, MIN_LOSS_SCALE, LossScaler, Precision
-from training.averaging import EMA, SWA
 from training.engine import train_steps
 from training.grads import apply_update, trainable
 from training.optim import (
-    MasterCopies,
     build_optimizer,
-    master_copies,
-    optimizer_state_for,
-    portable_optimizer_state,
 )
 from training.run import fit
 from training.state import EpochProgress
 from utils.config import load_config
-from utils.io.tensor_io import as_paddle, load_tensors, save_tensors
 
 CLIP = 1.0
 
@@ -47,24 +38,15 @@ def _loss_scaling():
     return precision
 
 
-def _model():
-    paddle.seed(0)
-    return build_model(tiny_model_config(drop_rate=0.0))
-
-
-def _batches(count, size=16):
-    images, labels = load_digits("train")
-    return [(paddle.to_tensor(images[i * size:(i + 1) * size]),
-             paddle.to_tensor(labels[i * size:(i + 1) * size])) for i in range(count)]
 
 
 def test_clipping_takes_one_norm_over_all_parameter_groups():
-    model = _model()
+    model = seeded_tiny_model()
     cfg = _cfg(f"train.clip_grad_norm={CLIP}",
                "stages.1.optimizer={name: Momentum, lr: 1.0, momentum: 0.0}")
     optimizer, _ = build_optimizer(cfg.stages[1], model, 1, cfg.train)
     assert len(optimizer._param_groups) == 2  # decay / no-decay: biases, norms, pos_embed
-    (images, labels), = _batches(1, size=32)
+    (images, labels), = digit_batches(1, size=32)
     parts = RDropLoss(alpha=1.0)(model(DevicePreprocess(32)(paddle.concat([images, images]))),
                                  labels)
     (parts["loss"] * 100.0).backward()  # far above the limit
@@ -89,7 +71,7 @@ def test_clipping_takes_one_norm_over_all_parameter_groups():
 
 
 def test_no_clipping_below_the_limit_and_the_norm_is_still_reported():
-    model = _model()
+    model = seeded_tiny_model()
     cfg = _cfg("stages.1.optimizer={name: Momentum, lr: 1.0, momentum: 0.0}")
     optimizer, _ = build_optimizer(cfg.stages[1], model, 1, cfg.train)
     sum((p * 1e-4).sum() for p in model.parameters()).backward()
@@ -118,7 +100,7 @@ class _InjectsNonFiniteGradients:
 
 
 def _run_epoch(precision, criterion, batches, warmup_steps=4):
-    model = _model()
+    model = seeded_tiny_model()
     cfg = _cfg(f"stages.0.warmup={{steps: {warmup_steps}, start_lr: 0.0}}")
     optimizer, scheduler = build_optimizer(cfg.stages[0], model, len(batches), cfg.train)
     seen, progress = [], EpochProgress()
@@ -131,7 +113,7 @@ def _run_epoch(precision, criterion, batches, warmup_steps=4):
 
 
 def test_an_fp16_overflow_step_is_skipped_and_moves_nothing():
-    batches = _batches(4)
+    batches = digit_batches(4)
     plain, _, _, _ = _run_epoch(Precision(), RDropLoss(alpha=1.0), batches[:1])
     precision = _loss_scaling()
     seen, progress, means, optimizer = _run_epoch(precision, _InjectsNonFiniteGradients({2}),
@@ -152,7 +134,7 @@ def test_an_fp16_overflow_step_is_skipped_and_moves_nothing():
 
 
 def test_loss_scaling_without_overflow_trains_exactly_as_float32():
-    batches = _batches(3)
+    batches = digit_batches(3)
     plain, _, _, _ = _run_epoch(Precision(), RDropLoss(alpha=1.0), batches)
     scaled, _, _, _ = _run_epoch(_loss_scaling(), RDropLoss(alpha=1.0), batches)
     for (status, _, norm, head), (status2, _, norm2, head2) in zip(plain, scaled):
@@ -202,7 +184,7 @@ class _InjectsNonFiniteLoss:
 def test_an_fp16_overflow_of_the_loss_is_skipped_like_one_of_the_gradients():
     precision = _loss_scaling()
     seen, progress, means, optimizer = _run_epoch(precision, _InjectsNonFiniteLoss({2}),
-                                                  _batches(4))
+                                                  digit_batches(4))
     statuses, lrs, norms, heads = zip(*seen)
     assert statuses == ("applied", "overflow", "applied", "applied")
     assert np.array_equal(heads[0], heads[1]) and norms[1] is None
@@ -218,7 +200,7 @@ def test_an_overflow_that_persists_at_the_minimum_loss_scale_is_a_non_finite_ste
     precision.scaler.load_state_dict({"scale": 2 * MIN_LOSS_SCALE, "good_steps": 5})
     criterion = (_InjectsNonFiniteLoss if injected == "loss" else
                  _InjectsNonFiniteGradients)({1, 2, 3})
-    seen, progress, _, _ = _run_epoch(precision, criterion, _batches(4))
+    seen, progress, _, _ = _run_epoch(precision, criterion, digit_batches(4))
     statuses, _, _, heads = zip(*seen)
     # Halved once to the minimum, then each further one is for train.nan_policy.
     assert statuses == ("overflow", "nonfinite", "nonfinite", "applied")
@@ -236,7 +218,7 @@ def test_scaler_never_goes_below_its_minimum():
 
 
 def test_without_loss_scaling_a_non_finite_gradient_is_a_non_finite_step():
-    seen, progress, _, _ = _run_epoch(Precision(), _InjectsNonFiniteGradients({2}), _batches(3))
+    seen, progress, _, _ = _run_epoch(Precision(), _InjectsNonFiniteGradients({2}), digit_batches(3))
     statuses, _, _, heads = zip(*seen)
     assert statuses == ("applied", "nonfinite", "applied")
     assert np.array_equal(heads[0], heads[1])
@@ -273,93 +255,3 @@ def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(t
 
     _, trees = load_last(os.path.join(out, "last"))  # two halvings, then 5 good updates
     assert trees["scaler"] == {"scale": INIT_LOSS_SCALE / 4, "good_steps": 5}
-
-
-def _o2(half):
-    """What AMP O2 does to the weights, done by hand (Paddle casts on GPUs only)."""
-    return SimpleNamespace(half_weights=True, prepare=lambda model: model.to(dtype=half))
-
-
-def test_o2_master_copies_are_taken_before_the_cast_and_carried_to_the_next_optimizer(tmp_path):
-    model = _model()
-    original = {p.name: p.numpy().copy() for p in model.parameters()}
-    copies = MasterCopies(model, _o2("float16"))
-    assert model.head.weight.dtype == paddle.float16
-    assert set(copies.by_name) == set(original)
-    for name, master in copies.by_name.items():  # the loaded values, not their roundings
-        assert master.dtype == paddle.float32 and np.array_equal(master.numpy(), original[name])
-        assert master.name == f"{name}_fp32_master_0"  # Paddle's name: its state follows it
-    assert not np.array_equal(model.head.weight.astype("float32").numpy(),
-                              original[model.head.weight.name])
-    cfg = _cfg()
-    first = dict(copies.by_name)
-    for stage in cfg.stages:  # AdamW (constant LR), then Momentum (polynomial schedule)
-        optimizer, _ = build_optimizer(stage, model, 3, cfg.train, master_weights=True,
-                                       masters=copies.by_name)
-        carried = master_copies(optimizer)
-        assert set(carried) == set(first) and all(carried[n] is first[n] for n in first)
-        assert copies.by_path(optimizer)["head.weight"] is first[model.head.weight.name]
-        copies.carry(optimizer)
-    # A resumed run takes them from the checkpoint's optimizer state, under its own names.
-    saved = str(tmp_path / "optimizer.safetensors")
-    save_tensors(saved, portable_optimizer_state(model, optimizer))
-    again = _model()
-    resumed = MasterCopies(again, _o2("float16"), as_paddle(load_tensors(saved)[0]))
-    assert np.array_equal(resumed.by_path()["head.weight"].numpy(),
-                          original[model.head.weight.name])
-    assert set(resumed.by_name) == {p.name for p in again.parameters()}
-    assert all(t.name == f"{n}_fp32_master_0" for n, t in resumed.by_name.items())
-    assert MasterCopies(_model(), Precision()).by_path() == {}  # float32: nothing kept
-    assert build_optimizer(cfg.stages[0], model, 3, cfg.train)[0].state_dict().get(
-        "master_weights") is None
-
-
-def test_averages_of_an_o2_model_average_the_master_copies():
-    model = _model()
-    copies = MasterCopies(model, _o2("bfloat16"))
-    path, name = "head.weight", model.head.weight.name
-    values = [np.full(model.head.weight.shape, v, dtype=np.float32) for v in (1.001, 1.003)]
-    model.head.weight.set_value(paddle.to_tensor(values[0]).astype("bfloat16"))
-    assert np.all(model.head.weight.astype("float32").numpy() == 1.0)  # bfloat16 rounds to 1
-    masters = []
-    for value in values:
-        copies.by_name[name] = paddle.to_tensor(value)
-        masters.append({path: copies.by_path()[path]})
-    swa, ema = SWA(model, masters[0]), EMA(model, 0.5, False, masters[0])
-    rounded = SWA(model)
-    for master in masters:
-        swa.update(model, master)
-        ema.update(model, master)
-        rounded.update(model)
-    np.testing.assert_allclose(swa.state_dict()[path].numpy(), 1.002, rtol=1e-6)
-    np.testing.assert_allclose(ema.state_dict()[path].numpy(), 1.002, rtol=1e-6)
-    assert np.all(rounded.state_dict()[path].numpy() == 1.0)  # what averaging the weights gives
-
-
-def test_a_stage_optimizer_state_loads_whatever_optimizers_the_process_built_before(tmp_path):
-    """The reproduction's stages 0 and 1 are both AdamW: a run resumed inside stage 1
-    builds one optimizer where the original process built two, and must still load the
-    stage-1 state it saved."""
-    model, (images, labels) = _model(), _batches(1)[0]
-    cfg = _cfg("stages.1.optimizer={name: AdamW, lr: 1.0e-3, weight_decay: 0.05}")
-    loss = RDropLoss(alpha=1.0)
-
-    def step(optimizer):
-        parts = loss(model(DevicePreprocess(32)(paddle.concat([images, images]))), labels)
-        parts["loss"].backward()
-        apply_update(optimizer, trainable(model), Precision(), CLIP)
-        optimizer.clear_grad()
-
-    for stage in cfg.stages:
-        optimizer, _ = build_optimizer(stage, model, 4, cfg.train)
-        step(optimizer)
-    saved = str(tmp_path / "optimizer.safetensors")  # the checkpoint: a copy, on disk
-    save_tensors(saved, portable_optimizer_state(model, optimizer))
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    step(optimizer)
-    expected = model.head.weight.numpy().copy()
-    model.set_state_dict(weights)
-    resumed, _ = build_optimizer(cfg.stages[1], model, 4, cfg.train)
-    resumed.set_state_dict(optimizer_state_for(model, as_paddle(load_tensors(saved)[0])))
-    step(resumed)
-    assert np.array_equal(model.head.weight.numpy(), expected)
