@@ -146,8 +146,10 @@ def test_prediction_checks_the_json_destination_before_the_work(trained, tmp_pat
 
 def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, os.path.join(ROOT, "main.py"), *DEMO, *FAST,
-            "-o", f"train.output_dir={out}"]
+    # Long enough (about 30 steps after the lock) that the first run still holds its folder
+    # when the second has started: a finished one would be reported complete instead.
+    args = [sys.executable, os.path.join(ROOT, "main.py"), *DEMO, *FAST, "-o",
+            "data.train_subset=512", "-o", "stages.0.epochs=2", "-o", f"train.output_dir={out}"]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     deadline = time.time() + 120
@@ -157,7 +159,7 @@ def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(t
     assert_one_error(second, f"train.output_dir {out} is in use by another run (pid "
                              f"{first.pid} on")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert [(r["stage"], r["epoch"]) for r in read_records(str(out))] == [(0, 1), (1, 1)]
+    assert [(r["stage"], r["epoch"]) for r in read_records(str(out))] == [(0, 1), (0, 2), (1, 1)]
 
 
 def test_a_fresh_run_never_writes_over_an_earlier_one(trained, tmp_path):
