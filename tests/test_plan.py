@@ -142,17 +142,17 @@ def test_the_heartbeat_names_the_phase_every_interval(capsys):
                                    for line in lines)
 
 
-@pytest.mark.parametrize("page", ["README.md", "README_cn.md"])
-def test_the_front_pages_budget_table_is_the_plans(page):
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_the_front_pages_budget_table_is_the_plans(language):
     import os
 
     from conftest import ROOT
 
-    from training.plan import budget_markdown
+    from training.budget import PAGES, budget_markdown
 
-    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, PAGES[language]), encoding="utf-8").read()
     table = text.split("<!-- budget:start -->\n", 1)[1].split("\n<!-- budget:end -->", 1)[0]
-    assert table.strip() == "\n".join(budget_markdown()).strip()
+    assert table.strip() == "\n".join(budget_markdown(language)).strip()
 
 
 def test_a_known_gpu_gets_the_plans_rate_beside_the_measured_one(monkeypatch):

@@ -20,7 +20,6 @@ H heads, MLP ratio r and T tokens (patches plus the class and distillation token
 """
 
 import math
-import os
 
 import paddle
 
@@ -193,68 +192,3 @@ def cost_lines(cost):
     lines.append(f"  (hours from published peak rates x {cost['efficiency']:g}; see "
                  f"training/gpus.py)")
     return lines
-
-
-# The shipped GPU configs the README's budget table prices.
-GPU_CONFIGS = ("configs/rdrop_deit_b_384_cifar100.yaml", "configs/rdrop_paper_recipe.yaml",
-               "configs/rdrop_deit_b_384_folder.yaml")
-BUDGET_HOURS = 30
-
-
-def budget_markdown(paths=GPU_CONFIGS):
-    """The README's budget table for the configs at ``paths``: its lines, from :func:`plan`
-    (``python -m training.plan`` prints them)."""
-    from utils.config import load_config
-
-    lines = ["| config | optimizer steps | images | " + " | ".join(GPUS) + " | disk |",
-             "|---" * (4 + len(GPUS)) + "|"]
-    notes = []
-    for path in paths:
-        cfg = load_config(path)
-        cost = plan(cfg)
-        bound = "≤ " if any(s["upper_bound"] for s in cost["stages"]) else ""
-        cells = []
-        for gpu in GPUS:
-            hours = cost["hours"][gpu]
-            memory = f"{cost['memory_bytes'][gpu] / 2 ** 30:.3g} GiB"
-            fit = "fits" if cost["fits"][gpu] else "does not fit"
-            cells.append(f"{bound}{hours:.3g} h, {memory}, {fit}" if hours is not None
-                         else f"{memory}, {fit}")
-            if not cost["fits"][gpu]:
-                notes.append(_fitting(path, cfg, gpu, cost))
-        steps, images = cost["total_optimizer_steps"], cost["total_images"]
-        name = os.path.basename(path)
-        lines.append(f"| `{name}` | {bound + format(steps, ',') if steps else 'your data'} | "
-                     f"{bound + format(images, ',') if images else 'your data'} | "
-                     + " | ".join(cells) + f" | {cost['disk_bytes'] / 2 ** 30:.3g} GiB |")
-        if images:
-            notes.append(f"- {BUDGET_HOURS} GPU-hours: `{name}` "
-                         + ", ".join(f"{BUDGET_HOURS / cost['hours'][gpu]:.2g} times on a {gpu}"
-                                     for gpu in GPUS) + ".")
-    return lines + [""] + notes
-
-
-def _fitting(path, cfg, gpu, cost):
-    """What makes the config at ``path`` fit on ``gpu``: more accumulation (the same hours)
-    or recompute (the same micro-batch, its hours and memory from the plan)."""
-    from utils.config import load_config
-
-    stage = max(cost["stages"], key=lambda s: s["memory_bytes"][gpu])
-    largest, name = stage["largest_micro_batch"][gpu], os.path.basename(path)
-    if largest < 1:
-        return f"- `{name}` on a {gpu}: not even one image fits; use a larger card."
-    batch = stage["micro_batch"] * cfg.train.accum_steps
-    accum = next(a for a in range(cfg.train.accum_steps, batch + 1)
-                 if batch % a == 0 and batch // a <= largest)
-    recompute = plan(load_config(path, ["model.recompute=true"]))
-    extra = recompute["stages"][0]["flops_per_image"] / cost["stages"][0]["flops_per_image"]
-    fits = "fits" if recompute["fits"][gpu] else "does not fit either"
-    return (f"- `{name}` on a {gpu}: micro-batches of at most {largest} images fit: "
-            f"`-o train.accum_steps={accum}` keeps the images per step and the hours; "
-            f"`-o model.recompute=true` keeps the micro-batch "
-            f"({recompute['memory_bytes'][gpu] / 2 ** 30:.3g} GiB, {fits}) for {extra:.3g} "
-            f"times the hours.")
-
-
-if __name__ == "__main__":
-    print("\n".join(budget_markdown()))
