@@ -34,6 +34,18 @@ FAST_CLI = ["-o", "data.train_subset=128", "-o", "data.val_subset=40", "-o", "da
             "-o", "stages.0.epochs=1", "-o", "stages.1.epochs=1"]
 
 
+# A short demo run in this process: 256 training and 100 validation digits, 1 + 2 epochs.
+SMALL_DEMO = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=1",
+              "stages.1.epochs=2"]
+
+
+def small_demo_config(out, *extra):
+    """The demo's config with :data:`SMALL_DEMO` and ``extra`` overrides, writing to ``out``."""
+    from utils.config import load_config
+
+    return load_config("configs/demo.yaml", [f"train.output_dir={out}", *SMALL_DEMO, *extra])
+
+
 def out_args(tmp_path, name="out"):
     """The ``-o`` arguments that write a run to ``tmp_path / name``."""
     return ["-o", f"train.output_dir={tmp_path / name}"]

@@ -11,10 +11,12 @@ import numpy as np
 import paddle
 import pytest
 from conftest import (
+    DEMO_CLI,
     assert_one_error,
     final_tests,
     read_records,
     run_script,
+    small_demo_config,
     tiny_model_config,
 )
 
@@ -30,18 +32,10 @@ from training.run import fit
 from utils.config import load_config
 from utils.errors import UserError
 
-DEMO = ["-c", "configs/demo.yaml"]
-SMALL = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=1", "stages.1.epochs=2"]
-
-
-def _small(out, *extra):
-    return load_config("configs/demo.yaml", [f"train.output_dir={out}", *SMALL, *extra])
-
-
 # 1. Preflight -------------------------------------------------------------------------------
 
 def test_preflight_measures_the_demo_in_one_json_line():
-    proc = run_script("main.py", *DEMO, "--preflight", "--json", timeout=300)
+    proc = run_script("main.py", *DEMO_CLI, "--preflight", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("step_s", "train_images_per_s", "peak_memory_bytes", "projected_epoch_s",
@@ -53,7 +47,7 @@ def test_preflight_measures_the_demo_in_one_json_line():
                for s in report["stages"])  # 1197 train digits / 32
     assert report["disk_bytes"] > report["checkpoint_bytes"]
     assert report["projected_total_s"] > 35 * min(s["projected_epoch_s"] for s in report["stages"])
-    table = run_script("main.py", *DEMO, "--preflight", timeout=300)
+    table = run_script("main.py", *DEMO_CLI, "--preflight", timeout=300)
     assert table.returncode == 0 and "projected: the whole recipe" in table.stdout
 
 
@@ -92,7 +86,7 @@ def test_out_of_memory_in_a_run_is_one_line_after_a_safe_checkpoint(tmp_path, mo
                                         r"8; the last checkpoint \(.*/last\) is safe.*--preflight.*"
                                         r"train.accum_steps \(now 1\) or set model.recompute"):
         # The stage check's trial steps would call train_step first: this is about the run.
-        fit(_small(out, "train.save_every_steps=2", "train.check_stages=false"))
+        fit(small_demo_config(out, "train.save_every_steps=2", "train.check_stages=false"))
     from utils.checkpoint import find_last, load_last
 
     state, _ = load_last(find_last(out))
@@ -119,7 +113,7 @@ def test_holdout_is_stratified_seeded_and_disjoint():
 
 def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(tmp_path):
     out = str(tmp_path / "run")
-    best = fit(_small(out, "data.val_subset=null"))
+    best = fit(small_demo_config(out, "data.val_subset=null"))
     assert all(r["val_top1"] is not None for r in read_records(out))
     assert best["val_num_samples"] == 240 and best["selected_on"] == "val"
     tests = final_tests(out)
@@ -127,22 +121,22 @@ def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(t
     with open(os.path.join(out, "best.json"), encoding="utf-8") as handle:
         saved = json.load(handle)
     assert saved["test_top1"] == tests["best"]["test_top1"]
-    val = run_script("val.py", *DEMO, "-o", f"train.output_dir={out}", "--split", "val")
+    val = run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={out}", "--split", "val")
     assert val.returncode == 0 and val.stdout.strip().endswith("n=240 on the val split")
-    test = run_script("val.py", *DEMO, "-o", f"train.output_dir={out}")
+    test = run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={out}")
     top1 = float(re.search(r"top1=(\S+)", test.stdout)[1])
     assert top1 == pytest.approx(tests["best"]["test_top1"], abs=1e-4)
 
 
 def test_the_old_protocol_says_its_best_is_chosen_on_the_test_split(tmp_path, capsys):
     out = str(tmp_path / "run")
-    best = fit(_small(out, "data.val_split=0"))
+    best = fit(small_demo_config(out, "data.val_split=0"))
     assert best["selected_on"] == "test" and best["val_num_samples"] == 100
     assert "chosen on the test split (data.val_split: 0), so this number is biased upward" \
         in capsys.readouterr().out
-    proc = run_script("val.py", *DEMO, "-o", "data.val_split=0", "-o", f"train.output_dir={out}")
+    proc = run_script("val.py", *DEMO_CLI, "-o", "data.val_split=0", "-o", f"train.output_dir={out}")
     assert "chosen on the test split" in proc.stdout
-    assert_one_error(run_script("val.py", *DEMO, "-o", "data.val_split=0", "-o",
+    assert_one_error(run_script("val.py", *DEMO_CLI, "-o", "data.val_split=0", "-o",
                                 f"train.output_dir={out}", "--split", "val"),
                      "this config holds out no validation images")
 
@@ -155,7 +149,7 @@ def test_the_batch_of_a_step_splits_over_ranks_and_micro_batches():
                                         r"train.accum_steps=2 equal micro-batches; make it a "
                                         r"multiple of 10"):
         micro_batch(24, 2, 5)
-    assert_one_error(run_script("main.py", *DEMO, "-o", "train.accum_steps=5",
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", "train.accum_steps=5",
                                 "-o", "train.output_dir=/tmp/never-written-here", "--preflight"),
                      "data.batch_size=32 does not split into 1 rank(s) x train.accum_steps=5")
 
@@ -175,7 +169,7 @@ def test_linear_lr_scaling_scales_every_rate_of_a_stage():
         schedule.step()
     assert lrs[0] == pytest.approx(0.002) and lrs[2] == pytest.approx(0.02)
     assert lrs[-1] == pytest.approx(0.0002)
-    assert_one_error(run_script("main.py", *DEMO, "-o", "train.lr_scaling=linear", "--dry-run"),
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", "train.lr_scaling=linear", "--dry-run"),
                      "'train.reference_batch' is missing")
 
 

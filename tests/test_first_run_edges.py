@@ -13,28 +13,23 @@ import sys
 import numpy as np
 import pytest
 from conftest import (
+    DEMO_CLI,
     ROOT,
+    SMALL_DEMO,
     assert_one_error,
     kill_in_stage_1,
     read_records,
     run_script,
+    small_demo_config,
 )
 
 from training.run import fit
 from utils.config import load_config
 from utils.errors import UserError
 
-DEMO = ["-c", "configs/demo.yaml"]
-SMALL = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=1", "stages.1.epochs=2"]
-
-
-def _small(out, *extra):
-    return load_config("configs/demo.yaml", [f"train.output_dir={out}", *SMALL, *extra])
-
-
 # 5. Rough edges of a first run ----------------------------------------------------------------
 
-RUN = [*DEMO, *[a for o in SMALL for a in ("-o", o)], "-o", "train.save_every_steps=2"]
+RUN = [*DEMO_CLI, *[a for o in SMALL_DEMO for a in ("-o", o)], "-o", "train.save_every_steps=2"]
 
 
 def _scalars(out, tag):
@@ -156,7 +151,7 @@ def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path, capsys):
 
 def test_asking_for_an_average_the_run_did_not_keep_says_so(tmp_path):
     out = str(tmp_path / "run")
-    fit(_small(out, "stages.1.epochs=1"))
-    assert_one_error(run_script("val.py", *DEMO, "-o", f"train.output_dir={out}", "--kind",
+    fit(small_demo_config(out, "stages.1.epochs=1"))
+    assert_one_error(run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={out}", "--kind",
                                 "swa"),
                      "--kind swa: SWA is off in the run in", "train.swa.enabled: false")
