@@ -258,4 +258,11 @@ def test_the_digits_cache_holds_what_scikit_learn_gives_and_a_bad_one_is_remade(
         assert digits._read_cached(path) is not None  # written again, whole
     np.savez(path, images=fresh[0], labels=fresh[1] + 10)  # labels beyond the ten classes
     assert digits._read_cached(path) is None
+    np.savez_compressed(path, images=np.zeros((2000, 32, 32, 3), np.uint8),  # 6 MB of zeros
+                        labels=np.zeros(2000, np.int64))
+    monkeypatch.setattr(digits, "MAX_CACHED_BYTES", 4 << 20)
+    assert os.path.getsize(path) < 100_000 and digits._read_cached(path) is None
+    os.remove(path)
+    os.mkfifo(path)  # a pipe where the cache goes is never opened (it would block)
+    assert digits._read_cached(path) is None
     assert digits.cache_path("train") != path  # one file per split
