@@ -17,12 +17,13 @@ import json
 import os
 import shlex
 import sys
+from typing import Optional, Union
 
-from training.stages import describe_run, describe_stage, stage_data, stage_loss
+from training.recipe import describe_run, describe_stage
 from utils import cli
 from utils.checkpoint import weights_path
 from utils.cli import config_parser
-from utils.config import dump_config, load_config, path_override
+from utils.config import Node, dump_config, load_config, path_override
 from utils.errors import Interrupted, UserError
 
 
@@ -70,15 +71,14 @@ def print_plan(cfg, as_json=False):
     print(dump_config(cfg), end="")
     print("training: " + describe_run(cfg))
     print("stage plan:")
-    for index, stage in enumerate(cfg.stages):
-        print("  " + describe_stage(index, stage, stage_data(cfg.data, stage),
-                                    stage_loss(cfg.loss, stage),
-                                    cost["stages"][index]["image_size"], cfg.distill))
+    for index in range(len(cfg.stages)):
+        print("  " + describe_stage(cfg, index, cost["stages"][index]["image_size"]))
     print("\n".join(cost_lines(cost)))
 
 
-def main(argv=None):
-    """Train (or, with ``--dry-run``, show what would be trained)."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """Train (or, with ``--dry-run``, show what would be trained; with ``--preflight``,
+    measure it)."""
     args = parse_args(argv)
     overrides = list(args.override)
     if args.init_from:
@@ -92,14 +92,63 @@ def main(argv=None):
         return 0
     if args.preflight:
         return run_preflight(cfg, args.json)
-    from training.run import fit
-
     try:
-        fit(cfg, resume=args.resume, overwrite=args.overwrite)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
     except Interrupted as stop:
         raise Interrupted(stop.signum, f"{stop}; continue with: "
                           f"{resume_command(argv)}") from None
     return 0
+
+
+def train(cfg: Node, resume: Union[bool, str, None] = None,
+          overwrite: bool = False) -> Optional[dict]:
+    """The recipe: every stage of ``cfg``, then the final test; from a checkpoint with
+    ``resume`` (True, or a run folder or ``last/`` path). Returns the best record (``None``
+    if no epoch was validated)."""
+    # Imported here: --help and --dry-run answer without loading Paddle.
+    from data.dataset import run_splits
+    from data.samples import shipping_line
+    from training.amp import Precision
+    from training.engine import train_one_epoch, validate
+    from training.recipe import describe_stage, stage_data
+    from training.run import training_run
+    from training.stage import RunModel, build_stage
+    from training.stage_check import check_stages
+
+    # The device, the output folder, the checkpoint to resume, stop requests: the edges.
+    with training_run(cfg, resume, overwrite) as run:
+        if run.complete:
+            return run.state.best
+        # The reader: training, validation (held-out training images) and test splits.
+        train_split, val_split, test_split, class_names = run_splits(
+            cfg.data, cfg.model.num_classes, cfg.train.seed)
+        # The model: PPIM's, with its pretrained weights (or the checkpoint's), its EMA /
+        # SWA averages and a distillation teacher.
+        precision = Precision(cfg.train.amp, run.device, cfg.train.amp_level)
+        net = RunModel.for_run(cfg, precision, run.restored, run.state.updates)
+        run.begin(net, (train_split, val_split, test_split), class_names)
+        # One step of every stage still to run, on scratch weights, before hours are spent.
+        if cfg.train.check_stages and run.start.stage < len(cfg.stages):
+            check_stages(cfg, precision, net.teacher, run.start.stage, run.device)
+        with run.training():
+            for index in range(run.start.stage, len(cfg.stages)):
+                # The stage: its resolution and trained set, data, optimizer, schedule, loss.
+                size = stage_data(cfg.data, cfg.stages[index]).image_size or net.base_size
+                print(describe_stage(cfg, index, size), flush=True)
+                stage = build_stage(cfg, index, net, (train_split, val_split))
+                print(shipping_line(stage.train_loader.dataset, stage.data.num_workers),
+                      flush=True)
+                for segment in run.segments(stage):
+                    if segment.trains:
+                        train_one_epoch(stage, run, segment)
+                    results = validate(stage, run, segment)
+                    # The record, the best weights and the checkpoint of the next position.
+                    if run.finish_epoch(stage, segment, results):
+                        break
+                stage.release()  # nothing of this stage's optimizer is left for the next
+            # The best and the last weights on the test split, once.
+            run.final_test(test_split)
+    return run.state.best
 
 
 def run_preflight(cfg, as_json):
@@ -136,4 +185,5 @@ def resume_command(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    with cli.one_line_errors():
+        sys.exit(main())

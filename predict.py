@@ -13,6 +13,7 @@ run then ends with an error after the others.
 
 import contextlib
 import sys
+from typing import Callable, NamedTuple
 
 from utils import cli
 from utils.cli import add_weights_option, config_parser
@@ -84,7 +85,8 @@ def _main(args, json_out):
     preprocess = DevicePreprocess(size)
     results = []
     try:
-        _predict(files, size, crop_fraction, preprocess, run, names, args.topk, results)
+        _predict(files, Classifier(run, preprocess, size, crop_fraction, names), args.topk,
+                 results)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: keep what is done
         if args.json:
             _write_results(args.json, results, json_out)
@@ -111,7 +113,19 @@ def _write_results(target, results, json_out):
         write_json(target, results)
 
 
-def _predict(files, size, crop_fraction, preprocess, run, names, topk, results):
+class Classifier(NamedTuple):
+    """What turns an image file into class probabilities: ``run`` (the model on a
+    preprocessed batch, as NumPy logits), the device ``preprocess`` and evaluation's view
+    (``size``, ``crop_fraction``), and the class ``names``."""
+
+    run: Callable
+    preprocess: Callable
+    size: int
+    crop_fraction: float
+    names: list
+
+
+def _predict(files: list, classifier: Classifier, topk: int, results: list) -> None:
     """Append each readable image's top-k to ``results`` and print its line."""
     import numpy as np
     import paddle
@@ -120,6 +134,7 @@ def _predict(files, size, crop_fraction, preprocess, run, names, topk, results):
     from data.images import read_rgb
     from utils.errors import UserError
 
+    run, preprocess, size, crop_fraction, names = classifier
     with paddle.no_grad():
         for path in files:
             try:

@@ -12,32 +12,31 @@ the settings that keep the same global batch are printed.
 """
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
 import threading
 import time
+from typing import Callable
 
 import paddle
 
 from data.batching import micro_batch
 from data.cifar import pending_download as cifar_download
-from data.dataset import eval_loader, run_splits, stage_loaders
+from data.dataset import Split, eval_loader, run_splits, stage_loaders
 from data.loader import loader_rate, set_epoch
-from losses import build_loss
 from models.attention import FusedAttention
-from models.build import build_model, input_size
 from models.build import pending_download as weights_download
-from models.teacher import build_teacher
 from training.amp import Precision
-from training.averaging import build_averages
 from training.engine import evaluate, train_steps
-from training.optim import MasterCopies, build_optimizer, portable_optimizer_state
+from training.optim import portable_optimizer_state
+from training.recipe import StageLength, stage_data, stage_loss
+from training.stage import RunModel, Stage, build_stage
 from training.stage_check import check_stages, validate_stages
-from training.stage_model import prepare_stage
-from training.stages import StageLength, lr_scale, stage_data, stage_loss
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
+from utils.config import Node
 from utils.errors import UserError, is_out_of_memory
 from utils.io.download import ensure_downloadable
 from utils.reports.preflight import plan_rates
@@ -65,27 +64,17 @@ def _setups(cfg):
     return setups
 
 
-def _time_steps(run, cfg, stage_index, accum, splits):
-    """Seconds per optimizer step of stage ``stage_index`` with ``accum`` micro-batches."""
-    stage = cfg.stages[stage_index]
-    data_cfg = stage_data(cfg.data, stage)
-    size = data_cfg.image_size or run["base_size"]
-    loader, _ = stage_loaders(data_cfg, cfg.train.seed, accum, size, *splits)
+def _time_steps(cfg: Node, stage_index: int, net: RunModel, splits: tuple[Split, Split],
+                accum: int) -> tuple[float, Stage]:
+    """Seconds per optimizer step of stage ``stage_index`` with ``accum`` micro-batches, and
+    the stage (released: its optimizer's state is what a checkpoint would hold)."""
+    stage = build_stage(cfg, stage_index, net, splits, accum_steps=accum)
+    loader = stage.train_loader
     set_epoch(loader, 0)
-    run["train_model"], run["preprocess"] = prepare_stage(
-        run["model"], stage_index, stage, size, run["averages"], run["masters"], run["teacher"],
-        run.get("train_model"))
-    optimizer, scheduler = build_optimizer(stage, run["model"], 1000, cfg.train,
-                                           run["precision"].half_weights, run["masters"].by_name,
-                                           lr_scale(cfg.train, data_cfg.batch_size))
-    criterion = build_loss(stage_loss(cfg.loss, stage), cfg.distill)
     sampler = loader.batch_sampler
     sampler.stop = min(sampler.full_length() // accum, MAX_STEPS + 1) * accum
     times, last = [], time.perf_counter()
-    for _ in train_steps(run["train_model"], criterion, run["preprocess"], loader, optimizer,
-                         scheduler, EpochProgress(), accum, desc="preflight",
-                         precision=run["precision"], clip_norm=cfg.train.clip_grad_norm,
-                         teacher=run["teacher"], frozen_eval=stage.frozen_mode == "eval"):
+    for _ in train_steps(stage, loader, EpochProgress(), desc="preflight"):
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -95,25 +84,27 @@ def _time_steps(run, cfg, stage_index, accum, splits):
         raise UserError(f"stage {stage_index} has fewer than 2 optimizer steps per epoch; "
                         f"preflight cannot time it")
     timed = times[1:]
-    return sum(timed) / len(timed), optimizer
+    return sum(timed) / len(timed), stage
 
 
-def _fitting_accum(run, cfg, stage_index, splits, device):
+def _fitting_accum(cfg: Node, stage_index: int, net: RunModel, splits: tuple[Split, Split],
+                   device: str) -> tuple[int, float, Stage]:
     """The smallest ``train.accum_steps`` whose micro-batch fits (the configured one first),
-    with its step time and optimizer: after an out-of-memory the micro-batch is halved (to
-    the largest one that still divides the rank's share of the batch)."""
+    with its step time and stage: after an out-of-memory the micro-batch is halved (to the
+    largest one that still divides the rank's share of the batch)."""
     batch = stage_data(cfg.data, cfg.stages[stage_index]).batch_size
     accum = cfg.train.accum_steps
     per_rank = micro_batch(batch, accum, world_size(),
                            f"stages.{stage_index}.data.batch_size") * accum
     while True:
         try:
-            step_s, optimizer = _time_steps(run, cfg, stage_index, accum, splits)
-            return accum, step_s, optimizer
+            step_s, stage = _time_steps(cfg, stage_index, net, splits, accum)
+            return accum, step_s, stage
         except Exception as exc:  # noqa: BLE001 - out of memory only
             if not is_out_of_memory(exc):
                 raise
-        run["model"].clear_gradients()
+        net.model.clear_gradients()
+        gc.collect()  # the failed setup's optimizer (see Stage.release)
         if str(device).startswith("gpu"):
             paddle.device.cuda.empty_cache()
         half = per_rank // accum // 2
@@ -126,13 +117,14 @@ def _fitting_accum(run, cfg, stage_index, splits, device):
         accum = larger[0]
 
 
-def _checkpoint_bytes(run, optimizer, averages):
-    """Bytes of a resume checkpoint and of the best weights, written and read back."""
-    trees = checkpoint_trees(run["model"], portable_optimizer_state(run["model"], optimizer),
-                             averages, run["precision"])
+def _checkpoint_bytes(net: RunModel, stage: Stage, class_names: list) -> tuple[int, int]:
+    """Bytes of a resume checkpoint (with ``stage``'s optimizer) and of the best weights,
+    written and read back."""
+    trees = checkpoint_trees(net.model, portable_optimizer_state(net.model, stage.optimizer),
+                             net.averages, net.precision)
     with tempfile.TemporaryDirectory(prefix="preflight-") as folder:
-        state = RunState(config={}, updates={kind: 0 for kind in averages})
-        save_last(folder, trees, state.to_json(), run["class_names"])
+        state = RunState(config={}, updates={kind: 0 for kind in net.averages})
+        save_last(folder, trees, state.to_json(), class_names)
         load_last(os.path.join(folder, "last"))
         sizes = {name: os.path.getsize(os.path.join(folder, "last", name))
                  for name in os.listdir(os.path.join(folder, "last"))}
@@ -175,7 +167,7 @@ def heartbeat(every=HEARTBEAT_S):
         thread.join()
 
 
-def _preflight(cfg, device, start, phase):
+def _preflight(cfg: Node, device: str, start: float, phase: Callable[[str], None]) -> dict:
     """:func:`preflight` once the downloads are known to be there."""
     init()
     seed_everything(cfg.train.seed)
@@ -183,26 +175,21 @@ def _preflight(cfg, device, start, phase):
     train, val, test, class_names = run_splits(cfg.data, cfg.model.num_classes, cfg.train.seed)
     phase("building the model")
     precision = Precision(cfg.train.amp, device, cfg.train.amp_level)
-    model = build_model(cfg.model, amp=precision.mode, image_size=cfg.data.image_size,
-                        two_heads=cfg.distill is not None)
-    masters = MasterCopies(model, precision)
-    averages = build_averages(cfg.train, model)
-    run = {"model": model, "precision": precision, "masters": masters, "averages": averages,
-           "class_names": class_names,
-           "base_size": input_size(model), "teacher": build_teacher(
-               cfg.distill, cfg.model.num_classes, precision) if cfg.distill else None}
-    validate_stages(cfg, model, run["base_size"], run["teacher"])
+    net = RunModel.for_run(cfg, precision)
+    validate_stages(cfg, net.model, net.base_size, net.teacher)
     phase("the stage check")
-    check_s = check_stages(cfg, precision, run["teacher"], device=device)
-    fused = sum(isinstance(layer, FusedAttention) for layer in model.sublayers())
+    check_s = check_stages(cfg, precision, net.teacher, device=device)
+    fused = sum(isinstance(layer, FusedAttention) for layer in net.model.sublayers())
     report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
               "precision": precision.mode if precision.mode != "off" else "float32",
               "attention": f"fused ({fused} layers)" if fused else "PPIM's",
               "recompute": cfg.model.recompute, "stage_check_s": check_s, "stages": []}
-    fits, optimizer = True, None
+    fits, stage = True, None
     for (batch, _, name, _, _), indices in _setups(cfg).items():
         phase(f"timing the steps of stage {indices[0]}")
-        accum, step_s, optimizer = _fitting_accum(run, cfg, indices[0], (train, val), device)
+        if stage is not None:
+            stage.release()  # one setup's optimizer at a time, as in the run
+        accum, step_s, stage = _fitting_accum(cfg, indices[0], net, (train, val), device)
         fits = fits and accum == cfg.train.accum_steps
         micro = micro_batch(batch, accum, world_size())
         for index in indices:
@@ -210,10 +197,11 @@ def _preflight(cfg, device, start, phase):
                                      "accum_steps": accum, "optimizer": name,
                                      "step_s": step_s, "train_images_per_s": batch / step_s})
     phase("timing evaluation, the loader and a checkpoint")
-    eval_s, eval_images = _time_eval(run, cfg, val)
-    report.update(_time_loader(cfg, (train, val), run["base_size"]))
+    eval_s, eval_images = _time_eval(cfg, net, stage, val)
+    report.update(_time_loader(cfg, (train, val), net.base_size))
     _project(report, cfg, train, val, test, eval_images / eval_s)
-    last, best = _checkpoint_bytes(run, optimizer, averages)
+    last, best = _checkpoint_bytes(net, stage, class_names)
+    stage.release()
     # last/ and, while it is replaced, last.partial/; the best weights beside them.
     report.update(checkpoint_bytes=last, disk_bytes=2 * last + best)
     report["peak_memory_bytes"] = peak_memory_bytes(device)
@@ -238,15 +226,16 @@ def _time_loader(cfg, splits, base_size):
             "host_bytes_per_image": side * side * 3, "num_workers": data_cfg.num_workers}
 
 
-def _time_eval(run, cfg, val):
-    """Seconds and images of one evaluation batch (after an untimed one)."""
+def _time_eval(cfg: Node, net: RunModel, stage: Stage, val: Split) -> tuple[float, int]:
+    """Seconds and images of one evaluation batch (after an untimed one) at ``stage``'s
+    resolution."""
     count = 2 * (cfg.data.eval_batch_size or cfg.data.batch_size)
-    loader = eval_loader(val.take(slice(0, count)), cfg.data, input_size(run["model"]))
-    evaluate(run["model"], run["preprocess"], loader, cfg.model.num_classes, desc="preflight",
-             precision=run["precision"])
+    loader = eval_loader(val.take(slice(0, count)), cfg.data, stage.size)
+    evaluate(net.model, stage.preprocess, loader, cfg.model.num_classes, desc="preflight",
+             precision=net.precision)
     start = time.perf_counter()
-    result = evaluate(run["model"], run["preprocess"], loader, cfg.model.num_classes,
-                      desc="preflight", precision=run["precision"])
+    result = evaluate(net.model, stage.preprocess, loader, cfg.model.num_classes,
+                      desc="preflight", precision=net.precision)
     return time.perf_counter() - start, result["num_samples"]
 
 

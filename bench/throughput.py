@@ -92,11 +92,11 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     from data.dataset import ImageDataset
     from data.digits import load_digits
     from data.loader import build_loader
-    from data.preprocess import DevicePreprocess
     from losses import RDropLoss
     from models.build import build_model, input_size
     from training.amp import Precision
     from training.engine import train_step
+    from training.stage import Stage
     from training.grads import apply_update, trainable
 
     images, labels = load_digits("train")
@@ -110,11 +110,11 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     size = input_size(ours)
     optimizers = [paddle.optimizer.AdamW(learning_rate=1e-5, parameters=m.parameters())
                   for m in models]
-    preprocess = DevicePreprocess(size)
+    stage = Stage.of_parts(ours, criterion, size=size, precision=precision)
     params = trainable(ours)
 
     def our_step(batch, target):
-        parts = train_step(ours, criterion, preprocess, batch, target, precision=precision)
+        parts = train_step(stage, batch, target)
         apply_update(optimizers[0], params, precision, cfg.train.clip_grad_norm)
         optimizers[0].clear_grad()
         float(parts["loss"])  # wait for the device
@@ -167,7 +167,8 @@ def main(argv=None):
     for batch_size in args.batch_sizes or preset["batch_sizes"]:
         for amp in args.amp or preset["amp"]:
             ours, seed, model, used = measure(cfg, batch_size, amp, args.steps or preset["steps"],
-                                              args.warmup, args.workers, device)
+                                              warmup=args.warmup, workers=args.workers,
+                                              device=device)
             flops = 6 * forward_flops(model)
             print(json.dumps({
                 "device": name, "paddle": paddle.__version__, "model": cfg.model.name,

@@ -271,7 +271,7 @@ def load_trained(cfg, precision, weights=None, config="CONFIG"):
     run's best) loaded strictly, in eval mode, at the resolution of the last stage
     (``data.image_size`` unless that stage sets its own). Missing weights are one error
     saying how to get them (``config`` names the config file in it)."""
-    from training.stages import final_image_size
+    from training.recipe import final_image_size
     from utils.checkpoint import weights_path
 
     path = weights or weights_path(cfg.train.output_dir, "best")

@@ -183,12 +183,12 @@ def tiny_model_config(kwargs=None, **fields):
 def stop_at_evaluation(cfg, call, monkeypatch):
     """Train ``cfg`` in this process until SIGTERM arrives during its ``call``-th evaluation;
     return the position of the checkpoint that stop left."""
-    import training.trainer as trainer_module
-    from training.run import fit
+    import training.engine as engine
+    from main import train
     from utils.checkpoint import find_last, load_last
     from utils.errors import Interrupted
 
-    real_evaluate, calls = trainer_module.evaluate, []
+    real_evaluate, calls = engine.evaluate, []
 
     def evaluate_then_signal(*args, **kwargs):
         calls.append(1)
@@ -196,11 +196,26 @@ def stop_at_evaluation(cfg, call, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_signal)
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_signal)
     with pytest.raises(Interrupted):
-        fit(cfg)
+        train(cfg)
     monkeypatch.undo()
     return load_last(find_last(cfg.train.output_dir))[0]["position"]
+
+
+def run_stages_with_loss(monkeypatch, loss_of_stage):
+    """Make the run's stages (not the stage check's) train with ``loss_of_stage(index)``
+    where that gives a loss (``None``: the stage's own)."""
+    from training import stage as stage_module
+
+    real_build = stage_module.build_stage
+
+    def build(*args, **kwargs):
+        stage = real_build(*args, **kwargs)
+        stage.criterion = loss_of_stage(stage.index) or stage.criterion
+        return stage
+
+    monkeypatch.setattr(stage_module, "build_stage", build)
 
 
 def assert_same_run(whole, resumed, records, kinds=("raw",)):

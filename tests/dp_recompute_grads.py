@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import tiny_model_config  # noqa: E402
 
-from data.preprocess import DevicePreprocess  # noqa: E402
+from training.stage import Stage  # noqa: E402
 from losses import RDropLoss  # noqa: E402
 from models.build import build_model  # noqa: E402
 from training.engine import train_step  # noqa: E402
@@ -47,7 +47,7 @@ def gradients(recompute, accum, drop):
         paddle.seed(100 + 10 * rank() + index)  # the dropout masks of this micro-batch
         last = index == accum - 1
         with contextlib.nullcontext() if last or world_size() == 1 else trained.no_sync():
-            train_step(trained, RDropLoss(alpha=1.0), DevicePreprocess(32),
+            train_step(Stage.of_parts(trained, RDropLoss(alpha=1.0)),
                        paddle.to_tensor(images[start:start + micro]),
                        paddle.to_tensor(labels[start:start + micro]), 1.0 / accum)
     return {path: param.grad.numpy() for path, param in model.named_parameters()}

@@ -254,7 +254,7 @@ def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
 
     from models.teacher import build_teacher
     from training.amp import Precision
-    from training.run import fit
+    from main import train
     from utils.run_folder import RunFolder
 
     copy = tmp_path / "teacher"
@@ -274,7 +274,7 @@ def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
     save_tensors(str(copy / "best.safetensors"), weights, metadata)
     with pytest.raises(UserError, match="the distillation teacher's weights differ from those "
                                         "the checkpoint"):
-        fit(cfg, resume=True)
+        train(cfg, resume=True)
     held = RunFolder(str(copy))
     held.hold(resume=True)
     try:

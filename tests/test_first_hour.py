@@ -28,7 +28,7 @@ from losses import RDropLoss
 from models.build import build_model
 from training import engine
 from training.optim import build_schedule
-from training.run import fit
+from main import train
 from utils.config import load_config
 from utils.errors import UserError
 
@@ -56,10 +56,10 @@ def test_preflight_halves_a_micro_batch_that_does_not_fit(monkeypatch, capsys):
 
     real = engine.train_step
 
-    def small_memory(model, criterion, preprocess, images, *args):
+    def small_memory(stage, images, *args):
         if images.shape[0] > 8:
             raise MemoryError("Out of memory error on GPU 0 (simulated)")
-        return real(model, criterion, preprocess, images, *args)
+        return real(stage, images, *args)
 
     monkeypatch.setattr(engine, "train_step", small_memory)
     cfg = load_config("configs/demo.yaml", ["stages.1.epochs=1"])
@@ -86,7 +86,7 @@ def test_out_of_memory_in_a_run_is_one_line_after_a_safe_checkpoint(tmp_path, mo
                                         r"8; the last checkpoint \(.*/last\) is safe.*--preflight.*"
                                         r"train.accum_steps \(now 1\) or set model.recompute"):
         # The stage check's trial steps would call train_step first: this is about the run.
-        fit(small_demo_config(out, "train.save_every_steps=2", "train.check_stages=false"))
+        train(small_demo_config(out, "train.save_every_steps=2", "train.check_stages=false"))
     from utils.checkpoint import find_last, load_last
 
     state, _ = load_last(find_last(out))
@@ -113,7 +113,7 @@ def test_holdout_is_stratified_seeded_and_disjoint():
 
 def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(tmp_path):
     out = str(tmp_path / "run")
-    best = fit(small_demo_config(out, "data.val_subset=null"))
+    best = train(small_demo_config(out, "data.val_subset=null"))
     assert all(r["val_top1"] is not None for r in read_records(out))
     assert best["val_num_samples"] == 240 and best["selected_on"] == "val"
     tests = final_tests(out)
@@ -130,7 +130,7 @@ def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(t
 
 def test_the_old_protocol_says_its_best_is_chosen_on_the_test_split(tmp_path, capsys):
     out = str(tmp_path / "run")
-    best = fit(small_demo_config(out, "data.val_split=0"))
+    best = train(small_demo_config(out, "data.val_split=0"))
     assert best["selected_on"] == "test" and best["val_num_samples"] == 100
     assert "chosen on the test split (data.val_split: 0), so this number is biased upward" \
         in capsys.readouterr().out
@@ -158,7 +158,7 @@ def test_linear_lr_scaling_scales_every_rate_of_a_stage():
     cfg = load_config("configs/demo.yaml", [
         "train.lr_scaling=linear", "train.reference_batch=16",
         "stages.1.warmup={steps: 2, start_lr: 0.001}", "stages.1.lr_schedule.end_lr=0.0001"])
-    from training.stages import lr_scale
+    from training.recipe import lr_scale
 
     scale = lr_scale(cfg.train, cfg.data.batch_size)
     assert scale == 2.0

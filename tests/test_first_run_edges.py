@@ -23,7 +23,7 @@ from conftest import (
     small_demo_config,
 )
 
-from training.run import fit
+from main import train
 from utils.config import load_config
 from utils.errors import UserError
 
@@ -151,7 +151,7 @@ def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path, capsys):
 
 def test_asking_for_an_average_the_run_did_not_keep_says_so(tmp_path):
     out = str(tmp_path / "run")
-    fit(small_demo_config(out, "stages.1.epochs=1"))
+    train(small_demo_config(out, "stages.1.epochs=1"))
     assert_one_error(run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={out}", "--kind",
                                 "swa"),
                      "--kind swa: SWA is off in the run in", "train.swa.enabled: false")

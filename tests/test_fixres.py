@@ -20,12 +20,12 @@ from data.dataset import run_splits, stage_loaders
 from data.loader import set_epoch
 from models.build import build_model, input_size
 from models.resolution import resample_pos_embed
-from training import trainer as trainer_module
+from training import stage as stage_module
 from training.averaging import EMA
 from training.optim import MasterCopies, build_optimizer, master_copies
-from training.run import fit
-from training.stage_model import change_resolution, set_trainable
-from training.stages import stage_data
+from main import train
+from training.stage import change_resolution, set_trainable
+from training.recipe import stage_data
 from utils.checkpoint import find_last, load_last
 from utils.config import load_config
 from utils.errors import UserError
@@ -42,18 +42,19 @@ def _cfg(out, *extra):
 
 
 def test_a_fixres_stage_trains_only_its_parameters_at_the_test_resolution(tmp_path, monkeypatch):
-    real_prepare, seen = trainer_module.prepare_stage, {}
+    real_build, seen = stage_module.build_stage, {}
 
-    def prepare_and_snapshot(model, index, *args):
-        result = real_prepare(model, index, *args)
-        seen[index] = ({k: v.numpy().copy() for k, v in model.state_dict().items()},
-                       input_size(model), {k for k, p in model.named_parameters()
-                                           if not p.stop_gradient})
-        return result
+    def build_and_snapshot(*args, **kwargs):
+        stage = real_build(*args, **kwargs)
+        model = stage.net.model
+        seen[stage.index] = ({k: v.numpy().copy() for k, v in model.state_dict().items()},
+                             input_size(model), {k for k, p in model.named_parameters()
+                                                 if not p.stop_gradient})
+        return stage
 
-    monkeypatch.setattr(trainer_module, "prepare_stage", prepare_and_snapshot)
+    monkeypatch.setattr(stage_module, "build_stage", build_and_snapshot)
     out = str(tmp_path)
-    fit(_cfg(out))
+    train(_cfg(out))
     assert [seen[i][1] for i in range(3)] == [24, 24, 32]
     assert seen[2][2] == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias",
                           "norm.weight", "norm.bias"}
@@ -79,13 +80,13 @@ def test_a_fixres_stage_trains_only_its_parameters_at_the_test_resolution(tmp_pa
 def test_a_run_stopped_before_or_after_the_resolution_change_resumes_to_the_same_records(
         tmp_path, monkeypatch, call, stage):
     whole = str(tmp_path / "whole")
-    fit(_cfg(whole))
+    train(_cfg(whole))
     stopped = _cfg(str(tmp_path / "stopped"))
     # Evaluations: raw and EMA per epoch; call 4 is stage 1's EMA (at 24 px), call 5 is
     # stage 2's first (at 32 px).
     position = stop_at_evaluation(stopped, call, monkeypatch)
     assert position["stage"] == stage and position["evaluating"]
-    fit(stopped, resume=True)
+    train(stopped, resume=True)
     assert_same_run(whole, stopped.train.output_dir, 4, ("raw", "ema"))
 
 
@@ -102,8 +103,9 @@ def test_the_resolution_change_resamples_averages_and_the_o2_master_copy(tmp_pat
     master = copies.by_name[old].numpy() + np.float32(1e-3)  # not a bfloat16 value
     copies.by_name[old] = paddle.to_tensor(master)
     ema = EMA(model, 0.9, False, copies.by_path())
-    assert change_resolution(model, 48, {"ema": ema}, copies)
-    assert not change_resolution(model, 48, {"ema": ema}, copies)
+    net = stage_module.RunModel(model, _o2("bfloat16"), copies, {"ema": ema}, 32)
+    assert change_resolution(net, 48)
+    assert not change_resolution(net, 48)
     want = resample_pos_embed(master, 2, 6)
     new = model.pos_embed
     assert input_size(model) == 48 and new.dtype == paddle.bfloat16 and list(new.shape) == \
@@ -159,18 +161,22 @@ def test_test_time_preprocessing_trains_on_the_stored_images(tmp_path):
 
 
 def test_with_ranks_a_stage_that_changes_what_trains_is_refused(monkeypatch):
-    import training.stage_model as stage_model
-
     model = build_model(tiny_model_config())
     cfg = load_config(CONFIG, [])
     wrapped = object()
-    same, _ = stage_model.prepare_stage(model, 1, cfg.stages[1], 32, {}, MasterCopies(
-        model, SimpleNamespace(half_weights=False)), None, wrapped)
+    net = _net(model, wrapped=wrapped)
+    same, _ = stage_module.model_view(net, 1, cfg.stages[1], 32)
     assert same is wrapped  # nothing changed: the previous stage's wrapper is kept
-    monkeypatch.setattr(stage_model, "world_size", lambda: 2)
+    monkeypatch.setattr(stage_module, "world_size", lambda: 2)
     with pytest.raises(UserError, match="stage 2 changes the resolution or the trained"):
-        stage_model.prepare_stage(model, 2, cfg.stages[2], 32, {}, MasterCopies(
-            model, SimpleNamespace(half_weights=False)), None, wrapped)
+        stage_module.model_view(net, 2, cfg.stages[2], 32)
+
+
+def _net(model, wrapped=None):
+    """A :class:`RunModel` of ``model`` in float32, without averages or a teacher."""
+    precision = SimpleNamespace(half_weights=False)
+    return stage_module.RunModel(model, precision, MasterCopies(model, precision), {}, 32,
+                                 wrapped=wrapped)
 
 
 def _block_outputs(model, x):
@@ -188,14 +194,13 @@ def _block_outputs(model, x):
 def test_a_stage_with_frozen_blocks_runs_them_as_at_test_time(mode, capsys):
     """FixRes fits the head on the features evaluation gives it: the frozen blocks (and the
     dropout in front of them) run in eval mode, unless the stage says frozen_mode: train."""
-    from training.stage_model import prepare_stage, random_layers, train_mode
+    from training.stage import random_layers, train_mode
 
     paddle.seed(1)
     model = build_model(tiny_model_config(drop_rate=0.3, attn_drop_rate=0.2,
                                           drop_path_rate=0.2))
     cfg = load_config(CONFIG, [f"stages.2.frozen_mode={mode}"])
-    prepare_stage(model, 2, cfg.stages[2], 32, {}, MasterCopies(
-        model, SimpleNamespace(half_weights=False)))
+    stage_module.model_view(_net(model), 2, cfg.stages[2], 32)
     line = capsys.readouterr().out
     x = paddle.to_tensor(np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype("float32"))
     model.eval()
@@ -221,7 +226,7 @@ def test_a_stage_with_frozen_blocks_runs_them_as_at_test_time(mode, capsys):
 def test_a_trained_layer_keeps_the_dropout_that_feeds_it():
     """The original's MLP head: dropout between its two trained layers stays on when only the
     head trains; the frozen backbone runs in eval mode."""
-    from training.stage_model import train_mode
+    from training.stage import train_mode
 
     model = build_model(tiny_model_config(head="mlp", drop_rate=0.3))
     set_trainable(model, ["fc1", "fc2"], 2)

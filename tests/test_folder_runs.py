@@ -23,7 +23,7 @@ from photo_folders import (
 from PIL import Image
 
 from data.dataset import run_splits
-from training.run import fit
+from main import train
 from utils.config import load_config
 from utils.errors import UserError
 from utils.io.tensor_io import class_names_of
@@ -105,7 +105,7 @@ def test_skipped_bad_images_are_warned_once_counted_and_left_out(photos, tmp_pat
     _break(bad / "train" / "flower" / "zz-broken.jpg")
     _break(bad / "test" / "temple_left" / "zz-broken.png")
     out = str(tmp_path / "out")
-    fit(_cfg(str(bad), out, "data.skip_bad_images=true", "stages.0.epochs=2",
+    train(_cfg(str(bad), out, "data.skip_bad_images=true", "stages.0.epochs=2",
              "data.num_workers=2", "data.batch_size=37"))  # every training image, each epoch
     captured = capfd.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning: skipped")]
@@ -173,11 +173,11 @@ def test_missing_list_or_label_files_are_one_error_each(photos, tmp_path):
 def test_a_folder_run_stopped_midway_resumes_to_the_same_records(photos, tmp_path, monkeypatch):
     root, _ = photos
     whole = str(tmp_path / "whole")
-    fit(_cfg(root, whole))
+    train(_cfg(root, whole))
     stopped = _cfg(root, str(tmp_path / "stopped"), "data.num_workers=2")
     # Evaluations: raw and EMA per epoch; call 3 is epoch 2's raw weights.
     assert stop_at_evaluation(stopped, 3, monkeypatch)["evaluating"]
-    fit(stopped, resume=True)
+    train(stopped, resume=True)
     assert_same_run(whole, stopped.train.output_dir, 3, ("raw", "ema"))
 
 
@@ -198,7 +198,7 @@ def test_preflight_and_the_gpu_recipe_s_data_settings_run_on_a_folder(photos, tm
             f"train.output_dir={tmp_path / 'recipe'}", "train.progress=off",
             "train.ema.enabled=false", "stages.0.epochs=1", "stages.1.epochs=1",
             "data.num_workers=0"]
-    fit(load_config("configs/rdrop_deit_b_384_folder.yaml", tiny))
+    train(load_config("configs/rdrop_deit_b_384_folder.yaml", tiny))
     assert [r["stage"] for r in read_records(str(tmp_path / "recipe"))] == [0, 1]
     assert final_tests(str(tmp_path / "recipe"))["best"]["num_samples"] == 12
 
@@ -221,7 +221,7 @@ def test_an_exception_while_preparing_an_image_ends_the_run_in_one_line(photos, 
     monkeypatch.setattr(sources, "read_rgb", runs_out)
     with pytest.raises(UserError, match="001-grey.png could not be prepared .MemoryError: "
                                         "decoding needs more memory"):
-        fit(_cfg(root, str(tmp_path), f"data.num_workers={workers}"))
+        train(_cfg(root, str(tmp_path), f"data.num_workers={workers}"))
 
 
 def test_a_loader_worker_killed_by_the_system_ends_the_run_in_one_line(photos, tmp_path,
@@ -241,4 +241,4 @@ def test_a_loader_worker_killed_by_the_system_ends_the_run_in_one_line(photos, t
 
     monkeypatch.setattr(sources, "read_rgb", killed)
     with pytest.raises(UserError, match="a data loader worker died"):
-        fit(_cfg(root, str(tmp_path), "data.num_workers=2"))
+        train(_cfg(root, str(tmp_path), "data.num_workers=2"))

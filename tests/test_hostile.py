@@ -258,12 +258,12 @@ def test_nan_weights_are_never_loaded(tmp_path):
 
 
 def test_a_non_finite_validation_loss_is_an_error_and_never_the_best(tmp_path, monkeypatch):
-    from training import run as run_module
-    from training import trainer as trainer_module
+    from main import train
+    from training import engine
     from utils.config import load_config
     from utils.errors import UserError
 
-    real = trainer_module.evaluate
+    real = engine.evaluate
 
     def nan_for_the_ema(model, *args, **kwargs):
         result = real(model, *args, **kwargs)
@@ -271,11 +271,11 @@ def test_a_non_finite_validation_loss_is_an_error_and_never_the_best(tmp_path, m
             else result
 
     calls = []
-    monkeypatch.setattr(trainer_module, "evaluate", nan_for_the_ema)
+    monkeypatch.setattr(engine, "evaluate", nan_for_the_ema)
     out = str(tmp_path / "run")
     cfg = load_config("configs/demo.yaml", [f"train.output_dir={out}", "data.train_subset=128",
                                             "data.val_subset=40", "stages.0.epochs=1"])
     with pytest.raises(UserError, match="the ema weights give a non-finite validation loss at "
                                         "stage 0 epoch 1"):
-        run_module.fit(cfg)
+        train(cfg)
     assert not os.path.exists(os.path.join(out, "best.safetensors"))

@@ -15,6 +15,7 @@ from conftest import (
     FAST_CLI,
     ROOT,
     assert_one_error,
+    run_stages_with_loss,
     digits_cifar_archive,
     out_args,
     run_script,
@@ -81,20 +82,20 @@ def test_no_space_without_a_file_name_says_no_none():
 
 
 def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatch, capsys):
-    from training import run as run_module
-    from training import trainer as trainer_module
+    from main import train
+    from training.run import Run
     from utils.config import load_config
 
-    real = trainer_module.Trainer._checkpoint
+    real = Run.checkpoint
 
     def stop_at_the_end(self, position, progress):
         real(self, position, progress)
         if position.stage == len(self.cfg.stages):
             self.stops.signum = signal.SIGINT  # as if Ctrl-C came now
 
-    monkeypatch.setattr(trainer_module.Trainer, "_checkpoint", stop_at_the_end)
+    monkeypatch.setattr(Run, "checkpoint", stop_at_the_end)
     out = str(tmp_path / "run")
-    best = run_module.fit(load_config("configs/demo.yaml", [
+    best = train(load_config("configs/demo.yaml", [
         f"train.output_dir={out}", "data.train_subset=128", "data.val_subset=40",
         "stages.0.epochs=1", "stages.1.epochs=1"]))
     assert best is not None
@@ -103,29 +104,18 @@ def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatc
 
 def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, monkeypatch):
     from losses.rdrop import RDropLoss
-    from training import run as run_module
-    from training import trainer as trainer_module
+    from main import train
     from utils.config import load_config
 
     loss = RDropLoss(alpha=1.0)
 
-    def nan_in_stage_0(logits, labels):
-        parts = loss(logits, labels)
-        return {k: v * float("nan") for k, v in parts.items()} if trainer_module_stage[0] == 0 \
-            else parts
+    def nan_loss(logits, labels):
+        return {k: v * float("nan") for k, v in loss(logits, labels).items()}
 
-    nan_in_stage_0.copies = 2
-    trainer_module_stage = [0]
-    real_stage = trainer_module.Trainer._run_stage
-
-    def run_stage(self, stage_index, start):
-        trainer_module_stage[0] = stage_index
-        return real_stage(self, stage_index, start)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_run_stage", run_stage)
-    monkeypatch.setattr(trainer_module, "build_loss", lambda *args: nan_in_stage_0)
+    nan_loss.copies = 2
+    run_stages_with_loss(monkeypatch, lambda index: nan_loss if index == 0 else None)
     out = str(tmp_path / "run")
-    run_module.fit(load_config("configs/demo.yaml", [
+    train(load_config("configs/demo.yaml", [
         f"train.output_dir={out}", "data.train_subset=128", "data.val_subset=40",
         "data.batch_size=32", "stages.0.epochs=1", "stages.1.epochs=1",
         "train.nan_policy=skip", "train.nan_max_skips=100"]))

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_one_error, kill_in_stage_1, read_records, run_script
 
-from training import trainer as trainer_module
-from training.run import fit
+from training import engine
+from main import train
 from training.state import RunState
 from utils.checkpoint import find_last, load_last, weights_path
 from utils.config import load_config
@@ -141,9 +141,9 @@ def test_stop_during_evaluation_resumes_without_averaging_twice(tmp_path, monkey
     overrides = [*SMALL, "stages.0.epochs=1", "stages.1.epochs=2", "train.ema.enabled=true",
                  "train.swa.enabled=true"]
     whole_out, stopped_out = str(tmp_path / "whole"), str(tmp_path / "stopped")
-    fit(load_config("configs/demo.yaml", [*overrides, f"train.output_dir={whole_out}"]))
+    train(load_config("configs/demo.yaml", [*overrides, f"train.output_dir={whole_out}"]))
     cfg = load_config("configs/demo.yaml", [*overrides, f"train.output_dir={stopped_out}"])
-    real_evaluate, calls = trainer_module.evaluate, []
+    real_evaluate, calls = engine.evaluate, []
 
     def evaluate_then_signal(*args, **kwargs):
         calls.append(1)
@@ -151,16 +151,16 @@ def test_stop_during_evaluation_resumes_without_averaging_twice(tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_signal)
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_signal)
     with pytest.raises(Interrupted) as stop:
-        fit(cfg)
+        train(cfg)
     assert stop.value.exit_code == 143
     state, trees = load_last(find_last(stopped_out))
     assert state["position"] == {"stage": 1, "epoch": 0, "micro": 8, "evaluating": True}
     assert RunState.from_json(state).to_json() == {k: v for k, v in state.items() if k != "files"}
     assert state["updates"]["swa"] == 1
     monkeypatch.undo()
-    fit(cfg, resume=True)
+    train(cfg, resume=True)
     _assert_same_records(read_records(whole_out), read_records(stopped_out), epochs=3)
     final_whole, _ = load_last(find_last(whole_out))
     final_stopped, _ = load_last(find_last(stopped_out))

@@ -14,8 +14,8 @@ from conftest import read_records, run_script
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
 from models.build import build_model
-from training.run import fit
-from training.stages import describe_stage
+from main import train
+from training.recipe import describe_stage
 from utils.config import load_config
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
@@ -27,7 +27,7 @@ def _cfg(*overrides):
 
 def test_the_paper_recipes_parts_train_together_on_the_demo(tmp_path, capsys):
     from losses import build_loss
-    from training.stages import stage_loss
+    from training.recipe import stage_loss
 
     out = str(tmp_path / "paper")
     cfg = _cfg(f"train.output_dir={out}", "loss.form=paper", "loss.alpha=0.3",
@@ -45,7 +45,7 @@ def test_the_paper_recipes_parts_train_together_on_the_demo(tmp_path, capsys):
     # Zero heads: every class equally likely in both copies, whatever the dropout masks.
     assert float(parts["ce"]) == pytest.approx(2 * math.log(10), rel=1e-6)
     assert float(parts["kl"]) == 0.0
-    fit(cfg)
+    train(cfg)
     plan = capsys.readouterr().out
     assert "random-resized crop scale 0.05-1" in plan and "cosine decay to 0" in plan
     assert "in the paper's form" in plan
@@ -78,9 +78,8 @@ def test_a_stage_budgeted_in_steps_ends_midway_through_an_epoch_and_resumes_ther
                  "train.save_every_steps=100"]  # 8 steps per epoch: 8 + 8 + 4
     whole_out, cut_out = str(tmp_path / "whole"), str(tmp_path / "cut")
     cfg = _cfg(*overrides, f"train.output_dir={whole_out}")
-    assert "[1] momentum: 20 optimizer steps;" in describe_stage(1, cfg.stages[1], cfg.data,
-                                                                 cfg.loss, 32)
-    fit(cfg)
+    assert "[1] momentum: 20 optimizer steps;" in describe_stage(cfg, 1, 32)
+    train(cfg)
     whole = read_records(whole_out)
     assert [(r["stage"], r["epoch"]) for r in whole] == [(0, 1), (1, 1), (1, 2), (1, 3)]
     assert whole[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # polynomial decay over 20 steps
@@ -97,11 +96,11 @@ def test_a_stage_budgeted_in_steps_ends_midway_through_an_epoch_and_resumes_ther
     monkeypatch.setattr(RunLogger, "log_step", stop_in_the_short_epoch)
     cfg = _cfg(*overrides, f"train.output_dir={cut_out}")
     with pytest.raises(Interrupted):
-        fit(cfg)
+        train(cfg)
     with open(os.path.join(cut_out, "last", "state.json"), encoding="utf-8") as handle:
         assert json.load(handle)["position"] == {"stage": 1, "epoch": 2, "micro": 2}
     monkeypatch.undo()
-    fit(cfg, resume=True)
+    train(cfg, resume=True)
     _assert_same_records(whole, read_records(cut_out))
 
 
@@ -131,8 +130,8 @@ def test_validation_every_few_steps_changes_no_weight_and_resumes_at_its_place(
     overrides = ["stages.0.epochs=1", "stages.1.epochs=null", "stages.1.steps=20",
                  "train.ema.enabled=true"]  # 8 steps per epoch
     plain_out, every_out, cut_out = (str(tmp_path / name) for name in ("plain", "every", "cut"))
-    fit(_cfg(*overrides, f"train.output_dir={plain_out}"))
-    fit(_cfg(*overrides, "train.eval_every_steps=3", f"train.output_dir={every_out}"))
+    train(_cfg(*overrides, f"train.output_dir={plain_out}"))
+    train(_cfg(*overrides, "train.eval_every_steps=3", f"train.output_dir={every_out}"))
     for name in ("raw", "ema"):  # validating in between changes nothing of the training
         plain = load_file(os.path.join(plain_out, "last", f"{name}.safetensors"))
         every = load_file(os.path.join(every_out, "last", f"{name}.safetensors"))
@@ -154,11 +153,11 @@ def test_validation_every_few_steps_changes_no_weight_and_resumes_at_its_place(
     monkeypatch.setattr(RunLogger, "log_step", stop_at_a_validation_step)
     cfg = _cfg(*overrides, "train.eval_every_steps=3", f"train.output_dir={cut_out}")
     with pytest.raises(Interrupted):
-        fit(cfg)
+        train(cfg)
     with open(os.path.join(cut_out, "last", "state.json"), encoding="utf-8") as handle:
         state = json.load(handle)
     assert state["position"] == {"stage": 1, "epoch": 1, "micro": 1, "evaluating": True}
     assert state["records"] == 6 and state["epoch_index"] == 2
     monkeypatch.undo()
-    fit(cfg, resume=True)
+    train(cfg, resume=True)
     _assert_same_records(every, read_records(cut_out))

@@ -11,7 +11,7 @@ import pytest
 from conftest import read_records, run_script
 
 from data.digits import load_digits
-from data.preprocess import DevicePreprocess
+from training.stage import Stage
 from losses import RDropLoss
 from models.build import build_model
 from training.averaging import EMA, SWA
@@ -23,8 +23,8 @@ from training.optim import (
     optimizer_state_for,
     portable_optimizer_state,
 )
-from training.run import fit
-from training.stages import describe_stage
+from main import train
+from training.recipe import describe_stage
 from utils.config import Node, load_config
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
@@ -36,7 +36,7 @@ def _cfg(*overrides):
 
 def test_stage_ends_early_on_threshold_and_otherwise_runs_its_epochs(tmp_path):
     out = str(tmp_path / "run")
-    fit(_cfg(f"train.output_dir={out}", "stages.0.epochs=3", "stages.0.until={val_top1: 0.0}",
+    train(_cfg(f"train.output_dir={out}", "stages.0.epochs=3", "stages.0.until={val_top1: 0.0}",
              "stages.1.epochs=2", "stages.1.until={val_top1: 1.0}"))
     assert [(r["stage"], r["epoch"]) for r in read_records(out)] == [(0, 1), (1, 1), (1, 2)]
 
@@ -69,8 +69,7 @@ def test_cosine_decay_after_warmup_follows_the_formula(warmup):
     expected = [0.01 * t / warmup for t in range(warmup)] + [
         0.0005 + (0.01 - 0.0005) * (1 + math.cos(math.pi * t / decay)) / 2 for t in range(decay)]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    assert "cosine decay to 0.0005 over the stage" in describe_stage(1, cfg.stages[1], cfg.data,
-                                                                     cfg.loss, 384)
+    assert "cosine decay to 0.0005 over the stage" in describe_stage(cfg, 1, 384)
     resumed = build_schedule(cfg.stages[1], steps_per_epoch=40)
     stopped = build_schedule(cfg.stages[1], steps_per_epoch=40)
     for _ in range(37):
@@ -99,12 +98,13 @@ def test_accumulated_gradients_equal_the_big_batch_gradients(tiny_model_cfg):
     x, y = paddle.to_tensor(images[:16]), paddle.to_tensor(labels[:16])
     paddle.seed(0)
     model = build_model(Node(tiny_model_cfg, drop_rate=0.0))  # no dropout: same function twice
-    loss, prep = RDropLoss(alpha=5.0), DevicePreprocess(32)
-    train_step(model, loss, prep, x, y)
+    loss = RDropLoss(alpha=5.0)
+    stage = Stage.of_parts(model, loss)
+    train_step(stage, x, y)
     big = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
     model.clear_gradients()
     for part in range(4):
-        train_step(model, loss, prep, x[part * 4:(part + 1) * 4], y[part * 4:(part + 1) * 4], 0.25)
+        train_step(stage, x[part * 4:(part + 1) * 4], y[part * 4:(part + 1) * 4], 0.25)
     for name, param in model.named_parameters():
         assert np.allclose(param.grad.numpy(), big[name], rtol=1e-4, atol=1e-6), name
 
@@ -172,7 +172,7 @@ def test_optimizer_state_moves_between_processes_with_other_parameter_names(tiny
 
 def test_warm_start_from_our_own_checkpoint(tmp_path):
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    fit(_cfg(f"train.output_dir={first}", "stages.0.epochs=2", "stages.1.epochs=1"))
+    train(_cfg(f"train.output_dir={first}", "stages.0.epochs=2", "stages.1.epochs=1"))
     with open(os.path.join(first, "best.json"), encoding="utf-8") as handle:
         best = json.load(handle)
     # LR 0: the carried weights are evaluated unchanged after one epoch.

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from data.preprocess import DevicePreprocess
 from models.build import build_model
 from training import engine
-from training.run import fit
+from main import train
 from utils.config import load_config
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
@@ -116,14 +116,14 @@ def test_training_equals_an_independent_implementation_of_the_recipe(tmp_path, m
     seen, initial = [], {}
     real_step = engine.train_step
 
-    def recording_step(model, criterion, preprocess, images, labels, *args):
+    def recording_step(stage, images, labels, *args):
         if not initial:
-            initial.update({k: v.numpy().copy() for k, v in model.state_dict().items()})
+            initial.update({k: v.numpy().copy() for k, v in stage.model.state_dict().items()})
         seen.append((images.numpy().copy(), labels.numpy().copy()))
-        return real_step(model, criterion, preprocess, images, labels, *args)
+        return real_step(stage, images, labels, *args)
 
     monkeypatch.setattr(engine, "train_step", recording_step)
-    fit(cfg)
+    train(cfg)
     assert len(seen) == 4 * STEPS_PER_EPOCH * cfg.train.accum_steps
     weights, ema = _reference(cfg, initial, seen)
     trained = load_file(os.path.join(cfg.train.output_dir, "last", "raw.safetensors"))

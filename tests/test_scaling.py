@@ -183,11 +183,11 @@ def test_recompute_on_two_ranks_gives_the_full_batch_gradient_of_one_process(
     model = build_model(tiny_model_config(drop_rate=0.0, attn_drop_rate=0.0,
                                           drop_path_rate=0.0))
     model.train()
-    from data.preprocess import DevicePreprocess
     from losses import RDropLoss
     from training.engine import train_step
+    from training.stage import Stage
 
-    train_step(model, RDropLoss(alpha=1.0), DevicePreprocess(32), paddle.to_tensor(images),
+    train_step(Stage.of_parts(model, RDropLoss(alpha=1.0)), paddle.to_tensor(images),
                paddle.to_tensor(labels))
     full = {path: param.grad.numpy() for path, param in model.named_parameters()}
     for recompute in (0, 1):

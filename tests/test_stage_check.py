@@ -17,10 +17,10 @@ from conftest import (
     stop_at_evaluation,
 )
 
-from training import trainer as trainer_module
+from training import amp
 from training.amp import LossScaler, Precision
 from training.optim import build_optimizer
-from training.run import fit
+from main import train
 from training.stage_check import _failure, check_stages
 from training.state import Position, RunState, check_same_config
 from utils.checkpoint import load_last
@@ -52,10 +52,10 @@ def checked_and_unchecked(tmp_path_factory):
     check and without it."""
     folders = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module, "Precision", _loss_scaling)
+        patch.setattr(amp, "Precision", _loss_scaling)
         for check in (True, False):
             out = str(tmp_path_factory.mktemp(f"check-{check}"))
-            fit(_cfg(out, f"train.check_stages={str(check).lower()}", "train.accum_steps=2"))
+            train(_cfg(out, f"train.check_stages={str(check).lower()}", "train.accum_steps=2"))
             folders[check] = out
     return folders
 
@@ -113,7 +113,7 @@ def test_a_later_stage_that_cannot_run_fails_before_the_first_epoch(tmp_path, ov
                                                                     fragment, capsys):
     out = str(tmp_path)
     with pytest.raises(UserError) as error:
-        fit(_cfg(out, *overrides))
+        train(_cfg(out, *overrides))
     assert fragment in str(error.value)
     _trained_nothing(out, capsys.readouterr().out)
 
@@ -136,7 +136,7 @@ def test_a_kernel_that_fails_in_stage_2_stops_the_run_before_stage_0(tmp_path, m
     monkeypatch.setattr(paddle.optimizer.Momentum, "_append_optimize_op", missing_kernel)
     out = str(tmp_path)
     with pytest.raises(UserError) as error:
-        fit(_cfg(out, "stages.1.optimizer={name: AdamW, lr: 1.0e-3}",
+        train(_cfg(out, "stages.1.optimizer={name: AdamW, lr: 1.0e-3}",
                  "stages.2.optimizer={name: Momentum, lr: 1.0e-3}"))
     message = str(error.value)
     assert message.startswith("stages.2 (fixres) cannot train on cpu in float32: "
@@ -157,7 +157,7 @@ def test_a_stage_may_train_a_single_tensor(tmp_path, names):
     optimizers fail on an empty parameter group, so none is made."""
     cfg = _cfg(str(tmp_path), f"stages.2.trainable={names}")
     model = paddle.nn.Linear(2, 2)
-    best = fit(cfg)
+    best = train(cfg)
     assert best is not None and len(read_records(str(tmp_path))) == 3
     model.weight.stop_gradient = True
     optimizer, _ = build_optimizer(cfg.stages[2], model, 1, cfg.train)
@@ -169,14 +169,14 @@ def test_a_resume_takes_corrections_of_stages_that_have_not_started(tmp_path, mo
     corrected = ["stages.2.optimizer={name: AdamW, lr: 2.0e-3, weight_decay: 0.0}",
                  "stages.2.frozen_mode=train"]
     whole = str(tmp_path / "whole")
-    fit(_cfg(whole, *corrected))
+    train(_cfg(whole, *corrected))
     out = str(tmp_path / "stopped")
     position = stop_at_evaluation(_cfg(out), 1, monkeypatch)
     assert position == {"stage": 0, "epoch": 0, "micro": 4, "evaluating": True}
     with pytest.raises(UserError, match="'stages.0.optimizer.lr' differs"):
-        fit(_cfg(out, "stages.0.optimizer.lr=1.0e-3"), resume=True)
+        train(_cfg(out, "stages.0.optimizer.lr=1.0e-3"), resume=True)
     capfd.readouterr()
-    fit(_cfg(out, *corrected), resume=True)
+    train(_cfg(out, *corrected), resume=True)
     assert "stages 2 differ from the checkpoint's config; they have not started" in \
         capfd.readouterr().out
     assert_same_run(whole, out, records=3, kinds=("raw", "ema"))

@@ -8,12 +8,12 @@ import pytest
 from conftest import TINY_MODEL_KWARGS, read_records
 
 from data.digits import load_digits
-from data.preprocess import DevicePreprocess
+from training.stage import Stage
 from losses import RDropLoss
 from models.build import build_model
 from training.engine import train_step, train_steps
 from training.optim import build_optimizer
-from training.run import fit
+from main import train
 from training.state import EpochProgress
 from utils.config import Node, load_config
 
@@ -39,9 +39,9 @@ def test_a_few_rdrop_steps_lower_the_loss(tiny_model_cfg):
     optimizer, _ = build_optimizer(cfg.stages[0], model, 20, cfg.train)
     seen_batches = []
     model.register_forward_pre_hook(lambda layer, inputs: seen_batches.append(inputs[0].shape[0]))
-    losses = []
+    losses, stage = [], Stage.of_parts(model, RDropLoss(alpha=1.0))
     for _ in range(20):
-        parts = train_step(model, RDropLoss(alpha=1.0), DevicePreprocess(32), x, y)
+        parts = train_step(stage, x, y)
         optimizer.step()
         optimizer.clear_grad()
         losses.append(float(parts["loss"]))
@@ -67,8 +67,8 @@ def test_a_step_with_a_non_finite_loss_is_not_applied(tiny_model_cfg):
     optimizer, _ = build_optimizer(cfg.stages[0], model, 3, cfg.train)
     snapshots, flags = [], []
     progress = EpochProgress()
-    for step in train_steps(model, nan_on_second_batch, DevicePreprocess(32), batches, optimizer,
-                            None, progress):
+    for step in train_steps(Stage.of_parts(model, nan_on_second_batch, optimizer), batches,
+                            progress):
         flags.append(step.status)
         snapshots.append(model.head.weight.numpy().copy())
     means = progress.means()
@@ -109,7 +109,7 @@ def test_momentum_stage_applies_l2_decay():
 
 def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     out = str(tmp_path / "run")
-    best = fit(_small_run(out, "stages.0.data={train_subset: 100, val_subset: 50}"))
+    best = train(_small_run(out, "stages.0.data={train_subset: 100, val_subset: 50}"))
     records = read_records(out)
     assert [(r["stage"], r["epoch"]) for r in records] == [(0, 1), (1, 1), (1, 2)]
     assert all(set(r) == RECORD_KEYS for r in records)
@@ -130,7 +130,7 @@ def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
 def test_same_seed_same_run_and_baseline_differs(tmp_path):
     runs = []
     for name, extra in (("a", ()), ("b", ()), ("c", ("loss.rdrop=false",))):
-        fit(_small_run(str(tmp_path / name), *extra))
+        train(_small_run(str(tmp_path / name), *extra))
         runs.append(read_records(str(tmp_path / name)))
     first, again, baseline = runs
     for row in runs:

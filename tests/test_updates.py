@@ -8,18 +8,19 @@ import os
 import numpy as np
 import paddle
 import pytest
-from conftest import digit_batches, read_records, seeded_tiny_model
+from conftest import digit_batches, read_records, run_stages_with_loss, seeded_tiny_model
 
 from data.preprocess import DevicePreprocess
 from losses import RDropLoss
-from training import trainer as trainer_module
+from training import amp
 from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, MIN_LOSS_SCALE, LossScaler, Precision
 from training.engine import train_steps
 from training.grads import apply_update, trainable
 from training.optim import (
     build_optimizer,
 )
-from training.run import fit
+from main import train
+from training.stage import Stage
 from training.state import EpochProgress
 from utils.config import load_config
 
@@ -104,8 +105,9 @@ def _run_epoch(precision, criterion, batches, warmup_steps=4):
     cfg = _cfg(f"stages.0.warmup={{steps: {warmup_steps}, start_lr: 0.0}}")
     optimizer, scheduler = build_optimizer(cfg.stages[0], model, len(batches), cfg.train)
     seen, progress = [], EpochProgress()
-    for step in train_steps(model, criterion, DevicePreprocess(32), batches, optimizer, scheduler,
-                            progress, precision=precision, clip_norm=CLIP):
+    stage = Stage.of_parts(model, criterion, optimizer, scheduler=scheduler, precision=precision,
+                           clip_norm=CLIP)
+    for step in train_steps(stage, batches, progress):
         seen.append((step.status, step.values["lr"], step.values["grad_norm"],
                      model.head.weight.numpy().copy()))
     means = progress.means()
@@ -232,11 +234,11 @@ def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(t
     """Under train.nan_policy: stop (the default) an fp16 overflow, of the loss or of the
     gradients, is skipped and the run goes on."""
     precision = _loss_scaling()
-    monkeypatch.setattr(trainer_module, "Precision", lambda *args: precision)
+    monkeypatch.setattr(amp, "Precision", lambda *args: precision)
     criterion = injector({1, 3})
-    monkeypatch.setattr(trainer_module, "build_loss", lambda *args: criterion)
+    run_stages_with_loss(monkeypatch, lambda index: criterion)
     out = str(tmp_path / "run")
-    fit(load_config("configs/demo.yaml", [
+    train(load_config("configs/demo.yaml", [
         f"train.output_dir={out}", "data.train_subset=64", "data.val_subset=20",
         "data.batch_size=16", "stages.0.epochs=1", "stages.1.epochs=1"]))
     first, second = read_records(out)

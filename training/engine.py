@@ -1,37 +1,52 @@
-"""The optimizer steps of one epoch and one evaluation pass, the same on CPU, one GPU or N ranks."""
+"""One epoch of a stage and one evaluation pass, the same on CPU, one GPU or N ranks.
+
+:func:`train_one_epoch` iterates :func:`train_steps`, which yields after each optimizer
+update (:func:`training.grads.apply_update`); :func:`validate` evaluates the raw weights
+and each average with :func:`evaluate`.
+"""
+
+from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import paddle
 
+from data.loader import set_epoch
 from losses.rdrop import log_softmax, nll
 from training.amp import Precision
+from training.averaging import weights_in
 from training.grads import apply_update, trainable
-from training.stage_model import train_mode
+from training.results import finite_validation
+from training.stage import Stage, train_mode
+from training.state import EpochProgress, Position
 from utils.reports.progress import track
+from utils.reports.text import place
 from utils.runtime.dist import all_sum, any_rank, rank, world_size
 from utils.runtime.seeds import derived_seed
 
+if TYPE_CHECKING:
+    from training.run import Run, Segment
 
-def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, precision=None,
-               teacher=None):
+
+def train_step(stage: Stage, images: paddle.Tensor, labels: paddle.Tensor,
+               loss_scale: float = 1.0) -> dict:
     """Forward and backward of one (micro-)batch; returns the unscaled loss parts.
 
     With R-Drop (``criterion.copies == 2``) the batch is doubled as ``[x; x]`` and
     passed once: both copies see independent dropout masks at the same rate, at
     the cost of one forward over 2B images instead of two separate passes.
     ``loss_scale`` (1/accum_steps) makes accumulated gradients equal those of
-    one batch holding all the micro-batches. ``precision`` (a :class:`Precision`)
-    runs the forward under AMP and scales the loss for fp16; the loss itself is
-    computed in float32. A distillation ``teacher`` (frozen, eval mode) sees the same
-    preprocessed images, once, without gradients; the criterion gets its logits.
+    one batch holding all the micro-batches. The stage's precision runs the forward
+    under AMP and scales the loss for fp16; the loss itself is computed in float32. A
+    distillation teacher (frozen, eval mode) sees the same preprocessed images, once,
+    without gradients; the criterion gets its logits.
     """
-    precision = precision or Precision()
-    x = preprocess(images)
+    precision, teacher, criterion = stage.precision, stage.teacher, stage.criterion
+    x = stage.preprocess(images)
     targets = {}
     if teacher is not None:
         with paddle.no_grad(), precision.autocast():
@@ -39,7 +54,7 @@ def train_step(model, criterion, preprocess, images, labels, loss_scale=1.0, pre
     if criterion.copies == 2:
         x = paddle.concat([x, x])
     with precision.autocast():
-        logits = model(x)
+        logits = stage.model(x)
     parts = criterion(logits, labels, **targets)
     precision.scaled(parts["loss"] * loss_scale).backward()
     return parts
@@ -54,15 +69,14 @@ class Step(NamedTuple):
     status: str
 
 
-def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, progress,
-                accum_steps=1, dropout_seed=None, desc="train", precision=None, clip_norm=None,
-                teacher=None, frozen_eval=True):
-    """Train over ``loader`` (which yields the batches not yet done in ``progress``),
-    yielding a :class:`Step` after each optimizer step; ``progress`` holds the epoch so far.
+def train_steps(stage: Stage, batches: Iterable, progress: EpochProgress,
+                dropout_seed: Optional[tuple] = None, desc: str = "train") -> Iterator[Step]:
+    """Train ``stage`` over ``batches`` (those not yet done in ``progress``, which holds the
+    epoch so far), yielding a :class:`Step` after each optimizer step.
 
-    Gradients of ``accum_steps`` micro-batches are summed before each optimizer
+    Gradients of ``stage.accum_steps`` micro-batches are summed before each optimizer
     step (under DataParallel, ranks exchange gradients only on the last of them),
-    then clipped to the global norm ``clip_norm`` (:func:`training.grads.apply_update`).
+    then clipped to the global norm ``stage.clip_norm`` (:func:`training.grads.apply_update`).
     A step is ``"applied"``, or not applied and leaves the weights, the optimizer and
     the LR schedule as they were: under fp16 loss scaling a micro-batch's loss (on any
     rank) or a gradient that is not finite is an ``"overflow"`` (the loss scaler then
@@ -71,15 +85,16 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
     ``dropout_seed`` (keys such as ``(seed, epoch)``) seeds the dropout masks of each
     micro-batch from those keys and its index, so that a resumed epoch draws the masks
     the uninterrupted one drew; ranks add their own key and draw different masks.
-    ``teacher``: a distillation teacher, see :func:`train_step`. ``frozen_eval``: the
-    frozen parameters' layers run in eval mode (:func:`training.stage_model.train_mode`).
+    The frozen parameters' layers run per ``stage.frozen_eval``
+    (:func:`training.stage.train_mode`).
     """
-    precision = precision or Precision()
-    train_mode(model, frozen_eval)
+    model, optimizer, scheduler = stage.model, stage.optimizer, stage.scheduler
+    precision, accum_steps = stage.precision, stage.accum_steps
+    train_mode(model, stage.frozen_eval)
     params = trainable(model)
     rank_key = (rank(),) if world_size() > 1 else ()  # one process keeps the keys it had
     start = time.perf_counter() - progress.elapsed
-    bar = track(loader, desc)
+    bar = track(batches, desc)
     nonfinite = False
     for images, labels in bar:
         if dropout_seed is not None:
@@ -87,8 +102,7 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
         last_micro = (progress.micro + 1) % accum_steps == 0
         with (contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync")
               else model.no_sync()):
-            parts = train_step(model, criterion, preprocess, images, labels, 1.0 / accum_steps,
-                               precision, teacher)
+            parts = train_step(stage, images, labels, 1.0 / accum_steps)
         values = {name: float(value) for name, value in parts.items()}
         batch = labels.shape[0]
         progress.seen += batch
@@ -106,7 +120,7 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
             grad_norm = None
             status = "overflow" if precision.scaler.update(False) else "nonfinite"
         else:
-            grad_norm, status = apply_update(optimizer, params, precision, clip_norm)
+            grad_norm, status = apply_update(optimizer, params, precision, stage.clip_norm)
         optimizer.clear_grad()
         if status == "applied":
             progress.add_step(grad_norm)
@@ -120,6 +134,61 @@ def train_steps(model, criterion, preprocess, loader, optimizer, scheduler, prog
         yield Step(dict(values, lr=lr, grad_norm=grad_norm, **extra), status)
         nonfinite = False
     progress.elapsed = time.perf_counter() - start
+
+
+def train_one_epoch(stage: Stage, run: Run, segment: Segment) -> None:
+    """Train ``stage`` through the ``segment`` of an epoch (its whole window, or up to the
+    next validation with ``train.eval_every_steps``). After each optimizer step: the step
+    log, the EMA, a checkpoint when one is due, and the end of the run when a stop was
+    requested; at the epoch's end the SWA. Only applied updates count as steps: a skipped
+    one (a non-finite loss under ``nan_policy: skip``, an fp16 overflow) moves neither the
+    schedule nor the averages."""
+    here, progress, train = segment.here, segment.progress, run.cfg.train
+    loader = stage.train_loader
+    set_epoch(loader, run.state.epoch_index, start=progress.micro)
+    loader.batch_sampler.stop = stage.length.window(here.epoch)
+    desc = place(here.stage, here.epoch + 1, stage.length.epochs)
+    for step in train_steps(stage, loader, progress, (train.seed, run.state.epoch_index), desc):
+        if step.status == "nonfinite":  # stop, or skip (train.nan_policy)
+            run.skip_nonfinite(step.values, here, progress.micro // stage.accum_steps)
+        if step.status == "applied":
+            run.log_step(step.values, stage.optimizer)
+        validate_now = stage.length.eval_due(here.epoch, progress.micro, train.eval_every_steps)
+        stop = run.stop_requested()
+        if stop or (step.status == "applied" and run.step_checkpoint_due()
+                    and progress.micro < loader.batch_sampler.stop):
+            run.checkpoint(Position(here.stage, here.epoch, progress.micro,
+                                    evaluating=validate_now), progress.summed())
+        if stop:
+            raise run.interrupted(here)
+        if validate_now:
+            break  # validate now; the epoch goes on from here afterwards
+    skipped = loader.dataset.take_skipped()
+    if skipped:
+        print(f"warning: {skipped} unreadable training images were replaced by the next "
+              f"readable ones in {desc}", flush=True)
+    if stage.length.ends_epoch(here.epoch, progress.micro):
+        run.update_swa(here, stage.optimizer)
+
+
+def validate(stage: Stage, run: Run, segment: Segment) -> Optional[dict]:
+    """The validation results of the raw weights and of each average updated so far, by
+    kind; ``None`` when a stop was requested meanwhile (one process: ranks cannot agree
+    inside a pass), which abandons the pass."""
+    results, desc = {}, place(segment.here.stage, segment.here.epoch + 1)
+    stops = run.stops if world_size() == 1 else None
+    net = stage.net
+    candidates = {"raw": None, **{kind: average for kind, average in net.averages.items()
+                                  if average.updates}}
+    for kind, average in candidates.items():
+        with weights_in(net.model, average.state_dict()) if average else contextlib.nullcontext():
+            result = evaluate(net.model, stage.preprocess, stage.val_loader,
+                              run.cfg.model.num_classes, desc="val", stops=stops,
+                              precision=stage.precision)
+        if result is None:
+            return None
+        results[kind] = finite_validation(kind, result, desc, segment.here.stage)
+    return results
 
 
 @paddle.no_grad()

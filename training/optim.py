@@ -2,7 +2,7 @@
 
 import paddle
 
-from training.stages import StageLength
+from training.recipe import StageLength
 from utils.errors import UserError
 
 # Parameters DeiT excludes from weight decay besides every bias and norm (1-D) tensor.

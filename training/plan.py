@@ -24,7 +24,7 @@ import math
 import paddle
 
 from training.gpus import EFFICIENCY, GPUS, RESERVED_BYTES, peak_flops
-from training.stages import StageLength, stage_data, stage_loss
+from training.recipe import StageLength, stage_data, stage_loss
 
 # Split sizes known from the data set's name: (training images, test images).
 KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digits": (1437, 360)}

@@ -1,15 +1,10 @@
 """What a run reports: the best weights (raw, EMA or SWA) chosen on validation, the final
 test of the best and the last weights, and what a non-finite step means for the run."""
 
-import contextlib
 import math
 
-from models.resolution import fit_resolution
-from training.averaging import weights_in
-from training.engine import evaluate
 from training.state import KINDS
 from utils.errors import UserError
-from utils.io.tensor_io import load_tensors
 
 
 def epoch_record(stage, epoch, step, lr, stats, results, averages):
@@ -57,23 +52,6 @@ def new_best(record, results, epoch_index, best, selected_on):
         return None
     return dict(record, kind=kind, epoch_index=epoch_index, val_top1=results[kind]["top1"],
                 val_num_samples=results[kind]["num_samples"], selected_on=selected_on)
-
-
-def test_best_and_last(model, preprocess, loader, num_classes, precision, best, best_path):
-    """The test records of the last weights (the model's) and of the best ones (if any), in
-    that order, both at the model's resolution; the model keeps its last weights."""
-    chosen = {"last": ("raw", None)}
-    if best is not None:  # at the model's resolution, if a stage at another one saved it
-        chosen["best"] = (best["kind"], fit_resolution(load_tensors(best_path)[0], model))
-    records = []
-    for which, (kind, weights) in chosen.items():
-        with (weights_in(model, weights) if weights is not None else contextlib.nullcontext()):
-            result = evaluate(model, preprocess, loader, num_classes, desc=f"test ({which})",
-                              precision=precision)
-        records.append({"test": which, "kind": kind, "test_top1": result["top1"],
-                        "test_top5": result["top5"], "test_loss": result["loss"],
-                        "num_samples": result["num_samples"]})
-    return records
 
 
 def test_line(record):

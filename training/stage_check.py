@@ -21,23 +21,24 @@ here, on the user's machine, before the hours are spent.
 """
 
 import contextlib
+import gc
 import io
 import time
+from typing import Optional
 
 import numpy as np
 import paddle
 
 from data.batching import micro_batch
-from losses import build_loss
-from models.build import build_model, input_size
 from models.recompute import hooks_keep_random_state
 from models.resolution import backbone_of, patch_size
-from training.averaging import build_averages
+from training.amp import Precision
 from training.engine import evaluate, train_steps
-from training.optim import MasterCopies, build_optimizer, warmup_steps
-from training.stage_model import prepare_stage, trainable_paths
-from training.stages import lr_scale, stage_data, stage_loss
+from training.optim import warmup_steps
+from training.recipe import stage_data
+from training.stage import RunModel, build_stage, trainable_paths
 from training.state import EpochProgress
+from utils.config import Node
 from utils.errors import UserError, is_out_of_memory
 from utils.reports.progress import silenced
 from utils.runtime.dist import world_size
@@ -78,29 +79,26 @@ def validate_stages(cfg, model, base_size, teacher=None, first=0):
         previous = (size, paths)
 
 
-def check_stages(cfg, precision, teacher=None, first=0, device="cpu"):
+def check_stages(cfg: Node, precision: Precision, teacher: Optional[paddle.nn.Layer] = None,
+                 first: int = 0, device: str = "cpu") -> float:
     """One optimizer step (two micro-batches with accumulation) and one evaluation batch of
     each stage from ``first`` on, on scratch state (see the module's text); prints one line
     and returns the seconds it took. A failure is one :class:`UserError` naming the stage
-    and what to change."""
+    and what to change. Nothing the check built is left when it returns."""
     start = time.perf_counter()
     scratch = precision.scratch()
     with preserved_random_state(), paddle.utils.unique_name.guard(), silenced(), \
             contextlib.redirect_stdout(io.StringIO()):
-        model = build_model(cfg.model, load_pretrained=False, amp=scratch.mode,
-                            image_size=cfg.data.image_size, two_heads=cfg.distill is not None)
-        masters = MasterCopies(model, scratch)
-        averages = build_averages(cfg.train, model)
-        base, wrapped = input_size(model), None
+        net = RunModel.scratch(cfg, scratch, teacher)
         for index in range(first, len(cfg.stages)):
             try:
-                wrapped = _trial_step(cfg, index, model, wrapped, base, scratch, masters,
-                                      averages, teacher)
+                _trial_step(cfg, index, net)
             except UserError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of the stage's setup
                 raise _failure(cfg, index, exc, device, scratch) from None
-        del model, masters, averages, wrapped
+        del net
+        gc.collect()  # the scratch optimizers and averages: see Stage.release
     if str(device).startswith("gpu"):
         paddle.device.cuda.empty_cache()
     seconds, last = time.perf_counter() - start, len(cfg.stages) - 1
@@ -112,32 +110,20 @@ def check_stages(cfg, precision, teacher=None, first=0, device="cpu"):
     return seconds
 
 
-def _trial_step(cfg, index, model, wrapped, base, precision, masters, averages, teacher):
-    """Stage ``index``'s setup on the scratch ``model``: one optimizer step, the averages'
-    update, one evaluation batch. Returns the model as trained (a DataParallel with ranks)."""
-    stage = cfg.stages[index]
-    data_cfg = stage_data(cfg.data, stage)
-    size = data_cfg.image_size or base
-    train_model, preprocess = prepare_stage(model, index, stage, size, averages, masters,
-                                            teacher, wrapped)
-    optimizer, scheduler = build_optimizer(stage, model, 1, cfg.train, precision.half_weights,
-                                           masters.by_name,
-                                           lr_scale(cfg.train, data_cfg.batch_size))
-    criterion = build_loss(stage_loss(cfg.loss, stage), cfg.distill)
+def _trial_step(cfg: Node, index: int, net: RunModel) -> None:
+    """Stage ``index``'s setup on the scratch ``net``: one optimizer step, the averages'
+    update, one evaluation batch."""
     accum = min(cfg.train.accum_steps, 2)  # with accumulation: one unsynced micro-batch too
-    images = min(micro_batch(data_cfg.batch_size, cfg.train.accum_steps, world_size()),
+    stage = build_stage(cfg, index, net, accum_steps=accum)
+    images = min(micro_batch(stage.data.batch_size, cfg.train.accum_steps, world_size()),
                  TRIAL_IMAGES)
-    batches = _synthetic_batches(accum, images, size, cfg.model.num_classes)
-    for _ in train_steps(train_model, criterion, preprocess, batches, optimizer, scheduler,
-                         EpochProgress(), accum, desc=f"check stage {index}",
-                         precision=precision, clip_norm=cfg.train.clip_grad_norm,
-                         teacher=teacher, frozen_eval=stage.frozen_mode == "eval"):
-        for average in averages.values():
-            average.update(model, masters.by_path(optimizer))
-    masters.carry(optimizer)
-    evaluate(model, preprocess, batches[:1], cfg.model.num_classes, desc="check",
-             precision=precision)
-    return train_model
+    batches = _synthetic_batches(accum, images, stage.size, cfg.model.num_classes)
+    for _ in train_steps(stage, batches, EpochProgress(), desc=f"check stage {index}"):
+        for average in net.averages.values():
+            average.update(net.model, net.masters.by_path(stage.optimizer))
+    evaluate(net.model, stage.preprocess, batches[:1], cfg.model.num_classes, desc="check",
+             precision=stage.precision)
+    stage.release()
 
 
 def _synthetic_batches(count, images, size, num_classes):

@@ -2,11 +2,13 @@
 an exit code for every expected failure."""
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
 import sys
 import traceback
+from typing import Callable, Iterator, Optional
 
 from utils.config import DEFAULT_CONFIG
 from utils.errors import Interrupted, UserError
@@ -42,13 +44,14 @@ def _report(message, debug):
         pass
 
 
-def run(main):
-    """Call ``main()`` and exit with its code.
-
-    Expected failures (:class:`UserError`, a full disk, a denied write, Ctrl-C outside
-    training) print one ``error:`` line and exit non-zero without a traceback, unless
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Around an entry point's ``sys.exit(main())``: the exit code it gives, or one
+    ``error:`` line and a non-zero exit for every expected failure (:class:`UserError`, a
+    full disk, a denied write, Ctrl-C outside training) without a traceback, unless
     ``--debug`` is among the arguments; an :class:`Interrupted` run exits 128 + signal.
-    """
+    SIGTERM and SIGHUP are held until :func:`utils.runtime.device.select_device` has taken
+    them back from Paddle's import."""
     debug = "--debug" in sys.argv[1:]
     for stream in (sys.stdout, sys.stderr):  # a class name a terminal cannot show: escaped
         if hasattr(stream, "reconfigure"):
@@ -58,7 +61,7 @@ def run(main):
     hold_sigterm(True)  # until select_device() has taken it back from Paddle's import
     try:
         try:
-            code = main()
+            yield
         finally:
             hold_sigterm(False)  # a SIGTERM still held arrives here
     except Interrupted as exc:
@@ -85,7 +88,15 @@ def run(main):
             raise
         _report(f"a path holds a NUL character ({exc}); no file name can", debug)
         code = 2
-    sys.exit(code or 0)
+    else:
+        return
+    sys.exit(code)
+
+
+def run(main: Callable[[], Optional[int]]) -> None:
+    """Call ``main()`` and exit with its code, failures as :func:`one_line_errors` says."""
+    with one_line_errors():
+        sys.exit(main() or 0)
 
 
 def config_parser(doc):

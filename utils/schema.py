@@ -5,6 +5,9 @@ the YAML files under ``configs/``; the defaults here are neutral values that a
 config may leave out.
 """
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 REQUIRED = object()
 # Bounds on sizes and counts: far above any real setting, far below what exhausts a machine.
 BIG = 10 ** 9
@@ -13,19 +16,22 @@ MAX_IMAGE_SIZE = 1024  # 4,096 tokens at patch 16: attention is quadratic in the
 MIN_CROP_FRACTION = 0.25
 
 
+@dataclass
 class Field:
-    """One leaf key: accepted Python types, default, allowed values."""
+    """One leaf key: accepted Python types (one, or a tuple), default, allowed values, the
+    type and count of a list's items, and the bounds of a number."""
 
-    def __init__(self, types, default=REQUIRED, choices=None, nullable=False,
-                 item_type=None, length=None, minimum=None, maximum=None):
-        self.types = types if isinstance(types, tuple) else (types,)
-        self.default = default
-        self.choices = choices
-        self.nullable = nullable
-        self.item_type = item_type
-        self.length = length
-        self.minimum = minimum
-        self.maximum = maximum
+    types: Any
+    default: Any = REQUIRED
+    choices: Optional[tuple] = None
+    nullable: bool = False
+    item_type: Any = None
+    length: Optional[int] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.types = self.types if isinstance(self.types, tuple) else (self.types,)
 
 
 class Section:

@@ -3,8 +3,10 @@ and its description."""
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from data.batching import micro_batch
+from utils.config import Node
 from utils.errors import UserError
 
 
@@ -23,21 +25,22 @@ class StageLength:
         return cls(steps_per_epoch, stage.steps or stage.epochs * steps_per_epoch, accum_steps)
 
     @classmethod
-    def measured(cls, index, stage, sampler, accum_steps, start=None):
+    def measured(cls, index: int, stage: Node, sampler: Any, accum_steps: int) -> "StageLength":
         """The length of stage ``index`` at the epoch its training ``sampler`` yields; one
-        error for an epoch shorter than one accumulation, or a resume ``start`` (a
-        :class:`training.state.Position`) outside the stage."""
+        error for an epoch shorter than one accumulation."""
         steps_per_epoch = sampler.full_length() // accum_steps
         if steps_per_epoch == 0:
             raise UserError(f"stage {index}: fewer batches per epoch than "
                             f"train.accum_steps={accum_steps}")
-        length = cls.of(stage, steps_per_epoch, accum_steps)
-        if start and not (start.epoch < length.epochs
-                          and 0 <= start.micro <= length.window(start.epoch)):
+        return cls.of(stage, steps_per_epoch, accum_steps)
+
+    def check_start(self, index: int, start: Any) -> None:
+        """One error for a resume ``start`` (a :class:`training.state.Position`) outside
+        stage ``index`` of this length."""
+        if not (start.epoch < self.epochs and 0 <= start.micro <= self.window(start.epoch)):
             raise UserError(f"the checkpoint's position (epoch {start.epoch + 1}, micro-batch "
                             f"{start.micro} of stage {index}) lies outside the stage; it is "
                             f"damaged: resume from another copy or start again")
-        return length
 
     @property
     def epochs(self):
@@ -74,9 +77,11 @@ def lr_scale(train_cfg, batch_size):
     return 1.0
 
 
-def describe_stage(index, stage, data_cfg, loss_cfg, image_size, distill_cfg=None):
-    """One line of the stage plan: epochs, stop condition, optimizer, LR, decay, data at
-    ``image_size`` pixels, the loss and whether a teacher (``distill_cfg``) takes part."""
+def describe_stage(cfg: Node, index: int, image_size: int) -> str:
+    """One line of the stage plan of stage ``index``: epochs, stop condition, optimizer, LR,
+    decay, data at ``image_size`` pixels, the loss and whether a teacher takes part."""
+    stage, distill_cfg = cfg.stages[index], cfg.distill
+    data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
     opt = stage.optimizer
     if opt.name == "AdamW":
         opt_text = (f"AdamW lr={opt.lr:g} betas=({opt.betas[0]:g}, {opt.betas[1]:g}) "
