@@ -4,7 +4,10 @@ at any batch), with workers that die with the training process."""
 import functools
 import os
 import time
+from typing import Iterator
 
+import numpy as np
+import paddle
 from paddle.io import DataLoader, DistributedBatchSampler
 
 from utils.errors import UserError
@@ -16,31 +19,58 @@ FAILED = -2
 
 
 class SampleErrorLoader(DataLoader):
-    """A DataLoader whose samples' errors stop the training process with their own message.
+    """A DataLoader that yields clean batches: a sample's error stops the training process
+    with its own message, and the unreadable images skipped under
+    ``data.skip_bad_images`` are not in them (one warning line per pass says how many).
 
     paddle.io re-raises a worker's exception in a background thread, which leaves the
     training process only "Blocking queue is killed" (a SystemError). The dataset therefore
     marks a failed sample by its label (``FAILED - index``) and its ``raise_failure`` raises
-    the error again here.
+    the error again here. A skipped evaluation image is labelled -1 and left out here; a
+    skipped training image was already replaced by the next readable one.
     """
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[paddle.Tensor, paddle.Tensor]]:
         batches = super().__iter__()
-        while True:
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                return
-            except SystemError as exc:  # Paddle's word for a worker that died
-                if "Blocking queue is killed" not in str(exc):
-                    raise
-                raise UserError("a data loader worker died (killed by the system, perhaps out "
-                                "of memory); lower data.num_workers or data.batch_size, or "
-                                "look for an image that needs too much memory") from None
-            values = labels.numpy()
-            if values.min() <= FAILED:
-                self.dataset.raise_failure(FAILED - int(values.min()))
-            yield images, labels
+        left_out = 0
+        try:
+            while True:
+                try:
+                    images, labels = next(batches)
+                except StopIteration:
+                    break
+                except SystemError as exc:  # Paddle's word for a worker that died
+                    if "Blocking queue is killed" not in str(exc):
+                        raise
+                    raise UserError("a data loader worker died (killed by the system, perhaps "
+                                    "out of memory); lower data.num_workers or "
+                                    "data.batch_size, or look for an image that needs too "
+                                    "much memory") from None
+                values = labels.numpy().reshape(-1)
+                if values.min() <= FAILED:
+                    self.dataset.raise_failure(FAILED - int(values.min()))
+                if values.min() < 0:  # -1: unreadable and skipped (data.skip_bad_images)
+                    keep = np.flatnonzero(values >= 0)
+                    left_out += len(values) - len(keep)
+                    if not len(keep):
+                        continue
+                    # On the host: Paddle has no uint8 index_select (the images' type).
+                    images = paddle.to_tensor(images.numpy()[keep])
+                    labels = paddle.to_tensor(labels.numpy()[keep])
+                yield images, labels
+        except GeneratorExit:  # a pass stopped midway (a validation inside the epoch)
+            self._report_skipped(left_out)
+            raise
+        self._report_skipped(left_out)
+
+    def _report_skipped(self, left_out: int) -> None:
+        skipped = self.dataset.take_skipped()
+        if left_out:
+            print(f"warning: {left_out} unreadable images left out of this pass over "
+                  f"{len(self.dataset)} images", flush=True)
+        elif skipped:
+            print(f"warning: {skipped} unreadable training images were replaced by the next "
+                  f"readable ones in this pass", flush=True)
 
 
 

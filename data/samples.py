@@ -25,7 +25,7 @@ class ImageDataset(Dataset):
     An image that cannot be read stops the run, or with ``data.skip_bad_images`` is one
     warning line (once per file in a run, whichever worker meets it) and counted
     (:meth:`take_skipped`): a training sample (``replace_bad``) is then the next readable
-    one, an evaluation sample gets label -1, which :func:`training.engine.evaluate` leaves out.
+    one, an evaluation sample gets label -1, which the loader (:mod:`data.loader`) leaves out.
     """
 
     def __init__(self, split, size, data_cfg, seed=0, augment=None, replace_bad=False):

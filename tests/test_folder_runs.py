@@ -113,7 +113,9 @@ def test_skipped_bad_images_are_warned_once_counted_and_left_out(photos, tmp_pat
     replaced = [line for line in captured.out.splitlines() if "replaced by the next readable" in line]
     assert len(replaced) == 2 and all(line.startswith("warning: 1 unreadable") for line in replaced)
     assert final_tests(out)["best"]["num_samples"] == 12  # 13 files, one left out
-    assert "warning: test (best): 1 unreadable images left out" in captured.out
+    # The loader leaves it out of each pass over the 13 test files: the final test's two.
+    assert captured.out.count("warning: 1 unreadable images left out of this pass over 13 "
+                              "images") >= 2
 
 
 @pytest.mark.parametrize("damage,fragments", [

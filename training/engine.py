@@ -163,10 +163,6 @@ def train_one_epoch(stage: Stage, run: Run, segment: Segment) -> None:
             raise run.interrupted(here)
         if validate_now:
             break  # validate now; the epoch goes on from here afterwards
-    skipped = loader.dataset.take_skipped()
-    if skipped:
-        print(f"warning: {skipped} unreadable training images were replaced by the next "
-              f"readable ones in {desc}", flush=True)
     if stage.length.ends_epoch(here.epoch, progress.micro):
         run.update_swa(here, stage.optimizer)
 
@@ -198,8 +194,8 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", stops=None, pr
     Every sample counts once, whatever the batch sizes (the last batch included).
     With several ranks each evaluates its shard and the counts are summed, so the
     result is that of one process. With ``stops`` (a :class:`utils.runtime.signals.StopRequests`)
-    a stop request abandons the pass: the result is then ``None``. Samples labelled -1
-    (unreadable images, ``data.skip_bad_images``) are left out, with one warning line.
+    a stop request abandons the pass: the result is then ``None``. The loader's batches are
+    clean (unreadable images skipped under ``data.skip_bad_images`` are not in them).
     """
     precision = precision or Precision()
     model.eval()
@@ -208,7 +204,6 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", stops=None, pr
     loss_sum = 0.0
     class_correct = np.zeros(num_classes, dtype=np.int64)
     class_total = np.zeros(num_classes, dtype=np.int64)
-    skipped = 0
     for images, labels in track(loader, desc):
         if stops is not None and stops.requested:
             return None
@@ -216,13 +211,6 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", stops=None, pr
             logits = model(preprocess(images))
         logits = logits.astype("float32")
         labels = labels.reshape([-1]).astype("int64")
-        readable = labels.numpy() >= 0  # -1: an unreadable image skipped (data.skip_bad_images)
-        if not readable.all():
-            skipped += int((~readable).sum())
-            if not readable.any():
-                continue
-            keep = paddle.to_tensor(np.flatnonzero(readable))
-            logits, labels = logits.index_select(keep), labels.index_select(keep)
         batch = labels.shape[0]
         loss_sum += float(nll(log_softmax(logits), labels)) * batch
         top = paddle.topk(logits, k=topk, axis=-1)[1].numpy()
@@ -232,12 +220,9 @@ def evaluate(model, preprocess, loader, num_classes, desc="eval", stops=None, pr
         correct5 += int((top == truth[:, None]).any(axis=1).sum())
         class_total += np.bincount(truth, minlength=num_classes)
         class_correct += np.bincount(truth[hit1], minlength=num_classes)
-    sums = all_sum(np.concatenate([[correct1, correct5, loss_sum, skipped], class_correct,
-                                   class_total]))
-    correct1, correct5, loss_sum, skipped = int(sums[0]), int(sums[1]), float(sums[2]), int(sums[3])
-    class_correct, class_total = sums[4:4 + num_classes], sums[4 + num_classes:]
-    if skipped:
-        print(f"warning: {desc}: {skipped} unreadable images left out", flush=True)
+    sums = all_sum(np.concatenate([[correct1, correct5, loss_sum], class_correct, class_total]))
+    correct1, correct5, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])
+    class_correct, class_total = sums[3:3 + num_classes], sums[3 + num_classes:]
     total = int(class_total.sum())
     per_class = np.where(class_total > 0, class_correct / np.maximum(class_total, 1), np.nan)
     return {
