@@ -9,8 +9,11 @@ elsewhere, or on a GPU without the type (bf16 before Ampere), the run says so in
 and trains in float32.
 """
 
+from __future__ import annotations
+
 import contextlib
 import copy
+from typing import ContextManager
 
 import numpy as np
 import paddle
@@ -45,12 +48,12 @@ class LossScaler:
     calls ``float()`` on a one-element tensor).
     """
 
-    def __init__(self, enabled):
+    def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.scale = INIT_LOSS_SCALE if enabled else 1.0
         self.good_steps = 0
 
-    def update(self, finite):
+    def update(self, finite: bool) -> bool:
         """Adapt the scale after an update whose loss and gradients were ``finite`` or not.
         Returns whether a non-finite one is an overflow, skipped as such: the scale was
         above its minimum and is halved (False when finite, without scaling, or at the
@@ -68,11 +71,11 @@ class LossScaler:
             self.scale, self.good_steps = self.scale * 2.0, 0
         return False
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """The scale and the count of updates since it last changed."""
         return {"scale": self.scale, "good_steps": self.good_steps}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; also reads ``paddle.amp.GradScaler``'s (``incr_count``)."""
         self.scale = float(np.asarray(state["scale"]).reshape(-1)[0])
         self.good_steps = int(np.asarray(state.get("good_steps", state.get("incr_count", 0))))
@@ -81,7 +84,7 @@ class LossScaler:
 class Precision:
     """The forward pass's precision and the loss scaler that goes with it."""
 
-    def __init__(self, mode="off", device="cpu", level="O1"):
+    def __init__(self, mode: str = "off", device: str = "cpu", level: str = "O1") -> None:
         if mode != "off" and not _supported(mode, device):
             print(f"warning: train.amp={mode} is not available on {device} (Paddle applies "
                   f"{DTYPES[mode]} AMP on GPUs that support it); using float32", flush=True)
@@ -90,7 +93,7 @@ class Precision:
         self.level = level
         self.scaler = LossScaler(enabled=mode == "fp16")
 
-    def scratch(self):
+    def scratch(self) -> Precision:
         """A copy with a loss scaler of its own (at the same scale): for trial steps that
         must leave the run's scaler as it is."""
         other = copy.copy(self)
@@ -98,18 +101,18 @@ class Precision:
         other.scaler.load_state_dict(self.scaler.state_dict())
         return other
 
-    def autocast(self):
+    def autocast(self) -> ContextManager:
         """The context for forward passes."""
         if self.mode == "off":
             return contextlib.nullcontext()
         return paddle.amp.auto_cast(dtype=DTYPES[self.mode], level=self.level)
 
     @property
-    def half_weights(self):
+    def half_weights(self) -> bool:
         """Whether weights are stored in the half type (O2) and optimizers need master copies."""
         return self.mode != "off" and self.level == "O2"
 
-    def prepare(self, model):
+    def prepare(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
         """Cast the weights to the half type for O2 (norms stay float32); no-op otherwise.
         Call before ``paddle.DataParallel`` wraps the model, which groups weights by dtype."""
         if self.half_weights:
@@ -117,11 +120,11 @@ class Precision:
         return model
 
     @property
-    def scaling(self):
+    def scaling(self) -> bool:
         """Whether fp16 loss scaling is active (an update with overflowed gradients is then an
         expected skip, not a divergence)."""
         return self.scaler.enabled
 
-    def scaled(self, loss):
+    def scaled(self, loss: paddle.Tensor) -> paddle.Tensor:
         """``loss`` multiplied by the current loss scale, for ``backward``."""
         return loss * self.scaler.scale if self.scaling else loss

@@ -6,10 +6,14 @@ graphs only, so neither gives a dygraph EMA with decay warm-up nor an equal-weig
 average per epoch; both are a few lines here.
 """
 
+from __future__ import annotations
+
 import contextlib
+from typing import Iterator, Optional
 
 import paddle
 
+from utils.config import Node
 from utils.io.tensor_io import load_state
 
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
@@ -38,7 +42,7 @@ class WeightAverage:
     ``masters`` (state-dict path -> float32 tensor), where given, are averaged instead
     of the half-precision weights, which are their roundings."""
 
-    def __init__(self, model, masters=None):
+    def __init__(self, model: paddle.nn.Layer, masters: Optional[dict] = None) -> None:
         self.average = {key: _float32(value) for key, value in _current(model, masters).items()
                         if _is_float(value)}
         self.updates = 0
@@ -51,11 +55,11 @@ class WeightAverage:
                 self.average[key] = keep * self.average[key] + (1.0 - keep) * _float32(value)
         self.updates += 1
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """The averaged tensors, loadable into the model."""
         return dict(self.average)
 
-    def load(self, tensors, updates):
+    def load(self, tensors: dict, updates: dict) -> None:
         """Restore a saved average and its update count."""
         self.average = {key: paddle.to_tensor(value) for key, value in tensors.items()}
         self.updates = updates
@@ -64,18 +68,19 @@ class WeightAverage:
 class EMA(WeightAverage):
     """Exponential moving average: ``decay`` per step, or ``min(decay, (1+t)/(10+t))`` with warm-up."""
 
-    def __init__(self, model, decay, warmup, masters=None):
+    def __init__(self, model: paddle.nn.Layer, decay: float, warmup: bool,
+                 masters: Optional[dict] = None) -> None:
         super().__init__(model, masters)
         self.decay = decay
         self.warmup = warmup
 
-    def current_decay(self):
+    def current_decay(self) -> float:
         """The decay the next update uses."""
         if not self.warmup:
             return self.decay
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
 
-    def update(self, model, masters=None):
+    def update(self, model: paddle.nn.Layer, masters: Optional[dict] = None) -> None:
         """Fold the model's current weights in (call after each optimizer step)."""
         self._blend(model, self.current_decay(), masters)
 
@@ -83,7 +88,7 @@ class EMA(WeightAverage):
 class SWA(WeightAverage):
     """Stochastic weight averaging: the equal-weight mean of the weights at each epoch's end."""
 
-    def update(self, model, masters=None):
+    def update(self, model: paddle.nn.Layer, masters: Optional[dict] = None) -> None:
         """Add the model's current weights as one more equally weighted sample."""
         if self.updates == 0:
             self.average = {key: _float32(value)
@@ -94,7 +99,9 @@ class SWA(WeightAverage):
         self._blend(model, self.updates / (self.updates + 1.0), masters)
 
 
-def build_averages(train_cfg, model, updates=None, trees=None, masters=None):
+def build_averages(train_cfg: Node, model: paddle.nn.Layer, updates: Optional[dict] = None,
+                   trees: Optional[dict] = None,
+                   masters: Optional[dict] = None) -> dict[str, WeightAverage]:
     """The averages ``train`` enables, restored from a checkpoint's tensors ``trees`` and
     their ``updates`` counts if given, else starting from the model's weights (or their
     float32 ``masters``)."""
@@ -110,7 +117,7 @@ def build_averages(train_cfg, model, updates=None, trees=None, masters=None):
 
 
 @contextlib.contextmanager
-def weights_in(model, weights):
+def weights_in(model: paddle.nn.Layer, weights: dict) -> Iterator[paddle.nn.Layer]:
     """``model`` holding ``weights`` (an average's, or saved ones) inside the block, and its
     own weights again after it, however the block ends."""
     own = {key: value.detach().clone() for key, value in model.state_dict().items()}

@@ -48,7 +48,7 @@ def _gib(count):
     return f"{count / 2 ** 30:.3g} GiB"
 
 
-def budget_markdown(language="en", paths=GPU_CONFIGS):
+def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) -> list[str]:
     """The budget table's lines for the configs at ``paths``, in ``language`` (``en``, ``zh``)."""
     from utils.config import load_config
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import paddle
@@ -27,6 +27,9 @@ from utils.reports.progress import track
 from utils.reports.text import place
 from utils.runtime.dist import all_sum, any_rank, rank, world_size
 from utils.runtime.seeds import derived_seed
+
+if TYPE_CHECKING:
+    from utils.runtime.signals import StopRequests
 
 if TYPE_CHECKING:
     from training.run import Run, Segment
@@ -188,7 +191,9 @@ def validate(stage: Stage, run: Run, segment: Segment) -> Optional[dict]:
 
 
 @paddle.no_grad()
-def evaluate(model, preprocess, loader, num_classes, desc="eval", stops=None, precision=None):
+def evaluate(model: paddle.nn.Layer, preprocess: Callable, loader: Iterable, num_classes: int,
+             desc: str = "eval", stops: Optional[StopRequests] = None,
+             precision: Optional[Precision] = None) -> dict:
     """Top-1, top-5 and cross-entropy averaged per sample, plus per-class top-1.
 
     Every sample counts once, whatever the batch sizes (the last batch included).

@@ -27,7 +27,7 @@ EFFICIENCY = 0.2
 RESERVED_BYTES = 2 ** 30
 
 
-def peak_flops(gpu, precision):
+def peak_flops(gpu: str, precision: str) -> float:
     """The peak FLOP/s of ``gpu`` at ``precision`` (``off``, ``fp16``, ``bf16``)."""
     _, fp32, half = GPUS[gpu]
     if precision == "fp16" or (precision == "bf16" and gpu in BF16_CARDS):

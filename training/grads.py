@@ -8,18 +8,24 @@ parameter, after fp16 unscaling and before the update, and the same norm is
 what the logs report.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Optional
 
 import paddle
 
+if TYPE_CHECKING:
+    from training.amp import Precision
 
-def trainable(model):
+
+def trainable(model: paddle.nn.Layer) -> list[paddle.Tensor]:
     """The parameters an optimizer updates (those that take gradients)."""
     return [param for param in model.parameters() if not param.stop_gradient]
 
 
 @paddle.no_grad()
-def global_grad_norm(params):
+def global_grad_norm(params: list[paddle.Tensor]) -> float:
     """The 2-norm of all gradients of ``params`` as one vector (a Python float).
 
     Squares are summed in float64, so finite float32 or half-precision gradients never
@@ -31,14 +37,15 @@ def global_grad_norm(params):
 
 
 @paddle.no_grad()
-def scale_grads_(params, factor):
+def scale_grads_(params: list[paddle.Tensor], factor: float) -> None:
     """Multiply every gradient of ``params`` by ``factor`` in place."""
     for param in params:
         if param.grad is not None:
             param.grad.scale_(factor)
 
 
-def apply_update(optimizer, params, precision, clip_norm=None):
+def apply_update(optimizer: paddle.optimizer.Optimizer, params: list[paddle.Tensor],
+                 precision: Precision, clip_norm: Optional[float] = None) -> tuple[float, str]:
     """Unscale, measure, clip and step; return ``(grad_norm, status)``.
 
     ``grad_norm`` is the global norm of the unscaled gradients before clipping; above

@@ -1,16 +1,26 @@
 """Per-stage optimizers and learning-rate schedules, built from the config with Paddle's parts."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional, Union
+
 import paddle
+from paddle.optimizer import Optimizer
+from paddle.optimizer.lr import LRScheduler
 
 from training.recipe import StageLength
+from utils.config import Node
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from training.amp import Precision
 
 # Parameters DeiT excludes from weight decay besides every bias and norm (1-D) tensor.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 HALF_TYPES = (paddle.float16, paddle.bfloat16)
 
 
-def warmup_steps(stage, steps_per_epoch):
+def warmup_steps(stage: Node, steps_per_epoch: float) -> int:
     """The stage's warmup length in optimizer steps (given in steps or in epochs, not both)."""
     steps = stage.warmup.steps or int(round(stage.warmup.epochs * steps_per_epoch))
     if steps and stage.warmup.start_lr >= stage.optimizer.lr:
@@ -19,7 +29,8 @@ def warmup_steps(stage, steps_per_epoch):
     return steps
 
 
-def build_schedule(stage, steps_per_epoch, scale=1.0):
+def build_schedule(stage: Node, steps_per_epoch: int,
+                   scale: float = 1.0) -> Union[float, LRScheduler]:
     """The stage's LR: a float (constant) or a ``paddle.optimizer.lr`` scheduler stepped per update.
 
     Polynomial and cosine decay run over the steps after the warmup, from the stage's LR
@@ -45,7 +56,7 @@ def build_schedule(stage, steps_per_epoch, scale=1.0):
     return schedule
 
 
-def decay_groups(model, exclude):
+def decay_groups(model: paddle.nn.Layer, exclude: bool) -> list[dict]:
     """Parameter groups: decayed, and (with ``exclude``) biases, norms, position embedding and tokens."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -59,8 +70,9 @@ def decay_groups(model, exclude):
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=False, masters=None,
-                    lr_scale=1.0):
+def build_optimizer(stage: Node, model: paddle.nn.Layer, steps_per_epoch: int, train_cfg: Node,
+                    master_weights: bool = False, masters: Optional[dict] = None,
+                    lr_scale: float = 1.0) -> tuple[Optimizer, Optional[LRScheduler]]:
     """The stage's optimizer and LR scheduler (``None`` for a constant LR without warmup).
 
     ``lr_scale`` multiplies the stage's learning rates (``train.lr_scaling``).
@@ -91,13 +103,13 @@ def build_optimizer(stage, model, steps_per_epoch, train_cfg, master_weights=Fal
     return optimizer, scheduler
 
 
-def master_copies(optimizer):
+def master_copies(optimizer: paddle.optimizer.Optimizer) -> dict:
     """The optimizer's float32 master copies of half-precision weights (AMP O2), keyed by
     parameter name; empty without them (float32 weights, or before the first update)."""
     return dict(optimizer.state_dict().get("master_weights", {}))
 
 
-def master_named(param_name, tensor):
+def master_named(param_name: str, tensor: paddle.Tensor) -> paddle.Tensor:
     """``tensor`` named as Paddle names the master copy of ``param_name`` (in the fresh name
     scope of each update, :func:`training.grads.apply_update`). The optimizer names its state
     for a master copy after it, so the name must start with the parameter's for a
@@ -106,7 +118,7 @@ def master_named(param_name, tensor):
     return tensor
 
 
-def cast_keeping_masters(model, cast):
+def cast_keeping_masters(model: paddle.nn.Layer, cast: Callable) -> dict[str, paddle.Tensor]:
     """Apply ``cast`` (AMP O2's weight cast) to ``model``; return float32 copies, taken
     before it, of the parameters it turned to half precision, keyed by parameter name."""
     before = {param.name: param.detach().astype("float32").clone() for param in model.parameters()}
@@ -125,7 +137,8 @@ class MasterCopies:
     weights use them too. Empty without O2.
     """
 
-    def __init__(self, model, precision, saved_optimizer=None):
+    def __init__(self, model: paddle.nn.Layer, precision: Precision,
+                 saved_optimizer: Optional[dict] = None) -> None:
         """Cast ``model`` per ``precision`` (O2) and keep the copies to start from."""
         self.model, self.enabled, self.by_name = model, precision.half_weights, {}
         if not self.enabled:
@@ -136,13 +149,14 @@ class MasterCopies:
             precision.prepare(model)
             self.by_name = optimizer_state_for(model, saved_optimizer).get("master_weights", {})
 
-    def carry(self, optimizer):
+    def carry(self, optimizer: paddle.optimizer.Optimizer) -> None:
         """Take the copies of a stage's optimizer, for the next stage's (those of parameters
         it did not train are kept)."""
         if self.enabled:
             self.by_name = {**self.by_name, **master_copies(optimizer)}
 
-    def by_path(self, optimizer=None):
+    def by_path(self,
+                optimizer: Optional[paddle.optimizer.Optimizer] = None) -> dict[str, paddle.Tensor]:
         """The current copies (``optimizer``'s, once it has them) keyed by state-dict path,
         for the model's half-precision parameters."""
         if not self.enabled:
@@ -156,7 +170,7 @@ def _rename_state(state, renames):
     """Rename the keys of an optimizer state dict (and of its master weights) by prefix."""
     prefixes = sorted(renames, key=len, reverse=True)  # "linear_12.w_0" before "linear_1.w_0"
 
-    def rename(key):
+    def rename(key: str) -> str:
         for old in prefixes:
             if key == old or key.startswith(old + "_"):
                 return renames[old] + key[len(old):]
@@ -173,7 +187,7 @@ def _rename_state(state, renames):
     return result
 
 
-def portable_optimizer_state(model, optimizer):
+def portable_optimizer_state(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer) -> dict:
     """The optimizer's state keyed by parameter paths (``blocks.0.attn.qkv.weight``) instead of
     Paddle's per-process parameter names (``linear_12.w_0``), which differ between processes
     that build models in another order."""
@@ -181,7 +195,7 @@ def portable_optimizer_state(model, optimizer):
                          {param.name: f"@{path}" for path, param in model.named_parameters()})
 
 
-def optimizer_state_for(model, portable):
+def optimizer_state_for(model: paddle.nn.Layer, portable: dict) -> dict:
     """Map a :func:`portable_optimizer_state` back onto this process's parameter names."""
     state = _rename_state(portable,
                           {f"@{path}": param.name for path, param in model.named_parameters()})

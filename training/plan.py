@@ -19,12 +19,18 @@ H heads, MLP ratio r and T tokens (patches plus the class and distillation token
   the softmax in float32).
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Optional
 
 import paddle
 
 from training.gpus import EFFICIENCY, GPUS, RESERVED_BYTES, peak_flops
 from training.recipe import StageLength, stage_data, stage_loss
+
+if TYPE_CHECKING:
+    from utils.config import Node
 
 # Split sizes known from the data set's name: (training images, test images).
 KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digits": (1437, 360)}
@@ -32,7 +38,7 @@ KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digi
 TOKEN_VALUES, ATTENTION_VALUES = 19, 2.25
 
 
-def model_shape(model_cfg, image_size=None):
+def model_shape(model_cfg: Node, image_size: Optional[int] = None) -> dict:
     """The sizes that set a ViT's cost: width, depth, heads, MLP width, patch, channels,
     tokens at ``image_size`` (the model's own when ``None``), classes, heads, parameters."""
     from models.build import IMAGENET_CLASSES, construct
@@ -56,7 +62,7 @@ def model_shape(model_cfg, image_size=None):
             "class_heads": 1 + hasattr(net, "head_dist"), "params": params}
 
 
-def forward_flops(shape):
+def forward_flops(shape: dict) -> int:
     """FLOPs of one image's forward pass."""
     dim, tokens, patches = shape["dim"], shape["tokens"], shape["tokens"] - shape["class_heads"]
     block = 2 * (3 * tokens * dim * dim + 2 * tokens * tokens * dim + tokens * dim * dim
@@ -65,7 +71,7 @@ def forward_flops(shape):
     return embed + shape["depth"] * block + 2 * dim * shape["classes"] * shape["class_heads"]
 
 
-def activation_values(shape, recompute=False):
+def activation_values(shape: dict, recompute: bool = False) -> int:
     """Values one copy of one image keeps for the backward pass."""
     dim, tokens = shape["dim"], shape["tokens"]
     block = TOKEN_VALUES * tokens * dim + ATTENTION_VALUES * shape["heads"] * tokens ** 2
@@ -88,7 +94,7 @@ def _split_sizes(data_cfg, num_classes):
         return None, None
 
 
-def plan(cfg):
+def plan(cfg: Node) -> dict:
     """The plan of ``cfg`` (a dict, JSON-ready): totals, and per stage the same keys."""
     train_images, test_images = _split_sizes(cfg.data, cfg.model.num_classes)
     trained = None if train_images is None else train_images - cfg.data.val_split
@@ -172,9 +178,9 @@ def _disk(cfg):
     return 2 * checkpoint + shape["params"] * 4
 
 
-def cost_lines(cost):
+def cost_lines(cost: dict) -> list[str]:
     """The plan in a few lines for people."""
-    def gb(count):
+    def gb(count: int) -> str:
         return f"{count / 2 ** 30:.3g} GiB"
 
     images = cost["total_images"]

@@ -1,13 +1,18 @@
 """The stage plan: per-stage overrides of the data and loss sections, the batch arithmetic,
 and its description."""
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from data.batching import micro_batch
 from utils.config import Node
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from training.state import Position
 
 
 @dataclass(frozen=True)
@@ -20,12 +25,12 @@ class StageLength:
     accum_steps: int = 1
 
     @classmethod
-    def of(cls, stage, steps_per_epoch, accum_steps=1):
+    def of(cls, stage: Node, steps_per_epoch: int, accum_steps: int = 1) -> StageLength:
         """The length of ``stage`` (``epochs:`` or ``steps:``) at ``steps_per_epoch``."""
         return cls(steps_per_epoch, stage.steps or stage.epochs * steps_per_epoch, accum_steps)
 
     @classmethod
-    def measured(cls, index: int, stage: Node, sampler: Any, accum_steps: int) -> "StageLength":
+    def measured(cls, index: int, stage: Node, sampler: Any, accum_steps: int) -> StageLength:
         """The length of stage ``index`` at the epoch its training ``sampler`` yields; one
         error for an epoch shorter than one accumulation."""
         steps_per_epoch = sampler.full_length() // accum_steps
@@ -34,7 +39,7 @@ class StageLength:
                             f"train.accum_steps={accum_steps}")
         return cls.of(stage, steps_per_epoch, accum_steps)
 
-    def check_start(self, index: int, start: Any) -> None:
+    def check_start(self, index: int, start: Position) -> None:
         """One error for a resume ``start`` (a :class:`training.state.Position`) outside
         stage ``index`` of this length."""
         if not (start.epoch < self.epochs and 0 <= start.micro <= self.window(start.epoch)):
@@ -43,33 +48,33 @@ class StageLength:
                             f"damaged: resume from another copy or start again")
 
     @property
-    def epochs(self):
+    def epochs(self) -> int:
         """Epochs the stage starts (the last one possibly cut short)."""
         return math.ceil(self.steps / self.steps_per_epoch)
 
-    def window(self, epoch):
+    def window(self, epoch: int) -> int:
         """Micro-batches epoch ``epoch`` (from 0) trains on: whole accumulations, and the
         rest of a budget in steps in the last epoch."""
         return min(self.steps_per_epoch, self.steps - epoch * self.steps_per_epoch) \
             * self.accum_steps
 
-    def ends_epoch(self, epoch, micro):
+    def ends_epoch(self, epoch: int, micro: int) -> bool:
         """Whether micro-batch ``micro`` is the end of epoch ``epoch``'s window."""
         return micro == self.window(epoch)
 
-    def step_at(self, epoch, micro):
+    def step_at(self, epoch: int, micro: int) -> int:
         """Optimizer steps of the stage done at micro-batch ``micro`` of epoch ``epoch``
         (skipped steps included: they used their batches)."""
         return epoch * self.steps_per_epoch + micro // self.accum_steps
 
-    def eval_due(self, epoch, micro, every):
+    def eval_due(self, epoch: int, micro: int, every: int) -> bool:
         """Whether a validation every ``every`` steps falls at ``micro``, inside the epoch
         (its end is validated anyway)."""
         return bool(every) and not self.ends_epoch(epoch, micro) \
             and self.step_at(epoch, micro) % every == 0
 
 
-def lr_scale(train_cfg, batch_size):
+def lr_scale(train_cfg: Node, batch_size: int) -> float:
     """The factor on a stage's learning rates: ``batch_size / train.reference_batch`` with
     ``train.lr_scaling: linear``, else 1."""
     if train_cfg.lr_scaling == "linear":
@@ -103,7 +108,7 @@ def describe_stage(cfg: Node, index: int, image_size: int) -> str:
     until = " or ".join(f"{key} >= {value:g}" for key, value in stage.until.items()
                         if value is not None)
 
-    def size(n):
+    def size(n: Optional[int]) -> str:
         return "all" if n is None else str(n)
 
     crop = data_cfg.get("random_resized_crop")
@@ -132,7 +137,7 @@ def describe_stage(cfg: Node, index: int, image_size: int) -> str:
     return f"[{index}] {name}: {epochs}; {opt_text}; {sched_text}; {data_text}; {loss_text}"
 
 
-def describe_run(cfg):
+def describe_run(cfg: Node) -> str:
     """One line of the run-wide training settings: batch, accumulation, clipping, precision,
     averages."""
     from data.dataset import validation_source  # it loads Paddle, which --help does not need
@@ -174,20 +179,20 @@ def describe_run(cfg):
     return "; ".join(parts)
 
 
-def stage_data(data_cfg, stage):
+def stage_data(data_cfg: Node, stage: Node) -> Node:
     """The data section with the stage's overrides applied."""
     merged = type(data_cfg)(data_cfg)
     merged.update(stage.data)
     return merged
 
 
-def final_image_size(cfg):
+def final_image_size(cfg: Node) -> Optional[int]:
     """The resolution the trained weights are evaluated at: the last stage's
     ``data.image_size`` (``None``: the model's own)."""
     return stage_data(cfg.data, cfg.stages[-1]).image_size
 
 
-def stage_loss(loss_cfg, stage):
+def stage_loss(loss_cfg: Node, stage: Node) -> Node:
     """The loss section with the stage's overrides (those not null) applied."""
     merged = type(loss_cfg)(loss_cfg)
     merged.update({key: value for key, value in stage.loss.items() if value is not None})

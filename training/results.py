@@ -1,13 +1,18 @@
 """What a run reports: the best weights (raw, EMA or SWA) chosen on validation, the final
 test of the best and the last weights, and what a non-finite step means for the run."""
 
+from __future__ import annotations
+
 import math
+from typing import Optional
 
 from training.state import KINDS
+from utils.config import Node
 from utils.errors import UserError
 
 
-def epoch_record(stage, epoch, step, lr, stats, results, averages):
+def epoch_record(stage: int, epoch: int, step: int, lr: float, stats: dict, results: dict,
+                 averages: dict) -> dict:
     """The ``metrics.jsonl`` record of an epoch (``epoch`` from 1 in its stage) or of the part
     of it since the last validation, at optimizer step ``step`` of the stage: the training
     means, the raw weights' validation and each kept average's top-1 (``None`` before its
@@ -27,7 +32,7 @@ def epoch_record(stage, epoch, step, lr, stats, results, averages):
     return record
 
 
-def finite_validation(kind, result, where, stage_index):
+def finite_validation(kind: str, result: dict, where: str, stage_index: int) -> dict:
     """``result`` if its loss is finite; weights that give a non-finite validation loss
     end the run (they are never saved as best)."""
     if not math.isfinite(result["loss"]):
@@ -37,14 +42,15 @@ def finite_validation(kind, result, where, stage_index):
     return result
 
 
-def is_better(val, best):
+def is_better(val: dict, best: Optional[dict]) -> bool:
     """A larger validation set supersedes a subset; on the same set, higher top-1 wins."""
     if best is None:
         return True
     return (val["num_samples"], val["top1"]) > (best["val_num_samples"], best["val_top1"])
 
 
-def new_best(record, results, epoch_index, best, selected_on):
+def new_best(record: dict, results: dict, epoch_index: int, best: Optional[dict],
+             selected_on: str) -> Optional[dict]:
     """The best record after this epoch if one of its kinds beats ``best`` (the raw weights
     win a tie, then EMA), else ``None``."""
     kind = max(results, key=lambda k: (results[k]["top1"], -KINDS.index(k)))
@@ -54,14 +60,15 @@ def new_best(record, results, epoch_index, best, selected_on):
                 val_num_samples=results[kind]["num_samples"], selected_on=selected_on)
 
 
-def test_line(record):
+def test_line(record: dict) -> str:
     """The console line of one final-test record."""
     return (f"test split, {record['test']} weights ({record['kind']}): top1 "
             f"{record['test_top1']:.4f} top5 {record['test_top5']:.4f} loss "
             f"{record['test_loss']:.4f} on {record['num_samples']}")
 
 
-def skip_nonfinite(train_cfg, skipped, values, stage_index, step_place, last_checkpoint):
+def skip_nonfinite(train_cfg: Node, skipped: int, values: dict, stage_index: int, step_place: str,
+                   last_checkpoint: Optional[str]) -> int:
     """The count of skipped steps after one more whose loss (or, when its ``values`` have a
     ``grad_norm``, gradient) is not finite at ``step_place``; one :class:`UserError` under
     ``train.nan_policy: stop`` or past ``train.nan_max_skips``."""

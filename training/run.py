@@ -18,7 +18,9 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
+
+import paddle
 
 from data.cifar import pending_download as cifar_download
 from data.dataset import Split, eval_loader, validation_source
@@ -86,7 +88,7 @@ class Run:
     test. ``complete`` when the folder already holds this run, finished."""
 
     def __init__(self, cfg: Node, state: RunState, restored: dict, device: str,
-                 complete: bool = False):
+                 complete: bool = False) -> None:
         self.cfg, self.out = cfg, cfg.train.output_dir
         self.state, self.restored, self.device, self.complete = state, restored, device, complete
         self.net: Optional[RunModel] = None
@@ -153,14 +155,14 @@ class Run:
 
     # What the training loop reports after each optimizer step --------------------------
 
-    def log_step(self, values: dict, optimizer) -> None:
+    def log_step(self, values: dict, optimizer: paddle.optimizer.Optimizer) -> None:
         """An applied step: its log line and the EMA."""
         self.logger.log_step(self.state.global_step, values)
         if "ema" in self.net.averages:
             self.net.averages["ema"].update(self.net.model, self.net.masters.by_path(optimizer))
         self.state.global_step += 1
 
-    def update_swa(self, here: Position, optimizer) -> None:
+    def update_swa(self, here: Position, optimizer: paddle.optimizer.Optimizer) -> None:
         """At an epoch's end, from ``train.swa``'s start on: the SWA."""
         swa = self.cfg.train.swa
         if "swa" in self.net.averages and \
@@ -305,7 +307,8 @@ class Run:
 
 
 @contextlib.contextmanager
-def training_run(cfg: Node, resume=None, overwrite: bool = False) -> Iterator[Run]:
+def training_run(cfg: Node, resume: Union[bool, str, None] = None,
+                 overwrite: bool = False) -> Iterator[Run]:
     """The edges of a run of ``cfg`` (from a checkpoint with ``resume``: True or a path;
     ``overwrite`` moves an earlier run aside): the device, ``train.output_dir`` held
     meanwhile, a complete run recognised (the :class:`Run` yielded is then ``complete``),

@@ -112,7 +112,8 @@ class Stage:
     released: bool = field(default=False, repr=False)
 
     @classmethod
-    def of_parts(cls, model: paddle.nn.Layer, criterion: Callable, optimizer=None, size: int = 32,
+    def of_parts(cls, model: paddle.nn.Layer, criterion: Callable,
+                 optimizer: Optional[paddle.optimizer.Optimizer] = None, size: int = 32,
                  **options: Any) -> Stage:
         """A stage of a model built by hand (tests, benchmarks): ``model`` trained with
         ``criterion`` and ``optimizer`` at ``size`` pixels; ``options`` are ``scheduler``,

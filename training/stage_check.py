@@ -49,7 +49,8 @@ from utils.runtime.seeds import preserved_random_state
 TRIAL_IMAGES = 2
 
 
-def validate_stages(cfg, model, base_size, teacher=None, first=0):
+def validate_stages(cfg: Node, model: paddle.nn.Layer, base_size: int,
+                    teacher: Optional[paddle.nn.Layer] = None, first: int = 0) -> None:
     """One :class:`UserError` naming ``stages.N`` for the first stage from ``first`` on whose
     settings cannot run with ``model`` and ``teacher``; ``base_size`` is the resolution of
     stages that set none."""

@@ -6,16 +6,24 @@ The JSON form is the one ``state.json`` has on disk (checked key by key by
 :func:`utils.checkpoint.check_state` before it is read here).
 """
 
+from __future__ import annotations
+
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from utils.checkpoint import load_last
-from utils.config import to_plain, validate
+from utils.config import Node, to_plain, validate
 from utils.errors import UserError
 from utils.runtime.dist import all_sum, is_main
 from utils.schema import CONFIG
+
+if TYPE_CHECKING:
+    import paddle
+
+    from training.amp import Precision
+    from training.averaging import WeightAverage
 
 # The kinds of weights a run keeps, by the name they have everywhere (records, best.json,
 # the checkpoint's files, val.py --kind): the trained weights and their two averages.
@@ -35,13 +43,13 @@ class Position:
     micro: int = 0
     evaluating: bool = False
 
-    def to_json(self):
+    def to_json(self) -> dict:
         """The JSON form (``evaluating`` only when set)."""
         data = {"stage": self.stage, "epoch": self.epoch, "micro": self.micro}
         return dict(data, evaluating=True) if self.evaluating else data
 
     @classmethod
-    def from_json(cls, data):
+    def from_json(cls, data: dict) -> Position:
         """The position a :meth:`to_json` dict describes (other keys are ignored)."""
         return cls(data["stage"], data["epoch"], data["micro"], data.get("evaluating", False))
 
@@ -68,22 +76,22 @@ class EpochProgress:
     def __post_init__(self):
         self.sums = dict(self.sums)  # never the caller's (a checkpoint's) dict
 
-    def to_json(self):
+    def to_json(self) -> dict:
         """A JSON-ready copy."""
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data):
+    def from_json(cls, data: dict) -> EpochProgress:
         """The progress a :meth:`to_json` dict describes (other keys are ignored)."""
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
-    def add_step(self, grad_norm):
+    def add_step(self, grad_norm: float) -> None:
         """Count one applied optimizer step and its gradient norm (before clipping)."""
         self.steps += 1
         self.grad_norm_sum += grad_norm
         self.grad_norm_max = max(grad_norm, self.grad_norm_max or 0.0)
 
-    def summed(self):
+    def summed(self) -> EpochProgress:
         """This progress with sample counts and loss sums added over all ranks (what a
         checkpoint and the epoch record hold). Step counts and gradient norms are the same
         on every rank (gradients are all-reduced before they are measured)."""
@@ -96,7 +104,7 @@ class EpochProgress:
                                     sums={n: float(v) for n, v, here in zip(names, sums, present)
                                           if here}))
 
-    def resumed(self):
+    def resumed(self) -> EpochProgress:
         """The progress a rank resumes this (summed, saved) progress with: rank 0 carries the
         sums of all ranks, the others restart theirs from zero; every rank takes the step
         counts."""
@@ -106,7 +114,7 @@ class EpochProgress:
                              overflow_steps=self.overflow_steps,
                              grad_norm_sum=self.grad_norm_sum, grad_norm_max=self.grad_norm_max)
 
-    def means(self):
+    def means(self) -> dict[str, Optional[float]]:
         """Per-sample means of the finite loss parts (``None`` when every loss was not
         finite), images per second, the mean and largest gradient norm of the applied steps
         (``None`` without any) and the overflow count."""
@@ -139,7 +147,7 @@ class RunState:
     tested: bool = False
     teacher: Optional[dict] = None
 
-    def to_json(self):
+    def to_json(self) -> dict:
         """The JSON form ``state.json`` holds."""
         return {"position": self.position.to_json(), "epoch_index": self.epoch_index,
                 "records": self.records,
@@ -149,7 +157,7 @@ class RunState:
                 "teacher": self.teacher}
 
     @classmethod
-    def from_json(cls, data):
+    def from_json(cls, data: dict) -> RunState:
         """The state a (checked) ``state.json`` describes; keys it does not know are ignored."""
         return cls(config=data["config"], position=Position.from_json(data["position"]),
                    epoch_index=data["epoch_index"],
@@ -162,7 +170,8 @@ class RunState:
                    teacher=data.get("teacher"))
 
 
-def checkpoint_trees(model, optimizer_state, averages, precision):
+def checkpoint_trees(model: paddle.nn.Layer, optimizer_state: dict,
+                     averages: dict[str, WeightAverage], precision: Precision) -> dict:
     """The tensors of a resume checkpoint by file name: the raw weights, the optimizer's
     portable state, each average, and the fp16 loss scaler's state when it scales."""
     trees = {"raw": model.state_dict(), "optimizer": optimizer_state}
@@ -181,7 +190,7 @@ RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output
                      "train.check_stages")
 
 
-def last_started_stage(position):
+def last_started_stage(position: Position) -> int:
     """The last stage that has trained at ``position`` (-1: none): a position at the very
     start of a stage (written when the stage before it ended) has not started that one."""
     started = position.epoch or position.micro or position.evaluating
@@ -193,7 +202,7 @@ def _swa_stage(plain):
     return swa["stage"] % len(plain["stages"]) if swa["enabled"] else None
 
 
-def check_same_config(state, cfg, folder):
+def check_same_config(state: RunState, cfg: Node, folder: str) -> list[int]:
     """A resume must use the config the checkpoint was trained with (but for the keys that
     change nothing of the results), except in the stages that have not started yet: those
     may be corrected, added or removed. Returns the indices of the later stages that
@@ -227,7 +236,8 @@ def check_same_config(state, cfg, folder):
             or saved_stages[index] != stages[index]]
 
 
-def first_difference(saved, current, ignore=(), path=""):
+def first_difference(saved: Any, current: Any, ignore: tuple = (),
+                     path: str = "") -> Optional[str]:
     """The first dotted key whose value differs between two plain configs (``ignore`` skipped)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         for key in sorted(set(saved) | set(current), key=str):
@@ -240,7 +250,7 @@ def first_difference(saved, current, ignore=(), path=""):
     return None if saved == current else path
 
 
-def check_position(state, trees, stages, folder):
+def check_position(state: RunState, trees: dict, stages: list[Node], folder: str) -> None:
     """A resume state that the config's ``stages`` could have written, with the files it
     needs and finite weights; one :class:`UserError` otherwise."""
     # A stage budgeted in steps has at most one epoch per step (its epochs are counted once
@@ -271,7 +281,7 @@ def check_position(state, trees, stages, folder):
                         f"another copy or start again")
 
 
-def restore(folder, cfg, trees=True):
+def restore(folder: str, cfg: Node, trees: bool = True) -> tuple[RunState, dict]:
     """``(state, trees)`` of the resume checkpoint in ``folder``, checked against ``cfg``:
     the same config, a position its stages could have written, the files it needs, finite
     weights. Without ``trees`` only the state is read and the config compared."""
@@ -287,7 +297,7 @@ def restore(folder, cfg, trees=True):
     return state, tensors
 
 
-def finished(folder, cfg):
+def finished(folder: str, cfg: Node) -> Optional[RunState]:
     """The state of the checkpoint in ``folder`` if that run is complete (its final test
     done), else ``None``; a complete run's checkpoint is read and checked whole, as a
     resume would, so that a damaged one is reported rather than called complete."""
