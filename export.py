@@ -6,7 +6,11 @@ Examples:
   python predict.py -c configs/demo.yaml --model-dir DIR IMAGE...   # use the export
 """
 
+from __future__ import annotations
+
+import argparse
 import os
+from typing import Optional
 
 from utils import cli
 from utils.cli import add_weights_option, config_parser
@@ -16,7 +20,7 @@ from utils.runtime.device import select_device
 OUT_HELP = "where to write model.* and preprocess.json (default: train.output_dir/inference)"
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options of the export entry point."""
     parser = config_parser(__doc__)
     add_weights_option(parser, "weights to export")
@@ -24,7 +28,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Export and print the folder."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)

@@ -13,6 +13,9 @@ Examples:
   python main.py --init-from output/subset      # carry weights of an earlier run
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import shlex
@@ -27,7 +30,7 @@ from utils.config import Node, dump_config, load_config, path_override
 from utils.errors import Interrupted, UserError
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options of the training entry point."""
     parser = config_parser(__doc__)
     parser.add_argument("--resume", nargs="?", const=True, metavar="PATH",
@@ -59,7 +62,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def print_plan(cfg, as_json=False):
+def print_plan(cfg: Node, as_json: bool = False) -> None:
     """The resolved config, one line per stage and the cost (:mod:`training.plan`); with
     ``as_json`` the cost alone, as one JSON document."""
     from training.plan import cost_lines, plan
@@ -151,7 +154,7 @@ def train(cfg: Node, resume: Union[bool, str, None] = None,
     return run.state.best
 
 
-def run_preflight(cfg, as_json):
+def run_preflight(cfg: Node, as_json: bool) -> int:
     """Measure the run, print the report; an error line when the micro-batch does not fit.
     With ``as_json`` standard output holds the report alone, everything else goes to
     standard error."""
@@ -176,7 +179,7 @@ def run_preflight(cfg, as_json):
     return 0
 
 
-def resume_command(argv=None):
+def resume_command(argv: Optional[list[str]] = None) -> str:
     """The command line that continues this run from its last checkpoint."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(arg == "--resume" or arg.startswith("--resume=") for arg in args):

@@ -11,17 +11,24 @@ names are those the weights carry. A file that cannot be read is skipped with a 
 run then ends with an error after the others.
 """
 
+from __future__ import annotations
+
+import argparse
 import contextlib
 import sys
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 from utils import cli
 from utils.cli import add_weights_option, config_parser
 from utils.config import load_config
 from utils.runtime.device import select_device
 
+if TYPE_CHECKING:
+    import numpy as np
+    import paddle
 
-def parse_args(argv=None):
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options of the prediction entry point."""
     parser = config_parser(__doc__)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE",
@@ -37,7 +44,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Print the top-k classes of each image (and write them as JSON with ``--json``; with
     ``--json -`` the JSON alone goes to standard output, every other line to standard
     error)."""
@@ -70,7 +77,7 @@ def _main(args, json_out):
         size, names = exported.contract["image_size"], exported.contract["class_names"]
         crop_fraction = exported.contract["crop_fraction"]
 
-        def run(images):
+        def run(images: paddle.Tensor) -> np.ndarray:
             return exported(images.numpy())
     else:
         from models.build import input_size, load_trained
@@ -80,7 +87,7 @@ def _main(args, json_out):
         size, crop_fraction = input_size(model), cfg.data.crop_fraction
         names = names_for_weights(weights, cfg.data, cfg.model.num_classes)
 
-        def run(images):
+        def run(images: paddle.Tensor) -> np.ndarray:
             return model(images).numpy()
     preprocess = DevicePreprocess(size)
     results = []

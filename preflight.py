@@ -11,6 +11,8 @@ budgets), and the disk the checkpoints need. A micro-batch that does not fit is 
 the settings that keep the same global batch are printed.
 """
 
+from __future__ import annotations
+
 import contextlib
 import gc
 import os
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import paddle
 
@@ -131,7 +133,7 @@ def _checkpoint_bytes(net: RunModel, stage: Stage, class_names: list) -> tuple[i
     return sum(sizes.values()), sizes["raw.safetensors"]
 
 
-def preflight(cfg):
+def preflight(cfg: Node) -> dict:
     """Measure the run of ``cfg``; return the report (a dict). One :class:`UserError` when
     the configured micro-batch does not fit (naming the settings that do)."""
     start = time.perf_counter()
@@ -147,13 +149,13 @@ def preflight(cfg):
 
 
 @contextlib.contextmanager
-def heartbeat(every=HEARTBEAT_S):
+def heartbeat(every: float = HEARTBEAT_S) -> Iterator[Callable[[str], None]]:
     """A line on standard error every ``every`` seconds while preflight works (one real step
     of the full model on a CPU can take minutes); yields a function that names the phase."""
     state = {"phase": "starting", "since": time.perf_counter()}
     done = threading.Event()
 
-    def beat():
+    def beat() -> None:
         while not done.wait(every):
             print(f"preflight: {state['phase']} ({time.perf_counter() - state['since']:.0f} s "
                   f"so far)", file=sys.stderr, flush=True)

@@ -8,8 +8,12 @@ Examples:
   python val.py --weights output/demo/last/raw.safetensors   # any weights file of this model
 """
 
+from __future__ import annotations
+
+import argparse
 import math
 import os
+from typing import Optional
 
 from utils import cli
 from utils.cli import add_weights_option, config_parser
@@ -23,7 +27,7 @@ RESULT_FILES = {"test": "val_metrics.json", "val": "val_metrics_val.json"}
 CHART_FILES = {"test": "per_class_top1.png", "val": "per_class_top1_val.png"}
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options of the evaluation entry point."""
     parser = config_parser(__doc__)
     add_weights_option(parser, "weights to evaluate: .safetensors, or .pdparams read without "
@@ -54,7 +58,7 @@ def _kept_average(output_dir, kind):
 
 
 @one_output()
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Evaluate and write ``val_metrics.json`` next to the checkpoints."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)

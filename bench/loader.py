@@ -18,6 +18,8 @@ one JSON line.
   python bench/loader.py --gpu-images-per-s 40   # a rate measured by --preflight on your GPU
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import math
@@ -25,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -104,7 +107,7 @@ def _listing_rate(count):
         return count / (time.perf_counter() - start)
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Measure; print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256, help="training JPEGs written")

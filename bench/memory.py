@@ -10,11 +10,14 @@ gradients, the framework itself) cancels. Prints one JSON line.
   python bench/memory.py --quick          # the demo's tiny ViT, seconds
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import subprocess
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,7 +60,7 @@ def _measure(preset, recompute, batch):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Measure the four settings and print the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

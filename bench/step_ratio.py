@@ -10,11 +10,14 @@ and prints one JSON line with the ratios and the bytes the host ships per image.
   python bench/step_ratio.py -c configs/rdrop_deit_b_384_cifar100.yaml -o model.pretrained=false
 """
 
+from __future__ import annotations
+
 import json
 import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +35,7 @@ def _step(model, optimizer, loss_fn, logits_fn, images, labels):
     return float(parts["loss"])  # waits for the device, so the timing is complete
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Measure and print the JSON line."""
     parser = config_parser(__doc__)
     parser.set_defaults(config="configs/demo.yaml")

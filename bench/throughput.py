@@ -15,10 +15,13 @@ forward FLOPs per image: two copies, backward ≈ 2× forward) over the device's
   python bench/throughput.py           # deit_b_distilled_384 at 384 px, batch 32/64/128, fp16 + bf16
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Iterator, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +29,11 @@ from utils import cli  # noqa: E402  (quiets Paddle's import warning first)
 from utils.cli import config_parser  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.runtime.device import select_device  # noqa: E402
+
+if TYPE_CHECKING:
+    import paddle
+
+    from utils.config import Node
 
 # Dense fp16/bf16 tensor-core peaks (FLOP/s) by device-name fragment, from NVIDIA's sheets.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12,
@@ -36,7 +44,7 @@ FULL = {"config": "configs/rdrop_deit_b_384_cifar100.yaml", "overrides": [],
         "batch_sizes": [32, 64, 128], "amp": ["fp16", "bf16"], "steps": 20}
 
 
-def forward_flops(model):
+def forward_flops(model: paddle.nn.Layer) -> int:
     """FLOPs (2 per multiply-add) of one image's forward pass through a PPIM ViT/DeiT."""
     from models.resolution import backbone_of
 
@@ -72,7 +80,7 @@ def _seed_loader(images, labels, size, batch_size, workers):
 
 def _images_per_s(step, loader, batch_size, warmup, steps):
     """Run ``warmup`` then ``steps`` steps over ``loader`` (cycled); images per second."""
-    def batches():
+    def batches() -> Iterator[tuple]:
         while True:
             yield from loader
 
@@ -85,7 +93,8 @@ def _images_per_s(step, loader, batch_size, warmup, steps):
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def measure(cfg, batch_size, amp, steps, warmup, workers, device):
+def measure(cfg: Node, batch_size: int, amp: str, steps: int, warmup: int, workers: int,
+            device: str) -> tuple[float, float, paddle.nn.Layer, str]:
     """``(ours, seed loop)`` images/s and the model, for one batch size and AMP mode."""
     import paddle
 
@@ -96,8 +105,8 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     from models.build import build_model, input_size
     from training.amp import Precision
     from training.engine import train_step
-    from training.stage import Stage
     from training.grads import apply_update, trainable
+    from training.stage import Stage
 
     images, labels = load_digits("train")
     criterion = RDropLoss(alpha=cfg.loss.alpha)
@@ -113,13 +122,13 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     stage = Stage.of_parts(ours, criterion, size=size, precision=precision)
     params = trainable(ours)
 
-    def our_step(batch, target):
+    def our_step(batch: paddle.Tensor, target: paddle.Tensor) -> None:
         parts = train_step(stage, batch, target)
         apply_update(optimizers[0], params, precision, cfg.train.clip_grad_norm)
         optimizers[0].clear_grad()
         float(parts["loss"])  # wait for the device
 
-    def seed_step(batch, target):
+    def seed_step(batch: paddle.Tensor, target: paddle.Tensor) -> None:
         logits = paddle.concat([seed(batch), seed(batch)])  # two forward passes
         parts = criterion(logits, target)
         parts["loss"].backward()
@@ -137,7 +146,7 @@ def measure(cfg, batch_size, amp, steps, warmup, workers, device):
     return ours_rate, seed_rate, ours, precision.mode
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Measure and print one JSON line per batch size and AMP mode."""
     parser = config_parser(__doc__)
     parser.set_defaults(config=None)

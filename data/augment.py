@@ -13,16 +13,23 @@ centred box within ``ratio``. The crop is resized to the output size with biline
 interpolation (torchvision's default, which the R-Drop authors train with).
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 from paddle.vision.transforms import functional as F
 from PIL import Image
 
+if TYPE_CHECKING:
+    from utils.config import Node
+
 ATTEMPTS = 10
 
 
-def random_resized_box(rng, height, width, scale, ratio):
+def random_resized_box(rng: np.random.Generator, height: int, width: int, scale: Sequence[float],
+                       ratio: Sequence[float]) -> tuple[int, int, int, int]:
     """``(top, left, box_height, box_width)`` of one random-resized crop of a
     ``height`` x ``width`` image, drawn from ``rng`` (a NumPy generator)."""
     area = height * width
@@ -46,7 +53,8 @@ def random_resized_box(rng, height, width, scale, ratio):
     return (height - box_h) // 2, (width - box_w) // 2, box_h, box_w
 
 
-def resized_crop(image, box, size=None):
+def resized_crop(image: np.ndarray, box: tuple[int, int, int, int],
+                 size: Optional[int] = None) -> np.ndarray:
     """The ``box`` of a uint8 ``[H, W, 3]`` image, resized (bilinear) to ``size`` x ``size``
     (default: back to ``H`` x ``W``)."""
     top, left, box_h, box_w = box
@@ -55,7 +63,7 @@ def resized_crop(image, box, size=None):
     return np.asarray(crop.resize((width, height), Image.BILINEAR))
 
 
-def resize_shorter(image, side):
+def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
     """``image`` with its shorter side resized (bicubic) to ``side``, the aspect ratio kept
     (the longer side truncated, as paddle.vision's ``resize`` does)."""
     height, width = image.shape[:2]
@@ -69,7 +77,7 @@ def resize_shorter(image, side):
                                                                           Image.BICUBIC))
 
 
-def eval_view(image, size, crop_fraction=1.0):
+def eval_view(image: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.ndarray:
     """The evaluation view: the shorter side resized to ``round(size / crop_fraction)``, then
     the centre ``size`` x ``size`` (offsets rounded as paddle.vision's ``center_crop``)."""
     image = resize_shorter(image, round(size / crop_fraction))
@@ -78,7 +86,9 @@ def eval_view(image, size, crop_fraction=1.0):
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
-def train_view(image, rng, size, crop=None, crop_fraction=1.0, hflip_prob=0.0, rotation=0.0):
+def train_view(image: np.ndarray, rng: np.random.Generator, size: int, crop: Optional[Node] = None,
+               crop_fraction: float = 1.0, hflip_prob: float = 0.0,
+               rotation: float = 0.0) -> np.ndarray:
     """A training view drawn from ``rng``, in this order: a random-resized crop (``crop``:
     ``{scale, ratio}``) or, without one, the shorter side resized as :func:`eval_view` does
     and a random ``size`` x ``size`` crop (drawn only where there is room); a horizontal flip

@@ -4,7 +4,8 @@ the command lines describe a plan before loading it)."""
 from utils.errors import UserError
 
 
-def micro_batch(batch_size, accum_steps, ranks, where="data.batch_size"):
+def micro_batch(batch_size: int, accum_steps: int, ranks: int,
+                where: str = "data.batch_size") -> int:
     """Images per rank and micro-batch: ``batch_size`` (the images of one optimizer step, all
     ranks together) split over ``ranks`` and ``accum_steps`` micro-batches, exactly."""
     parts = ranks * accum_steps

@@ -5,11 +5,14 @@ Reads the same members, in the same order, as ``paddle.vision.datasets.Cifar10``
 ``Cifar100`` and returns the same bytes, but as two arrays instead of a list of samples.
 """
 
+from __future__ import annotations
+
 import os
 import re
 import tarfile
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -17,6 +20,9 @@ from utils.errors import UserError
 from utils.io.download import download_dataset
 from utils.io.files import path_problem
 from utils.io.safe_pickle import safe_unpickle
+
+if TYPE_CHECKING:
+    from utils.config import Node
 
 MODES = ("train", "test")
 IMAGE_BYTES = 3 * 32 * 32
@@ -41,7 +47,7 @@ class Cifar:
     names_key: bytes
 
     @property
-    def url(self):
+    def url(self) -> str:
         """Where Paddle's own dataset downloads the archive."""
         return "https://dataset.bj.bcebos.com/cifar/" + self.archive
 
@@ -57,14 +63,14 @@ CIFARS = {
 }
 
 
-def default_archive_path(cifar):
+def default_archive_path(cifar: Cifar) -> str:
     """Where Paddle's own ``Cifar10`` / ``Cifar100`` datasets cache the archive."""
     from paddle.dataset.common import DATA_HOME
 
     return os.path.join(DATA_HOME, "cifar", cifar.archive)
 
 
-def locate_cifar(cifar, path=None):
+def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
     """Return the archive or folder to read; download through Paddle when ``path`` is unset."""
     fix = (f"download {cifar.url} on a machine with internet and pass "
            f"-o data.path=/path/to/{cifar.archive} (the archive or its extracted folder)")
@@ -79,7 +85,7 @@ def locate_cifar(cifar, path=None):
     return download_dataset(cifar.url, "cifar", cifar.md5, f"{cifar.title} ({cached})", fix)
 
 
-def pending_download(data_cfg):
+def pending_download(data_cfg: Node) -> Optional[tuple[str, str, str]]:
     """``(what, url, option)`` of the CIFAR archive if a run will download it, or ``None``."""
     cifar = CIFARS.get(data_cfg.name)
     if cifar is None or data_cfg.path is not None \
@@ -159,7 +165,7 @@ def _integers(labels, source):
     raise UserError(f"{source} has labels that are not a list of integers")
 
 
-def load_cifar(cifar, path, mode):
+def load_cifar(cifar: Cifar, path: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Read one split: uint8 images ``[N, 32, 32, 3]`` (RGB, HWC) and int64 labels ``[N]``
     (CIFAR-100: the fine labels)."""
     if mode not in MODES:
@@ -177,7 +183,7 @@ def load_cifar(cifar, path, mode):
     return images, labels
 
 
-def cifar_class_names(cifar, path):
+def cifar_class_names(cifar: Cifar, path: str) -> list[str]:
     """The class names (CIFAR-100: the 100 fine ones) from the archive's meta member."""
     key = cifar.names_key.decode()
     for name, meta in _members(cifar, path, "meta"):

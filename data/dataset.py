@@ -1,8 +1,10 @@
 """The splits a run uses (CIFAR, the digits demo, your own folders or lists): held-out
 validation, seeded subsets, class names, and the loaders over them."""
 
+from __future__ import annotations
+
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -17,6 +19,11 @@ from utils.errors import UserError
 from utils.io.tensor_io import class_names_of
 from utils.runtime.dist import rank, world_size
 
+if TYPE_CHECKING:
+    import paddle
+
+    from utils.config import Node
+
 # Seed streams: the train and val subsets, the held-out validation split.
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM, HOLDOUT_STREAM = 0, 1, 2
 
@@ -27,12 +34,13 @@ class Split(NamedTuple):
     images: object
     labels: np.ndarray
 
-    def take(self, indices):
+    def take(self, indices: Union[np.ndarray, slice]) -> Split:
         """The samples at ``indices`` (an index array or a slice)."""
         return Split(self.images.take(indices), self.labels[indices])
 
 
-def load_split(data_cfg, mode, num_classes=None):
+def load_split(data_cfg: Node, mode: str,
+               num_classes: Optional[int] = None) -> tuple[Optional[Split], list[str]]:
     """Split ``mode`` (train, val or test) named by ``data.name`` as ``(Split, class_names)``;
     ``None`` for a ``val`` split the data does not have (only folders and lists may)."""
     if data_cfg.name == "digits":
@@ -57,7 +65,7 @@ def load_split(data_cfg, mode, num_classes=None):
     return (None if found is None else Split(*found)), classes
 
 
-def validation_source(data_cfg):
+def validation_source(data_cfg: Node) -> str:
     """Where validation images come from: ``own`` (a ``val/`` folder, ``data.val_list``),
     ``held_out`` (``data.val_split``) or ``test`` (the test split)."""
     if (data_cfg.name == "folder" and os.path.isdir(os.path.join(data_cfg.path, "val"))) or (
@@ -66,7 +74,8 @@ def validation_source(data_cfg):
     return "held_out" if data_cfg.val_split else "test"
 
 
-def run_splits(data_cfg, num_classes, seed):
+def run_splits(data_cfg: Node, num_classes: int,
+               seed: int) -> tuple[Split, Split, Split, list[str]]:
     """The :class:`Split` a run trains, validates and tests on, and the class names.
 
     The validation split is the data's own (a ``val/`` folder, ``data.val_list``) when it has
@@ -91,7 +100,8 @@ def run_splits(data_cfg, num_classes, seed):
     return train.take(kept), train.take(held), test, names
 
 
-def stage_loaders(data_cfg, seed, accum_steps, size, train_split, val_split):
+def stage_loaders(data_cfg: Node, seed: int, accum_steps: int, size: int, train_split: Split,
+                  val_split: Split) -> tuple[paddle.io.DataLoader, paddle.io.DataLoader]:
     """A stage's training loader (its subset, augmentation and per-rank micro-batches of
     ``data.batch_size / (ranks x accum_steps)``) and validation loader (its subset, this
     rank's share), for a model of ``size`` pixels."""
@@ -109,7 +119,8 @@ def stage_loaders(data_cfg, seed, accum_steps, size, train_split, val_split):
     return train_loader, eval_loader(val_split.take(keep), data_cfg, size)
 
 
-def holdout_indices(labels, count, seed):
+def holdout_indices(labels: np.ndarray, count: int, seed: tuple[int,
+                    ...]) -> tuple[np.ndarray, np.ndarray]:
     """Sorted ``(train, held_out)`` indices: ``count`` held out, each class in proportion to
     its size (largest remainders round), the members drawn from a generator seeded by
     ``seed``."""
@@ -130,7 +141,7 @@ def holdout_indices(labels, count, seed):
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def class_names(data_cfg, num_classes):
+def class_names(data_cfg: Node, num_classes: int) -> list[str]:
     """Class names for reports, without downloading anything: the digits, the class folders
     or ``data.label_names`` of your own data, CIFAR's from the archive's meta when the
     archive is here; otherwise the class indices."""
@@ -149,7 +160,7 @@ def class_names(data_cfg, num_classes):
     return name_classes([], num_classes)
 
 
-def names_for_weights(weights, data_cfg, num_classes):
+def names_for_weights(weights: str, data_cfg: Node, num_classes: int) -> list[str]:
     """The class names of trained weights: those the file carries (so the data need not be at
     hand), else :func:`class_names` of the data."""
     names = class_names_of(weights)
@@ -158,7 +169,7 @@ def names_for_weights(weights, data_cfg, num_classes):
     return class_names(data_cfg, num_classes)
 
 
-def name_classes(names, num_classes):
+def name_classes(names: Optional[list[str]], num_classes: int) -> list[str]:
     """Exactly ``num_classes`` distinct names: the data's, then indices for classes it does
     not name."""
     names = list(names[:num_classes]) + [str(i) for i in range(len(names), num_classes)]
@@ -169,7 +180,7 @@ def name_classes(names, num_classes):
     return names
 
 
-def subset_indices(total, size, seed, key):
+def subset_indices(total: int, size: Optional[int], seed: tuple[int, ...], key: str) -> np.ndarray:
     """A seeded, sorted choice of ``size`` of ``total`` indices (all of them when ``size`` is None)."""
     if size is None:
         return np.arange(total)
@@ -178,7 +189,7 @@ def subset_indices(total, size, seed, key):
     return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
 
 
-def eval_loader(split, data_cfg, size):
+def eval_loader(split: Split, data_cfg: Node, size: int) -> paddle.io.DataLoader:
     """A loader over this rank's share of ``split`` (every ``world_size``-th sample from
     ``rank``, all of them on one process), in order, nothing dropped, nothing repeated, in
     the evaluation view for a model of ``size`` pixels."""
@@ -188,7 +199,7 @@ def eval_loader(split, data_cfg, size):
                         train=False)
 
 
-def check_labels(labels, num_classes, split):
+def check_labels(labels: np.ndarray, num_classes: int, split: str) -> None:
     """Stop when a label does not fit a ``num_classes``-way head."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(f"the {split} split has labels in [{labels.min()}, {labels.max()}], "

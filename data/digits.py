@@ -48,7 +48,7 @@ def _prepare(mode):
     return _to_rgb32(bunch.images[chosen]), bunch.target[chosen].astype(np.int64)
 
 
-def cache_path(mode):
+def cache_path(mode: str) -> str:
     """Where the prepared split ``mode`` is kept: named by a hash of what produced it."""
     package = importlib.util.find_spec("sklearn").submodule_search_locations[0]
     with open(os.path.join(package, "datasets", "data", "digits.csv.gz"), "rb") as handle:
@@ -97,7 +97,7 @@ def _write_cached(path, images, labels):
         pass
 
 
-def load_digits(mode):
+def load_digits(mode: str) -> tuple[np.ndarray, np.ndarray]:
     """One split of the digits demo: uint8 ``[N, 32, 32, 3]`` and int64 labels ``[N]``.
 
     The split is stratified by class and fixed (seeded), holding out 20 %.
@@ -111,6 +111,6 @@ def load_digits(mode):
     return images, labels
 
 
-def digits_class_names():
+def digits_class_names() -> list[str]:
     """Class names of the digits demo."""
     return [str(d) for d in range(CLASSES)]

@@ -9,8 +9,11 @@ and optionally a label-names file of ``index name`` lines (PaddleClas's
 are passed over, and only regular files with a raster-image extension are listed.
 """
 
+from __future__ import annotations
+
 import os
 import unicodedata
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -19,11 +22,14 @@ from data.sources import FileImages
 from utils.errors import UserError
 from utils.io.files import path_problem, read_text_lines
 
+if TYPE_CHECKING:
+    from utils.config import Node
+
 SPLIT_FOLDERS = ("train", "val", "test")
 FOLDER_LAYOUT = "PATH/train/<class>/<image> and PATH/test/<class>/<image> (optionally PATH/val/)"
 
 
-def split_folder(data_cfg, split):
+def split_folder(data_cfg: Node, split: str) -> Optional[str]:
     """The folder of ``split`` under ``data.path``, or ``None`` for an absent ``val``."""
     folder = os.path.join(data_cfg.path, split)
     if os.path.isdir(folder):
@@ -34,7 +40,7 @@ def split_folder(data_cfg, split):
                     f"{FOLDER_LAYOUT.replace('PATH', data_cfg.path)}")
 
 
-def class_folders(folder):
+def class_folders(folder: str) -> list[str]:
     """The sorted names of the class folders in ``folder`` (hidden ones passed over). A name
     that is not UTF-8, two names that are one after Unicode normalisation (NFC: macOS writes
     "é" as e + accent, others as one character), and a class folder that is a link to another
@@ -115,7 +121,8 @@ def _image_files(folder, prefix, ignored, seen):
     return found
 
 
-def folder_split(data_cfg, split, classes):
+def folder_split(data_cfg: Node, split: str,
+                 classes: list[str]) -> Optional[tuple[FileImages, np.ndarray]]:
     """``(FileImages, labels)`` of a split folder, or ``None`` for an absent ``val``. Class
     folders with no images, and class folders that the training split does not have, are
     one error each."""
@@ -144,13 +151,14 @@ def folder_split(data_cfg, split, classes):
     return FileImages(folder, paths), np.concatenate(labels)
 
 
-def list_path(data_cfg, key):
+def list_path(data_cfg: Node, key: str) -> Optional[str]:
     """The list file of ``data.<key>`` (relative to ``data.path``), or ``None`` if unset."""
     name = getattr(data_cfg, key)
     return None if name is None else os.path.join(data_cfg.path, name)
 
 
-def list_split(data_cfg, key, num_classes):
+def list_split(data_cfg: Node, key: str,
+               num_classes: int) -> Optional[tuple[FileImages, np.ndarray]]:
     """``(FileImages, labels)`` of the list file of ``data.<key>``, or ``None`` if unset. A
     line that does not read ``path label``, names a file that is missing or not an image, or
     has a label outside ``[0, num_classes)`` is one error naming the file and line."""
@@ -189,7 +197,7 @@ def list_split(data_cfg, key, num_classes):
     return FileImages(data_cfg.path, paths), np.array(labels, dtype=np.int64)
 
 
-def label_names(data_cfg, num_classes):
+def label_names(data_cfg: Node, num_classes: int) -> list[str]:
     """The class names of ``data.label_names`` (lines of ``index name``, every index of
     ``[0, num_classes)`` once), or the indices when it is unset."""
     if data_cfg.label_names is None:

@@ -33,7 +33,7 @@ WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MAX_ASPECT = 16
 
 
-def find_images(inputs):
+def find_images(inputs: list[str]) -> list[str]:
     """The image paths that ``inputs`` name, in order: files as given, folders searched
     (recursively, sorted, regular files with a raster image extension), glob patterns
     expanded (sorted)."""
@@ -58,13 +58,13 @@ def find_images(inputs):
     return found
 
 
-def is_image_name(name):
+def is_image_name(name: str) -> bool:
     """Whether a file name has a raster image extension (and is not hidden: ``._x.jpg`` files
     are macOS metadata, not images)."""
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def upright(image):
+def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says (unchanged when the tag is damaged)."""
     try:
         return ImageOps.exif_transpose(image)
@@ -72,7 +72,7 @@ def upright(image):
         return image
 
 
-def to_rgb(image):
+def to_rgb(image: Image.Image) -> np.ndarray:
     """A uint8 ``[H, W, 3]`` RGB array of a Pillow image of any mode.
 
     Integers wider than 8 bits are read as 16-bit values and scaled by 255/65535 (rounded);
@@ -108,7 +108,7 @@ def _check_shape(path, width, height):
                         f"between its sides; crop it to its subject first")
 
 
-def read_rgb(path):
+def read_rgb(path: str) -> np.ndarray:
     """A uint8 ``[H, W, 3]`` RGB array of a raster image file, upright (:func:`to_rgb`)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe must not block the open

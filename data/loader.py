@@ -1,10 +1,12 @@
 """Loaders: per-rank batches (training sharded and shuffled by seed and epoch, resumable
 at any batch), with workers that die with the training process."""
 
+from __future__ import annotations
+
 import functools
 import os
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import paddle
@@ -13,6 +15,9 @@ from paddle.io import DataLoader, DistributedBatchSampler
 from utils.errors import UserError
 from utils.runtime.dist import die_with_parent
 from utils.runtime.seeds import derived_seed
+
+if TYPE_CHECKING:
+    from data.samples import ImageDataset
 
 # Labels at or below this mark a sample whose loading failed: FAILED - index.
 FAILED = -2
@@ -81,11 +86,11 @@ class WindowedBatchSampler(DistributedBatchSampler):
     ``stop`` drops the micro-batches that would not fill a gradient accumulation.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.start, self.stop = 0, None
 
-    def full_length(self):
+    def full_length(self) -> int:
         """Batches in a whole epoch."""
         return super().__len__()
 
@@ -102,7 +107,8 @@ class WindowedBatchSampler(DistributedBatchSampler):
         return max(stop - self.start, 0)
 
 
-def build_loader(dataset, batch_size, num_workers, train):
+def build_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
+                 train: bool) -> SampleErrorLoader:
     """A DataLoader over ``dataset``; training shuffles and drops the last partial batch.
 
     Training batches are sharded across ranks (DistributedBatchSampler); evaluation
@@ -125,7 +131,7 @@ def _worker_dies_with(parent, worker_id):
     die_with_parent(parent)
 
 
-def set_epoch(loader, epoch, start=0):
+def set_epoch(loader: paddle.io.DataLoader, epoch: int, start: int = 0) -> None:
     """Select ``epoch``'s shuffle order and augmentation draws (both derived from the seed),
     beginning at batch ``start``."""
     dataset = loader.dataset
@@ -134,7 +140,7 @@ def set_epoch(loader, epoch, start=0):
     loader.batch_sampler.start = start
 
 
-def loader_rate(loader, seconds=None):
+def loader_rate(loader: paddle.io.DataLoader, seconds: Optional[float] = None) -> float:
     """Images per second that ``loader`` delivers after its first batch (which starts its
     workers), over its epoch or at most ``seconds``; ``None`` for a single batch."""
     images, start = 0, None

@@ -17,13 +17,13 @@ class DevicePreprocess(paddle.nn.Layer):
     [0, 1] as PIL's uint8 resize (a = -0.5), which the ImageNet weights saw, is.
     """
 
-    def __init__(self, image_size):
+    def __init__(self, image_size: int) -> None:
         super().__init__()
         self.image_size = image_size
         self.register_buffer("mean", paddle.to_tensor(IMAGENET_MEAN).reshape([1, 3, 1, 1]))
         self.register_buffer("std", paddle.to_tensor(IMAGENET_STD).reshape([1, 3, 1, 1]))
 
-    def forward(self, images):
+    def forward(self, images: paddle.Tensor) -> paddle.Tensor:
         x = images.astype("float32").transpose([0, 3, 1, 2]) / 255.0
         if x.shape[-2:] != [self.image_size, self.image_size]:
             x = F.interpolate(x, size=[self.image_size, self.image_size],

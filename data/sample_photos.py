@@ -8,8 +8,11 @@ size of a typical web photo). The files are the same for the same arguments.
     python -m data.sample_photos output/photos [--train 40 --val 10 --test 20]
 """
 
+from __future__ import annotations
+
 import argparse
 import os
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -33,7 +36,7 @@ def _halves():
     return halves
 
 
-def crop_of(half, rng, size=PHOTO_SIZE):
+def crop_of(half: np.ndarray, rng: np.random.Generator, size: int = PHOTO_SIZE) -> np.ndarray:
     """One random crop of ``half`` (area fraction 1/4..1, its aspect ratio kept), mirrored
     with probability 1/2, resized (bicubic) to ``size``."""
     height, width = half.shape[:2]
@@ -46,7 +49,7 @@ def crop_of(half, rng, size=PHOTO_SIZE):
     return Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.BICUBIC)
 
 
-def write_sample_folder(out, counts, seed=0):
+def write_sample_folder(out: str, counts: dict[str, int], seed: int = 0) -> str:
     """Write ``out/<split>/<class>/<n>.jpg`` for ``counts`` (split -> images per class);
     return the number of files written."""
     rng, written = np.random.default_rng(seed), 0
@@ -62,7 +65,7 @@ def write_sample_folder(out, counts, seed=0):
     return written
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Write the folder and say how to train on it."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

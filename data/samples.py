@@ -1,8 +1,11 @@
 """The samples a loader yields: uint8 views of a split's images as the host ships them, with
 their labels; unreadable images stopped on or skipped."""
 
+from __future__ import annotations
+
 import multiprocessing
 import sys
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from paddle.io import Dataset
@@ -11,6 +14,10 @@ from data.augment import eval_view, train_view
 from data.loader import FAILED
 from data.sources import FileImages, as_source
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from data.dataset import Split
+    from utils.config import Node
 
 
 class ImageDataset(Dataset):
@@ -28,7 +35,8 @@ class ImageDataset(Dataset):
     one, an evaluation sample gets label -1, which the loader (:mod:`data.loader`) leaves out.
     """
 
-    def __init__(self, split, size, data_cfg, seed=0, augment=None, replace_bad=False):
+    def __init__(self, split: Split, size: int, data_cfg: Node, seed: int = 0,
+                 augment: Optional[dict] = None, replace_bad: bool = False) -> None:
         super().__init__()
         images, self.labels = split
         self.images = as_source(images)
@@ -39,14 +47,14 @@ class ImageDataset(Dataset):
         if self.skip_bad:  # shared with the loader's worker processes
             self.skipped = multiprocessing.Value("q", 0)
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch``."""
         self.epoch = epoch
 
     def __len__(self):
         return len(self.labels)
 
-    def take_skipped(self):
+    def take_skipped(self) -> int:
         """The unreadable images met since the last call (0 without ``data.skip_bad_images``)."""
         if not self.skip_bad:
             return 0
@@ -61,7 +69,7 @@ class ImageDataset(Dataset):
             # an exception let out of here hangs Paddle's loader for good with num_workers: 0
             return np.zeros((self.size, self.size, 3), np.uint8), np.int64(FAILED - int(index))
 
-    def raise_failure(self, index):
+    def raise_failure(self, index: int) -> None:
         """Raise, in this process, the error that sample ``index`` met in a loader worker,
         as one :class:`UserError`."""
         name = self.images.name(index)
@@ -109,7 +117,7 @@ class ImageDataset(Dataset):
             return None
 
 
-def shipping_line(dataset, num_workers):
+def shipping_line(dataset: ImageDataset, num_workers: int) -> str:
     """What the host sends the device per training image, and who prepares it."""
     side = dataset.size
     source = "decoded from files" if isinstance(dataset.images, FileImages) else "from memory"

@@ -7,15 +7,18 @@ training process page for page, where a list of a million Python strings would b
 into every worker as their reference counts are touched.
 """
 
+from __future__ import annotations
+
 import multiprocessing
 import os
+from typing import Optional, Union
 
 import numpy as np
 
 from data.images import read_rgb
 
 
-def as_source(images):
+def as_source(images: Union[np.ndarray, ArrayImages, FileImages]) -> Union[ArrayImages, FileImages]:
     """``images`` as a source: a uint8 array is wrapped, a source is returned as it is."""
     return images if isinstance(images, (ArrayImages, FileImages)) else ArrayImages(images)
 
@@ -23,25 +26,25 @@ def as_source(images):
 class ArrayImages:
     """uint8 ``[N, H, W, 3]`` images held in memory (CIFAR, the digits demo)."""
 
-    def __init__(self, images):
+    def __init__(self, images: np.ndarray) -> None:
         self.images = images
 
     def __len__(self):
         return len(self.images)
 
-    def take(self, indices):
+    def take(self, indices: Union[np.ndarray, slice]) -> ArrayImages:
         """The images at ``indices`` (an index array or a slice)."""
         return ArrayImages(self.images[indices])
 
-    def read(self, index):
+    def read(self, index: int) -> np.ndarray:
         """Image ``index``."""
         return self.images[index]
 
-    def name(self, index):
+    def name(self, index: int) -> str:
         """How a message names image ``index``."""
         return f"image {index}"
 
-    def ship_size(self, model_size):
+    def ship_size(self, model_size: int) -> int:
         """The side of what the host sends for a model of ``model_size``: the stored side (the
         images are already small; the device resizes them)."""
         return self.images.shape[1]
@@ -50,7 +53,8 @@ class ArrayImages:
 class FileImages:
     """Image files under ``root``, named by paths relative to it, decoded when read."""
 
-    def __init__(self, root, relative_paths=None, packed=None):
+    def __init__(self, root: str, relative_paths: Optional[list[str]] = None,
+                 packed: Optional[tuple] = None) -> None:
         self.root = root
         if packed is None:
             encoded = [os.fsencode(p) for p in relative_paths]
@@ -65,28 +69,28 @@ class FileImages:
     def __len__(self):
         return len(self.starts)
 
-    def take(self, indices):
+    def take(self, indices: Union[np.ndarray, slice]) -> FileImages:
         """The files at ``indices`` (an index array or a slice); the paths are not copied."""
         return FileImages(self.root, packed=(self.blob, self.starts[indices], self.ends[indices],
                                              self.ids[indices], self.warned))
 
-    def relative_path(self, index):
+    def relative_path(self, index: int) -> str:
         """The path of file ``index`` relative to the root."""
         return os.fsdecode(self.blob[self.starts[index]:self.ends[index]].tobytes())
 
-    def name(self, index):
+    def name(self, index: int) -> str:
         """The file's full path."""
         return os.path.join(self.root, self.relative_path(index))
 
-    def read(self, index):
+    def read(self, index: int) -> np.ndarray:
         """File ``index`` decoded to uint8 RGB (:func:`data.images.read_rgb`)."""
         return read_rgb(self.name(index))
 
-    def ship_size(self, model_size):
+    def ship_size(self, model_size: int) -> int:
         """The side of what the host sends: the model's (files have any size)."""
         return model_size
 
-    def first_failure(self, index):
+    def first_failure(self, index: int) -> int:
         """Whether file ``index`` is met unreadable for the first time in this process tree."""
         slot = self.ids[index]
         first = not self.warned[slot]

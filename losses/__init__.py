@@ -1,12 +1,21 @@
 """Losses: the R-Drop objective, the plain cross-entropy baseline, and distillation beside them."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
 from losses.distill import DistillationLoss
 from losses.rdrop import CrossEntropyLoss, RDropLoss
+
+if TYPE_CHECKING:
+    import paddle
+
+    from utils.config import Node
 
 __all__ = ["RDropLoss", "CrossEntropyLoss", "DistillationLoss", "build_loss"]
 
 
-def build_loss(loss_cfg, distill_cfg=None):
+def build_loss(loss_cfg: Node, distill_cfg: Optional[Node] = None) -> paddle.nn.Layer:
     """The loss named by the config's ``loss`` section, with the ``distill`` section's
     distillation (a teacher's logits for the distillation head) when one is given."""
     if loss_cfg.rdrop:

@@ -26,14 +26,16 @@ class DistillationLoss(nn.Layer):
     class head's) with ``loss`` and ``distill``. All in float32.
     """
 
-    def __init__(self, base, kind="hard", tau=1.0, alpha=0.5):
+    def __init__(self, base: paddle.nn.Layer, kind: str = "hard", tau: float = 1.0,
+                 alpha: float = 0.5) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.base, self.kind, self.tau, self.alpha = base, kind, tau, alpha
         self.copies = base.copies
 
-    def forward(self, logits, label, teacher_logits):
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor,
+                teacher_logits: paddle.Tensor) -> dict[str, paddle.Tensor]:
         logits = logits.astype("float32")
         classes = teacher_logits.shape[-1]
         if logits.shape[-1] != 2 * classes:

@@ -7,7 +7,7 @@ KL_REDUCTIONS = ("batchmean", "sum")
 FORMS = ("mean", "paper")
 
 
-def log_softmax(logits):
+def log_softmax(logits: paddle.Tensor) -> paddle.Tensor:
     """Exact float32 log-softmax over the last axis.
 
     Paddle's CPU ``log_softmax`` and ``cross_entropy`` clamp ``x - max(x)`` at
@@ -19,7 +19,7 @@ def log_softmax(logits):
     return shifted - paddle.log(paddle.exp(shifted).sum(axis=-1, keepdim=True))
 
 
-def nll(log_probs, label):
+def nll(log_probs: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
     """Mean negative log-likelihood of integer labels ``[N]`` or ``[N, 1]``."""
     label = label.reshape([-1, 1]).astype("int64")
     return -paddle.take_along_axis(log_probs, label, axis=-1).mean()
@@ -49,7 +49,8 @@ class RDropLoss(nn.Layer):
 
     copies = 2
 
-    def __init__(self, alpha=5.0, kl_reduction="batchmean", form="mean"):
+    def __init__(self, alpha: float = 5.0, kl_reduction: str = "batchmean",
+                 form: str = "mean") -> None:
         super().__init__()
         if kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
@@ -59,7 +60,7 @@ class RDropLoss(nn.Layer):
         self.kl_reduction = kl_reduction
         self.form = form
 
-    def forward(self, logits, label):
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> dict[str, paddle.Tensor]:
         log_probs = log_softmax(logits.astype("float32"))
         batch = label.shape[0]
         if log_probs.shape[0] != 2 * batch:
@@ -83,6 +84,6 @@ class CrossEntropyLoss(nn.Layer):
 
     copies = 1
 
-    def forward(self, logits, label):
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> dict[str, paddle.Tensor]:
         ce = nll(log_softmax(logits.astype("float32")), label)
         return {"loss": ce, "ce": ce, "kl": paddle.zeros_like(ce)}

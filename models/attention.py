@@ -10,7 +10,10 @@ V100 or T4 it fails at the first call. The kernel is therefore probed once per r
 the run's device and dtype, before any layer is switched to it.
 """
 
+from __future__ import annotations
+
 import functools
+from typing import Optional
 
 import paddle
 import paddle.nn.functional as F
@@ -31,7 +34,7 @@ class FusedAttention(Attention):
 
     kernel_dtypes = ()
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         tokens, channels = x.shape[1:]
         qkv = self.qkv(x).reshape((-1, tokens, 3, self.num_heads, channels // self.num_heads))
         if str(qkv.dtype).split(".")[-1] not in self.kernel_dtypes:
@@ -50,7 +53,8 @@ class FusedAttention(Attention):
 
 
 @functools.lru_cache(maxsize=None)
-def probe_kernel(device, dtype, tokens, heads, head_dim, dropout):
+def probe_kernel(device: str, dtype: str, tokens: int, heads: int, head_dim: int,
+                 dropout: float) -> Optional[str]:
     """Why ``scaled_dot_product_attention`` cannot run a forward and backward pass on
     ``device`` in ``dtype`` at these sizes (one line), or ``None`` when it can.
 
@@ -83,7 +87,8 @@ def _attention_layers(model):
     return layers
 
 
-def use_fused_attention(model, mode, device, amp, tokens):
+def use_fused_attention(model: paddle.nn.Layer, mode: str, device: str, amp: str,
+                        tokens: int) -> str:
     """Switch PPIM attention layers to :class:`FusedAttention` per ``model.fused_attention``;
     return one line saying which attention the model uses and why.
 

@@ -1,8 +1,11 @@
 """Build a PPIM DeiT/ViT with a new classification head and load pretrained weights."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import sys
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import paddle
@@ -22,6 +25,10 @@ from utils.io.download import download_weights, weights_cached
 from utils.io.files import path_problem
 from utils.io.tensor_io import load_state, load_tensors
 
+if TYPE_CHECKING:
+    from training.amp import Precision
+    from utils.config import Node
+
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
 IMAGENET_CLASSES = 1000
 # PPIM's classification heads (DeiT: class and distillation): sized by the class count.
@@ -31,7 +38,8 @@ CLASS_HEADS = ("head", "head_dist")
 class MLPHeadClassifier(nn.Layer):
     """The original repo's head: the 1000-class model, then 1000→hidden→Tanh→Dropout→classes."""
 
-    def __init__(self, backbone, hidden, num_classes, dropout):
+    def __init__(self, backbone: paddle.nn.Layer, hidden: int, num_classes: int,
+                 dropout: float) -> None:
         super().__init__()
         self.backbone = backbone
         self.fc1 = nn.Linear(IMAGENET_CLASSES, hidden)
@@ -39,11 +47,11 @@ class MLPHeadClassifier(nn.Layer):
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc2(self.drop(self.act(self.fc1(self.backbone(x)))))
 
 
-def ppim_constructor(name):
+def ppim_constructor(name: str) -> Callable:
     """PPIM's model constructor (function or class) called ``name``; one error otherwise."""
     constructor = getattr(ppim, name, None)
     if constructor is None or not callable(constructor) or name.startswith("_"):
@@ -52,7 +60,7 @@ def ppim_constructor(name):
     return constructor
 
 
-def pretrained_url(name):
+def pretrained_url(name: str) -> str:
     """The ImageNet weights URL PPIM lists for constructor ``name``."""
     module = sys.modules[ppim_constructor(name).__module__]
     url = getattr(module, "urls", {}).get(name)
@@ -62,7 +70,8 @@ def pretrained_url(name):
     return url
 
 
-def build_model(model_cfg, load_pretrained=True, amp="off", image_size=None, two_heads=False):
+def build_model(model_cfg: Node, load_pretrained: bool = True, amp: str = "off",
+                image_size: Optional[int] = None, two_heads: bool = False) -> paddle.nn.Layer:
     """The model described by the ``model`` config section, with weights per ``model.pretrained``.
 
     ``num_classes`` sizes both the class head and, on distilled models, the
@@ -128,7 +137,7 @@ def _zero_new_heads(backbone, missing):
     print(f"model.head_init=zero: {', '.join(zeroed) or 'no new head'} set to zero", flush=True)
 
 
-def construct(name, kwargs):
+def construct(name: str, kwargs: dict) -> paddle.nn.Layer:
     """PPIM's model ``name`` built with ``kwargs`` (no weights loaded: see
     :func:`_no_weight_loading`); one error when the arguments do not fit it, or ask for more
     memory than the machine has (:func:`models.size.check_model_size`: PPIM allocates its
@@ -148,7 +157,7 @@ def _no_weight_loading(name):
     :func:`load_weights` only."""
     real = paddle.load
 
-    def refuse(*args, **kwargs):
+    def refuse(*args: Any, **kwargs: Any) -> None:
         raise UserError(f"PPIM's {name} tried to load weights with paddle.load (plain pickle); "
                         f"pass them with model.pretrained instead, which is read without "
                         f"running code")
@@ -185,7 +194,8 @@ def _check_runs(backbone, model_cfg):
         backbone.train()
 
 
-def pending_download(model_cfg, load_pretrained=True):
+def pending_download(model_cfg: Node,
+                     load_pretrained: bool = True) -> Optional[tuple[str, str, str]]:
     """``(what, url, option)`` of the weights a build will download, or ``None``."""
     if not (load_pretrained and model_cfg.pretrained is True):
         return None
@@ -195,12 +205,12 @@ def pending_download(model_cfg, load_pretrained=True):
     return f"PPIM's {model_cfg.name} ImageNet weights", url, "-o model.pretrained=/path/to/"
 
 
-def input_size(model):
+def input_size(model: paddle.nn.Layer) -> int:
     """The square image side the model's patch embedding expects."""
     return backbone_of(model).patch_embed.img_size[0]
 
 
-def load_weights(model, path, strict=False):
+def load_weights(model: paddle.nn.Layer, path: str, strict: bool = False) -> dict:
     """Load the tensors of ``path`` (``.safetensors``, or ``.pdparams`` read without running
     code) that fit ``model``; report loaded, skipped and missing.
 
@@ -256,7 +266,7 @@ def load_weights(model, path, strict=False):
     return {"loaded": len(loaded), "skipped": skipped, "missing": missing, "resampled": resampled}
 
 
-def describe_load(path, summary):
+def describe_load(path: str, summary: dict) -> str:
     """One line summarising :func:`load_weights`."""
     skipped = "; ".join(f"{k}: {why}" for k, why in summary["skipped"].items())
     missing = ", ".join(summary["missing"])
@@ -266,7 +276,8 @@ def describe_load(path, summary):
             + "".join(f"; {key} resampled to this resolution" for key in summary["resampled"]))
 
 
-def load_trained(cfg, precision, weights=None, config="CONFIG"):
+def load_trained(cfg: Node, precision: Precision, weights: Optional[str] = None,
+                 config: str = "CONFIG") -> tuple[paddle.nn.Layer, str]:
     """``(model, path)``: the config's model with trained weights (``weights``, else the
     run's best) loaded strictly, in eval mode, at the resolution of the last stage
     (``data.image_size`` unless that stage sets its own). Missing weights are one error

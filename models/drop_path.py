@@ -14,7 +14,7 @@ class DropPath(PPIMDropPath):
     """Zero a sample's residual branch with probability ``drop_prob``, scale the rest by
     ``1 / (1 - drop_prob)`` (in training)."""
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if not self.drop_prob or not self.training:
             return x
         keep = 1.0 - self.drop_prob

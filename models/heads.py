@@ -11,14 +11,14 @@ class SeparateHeads(DistilledVisionTransformer):
     ``[N, 2C]``, the class head's logits then the distillation head's. In eval mode it is
     PPIM's model: the average of the two (what validation, the test and export see)."""
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if not self.training:
             return super().forward(x)
         cls, dist = self.forward_features(x)
         return paddle.concat([self.head(cls), self.head_dist(dist)], axis=-1)
 
 
-def separate_heads(backbone, name):
+def separate_heads(backbone: paddle.nn.Layer, name: str) -> None:
     """Turn ``backbone`` (PPIM's model ``name``) into a :class:`SeparateHeads`; one error
     when it has no distillation head."""
     if type(backbone) is not DistilledVisionTransformer:

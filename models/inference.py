@@ -6,11 +6,14 @@ already resized and normalised. ``preprocess.json`` beside it records that contr
 back, so ``predict.py`` prepares images the same way for both paths.
 """
 
+from __future__ import annotations
+
 import contextlib
 import glob
 import os
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +22,9 @@ from utils.errors import UserError
 from utils.io.files import ensure_folder, path_problem, read_json, refuse_link, write_json
 from utils.runtime.device import gpu_visible
 from utils.schema import MAX_IMAGE_SIZE, MIN_CROP_FRACTION
+
+if TYPE_CHECKING:
+    import paddle
 
 MODEL_PREFIX = "model"
 CONTRACT = "preprocess.json"
@@ -48,7 +54,8 @@ def _native_lines_without(fragment):
             sys.stderr.write("".join(kept))
 
 
-def export_model(model, image_size, out_dir, class_names, crop_fraction=1.0):
+def export_model(model: paddle.nn.Layer, image_size: int, out_dir: str, class_names: list[str],
+                 crop_fraction: float = 1.0) -> str:
     """Save ``model`` (eval mode) as a static graph for ``image_size`` inputs, plus its contract
     (evaluation's view: the shorter side resized to ``image_size / crop_fraction``, the centre
     cropped)."""
@@ -105,7 +112,7 @@ def _checked_contract(contract, path):
 class ExportedModel:
     """An exported model run by ``paddle.inference``; call it on preprocessed float32 images."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir: str) -> None:
         import paddle.inference as inference
 
         problem = path_problem(model_dir, "folder")
@@ -133,7 +140,7 @@ class ExportedModel:
                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); it is "
                             f"damaged: run python export.py again") from None
 
-    def __call__(self, images):
+    def __call__(self, images: np.ndarray) -> np.ndarray:
         """Logits of a float32 ``[B, 3, S, S]`` array."""
         handle = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         handle.reshape(list(images.shape))

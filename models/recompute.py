@@ -20,7 +20,7 @@ from paddle.distributed.fleet.utils import recompute
 from ppim.models.vit import Block
 
 
-def hooks_keep_random_state():
+def hooks_keep_random_state() -> bool:
     """Whether Paddle's hook-based recompute can restore the random state on this device
     (Paddle 3.x everywhere; 2.6 on GPUs and other accelerators, not on a CPU)."""
     major = int(paddle.__version__.split(".")[0])
@@ -31,7 +31,7 @@ class RecomputedBlock(Block):
     """PPIM's ``Block`` (same parameters and names), recomputed in the backward pass while
     training."""
 
-    def forward(self, x):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.training and not x.stop_gradient:
             return recompute(super().forward, x, use_reentrant=not hooks_keep_random_state())
         return super().forward(x)

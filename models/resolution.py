@@ -4,6 +4,9 @@ Only the position embedding depends on the resolution: its patch-grid part is re
 bicubically to the new grid, the class and distillation tokens' entries are kept.
 """
 
+from __future__ import annotations
+
+from typing import Optional
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -11,23 +14,23 @@ import paddle.nn.functional as F
 from utils.errors import UserError
 
 
-def backbone_of(model):
+def backbone_of(model: paddle.nn.Layer) -> paddle.nn.Layer:
     """The PPIM network of ``model``: the model itself, or the one the MLP-head wrapper holds."""
     return getattr(model, "backbone", model)
 
 
-def patch_size(model):
+def patch_size(model: paddle.nn.Layer) -> int:
     """The side of the model's square patches."""
     return backbone_of(model).patch_embed.patch_size[0]
 
 
-def extra_tokens(model):
+def extra_tokens(model: paddle.nn.Layer) -> int:
     """Entries of the position embedding that are not patches (class, distillation tokens)."""
     backbone = backbone_of(model)
     return backbone.pos_embed.shape[1] - backbone.patch_embed.num_patches
 
 
-def resample_pos_embed(pos_embed, tokens, grid):
+def resample_pos_embed(pos_embed: np.ndarray, tokens: int, grid: int) -> np.ndarray:
     """A ``[1, tokens + g*g, D]`` position embedding (array) resampled to ``grid × grid``
     patches; the first ``tokens`` entries are kept as they are."""
     pos_embed = np.asarray(pos_embed, dtype=np.float32)
@@ -44,7 +47,8 @@ def resample_pos_embed(pos_embed, tokens, grid):
     return np.concatenate([pos_embed[:, :tokens], patches], axis=1)
 
 
-def set_resolution(model, size, source=None):
+def set_resolution(model: paddle.nn.Layer, size: int,
+                   source: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """Make ``model`` take ``size × size`` images: patch embedding size and position embedding
     (resampled from ``source``, float32 values of it such as AMP O2's master copy, if given).
     Returns the resampled float32 embedding, or ``None`` when the size was already ``size``."""
@@ -72,14 +76,14 @@ def _pos_embed_key(model):
     return "backbone.pos_embed" if backbone_of(model) is not model else "pos_embed"
 
 
-def resolution_of(weights, model):
+def resolution_of(weights: dict, model: paddle.nn.Layer) -> int:
     """The image side the position embedding in ``weights`` (a state dict of ``model``'s
     kind) was made for."""
     tokens = np.asarray(weights[_pos_embed_key(model)]).shape[1] - extra_tokens(model)
     return int(round(tokens ** 0.5)) * patch_size(model)
 
 
-def fit_resolution(weights, model):
+def fit_resolution(weights: dict, model: paddle.nn.Layer) -> dict:
     """``weights`` (state dict: path -> tensor or array) with a position embedding of
     another resolution resampled to ``model``'s (a new dict; other entries shared)."""
     key = _pos_embed_key(model)

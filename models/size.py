@@ -7,13 +7,12 @@ import os
 
 from utils.errors import UserError
 
-
 # What an unnamed size defaults to in the estimate (a named model's: DeiT-B at 384 px).
 DEFAULT_SIZES = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0,
                  "img_size": 384, "patch_size": 16, "in_chans": 3, "class_dim": 1000}
 
 
-def estimate_bytes(name, kwargs):
+def estimate_bytes(name: str, kwargs: dict) -> tuple[int, int]:
     """``(weights_and_state, attention_per_image)`` in bytes of training PPIM's ``name``
     built with ``kwargs``, counted from its sizes (the constructor's defaults where it has
     them): float32 weights, gradients and two optimizer moments; the attention scores one
@@ -34,7 +33,7 @@ def estimate_bytes(name, kwargs):
     return int(params * 16), int(attention)
 
 
-def check_model_size(name, kwargs):
+def check_model_size(name: str, kwargs: dict) -> None:
     """One :class:`UserError` with the estimate when training the model ``kwargs`` describe
     (each size within its bound, their product not) would take more than this machine's
     memory: ``embed_dim: 8192, mlp_ratio: 64`` is 2 TB of state, ``patch_size: 1,

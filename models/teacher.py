@@ -1,12 +1,21 @@
 """The teacher of knowledge distillation: a run of this project, or a PPIM model with weights."""
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Optional
 
 from models.build import build_model, describe_load, load_trained, load_weights, ppim_constructor
 from models.resolution import backbone_of
 from utils.errors import UserError
 from utils.io.files import file_digest, path_problem
 from utils.run_folder import folder_in_use
+
+if TYPE_CHECKING:
+    import paddle
+
+    from training.amp import Precision
+    from utils.config import Node
 
 
 def _run_teacher(folder, distill_cfg, precision):
@@ -54,7 +63,7 @@ def _ppim_teacher(name, distill_cfg, num_classes, precision):
     return model, num_classes, distill_cfg.weights
 
 
-def build_teacher(distill_cfg, num_classes, precision):
+def build_teacher(distill_cfg: Node, num_classes: int, precision: Precision) -> paddle.nn.Layer:
     """The teacher the ``distill`` section names, frozen: eval mode (no dropout), no
     gradients, cast as the run's ``precision`` casts the student."""
     source = distill_cfg.teacher
@@ -81,7 +90,7 @@ def build_teacher(distill_cfg, num_classes, precision):
     return teacher
 
 
-def check_teacher_pin(saved, teacher, folder):
+def check_teacher_pin(saved: Optional[dict], teacher: paddle.nn.Layer, folder: str) -> None:
     """A resumed run learns from the teacher it started with: one :class:`UserError` when
     the weights file differs from the one the checkpoint in ``folder`` recorded (``saved``;
     ``None`` for a checkpoint from before teachers were recorded)."""

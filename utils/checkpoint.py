@@ -13,8 +13,11 @@ A write that fails (a full disk) is one :class:`UserError` and the previous
 checkpoint stays.
 """
 
+from __future__ import annotations
+
 import os
 import shutil
+from typing import Optional, Union
 
 from utils.errors import UserError
 from utils.io.files import fsync_dir, read_json, write_json
@@ -25,7 +28,7 @@ STATE = "state.json"
 TREES = ("raw", "optimizer", "ema", "swa", "scaler")
 
 
-def weights_path(output_dir, tag):
+def weights_path(output_dir: str, tag: str) -> str:
     """Path of the best weights (``tag='best'``) or of the last checkpoint's weights of kind
     ``tag`` (``raw``, ``ema``, ``swa``)."""
     if tag == "best":
@@ -46,9 +49,9 @@ def _saving(output_dir, write):
                         f"{': ' + str(exc.filename) if exc.filename else ''}); {kept}") from None
 
 
-def save_best(output_dir, state_dict, record, class_names):
+def save_best(output_dir: str, state_dict: dict, record: dict, class_names: list[str]) -> None:
     """Save the best weights with their record and class names."""
-    def write():
+    def write() -> None:
         os.makedirs(output_dir, exist_ok=True)
         save_tensors(weights_path(output_dir, "best"), state_dict,
                      {"record": record, "class_names": list(class_names)})
@@ -56,19 +59,19 @@ def save_best(output_dir, state_dict, record, class_names):
     _saving(output_dir, write)
 
 
-def write_best_json(output_dir, record, class_names):
+def write_best_json(output_dir: str, record: dict, class_names: list[str]) -> None:
     """``best.json``: the best record and the class names, for people and other programs."""
     write_json(os.path.join(output_dir, "best.json"), dict(record, class_names=list(class_names)))
 
 
-def save_last(output_dir, trees, state, class_names):
+def save_last(output_dir: str, trees: dict, state: dict, class_names: list[str]) -> None:
     """Save the resume checkpoint: ``trees`` maps names (``raw``, ``optimizer``, ...) to
     (nested) state dicts, ``state`` is the run state's JSON form; the weights files carry
     ``class_names``."""
     partial = os.path.join(output_dir, PARTIAL)
     last, old = os.path.join(output_dir, LAST), os.path.join(output_dir, OLD)
 
-    def write():
+    def write() -> None:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         for name, tree in trees.items():
@@ -98,7 +101,7 @@ def _complete(folder):
         for name in files)
 
 
-def find_last(output_dir):
+def find_last(output_dir: str) -> Optional[str]:
     """The folder of the newest complete resume checkpoint, or ``None``."""
     for name in (LAST, OLD):
         folder = os.path.join(output_dir, name)
@@ -107,7 +110,7 @@ def find_last(output_dir):
     return None
 
 
-def load_last(folder, trees=True):
+def load_last(folder: str, trees: bool = True) -> tuple[dict, dict]:
     """``(state, trees)`` of a resume checkpoint folder; trees by name, tensors as NumPy arrays
     (none with ``trees=False``).
 
@@ -144,7 +147,7 @@ def _mapping(value, key, keys=()):
     return value
 
 
-def check_state(state):
+def check_state(state: dict) -> None:
     """Raise :class:`ValueError` naming the first key of a resume state that is missing or
     of the wrong kind (counts are integers >= 0, numbers finite)."""
     _mapping(state, "the state", ("position", "epoch_index", "global_step", "skipped_steps",
@@ -191,7 +194,7 @@ def check_state(state):
         raise ValueError(f"'files' must list checkpoint files among {', '.join(TREES)}")
 
 
-def resume_folder(resume, output_dir):
+def resume_folder(resume: Union[bool, str, None], output_dir: str) -> str:
     """The checkpoint folder that ``--resume [PATH]`` names (an output dir or a ``last/`` folder)."""
     where = resume if isinstance(resume, str) else output_dir
     folder = find_last(where)

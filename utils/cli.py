@@ -23,7 +23,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP outside training (where it stops the run with a checkpoint
     instead)."""
 
-    def __init__(self, signum=signal.SIGTERM):
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
         super().__init__(signum)
         self.signum = signum
 
@@ -99,7 +99,7 @@ def run(main: Callable[[], Optional[int]]) -> None:
         sys.exit(main() or 0)
 
 
-def config_parser(doc):
+def config_parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser described by a script's docstring (first line, then the examples),
     with the shared ``-c/--config``, ``-o/--override`` and ``--debug`` options."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 1)[1],
@@ -114,7 +114,7 @@ def config_parser(doc):
     return parser
 
 
-def add_weights_option(parser, what):
+def add_weights_option(parser: argparse.ArgumentParser, what: str) -> None:
     """``--weights PATH``, ``what`` they are for; the run's best weights by default."""
     parser.add_argument("--weights", metavar="PATH",
                         help=f"{what} (default: best.safetensors in train.output_dir)")

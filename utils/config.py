@@ -4,9 +4,12 @@ Every unknown key, missing key or wrong type is a :class:`UserError` that names
 the key, so that a typo never silently falls back to a default.
 """
 
+from __future__ import annotations
+
 import copy
 import json
 import math
+from typing import Any, Sequence
 
 import yaml
 
@@ -30,18 +33,18 @@ class Node(dict):
             raise AttributeError(key) from None
 
 
-def path_override(key, path):
+def path_override(key: str, path: Any) -> str:
     """The ``-o`` assignment that sets ``key`` to the string ``path`` as it is: a path is not
     YAML (``run #2`` would lose `` #2`` as a comment, ``true`` would be a boolean)."""
     return f"{key}={json.dumps(str(path))}"
 
 
-def parse_value(text):
+def parse_value(text: str) -> Any:
     """Parse one override value as YAML (``1e-4`` → float, ``[1, 2]`` → list)."""
     return load_yaml(text, f"override value {short(text)}")
 
 
-def apply_override(raw, assignment):
+def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``a.b.0.c=value`` assignment to the raw (unvalidated) mapping."""
     key, sep, text = assignment.partition("=")
     if not sep or not key:
@@ -139,7 +142,7 @@ def _join(path, key):
     return f"{path}.{key}" if path else str(key)
 
 
-def validate(value, schema, path=""):
+def validate(value: Any, schema: Any, path: str = "") -> Any:
     """Check ``value`` against ``schema``; return it with defaults filled in."""
     if isinstance(schema, Field):
         return _check_field(value, schema, path)
@@ -163,7 +166,7 @@ def validate(value, schema, path=""):
     raise TypeError(f"unknown schema node {schema!r}")
 
 
-def load_config(path=DEFAULT_CONFIG, overrides=()):
+def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Node:
     """Read ``path``, apply ``overrides`` (``section.key=value`` strings) and validate."""
     raw = read_yaml(path)
     for assignment in overrides:
@@ -204,7 +207,7 @@ def _check_kwargs(kwargs, where="model.kwargs"):
                         f"the width must divide into the heads")
 
 
-def check_relations(cfg):
+def check_relations(cfg: Node) -> None:
     """Checks that involve more than one key."""
     _check_kwargs(cfg.model.kwargs)
     stages = len(cfg.stages)
@@ -243,7 +246,7 @@ def check_relations(cfg):
                             f"give one of them, not both")
 
 
-def to_plain(node):
+def to_plain(node: Any) -> Any:
     """Turn a validated config back into plain dicts and lists (for YAML/JSON)."""
     if isinstance(node, dict):
         return {key: to_plain(value) for key, value in node.items()}
@@ -252,7 +255,7 @@ def to_plain(node):
     return node
 
 
-def dump_config(cfg):
+def dump_config(cfg: Node) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None,
                           width=math.inf)  # a long path stays on one line, as a user copies it

@@ -1,5 +1,9 @@
 """Exceptions the command-line entry points turn into one line instead of a traceback."""
 
+from __future__ import annotations
+
+from typing import Optional
+
 
 class UserError(Exception):
     """An expected failure: bad config, missing or damaged file, no network, divergence.
@@ -16,13 +20,13 @@ class Interrupted(Exception):
     exits with ``128 + signal number``, as a shell does for a killed process.
     """
 
-    def __init__(self, signum, message):
+    def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
 
 
-def is_out_of_memory(exc):
+def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is the device (or host) running out of memory, however Paddle says it
     (``MemoryError``, ``ResourceExhaustedError``, "Out of memory" in a ``RuntimeError``)."""
     if isinstance(exc, UserError):  # already says what happened and what to do
@@ -32,7 +36,7 @@ def is_out_of_memory(exc):
         or "out of memory" in text
 
 
-def out_of_memory_error(where, last_checkpoint, accum_steps):
+def out_of_memory_error(where: str, last_checkpoint: Optional[str], accum_steps: int) -> UserError:
     """The :class:`UserError` of a run that ran out of memory at ``where``: the last
     checkpoint is safe, and how to find a micro-batch that fits."""
     return UserError(f"out of memory at {where}; the last checkpoint "

@@ -76,10 +76,10 @@ def _aside(folder):
 class RunFolder:
     """Hold ``path`` for one run: create it, lock it, and check what a fresh run finds there."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path, self._fd = path, None
 
-    def hold(self, resume=False, overwrite=False):
+    def hold(self, resume: bool = False, overwrite: bool = False) -> None:
         """Take the folder: one :class:`UserError` line if another run holds it, or if a
         fresh run would land among an earlier run's files (``overwrite`` moves them aside
         and says where). Returns the folder the old run was moved to, if any."""
@@ -134,7 +134,7 @@ class RunFolder:
         self._fd = fd
         _HELD.add(fd)
 
-    def release(self):
+    def release(self) -> None:
         """Let another run take the folder (also happens when the process ends)."""
         if self._fd is not None:
             _HELD.discard(self._fd)
@@ -142,7 +142,7 @@ class RunFolder:
             self._fd = None
 
 
-def folder_in_use(path):
+def folder_in_use(path: str) -> bool:
     """Whether a run holds ``path`` now (its ``run.lock`` is locked by a live process)."""
     lock = os.path.join(path, LOCK)
     if path_problem(lock):

@@ -38,7 +38,7 @@ class Section:
     """A mapping of named keys. ``partial`` sections only keep the keys given; ``optional``
     ones are null (off) unless given."""
 
-    def __init__(self, fields, partial=False, optional=False):
+    def __init__(self, fields: dict, partial: bool = False, optional: bool = False) -> None:
         self.fields = fields
         self.partial = partial
         self.optional = optional
@@ -47,7 +47,7 @@ class Section:
 class Tagged:
     """A mapping whose ``name`` key selects which of several sections applies."""
 
-    def __init__(self, variants, default_name=REQUIRED):
+    def __init__(self, variants: dict[str, Section], default_name: Any = REQUIRED) -> None:
         self.variants = variants
         self.default_name = default_name
 
@@ -55,7 +55,7 @@ class Tagged:
 class ListOf:
     """A non-empty list whose items all follow one schema."""
 
-    def __init__(self, item):
+    def __init__(self, item: Any) -> None:
         self.item = item
 
 

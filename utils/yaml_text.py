@@ -4,8 +4,11 @@ A config file is UTF-8 text under ``MAX_CONFIG_BYTES`` whose aliases expand to f
 ``MAX_CONFIG_VALUES`` values; anything else is one :class:`UserError`.
 """
 
+from __future__ import annotations
+
 import os
 import re
+from typing import Any
 
 import yaml
 
@@ -61,7 +64,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def short(value, limit=80):
+def short(value: Any, limit: int = 80) -> str:
     """``repr(value)``, cut to ``limit`` characters for an error line."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -83,7 +86,7 @@ def _check_size(value, source):
             stack.extend((item, depth + 1) for item in node)
 
 
-def load_yaml(text, source):
+def load_yaml(text: str, source: str) -> Any:
     """The value of YAML ``text`` (``source`` names it in errors)."""
     try:
         value = yaml.load(text, Loader=_Loader)
@@ -93,7 +96,7 @@ def load_yaml(text, source):
     return value
 
 
-def read_yaml(path):
+def read_yaml(path: str) -> dict:
     """Read a YAML mapping from ``path`` (relative paths also tried from the project root)."""
     if not os.path.exists(path) and os.path.isfile(os.path.join(PROJECT_ROOT, path)):
         path = os.path.join(PROJECT_ROOT, path)

@@ -1,7 +1,10 @@
 """Downloads through Paddle's own helpers, failing fast and clearly when offline."""
 
+from __future__ import annotations
+
 import os
 import socket
+from typing import Optional
 from urllib.parse import parse_qs, urlparse
 
 from utils.errors import UserError
@@ -9,7 +12,7 @@ from utils.errors import UserError
 CONNECT_TIMEOUT_S = 5
 
 
-def ensure_reachable(url, what, fix):
+def ensure_reachable(url: str, what: str, fix: str) -> None:
     """Raise :class:`UserError` at once when ``url``'s host cannot be reached.
 
     Paddle's downloaders retry and log several lines before giving up; a quick
@@ -47,7 +50,7 @@ def _file_name(url):
     return os.path.basename(parsed.path)
 
 
-def ensure_downloadable(needed):
+def ensure_downloadable(needed: list[tuple[str, str, str]]) -> None:
     """Before a run loads anything: every ``(what, url, option)`` it will download must be
     reachable; otherwise one :class:`UserError` lists them all, each with its file, URL and
     the ``-o`` that passes a copy fetched elsewhere."""
@@ -60,14 +63,14 @@ def ensure_downloadable(needed):
                         f"made: {items}")
 
 
-def weights_cached(url):
+def weights_cached(url: str) -> bool:
     """Whether Paddle's weights cache already holds the file of ``url``."""
     from paddle.utils.download import WEIGHTS_HOME, _map_path
 
     return os.path.isfile(_map_path(url, WEIGHTS_HOME))
 
 
-def download_dataset(url, module_name, md5, what, fix):
+def download_dataset(url: str, module_name: str, md5: Optional[str], what: str, fix: str) -> str:
     """Fetch a dataset file into Paddle's dataset cache and return its path."""
     from paddle.dataset.common import download
 
@@ -78,7 +81,7 @@ def download_dataset(url, module_name, md5, what, fix):
         raise UserError(f"{what}: download failed ({exc}); {fix}") from None
 
 
-def download_weights(url, what, fix):
+def download_weights(url: str, what: str, fix: str) -> str:
     """Fetch a weights file into Paddle's weights cache and return its path."""
     from paddle.utils.download import get_weights_path_from_url
 

@@ -6,6 +6,8 @@ survives a power loss. A failed write removes its temporary file and leaves ``pa
 as it was.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import hashlib
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import stat
+from typing import Any, Optional, TextIO
 
 from utils.errors import UserError
 
@@ -27,7 +30,7 @@ def _file_above(path):
     return parent
 
 
-def path_problem(path, want="file"):
+def path_problem(path: str, want: str = "file") -> Optional[str]:
     """Why ``path`` is not a usable regular file (``want="file"``), folder (``"folder"``) or
     either (``"any"``), in words for an error line; ``None`` when it is.
 
@@ -58,7 +61,7 @@ def path_problem(path, want="file"):
 MAX_TEXT_BYTES = 256 << 20
 
 
-def read_text(path, what, limit=MAX_TEXT_BYTES, errors="strict"):
+def read_text(path: str, what: str, limit: int = MAX_TEXT_BYTES, errors: str = "strict") -> str:
     """The UTF-8 text of the file ``path`` (a byte-order mark dropped: Windows editors write
     one), or one :class:`UserError` naming ``what``: not a regular file (a pipe would block,
     ``/dev/zero`` never ends), larger than ``limit`` bytes, not UTF-8
@@ -77,12 +80,12 @@ def read_text(path, what, limit=MAX_TEXT_BYTES, errors="strict"):
                         f"save it as UTF-8") from None
 
 
-def read_text_lines(path, what, errors="strict"):
+def read_text_lines(path: str, what: str, errors: str = "strict") -> list[str]:
     """The lines of :func:`read_text`."""
     return read_text(path, what, errors=errors).splitlines()
 
 
-def ensure_folder(path, what):
+def ensure_folder(path: str, what: str) -> str:
     """Create the folder ``path`` (named by ``what``, e.g. a config key) if it is missing;
     one :class:`UserError` when it cannot be (a file is in the way)."""
     if not path:
@@ -94,7 +97,7 @@ def ensure_folder(path, what):
     return path
 
 
-def refuse_link(path, what="the file"):
+def refuse_link(path: str, what: str = "the file") -> None:
     """One :class:`UserError` when ``path`` is a symbolic link: a file this project writes
     never replaces a link it did not make, nor writes through one (``/dev/stdout`` is a link:
     replaced, it would become a regular file)."""
@@ -103,7 +106,7 @@ def refuse_link(path, what="the file"):
                         f"or over a link: remove it or name the real file")
 
 
-def open_unlinked(path, mode="w"):
+def open_unlinked(path: str, mode: str = "w") -> TextIO:
     """``path`` opened as UTF-8 text to write (``"w"``) or append (``"a"``), never through a
     symbolic link (one :class:`UserError` when it is one)."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
@@ -117,7 +120,7 @@ def open_unlinked(path, mode="w"):
     return os.fdopen(fd, mode, encoding="utf-8")
 
 
-def check_writable(path, what):
+def check_writable(path: str, what: str) -> None:
     """Stop before any work when the file ``path`` (named by option ``what``) cannot be
     written: its folder is missing or not writable, or it is not a regular file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -131,7 +134,7 @@ def check_writable(path, what):
         raise UserError(f"{what} {path} {path_problem(path)}")
 
 
-def file_digest(path):
+def file_digest(path: str) -> str:
     """The SHA-256 of the regular file ``path`` (hex), read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -140,7 +143,7 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-def fsync_dir(folder):
+def fsync_dir(folder: str) -> None:
     """Make renames and new entries in ``folder`` durable."""
     fd = os.open(folder or ".", os.O_RDONLY)
     try:
@@ -149,7 +152,7 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def write_atomically(path, data):
+def write_atomically(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` (bytes) durably and atomically; never a symbolic link
     (:func:`refuse_link`), and the temporary file is made afresh, not opened through one."""
     tmp = f"{path}.tmp"
@@ -171,7 +174,7 @@ def write_atomically(path, data):
     fsync_dir(os.path.dirname(path))
 
 
-def json_text(record, indent=None):
+def json_text(record: Any, indent: Optional[int] = None) -> str:
     """``record`` as standard JSON: a non-finite number (which JSON has no word for) is null."""
     return json.dumps(_finite(record), indent=indent, allow_nan=False)
 
@@ -186,12 +189,12 @@ def _finite(value):
     return value
 
 
-def write_json(path, record):
+def write_json(path: str, record: Any) -> None:
     """Write ``record`` as indented standard JSON, durably and atomically."""
     write_atomically(path, (json_text(record, indent=2) + "\n").encode("utf-8"))
 
 
-def read_json(path):
+def read_json(path: str) -> Any:
     """The JSON record at ``path``, or ``None`` when there is none (no regular file)."""
     if path_problem(path):
         return None

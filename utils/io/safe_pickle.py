@@ -10,10 +10,13 @@ itself (NumPy crashes on some, e.g. a datetime dtype with metadata ``None``). An
 name is refused before it is imported, so nothing from the file runs.
 """
 
+from __future__ import annotations
+
 import codecs
 import collections
 import io
 import pickle
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -50,7 +53,7 @@ class _DType:
             raise _Malformed(f"a {self.code} dtype with the state {_short(state)}")
         self.order = order
 
-    def real(self):
+    def real(self) -> np.dtype:
         return np.dtype(self.code).newbyteorder(self.order if self.order != "|" else "=")
 
 
@@ -165,7 +168,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 - see the docstrin
 
     allowed = _allowed_globals()
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         found = self.allowed.get((module, name))
         if found is None:
             raise _Refused(f"{module}.{name}")
@@ -196,7 +199,7 @@ def _finish(value, depth=0):
     raise _Malformed(f"a value of type {type(value).__name__}")
 
 
-def safe_unpickle(handle, source, encoding="ASCII"):
+def safe_unpickle(handle: BinaryIO, source: str, encoding: str = "ASCII") -> Any:
     """Load one pickle from the binary file ``handle``; ``source`` names it in errors.
 
     A forbidden name, a truncated or malformed stream, or an array that is not a plain

@@ -12,14 +12,20 @@ checked when it is read: a copy whose bytes changed (bit rot, a half-copied file
 refused instead of trained on.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from utils.errors import UserError
 from utils.io.files import json_text, path_problem, write_atomically
 from utils.io.safe_pickle import safe_unpickle
+
+if TYPE_CHECKING:
+    import paddle
 
 SAFETENSORS = ".safetensors"
 # Entries paddle.save adds next to the tensors: a name table, not weights.
@@ -42,7 +48,7 @@ def _half_dtypes():
     return (paddle.float16, paddle.bfloat16)
 
 
-def pack(tree, prefix=""):
+def pack(tree: dict, prefix: str = "") -> tuple[dict[str, np.ndarray], dict]:
     """Split a nested dict into ``(flat tensors by '/'-joined key, the rest as a plain dict)``."""
     tensors, rest = {}, {}
     for key, value in tree.items():
@@ -58,7 +64,7 @@ def pack(tree, prefix=""):
     return tensors, rest
 
 
-def unpack(tensors, rest):
+def unpack(tensors: dict[str, np.ndarray], rest: dict) -> dict:
     """Invert :func:`pack`: the nested dict with NumPy arrays at the tensor leaves."""
     tree = json.loads(json.dumps(rest))
     for flat_key, array in tensors.items():
@@ -70,7 +76,7 @@ def unpack(tensors, rest):
     return tree
 
 
-def as_paddle(tree):
+def as_paddle(tree: Any) -> Any:
     """The nested dict with its NumPy arrays turned into Paddle tensors on the current device."""
     import paddle
 
@@ -79,7 +85,7 @@ def as_paddle(tree):
             for key, value in tree.items()}
 
 
-def load_state(layer, state):
+def load_state(layer: paddle.nn.Layer, state: dict) -> None:
     """``layer.set_state_dict(state)`` with every value cast to its tensor's dtype, so that
     float32 files load into half-precision (AMP O2) weights and back."""
     own = layer.state_dict()
@@ -99,7 +105,7 @@ def _digest(tensors, header):
     return digest.hexdigest()
 
 
-def save_tensors(path, tree, metadata=None):
+def save_tensors(path: str, tree: dict, metadata: Optional[dict] = None) -> None:
     """Write a (nested) state as safetensors, durably; ``metadata`` is a JSON-ready dict."""
     from safetensors.numpy import save
 
@@ -152,7 +158,7 @@ def _load_pdparams(path):
     return tensors, {}
 
 
-def metadata_of(path):
+def metadata_of(path: str) -> dict:
     """The metadata of a weights file (``{}`` if none or not ``.safetensors``), read without
     its tensors."""
     if not path.endswith(SAFETENSORS) or path_problem(path):
@@ -167,13 +173,13 @@ def metadata_of(path):
     return metadata if isinstance(metadata, dict) else {}
 
 
-def record_of(path):
+def record_of(path: str) -> dict:
     """The record a best-weights file carries in its header (``{}`` if none)."""
     record = metadata_of(path).get("record")
     return record if isinstance(record, dict) else {}
 
 
-def class_names_of(path):
+def class_names_of(path: str) -> Optional[list[str]]:
     """The class names a weights file of this project carries, or ``None`` (another file, or
     names that are not a list of distinct strings)."""
     names = metadata_of(path).get("class_names")
@@ -183,7 +189,7 @@ def class_names_of(path):
     return None
 
 
-def load_tensors(path):
+def load_tensors(path: str) -> tuple[dict, dict]:
     """``(state, metadata)`` of a ``.safetensors`` or ``.pdparams`` file; tensors as NumPy arrays."""
     problem = path_problem(path)
     if problem:

@@ -63,7 +63,8 @@ def _rewrite_history(vdl, steps, epochs):
 class RunLogger:
     """Writes the per-epoch records and per-step training scalars of one run."""
 
-    def __init__(self, output_dir, keep_records=0, keep_steps=0, enabled=True):
+    def __init__(self, output_dir: str, keep_records: int = 0, keep_steps: int = 0,
+                 enabled: bool = True) -> None:
         """Start ``metrics.jsonl`` and the VisualDL log afresh, or keep their first
         ``keep_records`` epochs and ``keep_steps`` steps (a resume: what came after the
         checkpoint is dropped and runs again). ``enabled=False`` (ranks other than 0)
@@ -88,14 +89,14 @@ class RunLogger:
             _rewrite_history(vdl, keep_steps, keep_records)
         self.writer = _quietly(LogWriter, logdir=vdl, file_name=VDL_FILE)  # appends
 
-    def log_step(self, step, values):
+    def log_step(self, step: int, values: dict) -> None:
         """Scalars of one optimizer step (``train/loss``, ``train/lr``, ...)."""
         if not self.enabled:
             return
         for name, value in values.items():
             self.writer.add_scalar(tag=f"train/{name}", value=float(value), step=step)
 
-    def log_epoch(self, epoch_index, record):
+    def log_epoch(self, epoch_index: int, record: dict) -> None:
         """Append ``record`` to metrics.jsonl and mirror its numbers to VisualDL."""
         if not self.enabled:
             return
@@ -105,7 +106,7 @@ class RunLogger:
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
                 self.writer.add_scalar(tag=f"epoch/{name}", value=float(value), step=epoch_index)
 
-    def log_test(self, record):
+    def log_test(self, record: dict) -> None:
         """Append a final test-split record (``{"test": "best"|"last", ...}``) to metrics.jsonl
         and VisualDL (``test/best_top1``, ...)."""
         if not self.enabled:
@@ -116,7 +117,7 @@ class RunLogger:
             self.writer.add_scalar(tag=f"test/{record['test']}_{key[len('test_'):]}",
                                    value=float(record[key]), step=0)
 
-    def close(self):
+    def close(self) -> None:
         """Flush and close the VisualDL writer."""
         if self.enabled:
             self.writer.close()

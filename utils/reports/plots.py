@@ -3,11 +3,14 @@
   python -m utils.reports.plots OUTPUT_DIR     # (re)write OUTPUT_DIR/curves.png
 """
 
+from __future__ import annotations
+
 import io
 import json
 import os
 import sys
 import textwrap
+from typing import Optional
 
 from utils.io.files import write_atomically
 
@@ -33,7 +36,7 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def read_metrics(output_dir):
+def read_metrics(output_dir: str) -> tuple[list[dict], list[dict]]:
     """The epoch records of ``output_dir/metrics.jsonl``."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -59,7 +62,7 @@ def read_metrics(output_dir):
     return records
 
 
-def plot_curves(output_dir):
+def plot_curves(output_dir: str) -> Optional[str]:
     """Write ``curves.png``: loss parts, learning rate, gradient norm and validation top-1
     per epoch, with the stages shaded; return its path."""
     records = read_metrics(output_dir)
@@ -95,7 +98,7 @@ def plot_curves(output_dir):
     return path
 
 
-def curves_at_end(output_dir, stopped_by=None):
+def curves_at_end(output_dir: str, stopped_by: Optional[str] = None) -> None:
     """Draw curves.png at a run's end and say where, or say why not: a stop (``stopped_by``,
     e.g. "SIGINT") after the last epoch skips it, an edited metrics.jsonl is a warning."""
     if stopped_by:  # after the last epoch: nothing is left to interrupt
@@ -129,7 +132,7 @@ def _shade_stages(axis, records):
             start = index
 
 
-def per_class_order(per_class):
+def per_class_order(per_class: list[Optional[float]]) -> list[int]:
     """The class names in the chart's order: as given, or from the best to the worst top-1
     beyond :data:`SORT_CLASSES_BEYOND` classes (classes without images last)."""
     names = list(per_class)
@@ -138,7 +141,7 @@ def per_class_order(per_class):
     return sorted(names, key=lambda n: (per_class[n] is None, -(per_class[n] or 0.0)))
 
 
-def plot_per_class(per_class, path, title):
+def plot_per_class(per_class: list[Optional[float]], path: str, title: Optional[str]) -> str:
     """Write a bar chart of per-class top-1 (a mapping class name → accuracy) to ``path``."""
     names = per_class_order(per_class)
     if names != list(per_class):
@@ -158,7 +161,7 @@ def plot_per_class(per_class, path, title):
     return path
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """Regenerate ``curves.png`` of the output folder given on the command line."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

@@ -1,13 +1,19 @@
 """What ``main.py --preflight`` prints: the table (or one JSON document) of its report, and on a
 GPU of the plan's table the plan's rate beside each measured one."""
 
+from __future__ import annotations
+
 import json
 import sys
+from typing import TYPE_CHECKING, Optional, TextIO
 
 import paddle
 
 from training.gpus import EFFICIENCY, GPUS, peak_flops
 from training.plan import plan
+
+if TYPE_CHECKING:
+    from utils.config import Node
 
 
 def _human_bytes(count):
@@ -22,14 +28,14 @@ def _human_seconds(seconds):
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
-def print_report(report, as_json=False, out=None):
+def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> None:
     """The table (or the JSON document) of :func:`preflight`, to ``out`` (standard output)."""
     out = out or sys.stdout
     if as_json:
         print(json.dumps(report), file=out, flush=True)
         return
 
-    def say(text):
+    def say(text: str) -> None:
         print(text, file=out, flush=True)
 
     say(f"device {report['device']}, Paddle {report['paddle']}, {report['ranks']} rank(s), "
@@ -64,7 +70,7 @@ def print_report(report, as_json=False, out=None):
         f"{report['preflight_s']:.0f} s)")
 
 
-def plan_rates(report, cfg, device):
+def plan_rates(report: dict, cfg: Node, device: str) -> None:
     """On a GPU of the plan's table: each stage's planned images per second beside the
     measurement (``plan_images_per_s``), and the card (``None`` elsewhere)."""
     card = gpu_card(device)
@@ -77,7 +83,7 @@ def plan_rates(report, cfg, device):
         entry["plan_images_per_s"] = peak_flops(card, cfg.train.amp) * EFFICIENCY / flops
 
 
-def gpu_card(device):
+def gpu_card(device: str) -> Optional[str]:
     """The card of :mod:`training.gpus` that ``device`` is (by name and memory), or ``None``."""
     if not str(device).startswith("gpu"):
         return None

@@ -10,11 +10,14 @@ keeps each redraw of a bar, and each epoch line between them), so :func:`one_out
 what a block prints into one output that is updated in place.
 """
 
+from __future__ import annotations
+
 import contextlib
 import io
 import re
 import sys
 import time
+from typing import Any, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -23,14 +26,14 @@ MODES = ("auto", "bars", "lines", "off")
 _mode = "auto"
 
 
-def set_mode(mode):
+def set_mode(mode: str) -> None:
     """Choose how loops report progress from now on (one of :data:`MODES`)."""
     global _mode
     _mode = mode
 
 
 @contextlib.contextmanager
-def silenced():
+def silenced() -> Iterator[None]:
     """No progress reports inside the block (short trial loops)."""
     global _mode
     saved, _mode = _mode, "off"
@@ -52,7 +55,7 @@ def _watched():
     return sys.stderr.isatty() or _in_notebook()
 
 
-def track(iterable, desc):
+def track(iterable: Iterable, desc: str) -> Iterable:
     """``iterable`` wrapped to report its progress per the mode; the result also takes
     ``set_postfix(**values)`` (shown on the bar or the line)."""
     from utils.runtime.dist import is_main
@@ -69,10 +72,10 @@ class _Lines:
     """An iterable that prints ``desc: i/n (p%), rate, postfix`` every ``every`` seconds
     (never with ``every=None``)."""
 
-    def __init__(self, iterable, desc, every):
+    def __init__(self, iterable: Iterable, desc: str, every: Optional[float]) -> None:
         self.iterable, self.desc, self.every, self.postfix = iterable, desc, every, {}
 
-    def set_postfix(self, refresh=False, **values):
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         self.postfix = values
 
     def __iter__(self):
@@ -96,7 +99,7 @@ MAX_LINES = 400
 
 
 @contextlib.contextmanager
-def one_output():
+def one_output() -> Iterator[None]:
     """In a notebook, what the block prints (lines, bars, warnings) is one output updated in
     place, bars redrawn where they stand; elsewhere nothing changes."""
     if not _in_notebook() or isinstance(sys.stdout, _OneOutput):
@@ -118,14 +121,14 @@ class _OneOutput(io.TextIOBase):
     """A text stream shown as one notebook output: a carriage return starts its line again
     (a bar's redraw), a newline ends it."""
 
-    def __init__(self, handle):
+    def __init__(self, handle: Any) -> None:
         super().__init__()
         self.handle, self.lines, self.shown_at, self.dropped = handle, [""], 0.0, 0
 
-    def writable(self):
+    def writable(self) -> bool:
         return True
 
-    def write(self, text):
+    def write(self, text: str) -> int:
         for piece in re.split(r"(\r|\n)", text):
             if piece == "\n":
                 self.lines.append("")
@@ -140,7 +143,7 @@ class _OneOutput(io.TextIOBase):
             self.show()
         return len(text)
 
-    def show(self):
+    def show(self) -> None:
         """Update the output with the text so far."""
         head = [f"... ({self.dropped} earlier lines)"] if self.dropped else []
         self.handle.update({"text/plain": "\n".join(head + self.lines).rstrip("\n")}, raw=True)

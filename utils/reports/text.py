@@ -4,8 +4,16 @@ Stages are numbered from 0, as in the config's ``stages.N``; epochs from 1 withi
 stage ("stage 1 epoch 3/10"), in the console, in ``metrics.jsonl`` and ``best.json``.
 """
 
+from __future__ import annotations
 
-def place(stage, epoch, epochs=None):
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from training.state import Position
+    from utils.config import Node
+
+
+def place(stage: int, epoch: int, epochs: Optional[int] = None) -> str:
     """``stage S epoch E[/N]`` for a 0-based stage and a 1-based epoch."""
     return f"stage {stage} epoch {epoch}" + (f"/{epochs}" if epochs else "")
 
@@ -15,7 +23,7 @@ VALIDATION = {"held_out": "{} held out for validation (data.val_split)",
               "test": "the test split as validation (data.val_split: 0)"}
 
 
-def run_line(device, train, val, test, output_dir, source):
+def run_line(device: str, train: int, val: int, test: int, output_dir: str, source: str) -> str:
     """The line a run starts with: where it runs and the images of each split (``source``:
     where validation comes from, :func:`data.dataset.validation_source`)."""
     from utils.runtime.dist import rank, world_size
@@ -25,7 +33,7 @@ def run_line(device, train, val, test, output_dir, source):
             f"{validation}, {test} test; output in {output_dir}")
 
 
-def position_text(position, stages):
+def position_text(position: Position, stages: list[Node]) -> str:
     """Where a checkpoint resumes (a :class:`training.state.Position`), in words."""
     if position.stage >= len(stages):
         return "after the last stage (training complete, the final test follows)"
@@ -41,7 +49,8 @@ def _fmt(value):
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def epoch_line(where, stats, results, loss_cfg, distill_cfg=None):
+def epoch_line(where: str, stats: dict, results: dict, loss_cfg: Node,
+               distill_cfg: Optional[Node] = None) -> str:
     """The console line of one finished epoch: the training loss and its parts (R-Drop:
     ``loss = ce + alpha x kl``, with distillation ``(1 - a) x that + a x distill``, so the
     parts add up), validation metrics of the raw weights and of each average, gradient
@@ -65,7 +74,7 @@ def epoch_line(where, stats, results, loss_cfg, distill_cfg=None):
     return text + f" | {stats['images_per_s']:.1f} img/s"
 
 
-def best_line(best, path):
+def best_line(best: Optional[dict], path: str) -> str:
     """The end-of-run line naming the best weights, where they came from and on which split
     they were chosen (the test split under ``data.val_split: 0``: a biased number)."""
     chosen = ("chosen on the test split (data.val_split: 0), so this number is biased upward"

@@ -6,7 +6,7 @@ import resource
 from utils.runtime.signals import reassert_handlers
 
 
-def select_device():
+def select_device() -> str:
     """Use the GPU when Paddle is built with CUDA and sees one, the CPU otherwise; return its name."""
     import paddle
 
@@ -16,7 +16,7 @@ def select_device():
     return paddle.get_device()
 
 
-def peak_memory_bytes(device):
+def peak_memory_bytes(device: str) -> int:
     """The process's peak memory so far: Paddle's max allocated on a GPU, the peak resident
     set on a CPU."""
     import paddle
@@ -26,7 +26,7 @@ def peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def gpu_visible():
+def gpu_visible() -> bool:
     """Whether this Paddle is built with CUDA and sees a GPU."""
     import paddle
 

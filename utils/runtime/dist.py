@@ -4,27 +4,30 @@ Without the launcher the world has one rank and every helper here is a no-op, so
 single-process run pays nothing and takes no other branch of the training loop.
 """
 
+from __future__ import annotations
+
 import ctypes
 import os
 import signal
 import sys
+from typing import Any, Sequence
 
 import numpy as np
 import paddle
 import paddle.distributed as dist
 
 
-def world_size():
+def world_size() -> int:
     """Ranks in the job (1 without the launcher)."""
     return dist.get_world_size()
 
 
-def rank():
+def rank() -> int:
     """This process's rank (0 without the launcher)."""
     return dist.get_rank()
 
 
-def is_main():
+def is_main() -> bool:
     """Whether this rank writes checkpoints, logs and reports."""
     return rank() == 0
 
@@ -32,7 +35,7 @@ def is_main():
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
-def die_with_parent(parent):
+def die_with_parent(parent: int) -> None:
     """Have the kernel kill this process when its parent (pid ``parent``) dies (Linux).
     Loader workers and launched ranks call it: the launcher starts each rank in a session
     of its own, and without it the ranks of a launcher killed with kill -9 trained on for
@@ -44,7 +47,7 @@ def die_with_parent(parent):
         os._exit(1)
 
 
-def init():
+def init() -> None:
     """Join the process group when started by the launcher (NCCL on GPUs, gloo on CPUs).
 
     Only rank 0 reports: the other ranks' standard output is dropped (every line would be
@@ -56,13 +59,13 @@ def init():
             sys.stdout = open(os.devnull, "w", encoding="utf-8")
 
 
-def wrap(model):
+def wrap(model: paddle.nn.Layer) -> paddle.nn.Layer:
     """``paddle.DataParallel(model)`` (gradients averaged over ranks in backward) with
     several ranks; the model itself with one."""
     return paddle.DataParallel(model) if world_size() > 1 else model
 
 
-def all_sum(values):
+def all_sum(values: Sequence[float]) -> np.ndarray:
     """Element-wise sum of a float array over ranks (float64, so counts stay exact)."""
     values = np.asarray(values, dtype=np.float64)
     if world_size() == 1:
@@ -72,6 +75,6 @@ def all_sum(values):
     return tensor.numpy()
 
 
-def any_rank(flag):
+def any_rank(flag: Any) -> bool:
     """True when ``flag`` is true on any rank: a decision every rank then takes together."""
     return bool(all_sum([float(bool(flag))])[0] > 0) if world_size() > 1 else bool(flag)

@@ -1,12 +1,15 @@
 """Seeds: the run's seed for every generator, and seeds derived from it for each stream."""
 
+from __future__ import annotations
+
 import contextlib
 import random
+from typing import Iterator
 
 import numpy as np
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
     """Seed Paddle (weights, dropout), NumPy and Python's ``random``."""
     import paddle
 
@@ -15,13 +18,13 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-def derived_seed(*keys):
+def derived_seed(*keys: int) -> int:
     """A 32-bit seed derived from integers (seed, epoch, step, ...), stable across runs."""
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
 @contextlib.contextmanager
-def preserved_random_state():
+def preserved_random_state() -> Iterator[None]:
     """Run a block without moving any random stream: Paddle's (the CPU's and the current
     device's), NumPy's and Python's states are put back after it."""
     import paddle

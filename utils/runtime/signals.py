@@ -2,10 +2,13 @@
 SIGHUP (a closed terminal or SSH session), and keep those signals with the Python handlers
 once Paddle is imported."""
 
+from __future__ import annotations
+
 import os
 import signal
 import sys
 import threading
+from typing import Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Held back while Paddle is imported (its C++ handlers would print a dump), then delivered.
@@ -21,7 +24,7 @@ def _say(text):
         pass
 
 
-def leave_closed_terminal():
+def leave_closed_terminal() -> None:
     """After SIGHUP: send what would go to the terminal, which is gone, to /dev/null, so
     that the checkpoint and the messages after it do not fail on it (log files are kept)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -43,7 +46,7 @@ class StopRequests:
     A signal handler that raised instead could interrupt an optimizer update halfway.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum = None
         self._previous = {}
 
@@ -71,18 +74,18 @@ class StopRequests:
              f"again to exit at once)\n")
 
     @property
-    def requested(self):
+    def requested(self) -> Optional[str]:
         """The name of the signal that asked to stop, or ``None``."""
         return signal.Signals(self.signum).name if self.signum is not None else None
 
 
-def hold_sigterm(hold):
+def hold_sigterm(hold: bool) -> None:
     """Hold SIGTERM and SIGHUP back (``hold``) or let a held one arrive."""
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, HELD)
 
 
-def reassert_handlers():
+def reassert_handlers() -> None:
     """Importing Paddle installs C-level handlers (a SIGTERM prints a C++ "FatalError"
     dump); hand the signals back to the Python handlers in place, then let a SIGTERM held
     back by :func:`run` while Paddle was imported arrive."""
