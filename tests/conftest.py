@@ -34,6 +34,11 @@ FAST_CLI = ["-o", "data.train_subset=128", "-o", "data.val_subset=40", "-o", "da
             "-o", "stages.0.epochs=1", "-o", "stages.1.epochs=1"]
 
 
+# 256 training and 100 validation digits in batches of 32, as -o arguments.
+SUBSET_CLI = ["-o", "data.train_subset=256", "-o", "data.val_subset=100", "-o",
+              "data.batch_size=32"]
+
+
 # A short demo run in this process: 256 training and 100 validation digits, 1 + 2 epochs.
 SMALL_DEMO = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=1",
               "stages.1.epochs=2"]
@@ -44,6 +49,11 @@ def small_demo_config(out, *extra):
     from utils.config import load_config
 
     return load_config("configs/demo.yaml", [f"train.output_dir={out}", *SMALL_DEMO, *extra])
+
+
+# The short demo run below from the command line, with a checkpoint every 2 steps.
+SAVING_RUN_CLI = [*DEMO_CLI, *[a for o in SMALL_DEMO for a in ("-o", o)], "-o",
+                  "train.save_every_steps=2"]
 
 
 def out_args(tmp_path, name="out"):
@@ -263,3 +273,57 @@ def tiny_model_cfg():
     """:func:`tiny_model_config` as a fixture."""
     return tiny_model_config()
 
+
+@pytest.fixture
+def victim(tmp_path):
+    """A file outside the output that a planted link points to."""
+    path = tmp_path / "victim.txt"
+    path.write_text("keep me\n")
+    return path
+
+
+def png_file(path, width=8, height=8, value=0):
+    """A ``width`` x ``height`` PNG of one grey ``value`` at ``path`` (folders made)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(path)
+    return path
+
+
+class Payload:
+    """Pickles as "call ``function(argument)``": what a malicious file does when loaded."""
+
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return self.function, (self.argument,)
+
+
+def tiny_weights_file(tmp_path, name, **kwargs):
+    """Weights of the demo's tiny model (or of a variant with ``kwargs``) as ``name``
+    (``.pdparams`` or ``.safetensors``)."""
+    import paddle
+
+    from models.build import build_model
+    from utils.io.tensor_io import save_tensors
+
+    paddle.seed(0)
+    model = build_model(tiny_model_config(kwargs))
+    path = str(tmp_path / name)
+    if name.endswith(".pdparams"):
+        paddle.save(model.state_dict(), path)
+    else:
+        save_tensors(path, model.state_dict())
+    return path
+
+
+def cut_in_half(path):
+    """Truncate the file at ``path`` to its first half; return ``path``."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[:len(data) // 2])
+    return path

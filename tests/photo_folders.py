@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from utils.config import Node, load_config
+from utils.config import Node, load_config, path_override
 
 CLASSES = ["flower", "temple_left", "temple_right"]
 COUNTS = {"train": 12, "val": 3, "test": 4}
@@ -101,5 +101,5 @@ def careless_photo_folder(root):
 
 def folder_data_cfg(root, **fields):
     """The ``data`` section of ``configs/demo_folder.yaml`` reading ``root``, with ``fields``."""
-    base = load_config("configs/demo_folder.yaml", [f"data.path={root}"]).data
+    base = load_config("configs/demo_folder.yaml", [path_override("data.path", str(root))]).data
     return Node(base, **fields)

@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 from data.augment import random_resized_box, resized_crop
-from data.samples import ImageDataset
 from data.digits import load_digits
+from data.samples import ImageDataset
 from utils.config import Node
 
 

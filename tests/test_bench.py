@@ -2,7 +2,10 @@
 
 import json
 
-from conftest import run_script
+import pytest
+from conftest import (
+    run_script,
+)
 
 
 def test_step_ratio_prints_one_json_line():
@@ -25,3 +28,12 @@ def test_loader_bench_prints_rates_and_the_workers_training_needs():
     given = [name for name in result["workers_needed"] if "given" in name]
     assert len(given) == 1 and result["training_images_per_s"][given[0]] == 40.0
     assert all(count >= 1 for count in result["workers_needed"].values())
+
+
+def test_memory_bench_quick_prints_one_json_line():
+    proc = run_script("bench/memory.py", "--quick", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["plain_bytes_per_image"] > 0 and result["recompute_bytes_per_image"] > 0
+    assert result["recompute_over_plain"] == pytest.approx(
+        result["recompute_bytes_per_image"] / result["plain_bytes_per_image"], abs=1e-3)

@@ -1,10 +1,22 @@
-"""Config loading, overrides and validation errors that name the key."""
+"""utils/config.py, utils/schema.py and utils/yaml_text.py: config loading, overrides and
+validation errors that name the key, and what a careless or hostile config tries (non-finite
+numbers, bounds, YAML bombs, repeated keys, paths parsed as YAML, PPIM's loader arguments)."""
+
+import os
+import time
 
 import pytest
-from conftest import run_script
+from conftest import (
+    DEMO_CLI,
+    ROOT,
+    assert_one_error,
+    run_script,
+)
 
-from utils.config import DEFAULT_CONFIG, apply_override, load_config, parse_value
+from models.inference import _checked_contract
+from utils.config import DEFAULT_CONFIG, apply_override, load_config, parse_value, path_override
 from utils.errors import UserError
+from utils.io.files import path_problem
 
 
 def test_reproduction_config_expresses_the_original_path():
@@ -134,3 +146,126 @@ def test_help_describes_options():
     assert proc.returncode == 0
     for option in ("--config", "--override", "--dry-run"):
         assert option in proc.stdout
+
+
+FLOAT_KEYS = ["loss.alpha", "train.ema.decay", "stages.0.optimizer.lr", "stages.0.warmup.epochs",
+              "train.clip_grad_norm", "data.rotation", "model.drop_rate",
+              "stages.1.lr_schedule.end_lr", "model.kwargs.mlp_ratio", "stages.0.until.val_top1",
+              "stages.0.loss.alpha", "stages.0.optimizer.epsilon", "stages.1.optimizer.l2_decay"]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "-.Inf"])
+def test_non_finite_numbers_are_refused_for_every_float_key(value):
+    from utils.config import load_config
+    from utils.errors import UserError
+
+    for key in FLOAT_KEYS:
+        with pytest.raises(UserError, match=f"'{key}' must be a finite number"):
+            load_config("configs/demo.yaml", [f"{key}={value}"])
+    with pytest.raises(UserError, match="'stages.0.optimizer.betas.1' must be a finite number"):
+        load_config("configs/demo.yaml", [f"stages.0.optimizer.betas=[0.9, {value}]"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.seed=-1", "'train.seed' must be >= 0"),
+    ("train.seed=1099511627776", "'train.seed' must be <= 4294967295"),
+    ("data.batch_size=1000000000000", "'data.batch_size' must be <= 65536"),
+    ("data.image_size=100000", "'data.image_size' must be <= 1024"),
+    ("model.kwargs.depth=1000000", "'model.kwargs.depth' must be <= 128"),
+    ("model.kwargs.embed_dim=-5", "'model.kwargs.embed_dim' must be >= 1"),
+    ("model.kwargs.num_heads=3", "the width must divide into the heads"),
+    ("model.kwargs.depth=2.5", "'model.kwargs.depth' must be int"),
+    ("model.kwargs={depth: {nested: 1}}", "must be a number, a string, a boolean"),
+    ("stages.0.epochs=10000000000", "'stages.0.epochs' must be <= 1000000000"),
+    ("data.num_workers=100000", "'data.num_workers' must be <= 64"),
+])
+def test_integer_and_model_size_bounds(override, message):
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", override, "--dry-run"), message)
+
+
+def test_a_config_that_is_not_utf8_or_a_yaml_bomb_is_one_line(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("data:\n  name: d\xefgits\n".encode("latin-1"))
+    assert_one_error(run_script("main.py", "-c", str(latin), "--dry-run"), "is not UTF-8 text")
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for level, name in enumerate("bcdefghi"):
+        previous = "abcdefghi"[level]
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    bomb = tmp_path / "laughs.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    start = time.time()
+    assert_one_error(run_script("main.py", "-c", str(bomb), "--dry-run", timeout=60),
+                     "expands to more than 100000 values")
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o",
+                                "model.kwargs={a: &a [1, 1], b: [*a, *a]}", "--dry-run"),
+                     "'model.kwargs.b' must be a number, a string")
+    assert time.time() - start < 60
+
+
+def test_a_crop_fraction_that_would_blow_up_the_resize_is_refused():
+    with pytest.raises(UserError, match="'data.crop_fraction' must be >= 0.25"):
+        load_config("configs/demo.yaml", ["data.crop_fraction=0.01"])
+    contract = {"image_size": 1024, "crop_fraction": 0.01, "class_names": ["a", "b"]}
+    with pytest.raises(UserError, match=r"crop_fraction in \[0.25, 1\]"):
+        _checked_contract(contract, "preprocess.json")
+
+
+def test_a_repeated_yaml_key_is_an_error_not_a_silent_replacement(tmp_path):
+    text = open(os.path.join(ROOT, "configs", "demo.yaml"), encoding="utf-8").read()
+    config = tmp_path / "twice.yaml"
+    config.write_text(text + "\ntrain:\n  seed: 3\n")
+    with pytest.raises(UserError, match="the key 'train' appears twice"):
+        load_config(str(config))
+    config.write_text(text.replace("  seed: 0", "  seed: 0\n  seed: 1"))
+    with pytest.raises(UserError, match="the key 'seed' appears twice"):
+        load_config(str(config))
+
+
+def test_paths_given_as_arguments_are_not_parsed_as_yaml(tmp_path):
+    for path in ("run #2", "true", "1e3", "[a]", "a: b", "~"):
+        cfg = load_config("configs/demo.yaml", [path_override("train.output_dir", path)])
+        assert cfg.train.output_dir == path
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "--init-from",
+                      str(tmp_path / "run #2" / "w.safetensors"), "--dry-run")
+    assert proc.returncode == 0 and "run #2/w.safetensors" in proc.stdout, proc.stderr[-800:]
+
+
+def test_a_deep_override_and_a_nul_character_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="has 200 levels; configs have at most 32"):
+        load_config("configs/demo.yaml", [".".join(["a"] * 200) + "=1"])
+    with pytest.raises(UserError, match="'train.output_dir' holds a NUL character"):
+        load_config("configs/demo.yaml", ['train.output_dir="out\\0put"'])
+    assert path_problem("a\0b") == "holds a NUL character, which no file name can"
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={loop}/x")
+    assert_one_error(proc)
+
+
+@pytest.mark.parametrize("key", ["model.kwargs", "distill.kwargs"])
+@pytest.mark.parametrize("name", ["pretrained", "return_transforms"])
+def test_no_setting_passes_ppims_loading_arguments(key, name):
+    overrides = [f"{key}={{{name}: true}}"]
+    if key == "distill.kwargs":
+        overrides.append("distill.teacher=deit_s_distilled")
+    with pytest.raises(UserError, match=f"'{key}.{name}' is not accepted: it makes PPIM's"):
+        load_config("configs/demo.yaml", overrides)
+
+
+CONFIG_ROWS = [
+    ("loss.alpha=-1", "'loss.alpha' must be >= 0.0"),
+    ("data.hflip_prob=1.5", "'data.hflip_prob' must be <= 1.0"),
+    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+    ("stages.0.optimizer.name=SGD", "'stages.0.optimizer.name' must be one of AdamW, Momentum"),
+    ("stages.1.optimizer.momentum=1.5", "'stages.1.optimizer.momentum' must be <= 1.0"),
+    ("stages.0.optimizer.betas=[0.9, 2]", "'stages.0.optimizer.betas.1' must be <= 1.0"),
+    ("stages.0.until.val_top1=93", "'stages.0.until.val_top1' must be <= 1.0"),
+    ("model.drop_rate=high", "'model.drop_rate' must be float, got str"),
+    ("train.nan_policy=ignore", "'train.nan_policy' must be one of stop, skip"),
+    ("train.sede=1", "'train.sede' is unknown; valid keys at train: output_dir, seed"),
+]
+
+
+@pytest.mark.parametrize("override,message", CONFIG_ROWS)
+def test_bad_config_value_names_the_key(override, message):
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", override, "--dry-run"), message)

@@ -1,144 +1,32 @@
-"""The CIFAR-100 reader against Paddle's own Cifar100, the digits demo data and the loaders."""
+"""data/dataset.py and data/batching.py: the held-out validation split, subsets, the digits
+demo data, augmentation and the loaders, the batch split over ranks (CIFAR: test_cifar.py)."""
 
+import json
 import os
-import tarfile
-from pathlib import Path
+import re
 
 import numpy as np
 import pytest
-from conftest import cifar_batch, write_cifar_archive
+from conftest import (
+    DEMO_CLI,
+    assert_one_error,
+    final_tests,
+    read_records,
+    run_script,
+    small_demo_config,
+)
 
-from data import cifar
-from data.cifar import CIFARS, cifar_class_names, load_cifar, locate_cifar
-from data.dataset import Split, eval_loader, subset_indices
-from data.samples import ImageDataset
+from data.batching import micro_batch
+from data.dataset import Split, eval_loader, holdout_indices, subset_indices
 from data.digits import load_digits
 from data.loader import build_loader, set_epoch
+from data.samples import ImageDataset
 from data.sources import as_source
+from main import train
 from utils.config import Node
 from utils.errors import UserError
 
-FINE_NAMES = [f"class_{i}" for i in range(100)]
-C100, C10 = CIFARS["cifar100"], CIFARS["cifar10"]
 PLAIN = Node(crop_fraction=1.0, skip_bad_images=False)  # the data keys a dataset reads
-
-
-def _real_digit_images(mode):
-    """Real digit scans with three different channels, so a channel mix-up shows."""
-    images, labels = load_digits(mode)
-    grey = images[..., 0]
-    rgb = np.stack([grey, 255 - grey, grey[:, :, ::-1]], axis=-1)
-    return np.ascontiguousarray(rgb), labels * 7 + 3  # spread labels over 100 classes
-
-
-def _assert_same_samples(images, labels, reference):
-    """Our arrays hold exactly the bytes and labels of Paddle's dataset, in its order."""
-    assert images.dtype == np.uint8 and images.shape == (len(reference), 32, 32, 3)
-    assert labels.dtype == np.int64 and labels.shape == (len(reference),)
-    for index in range(len(reference)):
-        image, label = reference[index]
-        assert np.asarray(image).tobytes() == images[index].tobytes()
-        assert int(label) == labels[index]
-
-
-@pytest.fixture(scope="module")
-def cifar_archive(tmp_path_factory):
-    """A cifar-100-python.tar.gz written from real digit images."""
-    path = tmp_path_factory.mktemp("cifar") / C100.archive
-    members = {"train": cifar_batch(*_real_digit_images("train")),
-               "test": cifar_batch(*_real_digit_images("test")),
-               "meta": {b"fine_label_names": [n.encode() for n in FINE_NAMES],
-                        b"coarse_label_names": [b"c"] * 20}}
-    return write_cifar_archive(path, members)
-
-
-@pytest.mark.parametrize("mode", ["train", "test"])
-def test_reader_is_byte_identical_to_paddle_cifar100(cifar_archive, mode):
-    from paddle.vision.datasets import Cifar100
-
-    images, labels = load_cifar(C100, cifar_archive, mode)
-    _assert_same_samples(images, labels, Cifar100(data_file=cifar_archive, mode=mode,
-                                                  download=False, backend="pil"))
-    expected, expected_labels = _real_digit_images(mode)
-    assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels)
-
-
-def test_reader_reads_an_extracted_folder_the_same(cifar_archive, tmp_path):
-    with tarfile.open(cifar_archive) as archive:
-        archive.extractall(tmp_path, filter="data")
-    for folder in (tmp_path, tmp_path / "cifar-100-python"):
-        images, labels = load_cifar(C100, str(folder), "test")
-        ref_images, ref_labels = load_cifar(C100, cifar_archive, "test")
-        assert np.array_equal(images, ref_images) and np.array_equal(labels, ref_labels)
-    assert cifar_class_names(C100, str(tmp_path)) == FINE_NAMES
-    assert cifar_class_names(C100, cifar_archive) == FINE_NAMES
-
-
-@pytest.fixture(scope="module")
-def cifar10_archive(tmp_path_factory):
-    """A cifar-10-python.tar.gz written from real digit images: five training batches, stored
-    out of order, with CIFAR-10's label key, and the test batch."""
-    images, labels = load_digits("train")
-    chunks = np.array_split(np.arange(len(labels)), 5)
-    members = {}
-    for number in (3, 1, 5, 2, 4):
-        batch = cifar_batch(images[chunks[number - 1]], labels[chunks[number - 1]])
-        batch[b"labels"] = batch.pop(b"fine_labels")
-        del batch[b"coarse_labels"]
-        members[f"data_batch_{number}"] = batch
-    test = cifar_batch(*load_digits("test"))
-    test[b"labels"] = test.pop(b"fine_labels")
-    members.update({"test_batch": test, "readme.html": b"<html></html>",
-                    "batches.meta": {b"label_names": [f"digit {i}".encode() for i in range(10)],
-                                     b"num_vis": 3072}})
-    path = tmp_path_factory.mktemp("cifar10") / C10.archive
-    return write_cifar_archive(path, members, folder=C10.folder)
-
-
-@pytest.mark.parametrize("mode", ["train", "test"])
-def test_cifar10_reader_is_byte_identical_to_paddle_cifar10(cifar10_archive, mode, tmp_path):
-    from paddle.vision.datasets import Cifar10
-
-    images, labels = load_cifar(C10, cifar10_archive, mode)
-    _assert_same_samples(images, labels, Cifar10(data_file=cifar10_archive, mode=mode,
-                                                 download=False, backend="pil"))
-    expected, expected_labels = load_digits(mode)
-    assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels)
-    with tarfile.open(cifar10_archive) as archive:
-        archive.extractall(tmp_path, filter="data")
-    folder_images, folder_labels = load_cifar(C10, str(tmp_path), mode)
-    assert np.array_equal(folder_images, images) and np.array_equal(folder_labels, labels)
-
-
-def test_cifar10_is_a_data_name_with_its_class_names(cifar10_archive):
-    from data.dataset import class_names, run_splits
-    from utils.config import load_config
-
-    cfg = load_config("configs/demo.yaml", ["data.name=cifar10", f"data.path={cifar10_archive}",
-                                            "data.val_split=100"])
-    train, val, test, names = run_splits(cfg.data, 10, 0)
-    assert (len(train.labels), len(val.labels), len(test.labels)) == (1337, 100, 360)
-    assert names == [f"digit {i}" for i in range(10)]
-    assert class_names(cfg.data, 10) == [f"digit {i}" for i in range(10)]
-    with pytest.raises(UserError, match="is it the cifar-10-python.tar.gz archive"):
-        load_cifar(C10, write_cifar_archive(
-            str(Path(cifar10_archive).parent / "other.tar.gz"), {"train": {}}), "train")
-
-
-def test_missing_archive_offline_names_file_and_option(tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar, "default_archive_path", lambda c: str(tmp_path / c.archive))
-
-    def unreachable(*args, **kwargs):
-        raise OSError(-2, "Name or service not known")
-
-    monkeypatch.setattr("utils.io.download.socket.create_connection", unreachable)
-    with pytest.raises(UserError) as info:
-        locate_cifar(C100, None)
-    message = str(info.value)
-    assert str(tmp_path / C100.archive) in message
-    assert "-o data.path=" in message and "Name or service not known" in message
-    with pytest.raises(UserError, match="data.path /nope does not exist"):
-        locate_cifar(C100, "/nope")
 
 
 def test_digits_demo_split_is_stratified_fixed_and_held_out():
@@ -266,3 +154,66 @@ def test_the_digits_cache_holds_what_scikit_learn_gives_and_a_bad_one_is_remade(
     os.mkfifo(path)  # a pipe where the cache goes is never opened (it would block)
     assert digits._read_cached(path) is None
     assert digits.cache_path("train") != path  # one file per split
+
+
+def test_holdout_is_stratified_seeded_and_disjoint():
+    labels = np.repeat(np.arange(100), 500)  # CIFAR-100's training split
+    train, held = holdout_indices(labels, 5000, seed=(42, 2))
+    assert len(held) == 5000 and np.all(np.bincount(labels[held]) == 50)
+    assert len(np.intersect1d(train, held)) == 0 and len(train) + len(held) == len(labels)
+    again, _ = holdout_indices(labels, 5000, seed=(42, 2))
+    assert np.array_equal(train, again)
+    other = holdout_indices(labels, 5000, seed=(43, 2))[1]
+    assert not np.array_equal(held, other)
+    uneven = np.array([0] * 7 + [1] * 2 + [2])  # quotas 3.5, 1, 0.5 of 5: largest remainders
+    assert np.bincount(uneven[holdout_indices(uneven, 5, 0)[1]], minlength=3).tolist() == [4, 1, 0]
+    with pytest.raises(UserError, match=r"data.val_split=10 leaves no training image: the "
+                       r"training split has 10, so hold out at most 9 \(or 0 to validate on"):
+        holdout_indices(uneven, 10, 0)
+
+
+def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(tmp_path):
+    out = str(tmp_path / "run")
+    best = train(small_demo_config(out, "data.val_subset=null"))
+    assert all(r["val_top1"] is not None for r in read_records(out))
+    assert best["val_num_samples"] == 240 and best["selected_on"] == "val"
+    tests = final_tests(out)
+    assert set(tests) == {"best", "last"} and tests["best"]["num_samples"] == 360
+    with open(os.path.join(out, "best.json"), encoding="utf-8") as handle:
+        saved = json.load(handle)
+    assert saved["test_top1"] == tests["best"]["test_top1"]
+    val = run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={out}", "--split", "val")
+    assert val.returncode == 0 and val.stdout.strip().endswith("n=240 on the val split")
+    test = run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={out}")
+    top1 = float(re.search(r"top1=(\S+)", test.stdout)[1])
+    assert top1 == pytest.approx(tests["best"]["test_top1"], abs=1e-4)
+
+
+def test_the_old_protocol_says_its_best_is_chosen_on_the_test_split(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    best = train(small_demo_config(out, "data.val_split=0"))
+    assert best["selected_on"] == "test" and best["val_num_samples"] == 100
+    assert "chosen on the test split (data.val_split: 0), so this number is biased upward" \
+        in capsys.readouterr().out
+    proc = run_script("val.py", *DEMO_CLI, "-o", "data.val_split=0", "-o", f"train.output_dir={out}")
+    assert "chosen on the test split" in proc.stdout
+    assert_one_error(run_script("val.py", *DEMO_CLI, "-o", "data.val_split=0", "-o",
+                                f"train.output_dir={out}", "--split", "val"),
+                     "this config holds out no validation images")
+
+
+def test_the_batch_of_a_step_splits_over_ranks_and_micro_batches():
+    assert micro_batch(24, 1, 1) == 24 and micro_batch(24, 2, 4) == 3
+    with pytest.raises(UserError, match=r"data.batch_size=24 does not split into 5 rank\(s\) x "
+                                        r"train.accum_steps=2 equal micro-batches; make it a "
+                                        r"multiple of 10"):
+        micro_batch(24, 2, 5)
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", "train.accum_steps=5",
+                                "-o", "train.output_dir=/tmp/never-written-here", "--preflight"),
+                     "data.batch_size=32 does not split into 1 rank(s) x train.accum_steps=5")
+
+
+def test_subset_larger_than_the_split_is_one_error_line(tmp_path):
+    proc = run_script("main.py", *DEMO_CLI, "-o", "data.train_subset=5000",
+                      "-o", f"train.output_dir={tmp_path}")
+    assert_one_error(proc, "data.train_subset=5000 must be between 1 and the split size 1197")

@@ -20,7 +20,6 @@ from utils.config import load_config
 from utils.io.tensor_io import load_tensors
 
 
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Train the demo once (about two minutes on two cores) into a temporary folder."""

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from conftest import TINY_MODEL_KWARGS, read_records, run_script, tiny_model_config
+from conftest import ROOT, TINY_MODEL_KWARGS, read_records, run_script, tiny_model_config
 
 from losses import build_loss
 from losses.distill import DistillationLoss
@@ -18,7 +18,6 @@ from models.build import build_model
 from utils.config import load_config
 from utils.errors import UserError
 from utils.io.tensor_io import load_tensors, save_tensors
-
 
 
 def _log_softmax(x):
@@ -252,9 +251,9 @@ def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
     that a live run holds is refused (its best weights may change)."""
     from conftest import stop_at_evaluation
 
+    from main import train
     from models.teacher import build_teacher
     from training.amp import Precision
-    from main import train
     from utils.run_folder import RunFolder
 
     copy = tmp_path / "teacher"
@@ -282,3 +281,17 @@ def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
             build_teacher(cfg.distill, 10, Precision())
     finally:
         held.release()
+
+
+def test_a_teacher_folder_whose_config_asks_ppim_to_load_is_refused(tmp_path):
+    from models.teacher import build_teacher
+    from training.amp import Precision
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    text = open(os.path.join(ROOT, "configs", "demo.yaml"), encoding="utf-8").read()
+    (teacher / "config.yaml").write_text(text.replace("    epsilon: 1.0e-6",
+                                                      "    epsilon: 1.0e-6\n    pretrained: true"))
+    cfg = load_config("configs/demo.yaml", [f"distill.teacher={teacher}"])
+    with pytest.raises(UserError, match="model.kwargs.pretrained' is not accepted"):
+        build_teacher(cfg.distill, 10, Precision())

@@ -6,7 +6,6 @@ import os
 import re
 
 import pytest
-
 from conftest import ROOT
 
 FRONT_PAGES = ("README.md", "README_cn.md")

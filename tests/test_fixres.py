@@ -18,14 +18,14 @@ from conftest import (
 
 from data.dataset import run_splits, stage_loaders
 from data.loader import set_epoch
+from main import train
 from models.build import build_model, input_size
 from models.resolution import resample_pos_embed
 from training import stage as stage_module
 from training.averaging import EMA
 from training.optim import MasterCopies, build_optimizer, master_copies
-from main import train
-from training.stage import change_resolution, set_trainable
 from training.recipe import stage_data
+from training.stage import change_resolution, set_trainable
 from utils.checkpoint import find_last, load_last
 from utils.config import load_config
 from utils.errors import UserError

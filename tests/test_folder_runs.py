@@ -28,6 +28,7 @@ from utils.config import load_config
 from utils.errors import UserError
 from utils.io.tensor_io import class_names_of
 
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """A folder data set with what a careless user leaves in one: ``(root, expected)``."""

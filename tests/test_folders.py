@@ -1,20 +1,24 @@
 """Your own images, read: class folders and list files of crops of scikit-learn's sample
 photos in every mode a user's folder may hold, decoded as NumPy computes them, viewed as
-PPIM's transform views them, batched the same with and without workers."""
+PPIM's transform views them, batched the same with and without workers; list files and
+class folders a careless or hostile user makes."""
 
 import os
+import unicodedata
 
 import numpy as np
 import pytest
+from conftest import png_file
 from photo_folders import CLASSES, careless_photo_folder, folder_data_cfg, photo_halves
 from PIL import Image
 
 from data.augment import eval_view, train_view
 from data.dataset import run_splits
+from data.folders import folder_split, label_names, list_split
 from data.images import read_rgb
 from data.loader import build_loader, set_epoch
 from data.samples import ImageDataset
-from utils.config import Node
+from utils.config import Node, load_config
 from utils.errors import UserError
 
 PLAIN = Node(crop_fraction=1.0, skip_bad_images=False)
@@ -122,3 +126,72 @@ def test_a_million_file_names_cost_bytes_not_objects(tmp_path):
     assert files.blob.nbytes == sum(len(n) for n in names)
     part = files.take(np.arange(10, 200_000, 3))
     assert np.shares_memory(part.blob, files.blob) and part.relative_path(1) == names[13]
+
+
+NFC, NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+
+
+@pytest.mark.parametrize("bad", ["٣", "³", "３"])
+def test_only_the_digits_0_to_9_are_labels_and_indices(tmp_path, bad):
+    png_file(tmp_path / "a.png")
+    (tmp_path / "train.txt").write_text(f"a.png {bad}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="a label of the digits 0-9"):
+        list_split(folder_data_cfg(tmp_path, name="list", train_list="train.txt"), "train_list", 5)
+    (tmp_path / "names.txt").write_text(f"0 cat\n{bad} dog\n", encoding="utf-8")
+    with pytest.raises(UserError, match="an index of the digits 0-9"):
+        label_names(folder_data_cfg(tmp_path, label_names="names.txt"), 2)
+    with pytest.raises(UserError, match="is not an index"):
+        load_config("configs/demo.yaml", [f"stages.{bad}.epochs=1"])
+
+
+def test_list_paths_that_leave_the_data_folder_are_refused(tmp_path):
+    root = tmp_path / "data"
+    png_file(tmp_path / "outside.png")
+    png_file(root / "inside.png")
+    for name in ("../outside.png", str(tmp_path / "outside.png"), "sub/../../outside.png"):
+        (root / "train.txt").write_text(f"{name} 0\n")
+        with pytest.raises(UserError, match="lies outside data.path"):
+            list_split(folder_data_cfg(root, name="list", train_list="train.txt"), "train_list", 2)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    png_file(tmp_path / "a.png")
+    (tmp_path / "train.txt").write_bytes("\ufeffa.png 1\n".encode("utf-8"))
+    images, labels = list_split(folder_data_cfg(tmp_path, name="list", train_list="train.txt"),
+                                "train_list", 2)
+    assert list(labels) == [1]
+    (tmp_path / "names.txt").write_bytes("\ufeff0 cat\n1 dog\n".encode("utf-8"))
+    assert label_names(folder_data_cfg(tmp_path, label_names="names.txt"), 2) == ["cat", "dog"]
+
+
+def test_repeated_class_names_name_the_real_problem(tmp_path):
+    (tmp_path / "names.txt").write_text(f"0 {NFC}\n1 {NFD}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="gives two classes one name.*Unicode normalisation"):
+        label_names(folder_data_cfg(tmp_path, label_names="names.txt"), 2)
+    (tmp_path / "names.txt").write_text("0 cat\n1 cat\n", encoding="utf-8")
+    with pytest.raises(UserError, match="gives two classes one name: 'cat' and 'cat'$"):
+        label_names(folder_data_cfg(tmp_path, label_names="names.txt"), 2)
+    (tmp_path / "names.txt").write_text("0 cat\n0 dog\n", encoding="utf-8")
+    with pytest.raises(UserError, match="gives index 0 a second name"):
+        label_names(folder_data_cfg(tmp_path, label_names="names.txt"), 2)
+
+
+def test_class_folders_are_one_class_whatever_their_unicode_form(tmp_path):
+    for split, name in (("train", NFC), ("test", NFD)):
+        png_file(tmp_path / split / name / "1.png")
+        png_file(tmp_path / split / "dog" / "1.png")
+    train = folder_split(folder_data_cfg(tmp_path), "train", [NFC, "dog"])
+    test = folder_split(folder_data_cfg(tmp_path), "test", [NFC, "dog"])
+    assert list(train[1]) == list(test[1]) == [0, 1]
+    png_file(tmp_path / "train" / NFD / "2.png")  # both forms in one split: ambiguous
+    with pytest.raises(UserError, match="differ only in their Unicode normalisation"):
+        run_splits(folder_data_cfg(tmp_path, val_split=0), 3, 0)
+
+
+def test_a_class_folder_linked_to_another_is_refused(tmp_path):
+    png_file(tmp_path / "train" / "cat" / "1.png")
+    png_file(tmp_path / "test" / "cat" / "1.png")
+    (tmp_path / "train" / "kitten").symlink_to(tmp_path / "train" / "cat")
+    with pytest.raises(UserError, match="are the same folder .a symbolic link.: their images "
+                                        "would be read under two labels"):
+        run_splits(folder_data_cfg(tmp_path, val_split=0), 2, 0)

@@ -1,4 +1,5 @@
-"""Interruptions: SIGKILL, SIGTERM and SIGINT during a run, kills during a save, a full disk.
+"""Interruptions: SIGKILL, SIGTERM, SIGINT and SIGHUP during a run, kills during a save, a
+full disk, a stop after the last epoch.
 
 Each interrupted run is continued with ``--resume`` and must end exactly like the
 uninterrupted one (same metrics.jsonl), which is trained once for the module.
@@ -14,16 +15,22 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_error, kill_in_stage_1, read_records, run_script
+from conftest import (
+    DEMO_CLI,
+    ROOT,
+    assert_one_error,
+    kill_in_stage_1,
+    read_records,
+    run_script,
+)
 
-from training import engine
 from main import train
+from training import engine
 from training.state import RunState
 from utils.checkpoint import find_last, load_last, weights_path
 from utils.config import load_config
 from utils.errors import Interrupted, UserError
 from utils.io.tensor_io import load_tensors
-
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
 RUN = ["-c", "configs/demo.yaml", *[a for o in SMALL for a in ("-o", o)],
@@ -267,3 +274,40 @@ def test_a_forked_worker_does_not_keep_the_run_folder_locked(tmp_path):
     finally:
         child.kill()
         child.join()
+
+
+def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatch, capsys):
+    from main import train
+    from training.run import Run
+    from utils.config import load_config
+
+    real = Run.checkpoint
+
+    def stop_at_the_end(self, position, progress):
+        real(self, position, progress)
+        if position.stage == len(self.cfg.stages):
+            self.stops.signum = signal.SIGINT  # as if Ctrl-C came now
+
+    monkeypatch.setattr(Run, "checkpoint", stop_at_the_end)
+    out = str(tmp_path / "run")
+    best = train(load_config("configs/demo.yaml", [
+        f"train.output_dir={out}", "data.train_subset=128", "data.val_subset=40",
+        "stages.0.epochs=1", "stages.1.epochs=1"]))
+    assert best is not None
+    assert "SIGINT after the last epoch: training is complete" in capsys.readouterr().out
+
+
+def test_sighup_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = str(tmp_path / "hup")
+    proc = subprocess.Popen([sys.executable, "main.py", *DEMO_CLI, "-o", f"train.output_dir={out}",
+                             "-o", "data.train_subset=256", "-o", "train.progress=off"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("stage 0 epoch 1/"):
+            proc.send_signal(signal.SIGHUP)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGHUP, err[-2000:]
+    line = [text for text in err.splitlines() if text.startswith("interrupted: ")][0]
+    assert "SIGHUP at stage 0" in line and "--resume" in line and "Traceback" not in err
+    assert os.path.isfile(os.path.join(out, "last", "state.json"))

@@ -1,11 +1,26 @@
-"""Building PPIM models with a new head, loading weights and skipping the ImageNet heads."""
+"""models/: building PPIM models with a new head, loading weights and skipping the ImageNet
+heads; weights that are refused (non-finite, another model, pickle at build time) and
+models too large for the machine; recompute."""
 
 import numpy as np
 import paddle
 import pytest
-from conftest import TINY_MODEL_KWARGS, tiny_model_config
+from conftest import (
+    DEMO_CLI,
+    FAST_CLI,
+    SUBSET_CLI,
+    TINY_MODEL_KWARGS,
+    assert_one_error,
+    out_args,
+    run_script,
+    tiny_model_config,
+    tiny_weights_file,
+)
 
-from models.build import build_model, input_size, load_weights, pretrained_url
+from data.digits import load_digits
+from data.preprocess import DevicePreprocess
+from losses import RDropLoss
+from models.build import _no_weight_loading, build_model, input_size, load_weights, pretrained_url
 from models.resolution import resample_pos_embed
 from utils.config import Node, validate
 from utils.errors import UserError
@@ -164,3 +179,68 @@ def test_zero_head_init_zeroes_new_heads_only(tmp_path, tiny_model_cfg, capsys):
     again = build_model(Node(tiny_model_cfg, pretrained=own, head_init="zero"))
     assert again.head.weight.numpy().any()  # loaded heads are kept
     assert "model.head_init=zero: no new head set to zero" in capsys.readouterr().out
+
+
+def test_nan_weights_are_never_loaded(tmp_path):
+    paddle.seed(0)
+    state = build_model(tiny_model_config()).state_dict()
+    state = {k: v.numpy() for k, v in state.items()}
+    state["blocks.0.attn.qkv.weight"][0, 0] = np.nan
+    path = str(tmp_path / "nan.safetensors")
+    save_tensors(path, state)
+    assert_one_error(run_script("val.py", *DEMO_CLI, "--weights", path),
+                     "holds non-finite values (1 tensors, e.g. blocks.0.attn.qkv.weight)")
+    assert_one_error(run_script("main.py", *DEMO_CLI, *FAST_CLI, *out_args(tmp_path), "-o",
+                                f"model.pretrained={path}"), "holds non-finite values")
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"embed_dim": 8192, "mlp_ratio": 64.0}, "GB of weights, gradients and optimizer state"),
+    ({"patch_size": 1, "img_size": 1024}, "GB of attention per training image"),
+    ({"depth": 128, "embed_dim": 8192, "num_heads": 8}, "more than this machine's"),
+])
+def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built(kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        build_model(tiny_model_config(kwargs=kwargs))
+
+
+def test_paddle_load_is_refused_while_a_ppim_model_builds():
+    real = paddle.load
+    with _no_weight_loading("deit_x"):
+        with pytest.raises(UserError, match="PPIM's deit_x tried to load weights with "
+                                            "paddle.load"):
+            paddle.load("/nonexistent.pdparams")
+    assert paddle.load is real
+    build_model(tiny_model_config())  # a build that loads nothing is unaffected
+
+
+def test_recompute_gives_the_same_loss_and_gradients_with_dropout_on():
+    images, labels = load_digits("train")
+    x = DevicePreprocess(32)(paddle.to_tensor(images[:8]))
+    y = paddle.to_tensor(labels[:8])
+    results = []
+    for recompute in (False, True):
+        paddle.seed(0)
+        model = build_model(tiny_model_config(drop_rate=0.3, attn_drop_rate=0.1,
+                                              drop_path_rate=0.1, recompute=recompute))
+        if results:
+            model.set_state_dict(results[0][2])
+        assert sum(type(b).__name__ == "RecomputedBlock" for b in model.blocks) == 2 * recompute
+        paddle.seed(5)  # the same dropout masks for both models
+        parts = RDropLoss(alpha=5.0)(model(paddle.concat([x, x])), y)
+        parts["loss"].backward()
+        assert float(parts["kl"]) > 0  # the two copies did get different masks
+        results.append((float(parts["loss"]),
+                        {n: p.grad.numpy() for n, p in model.named_parameters()},
+                        model.state_dict()))
+    assert results[0][0] == results[1][0]
+    for name, grad in results[0][1].items():
+        np.testing.assert_allclose(results[1][1][name], grad, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_pretrained_weights_of_another_model_name_mismatched_tensors(tmp_path):
+    other = tiny_weights_file(tmp_path, "other.pdparams", embed_dim=32)
+    proc = run_script("main.py", *DEMO_CLI, *SUBSET_CLI, "-o", f"model.pretrained={other}",
+                      "-o", f"train.output_dir={tmp_path / 'out'}")
+    assert_one_error(proc, "is for another model (", "e.g. pos_embed: shape [1, 18, 32] "
+                     "!= model [1, 18, 64]", "model.name or model.kwargs")

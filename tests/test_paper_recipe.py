@@ -13,8 +13,8 @@ from conftest import read_records, run_script
 
 from data.digits import load_digits
 from data.preprocess import DevicePreprocess
-from models.build import build_model
 from main import train
+from models.build import build_model
 from training.recipe import describe_stage
 from utils.config import load_config
 

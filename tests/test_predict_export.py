@@ -1,21 +1,33 @@
 """predict.py on real photos (scikit-learn's sample JPEGs, in every PIL mode), export.py, and
-the exported model through paddle.inference against the eager one."""
+the exported model through paddle.inference against the eager one; bad images, damaged
+exports, links and folders where they write, a stopped prediction."""
 
 import json
 import os
+import struct
+import subprocess
+import zlib
 
 import numpy as np
 import paddle
 import pytest
 import sklearn
-from conftest import assert_one_error, run_script
+from conftest import (
+    DEMO_CLI,
+    ROOT,
+    assert_one_error,
+    run_script,
+    tiny_model_config,
+)
 from PIL import Image
 
+import predict
 from data.images import read_rgb
 from data.preprocess import DevicePreprocess
 from models.build import build_model
 from models.inference import ExportedModel, export_model
 from utils.config import load_config
+from utils.errors import UserError
 from utils.io.tensor_io import save_tensors
 
 PHOTOS = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
@@ -101,3 +113,161 @@ def test_predict_errors_are_one_line(weights_and_photos, tmp_path):
     no_export = run_script("predict.py", "-c", "configs/demo.yaml", "--model-dir", str(tmp_path),
                            photos)
     assert_one_error(no_export, "holds no exported model", "python export.py")
+
+
+def _png_header(width, height):
+    """A PNG that declares ``width`` x ``height`` pixels in a few dozen bytes."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_prediction_skips_bad_images_with_a_warning_and_keeps_the_rest(tmp_path, trained):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = os.path.join(ROOT, "docs", "demo_predictions.png")
+    (folder / "a_good.png").write_bytes(open(good, "rb").read())
+    (folder / "b_huge.png").write_bytes(_png_header(60000, 60000))
+    (folder / "c_10000.png").write_bytes(_png_header(10000, 10000))
+    (folder / "d_text.png").write_text("not an image")
+    os.mkfifo(folder / "e_pipe.png")  # would block an open() forever
+    marker = tmp_path / "ghostscript-ran"
+    (folder / "f_ps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+                                      b"showpage\n")
+    (folder / "g.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name in ("gs", "gswin64c"):  # a Ghostscript that leaves a mark if it is ever run
+        path = fake_bin / name
+        path.write_text(f"#!/bin/sh\ntouch {marker}\n")
+        path.chmod(0o755)
+    json_out = tmp_path / "p.json"
+    proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}", str(folder),
+                      "--json", str(json_out), timeout=120,
+                      env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    assert_one_error(proc, "4 of 5 images could not be read", "the other 1 were predicted",
+                     f"written to {json_out}")
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 4 and all("\n" not in w for w in warnings)
+    assert proc.stderr.count("declares more than 40,000,000 pixels") == 2
+    assert [r["file"] for r in json.loads(json_out.read_text())] == [str(folder / "a_good.png")]
+    assert not marker.exists()
+    proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}",
+                      str(folder / "e_pipe.png"), timeout=60)
+    assert_one_error(proc, "is not a regular file")
+
+
+def test_prediction_checks_the_json_destination_before_the_work(trained, tmp_path):
+    proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}",
+                      os.path.join(ROOT, "docs", "demo_predictions.png"),
+                      "--json", str(tmp_path / "missing" / "p.json"))
+    assert_one_error(proc, "--json", "does not exist")
+    assert "demo_predictions.png:" not in proc.stdout
+
+
+@pytest.mark.parametrize("contract,message", [
+    ([], "preprocess.json is damaged"),
+    ({"image_size": "32", "class_names": ["a"]}, "preprocess.json is damaged"),
+    ({"image_size": 32, "class_names": ["a", "a"]}, "distinct class_names"),
+    ({"image_size": 10 ** 9, "class_names": ["a"]}, "preprocess.json is damaged"),
+    ({"image_size": 32, "class_names": [str(i) for i in range(10)], "mean": [0, 0, 0],
+      "std": [1, 1, 1]}, "another normalisation"),
+])
+def test_a_damaged_export_is_one_line(trained, tmp_path, contract, message):
+    export = tmp_path / "inference"
+    subprocess.run(["cp", "-r", os.path.join(trained, "inference"), str(export)], check=True)
+    (export / "preprocess.json").write_text(json.dumps(contract))
+    proc = run_script("predict.py", *DEMO_CLI, "--model-dir", str(export),
+                      os.path.join(ROOT, "docs", "demo_predictions.png"))
+    assert_one_error(proc, message)
+
+
+def test_a_truncated_export_is_one_line(trained, tmp_path):
+    for name in ("model.json", "model.pdiparams"):
+        export = tmp_path / name
+        subprocess.run(["cp", "-r", os.path.join(trained, "inference"), str(export)], check=True)
+        files = [f for f in os.listdir(export) if f.startswith(name.split(".")[0])
+                 and f.endswith(name.split(".")[1])]
+        if not files:  # Paddle 2.6 writes model.pdmodel instead of model.json
+            continue
+        path = export / files[0]
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+        proc = run_script("predict.py", *DEMO_CLI, "--model-dir", str(export),
+                          os.path.join(ROOT, "docs", "demo_predictions.png"))
+        assert_one_error(proc, "cannot be loaded", "run python export.py again")
+
+
+
+
+def test_predict_json_to_dev_stdout_is_refused_and_dash_means_standard_output(tmp_path):
+    paddle.seed(0)
+    weights = str(tmp_path / "w.safetensors")
+    save_tensors(weights, build_model(load_config("configs/demo.yaml").model).state_dict())
+    photo = os.path.join(PHOTOS, "china.jpg")
+    stdout_link = tmp_path / "stdout"
+    stdout_link.symlink_to("/proc/self/fd/1")
+    proc = run_script("predict.py", *DEMO_CLI, photo, "--weights", weights, "--json",
+                      str(stdout_link))
+    assert_one_error(proc, "--json", "is a symbolic link")
+    proc = run_script("predict.py", *DEMO_CLI, photo, "--weights", weights, "--json", "-")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)[0]["file"] == photo and f"{photo}: " in proc.stderr
+
+
+def test_an_export_over_links_or_folders_is_one_error(tmp_path, victim):
+    model = build_model(tiny_model_config())
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.pdiparams").symlink_to(victim)
+    with pytest.raises(UserError, match="model.pdiparams is a symbolic link"):
+        export_model(model, 32, str(out), [str(i) for i in range(10)])
+    os.remove(out / "model.pdiparams")
+    (out / "preprocess.json").mkdir()
+    with pytest.raises(UserError, match="preprocess.json is a folder"):
+        export_model(model, 32, str(out), [str(i) for i in range(10)])
+    assert victim.read_text() == "keep me\n"
+
+
+def test_a_stopped_prediction_writes_the_images_it_did(tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(4):
+        with Image.open(os.path.join(PHOTOS, "flower.jpg")) as image:
+            image.resize((40 + index, 30)).save(photos / f"{index}.png")
+    paddle.seed(0)
+    weights = str(tmp_path / "w.safetensors")
+    save_tensors(weights, build_model(load_config("configs/demo.yaml").model).state_dict())
+    from data import augment
+
+    calls = []
+
+    real_view = augment.eval_view
+
+    def view_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C, SIGTERM or SIGHUP raise here
+        return real_view(*args)
+
+    monkeypatch.setattr(augment, "eval_view", view_then_stop)
+    target = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt):
+        predict.main([*DEMO_CLI, str(photos), "--weights", weights, "--json", str(target)])
+    done = json.loads(target.read_text())
+    assert [os.path.basename(r["file"]) for r in done] == ["0.png", "1.png"]
+    assert all(len(r["topk"]) == 5 for r in done)
+
+
+def test_export_py_into_a_folder_with_a_planted_link_is_one_line(tmp_path, victim):
+    paddle.seed(0)
+    weights = str(tmp_path / "w.safetensors")
+    save_tensors(weights, build_model(load_config("configs/demo.yaml").model).state_dict())
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "preprocess.json").symlink_to(victim)
+    proc = run_script("export.py", *DEMO_CLI, "--weights", weights, "--out", str(out))
+    assert_one_error(proc, "preprocess.json is a symbolic link")
+    assert victim.read_text() == "keep me\n"

@@ -8,11 +8,16 @@ import os
 import numpy as np
 import paddle
 import pytest
-from conftest import read_records, run_script
+from conftest import (
+    DEMO_CLI,
+    assert_one_error,
+    read_records,
+    run_script,
+)
 
 from data.digits import load_digits
-from training.stage import Stage
 from losses import RDropLoss
+from main import train
 from models.build import build_model
 from training.averaging import EMA, SWA
 from training.engine import train_step
@@ -23,8 +28,8 @@ from training.optim import (
     optimizer_state_for,
     portable_optimizer_state,
 )
-from main import train
 from training.recipe import describe_stage
+from training.stage import Stage
 from utils.config import Node, load_config
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
@@ -184,3 +189,22 @@ def test_warm_start_from_our_own_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "weights best.safetensors: loaded" in proc.stdout and "skipped 0" in proc.stdout
     assert read_records(second)[0]["val_top1"] == pytest.approx(best["val_top1"])
+
+
+def test_linear_lr_scaling_scales_every_rate_of_a_stage():
+    cfg = load_config("configs/demo.yaml", [
+        "train.lr_scaling=linear", "train.reference_batch=16",
+        "stages.1.warmup={steps: 2, start_lr: 0.001}", "stages.1.lr_schedule.end_lr=0.0001"])
+    from training.recipe import lr_scale
+
+    scale = lr_scale(cfg.train, cfg.data.batch_size)
+    assert scale == 2.0
+    schedule = build_schedule(cfg.stages[1], steps_per_epoch=5, scale=scale)
+    lrs = []
+    for _ in range(55):  # 10 epochs of 5 steps, then past the end
+        lrs.append(schedule())
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.002) and lrs[2] == pytest.approx(0.02)
+    assert lrs[-1] == pytest.approx(0.0002)
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", "train.lr_scaling=linear", "--dry-run"),
+                     "'train.reference_batch' is missing")

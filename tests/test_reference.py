@@ -15,9 +15,9 @@ import paddle.nn.functional as F
 from safetensors.numpy import load_file
 
 from data.preprocess import DevicePreprocess
+from main import train
 from models.build import build_model
 from training import engine
-from main import train
 from utils.config import load_config
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")

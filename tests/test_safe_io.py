@@ -1,6 +1,8 @@
-"""The pieces under safe loading and durable saving: restricted unpickling, safetensors
-round trips, atomic writes that fail cleanly, incomplete checkpoint folders."""
+"""utils/io/: restricted unpickling (pickled code, crafted dtypes, allocation bombs),
+safetensors round trips and odd metadata, atomic writes that fail cleanly and never go
+through a link, bounded reads that refuse special files, incomplete checkpoint folders."""
 
+import builtins
 import errno
 import io
 import json
@@ -9,15 +11,33 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, cifar_batch
+from conftest import (
+    DEMO_CLI,
+    FAST_CLI,
+    ROOT,
+    SUBSET_CLI,
+    Payload,
+    assert_one_error,
+    cifar_batch,
+    digits_cifar_archive,
+    out_args,
+    run_script,
+    tiny_model_config,
+    write_cifar_archive,
+)
+from photo_folders import folder_data_cfg
 
 from data.digits import load_digits
+from data.folders import label_names, list_split
+from models.build import build_model
 from utils.checkpoint import find_last, save_last
+from utils.config import load_config
 from utils.errors import UserError
-from utils.io.files import read_json, write_atomically, write_json
+from utils.io.files import check_writable, open_unlinked, read_json, write_atomically, write_json
 from utils.io.safe_pickle import safe_unpickle
 from utils.io.tensor_io import load_tensors, pack, save_tensors, unpack
 
@@ -178,3 +198,163 @@ def test_fuzzed_pickles_load_or_fail_with_one_line_and_never_crash(tmp_path):
     outcome = json.loads(proc.stdout)
     assert outcome["other"] == [] and outcome["loaded"] + outcome["refused"] == 4000
     assert outcome["refused"] > 1000 and outcome["loaded"] > 100  # both paths exercised
+
+
+
+# numpy.ndarray((1000000, 3072), 'u1'): 3 GB of uninitialised memory from 37 bytes.
+NDARRAY_BOMB = (b"\x80\x02cnumpy\nndarray\nJ@B\x0f\x00M\x00\x0c\x86X\x02\x00\x00\x00u1\x86R.")
+
+
+def test_the_dtype_crash_file_is_refused_by_every_entry_point(tmp_path, trained):
+    evil = tmp_path / "evil.pdparams"
+    evil.write_bytes(DTYPE_CRASH)
+    cases = [
+        ("val.py", *DEMO_CLI, "--weights", str(evil)),
+        ("predict.py", *DEMO_CLI, "--weights", str(evil), os.path.join(ROOT, "docs", "demo_curves.png")),
+        ("export.py", *DEMO_CLI, "--weights", str(evil), "--out", str(tmp_path / "x")),
+        ("main.py", *DEMO_CLI, *FAST_CLI, *out_args(tmp_path, "a"), "--init-from", str(evil)),
+        ("main.py", *DEMO_CLI, "-o", "data.name=cifar100", "-o",
+         f"data.path={digits_cifar_archive(tmp_path / 'c.tar.gz', train=DTYPE_CRASH)}", *out_args(tmp_path, "b")),
+    ]
+    for script, *args in cases:
+        assert_one_error(run_script(script, *args), "asks to call numpy.dtype('M8')")
+
+
+def test_allocation_bombs_in_a_small_archive_are_refused(tmp_path):
+    bomb = write_cifar_archive(tmp_path / "bomb.tar.gz", {"train": NDARRAY_BOMB})
+    assert os.path.getsize(bomb) < 2048
+    proc = run_script("main.py", *DEMO_CLI, "-o", "data.name=cifar100", "-o", f"data.path={bomb}",
+                      *out_args(tmp_path))
+    assert_one_error(proc, "asks to call numpy.ndarray(...) directly")
+    # A member that unpacks to far more than its archive: a gzip bomb.
+    zeros = tmp_path / "zeros.tar.gz"
+    with tarfile.open(zeros, "w:gz") as archive:
+        info = tarfile.TarInfo("cifar-100-python/train")
+        info.size = 64 << 20
+        archive.addfile(info, _Zeros(info.size))
+    assert os.path.getsize(zeros) < (1 << 20)
+    proc = run_script("main.py", *DEMO_CLI, "-o", "data.name=cifar100", "-o", f"data.path={zeros}",
+                      *out_args(tmp_path, "z"))
+    assert_one_error(proc, "would unpack to 67108864 bytes, far more than its archive holds")
+
+
+class _Zeros:
+    """A file object of ``size`` zero bytes, written without holding them."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def read(self, n=-1):
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+def test_more_paths_of_the_wrong_kind_are_one_line(tmp_path):
+    cases = [
+        (["main.py", "-c", str(tmp_path), "--dry-run"], "is a folder, not a file"),
+        (["main.py", *DEMO_CLI, "-o", "train.output_dir=''"], "train.output_dir is empty"),
+        (["val.py", *DEMO_CLI, "--weights", str(tmp_path)], "is a folder, not a file"),
+        (["val.py", *DEMO_CLI, "--weights", "/dev/zero"], "is not a regular file"),
+        (["main.py", *DEMO_CLI, *out_args(tmp_path), "--resume", "/dev/zero"],
+         "no complete checkpoint to resume in /dev/zero"),
+        (["predict.py", *DEMO_CLI, "--model-dir", "/dev/null",
+          os.path.join(ROOT, "docs", "demo_predictions.png")], "is not a regular file"),
+    ]
+    for (script, *args), message in cases:
+        assert_one_error(run_script(script, *args, timeout=120), message)
+
+
+def test_safetensors_with_odd_metadata_are_one_line(tmp_path):
+    from safetensors.numpy import save
+
+    from utils.errors import UserError
+    from utils.io.tensor_io import load_tensors
+
+    tensors = {"a/b": np.zeros(2, np.float32)}
+    for rest in ("{bad json", "[1, 2]", '{"a": 5}', '"x"'):
+        path = str(tmp_path / "odd.safetensors")
+        with open(path, "wb") as handle:
+            handle.write(save(tensors, metadata={"rest": rest}))
+        with pytest.raises(UserError, match="has damaged metadata"):
+            load_tensors(path)
+
+
+@pytest.fixture
+def specials(tmp_path):
+    """A FIFO, /dev/zero, a folder and a symbolic-link loop."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    return {"a pipe": (str(fifo), "not a regular file"),
+            "a device": ("/dev/zero", "not a regular file"),
+            "a folder": (str(tmp_path), "is a folder"),
+            "a loop": (str(loop), "symbolic link loop")}
+
+
+def test_special_files_in_path_settings_are_one_line_each(tmp_path, specials):
+    from models.build import load_weights
+
+    model = build_model(tiny_model_config())
+    for path, fragment in specials.values():
+        for read in (lambda: label_names(folder_data_cfg(tmp_path, label_names=path), 3),
+                     lambda: list_split(folder_data_cfg(tmp_path, name="list", train_list=path),
+                                        "train_list", 3),
+                     lambda: load_weights(model, path),
+                     lambda: load_config(path)):
+            with pytest.raises(UserError, match=fragment):
+                read()
+
+
+def test_a_special_file_given_to_the_entry_points_is_one_line(tmp_path, specials):
+    fifo, _ = specials["a pipe"]
+    proc = run_script("main.py", "-c", fifo, "--dry-run", timeout=60)
+    assert_one_error(proc, "not a regular file")
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "--weights", "/dev/zero", timeout=60)
+    assert_one_error(proc, "/dev/zero")
+
+
+def test_no_write_replaces_or_goes_through_a_link(tmp_path, victim):
+    link = tmp_path / "out.json"
+    link.symlink_to(victim)
+    for write in (lambda: write_atomically(str(link), b"x"), lambda: write_json(str(link), {}),
+                  lambda: open_unlinked(str(link), "a"), lambda: open_unlinked(str(link), "w"),
+                  lambda: check_writable(str(link), "--json")):
+        with pytest.raises(UserError, match="is a symbolic link"):
+            write()
+        assert link.is_symlink() and victim.read_text() == "keep me\n"
+    # A planted temporary file is replaced, never written through.
+    target = tmp_path / "best.json"
+    (tmp_path / "best.json.tmp").symlink_to(victim)
+    write_json(str(target), {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and victim.read_text() == "keep me\n"
+    assert not os.path.lexists(tmp_path / "best.json.tmp")
+
+
+PAYLOADS = {  # the function, its argument given a marker path, the global the pickle names
+    "os.system": (os.system, lambda marker: f"touch {marker}", "posix.system"),
+    "builtins.exec": (builtins.exec, lambda marker: f"open({str(marker)!r}, 'w').close()",
+                      "builtins.exec"),
+}
+
+
+def _evil_pickle(kind, marker):
+    function, argument, _ = PAYLOADS[kind]
+    return pickle.dumps({"pos_embed": np.zeros((1, 2), np.float32),
+                         "extra": Payload(function, argument(marker))}, protocol=4)
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_weights_pickle_with_code_is_refused_and_never_runs(tmp_path, kind):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pdparams"
+    evil.write_bytes(_evil_pickle(kind, marker))
+    pickle.loads(_evil_pickle(kind, tmp_path / "live"))  # the file is live: plain pickle runs it
+    assert (tmp_path / "live").exists()
+    forbidden = PAYLOADS[kind][2]
+    proc = run_script("val.py", *DEMO_CLI, "--weights", str(evil))
+    assert_one_error(proc, f"asks to call {forbidden} while loading", "refusing to load it")
+    proc = run_script("main.py", *DEMO_CLI, *SUBSET_CLI, "-o", f"model.pretrained={evil}",
+                      "-o", f"train.output_dir={tmp_path / 'out'}")
+    assert_one_error(proc, forbidden)
+    assert not marker.exists()

@@ -24,7 +24,6 @@ from conftest import (
 
 from models.build import build_model
 
-
 SMALL = ["-o", "data.train_subset=256", "-o", "data.val_subset=100"]
 
 

@@ -17,17 +17,16 @@ from conftest import (
     stop_at_evaluation,
 )
 
+from main import train
 from training import amp
 from training.amp import LossScaler, Precision
 from training.optim import build_optimizer
-from main import train
 from training.stage_check import _failure, check_stages
 from training.state import Position, RunState, check_same_config
 from utils.checkpoint import load_last
 from utils.config import load_config, to_plain
 from utils.errors import UserError
 from utils.io.tensor_io import load_tensors
-
 
 CONFIG = "configs/demo_fixres.yaml"
 SHORT = ["data.train_subset=128", "data.val_subset=40", "stages.0.epochs=1",

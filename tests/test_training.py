@@ -1,21 +1,28 @@
-"""Training steps, staged optimizers, outputs of a run and its repeatability."""
+"""training/engine.py and the run: training steps, staged optimizers, outputs of a run and
+its repeatability, a non-finite validation, an out-of-memory as one line."""
 
 import os
 
 import numpy as np
 import paddle
 import pytest
-from conftest import TINY_MODEL_KWARGS, read_records
+from conftest import (
+    TINY_MODEL_KWARGS,
+    read_records,
+    small_demo_config,
+)
 
 from data.digits import load_digits
-from training.stage import Stage
 from losses import RDropLoss
+from main import train
 from models.build import build_model
+from training import engine
 from training.engine import train_step, train_steps
 from training.optim import build_optimizer
-from main import train
+from training.stage import Stage
 from training.state import EpochProgress
 from utils.config import Node, load_config
+from utils.errors import UserError
 
 RECORD_KEYS = {"stage", "epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "val_top1", "val_top5",
                "val_loss", "images_per_s", "grad_norm", "grad_norm_max", "overflow_steps",
@@ -142,3 +149,49 @@ def test_same_seed_same_run_and_baseline_differs(tmp_path):
 
 def test_tiny_kwargs_are_the_demo_model():
     assert load_config("configs/demo.yaml").model.kwargs == TINY_MODEL_KWARGS
+
+
+def test_a_non_finite_validation_loss_is_an_error_and_never_the_best(tmp_path, monkeypatch):
+    from main import train
+    from training import engine
+    from utils.config import load_config
+    from utils.errors import UserError
+
+    real = engine.evaluate
+
+    def nan_for_the_ema(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        return dict(result, loss=float("nan")) if calls.append(1) or len(calls) % 2 == 0 \
+            else result
+
+    calls = []
+    monkeypatch.setattr(engine, "evaluate", nan_for_the_ema)
+    out = str(tmp_path / "run")
+    cfg = load_config("configs/demo.yaml", [f"train.output_dir={out}", "data.train_subset=128",
+                                            "data.val_subset=40", "stages.0.epochs=1"])
+    with pytest.raises(UserError, match="the ema weights give a non-finite validation loss at "
+                                        "stage 0 epoch 1"):
+        train(cfg)
+    assert not os.path.exists(os.path.join(out, "best.safetensors"))
+
+
+def test_out_of_memory_in_a_run_is_one_line_after_a_safe_checkpoint(tmp_path, monkeypatch):
+    real, calls = engine.train_step, []
+
+    def runs_out(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("ResourceExhaustedError: Out of memory error on GPU 0")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "train_step", runs_out)
+    out = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"out of memory at stage 0 epoch 1/1, micro-batch 5 of "
+                                        r"8; the last checkpoint \(.*/last\) is safe.*--preflight.*"
+                                        r"train.accum_steps \(now 1\) or set model.recompute"):
+        # The stage check's trial steps would call train_step first: this is about the run.
+        train(small_demo_config(out, "train.save_every_steps=2", "train.check_stages=false"))
+    from utils.checkpoint import find_last, load_last
+
+    state, _ = load_last(find_last(out))
+    assert state["position"]["micro"] == 4

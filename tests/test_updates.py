@@ -1,5 +1,6 @@
 """The optimizer update: global clipping over parameter groups, fp16 loss scaling and its
-overflow steps, gradient norms in the logs, and AMP O2 master copies."""
+overflow steps, gradient norms in the logs, AMP O2 master copies, and train.nan_policy
+(divergence stops, skipped steps bounded and recorded)."""
 
 import json
 import math
@@ -8,10 +9,20 @@ import os
 import numpy as np
 import paddle
 import pytest
-from conftest import digit_batches, read_records, run_stages_with_loss, seeded_tiny_model
+from conftest import (
+    DEMO_CLI,
+    SUBSET_CLI,
+    assert_one_error,
+    digit_batches,
+    read_records,
+    run_script,
+    run_stages_with_loss,
+    seeded_tiny_model,
+)
 
 from data.preprocess import DevicePreprocess
 from losses import RDropLoss
+from main import train
 from training import amp
 from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, MIN_LOSS_SCALE, LossScaler, Precision
 from training.engine import train_steps
@@ -19,9 +30,9 @@ from training.grads import apply_update, trainable
 from training.optim import (
     build_optimizer,
 )
-from main import train
 from training.stage import Stage
 from training.state import EpochProgress
+from utils.checkpoint import find_last, load_last
 from utils.config import load_config
 
 CLIP = 1.0
@@ -257,3 +268,50 @@ def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(t
 
     _, trees = load_last(os.path.join(out, "last"))  # two halvings, then 5 good updates
     assert trees["scaler"] == {"scale": INIT_LOSS_SCALE / 4, "good_steps": 5}
+
+
+def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, monkeypatch):
+    from losses.rdrop import RDropLoss
+    from main import train
+    from utils.config import load_config
+
+    loss = RDropLoss(alpha=1.0)
+
+    def nan_loss(logits, labels):
+        return {k: v * float("nan") for k, v in loss(logits, labels).items()}
+
+    nan_loss.copies = 2
+    run_stages_with_loss(monkeypatch, lambda index: nan_loss if index == 0 else None)
+    out = str(tmp_path / "run")
+    train(load_config("configs/demo.yaml", [
+        f"train.output_dir={out}", "data.train_subset=128", "data.val_subset=40",
+        "data.batch_size=32", "stages.0.epochs=1", "stages.1.epochs=1",
+        "train.nan_policy=skip", "train.nan_max_skips=100"]))
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(name)) for line in lines]
+    assert records[0]["train_loss"] is None and records[0]["grad_norm"] is None
+    assert records[1]["train_loss"] > 0
+
+
+DIVERGE = [*DEMO_CLI, *SUBSET_CLI, "-o", "stages.0.warmup.epochs=0", "-o", "stages.0.optimizer.lr=1e30",
+           "-o", "train.save_every_steps=1"]
+
+
+def test_divergence_stops_naming_where_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_script("main.py", *DIVERGE, "-o", f"train.output_dir={out}")
+    assert_one_error(proc, "the loss is not finite at stage 0 epoch 1 step 2 (lr 1e+30",
+                     f"the last good checkpoint is {out}/last", "lower stages.0.optimizer.lr",
+                     "stages.0.warmup.steps", "train.clip_grad_norm", "train.nan_policy=skip")
+    state, trees = load_last(find_last(out))
+    assert state["global_step"] == 1 and state["position"]["micro"] == 1
+    assert all(np.isfinite(array).all() for array in trees["raw"].values())
+
+
+def test_skipping_non_finite_steps_is_bounded(tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_script("main.py", *DIVERGE, "-o", f"train.output_dir={out}",
+                      "-o", "train.nan_policy=skip", "-o", "train.nan_max_skips=2")
+    assert_one_error(proc, "3 steps had a non-finite loss or gradient, more than train.nan_max_skips=2")
+    assert proc.stdout.count("skipped the update of stage 0 epoch 1") == 2

@@ -1,0 +1,107 @@
+"""utils/run_folder.py: one run per output folder, an earlier run never written over or
+mixed in, a finished run recognised."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import (
+    DEMO_CLI,
+    FAST_CLI,
+    ROOT,
+    SAVING_RUN_CLI,
+    assert_one_error,
+    out_args,
+    read_records,
+    run_script,
+)
+
+from utils.errors import UserError
+from utils.run_folder import RunFolder
+
+
+def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(tmp_path):
+    out = tmp_path / "run"
+    # Long enough (about 30 steps after the lock) that the first run still holds its folder
+    # when the second has started: a finished one would be reported complete instead.
+    args = [sys.executable, os.path.join(ROOT, "main.py"), *DEMO_CLI, *FAST_CLI, "-o",
+            "data.train_subset=512", "-o", "stages.0.epochs=2", "-o", f"train.output_dir={out}"]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 120
+    while not (out / "run.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_error(second, f"train.output_dir {out} is in use by another run (pid "
+                             f"{first.pid} on")
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert [(r["stage"], r["epoch"]) for r in read_records(str(out))] == [(0, 1), (0, 2), (1, 1)]
+
+
+def test_a_fresh_run_never_writes_over_an_earlier_one(trained, tmp_path):
+    before = {name: open(os.path.join(trained, name), "rb").read()
+              for name in ("metrics.jsonl", "config.yaml", "best.safetensors")}
+    # The same command again: the run is complete, nothing is trained or written, exit 0.
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, "-o", f"train.output_dir={trained}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"the run in {trained} is complete with this config" in proc.stdout
+    assert "best val top1" in proc.stdout.splitlines()[-1]
+    # Another config: one error, and no --resume offered for a finished run.
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, "-o", f"train.output_dir={trained}",
+                      "-o", "train.seed=1")
+    line = assert_one_error(proc, f"train.output_dir {trained} already holds a finished run "
+                                  f"(2 epochs)", "--overwrite")
+    assert "--resume" not in line
+    for name, data in before.items():
+        assert open(os.path.join(trained, name), "rb").read() == data, name
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", trained, str(copy)], check=True)
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, "-o", f"train.output_dir={copy}", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    moved = [p for p in os.listdir(tmp_path) if p.startswith("copy.old-")]
+    assert len(moved) == 1 and f"moved the earlier contents of {copy} to" in proc.stdout
+    assert os.path.isdir(tmp_path / moved[0] / "inference")  # the old run, whole
+    assert not (copy / "inference").exists() and not (copy / "val_metrics.json").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "thesis.tex").write_text("not a run")
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, *out_args(tmp_path, "other"))
+    assert_one_error(proc, "already holds 1 other entries (e.g. thesis.tex)")
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, *out_args(tmp_path, "other"), "--overwrite")
+    assert_one_error(proc, "holds files that no run wrote (e.g. thesis.tex); --overwrite moves "
+                           "only earlier runs")
+    assert (tmp_path / "other" / "thesis.tex").exists()
+
+
+def test_output_folders_that_cannot_be_folders_are_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", f"train.output_dir={blocker}"),
+                     "is a file, not a folder")
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", f"train.output_dir={blocker}/run"),
+                     f"lies under {blocker}, which is a file")
+    assert_one_error(run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={blocker}/run"),
+                     f"lies under {blocker}, which is a file")
+
+
+def test_overwrite_never_replaces_a_linked_output_folder(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "metrics.jsonl").write_text("{}\n")
+    link = tmp_path / "output"
+    link.symlink_to(real)
+    with pytest.raises(UserError, match="is a symbolic link, which --overwrite would replace"):
+        RunFolder(str(link)).hold(overwrite=True)
+    assert link.is_symlink() and (real / "metrics.jsonl").exists()
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_script("main.py", *SAVING_RUN_CLI, "-o", f"train.output_dir={out}").returncode == 0
+    files = {os.path.join(r, n): os.stat(os.path.join(r, n)).st_mtime_ns
+             for r, _, names in os.walk(out) for n in names if n != "run.lock"}
+    proc = run_script("main.py", *SAVING_RUN_CLI, "-o", f"train.output_dir={out}", "--resume")
+    assert proc.returncode == 0 and f"the run in {out} is complete" in proc.stdout
+    assert {path: os.stat(path).st_mtime_ns for path in files} == files
+    assert not any(f for f in os.listdir(os.path.join(out, "vdl")) if f != "vdlrecords.run.log")

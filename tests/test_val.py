@@ -1,0 +1,47 @@
+"""val.py: the kinds of weights a run kept, damaged run configs and bad weights files, each
+one error line."""
+
+import pytest
+from conftest import (
+    DEMO_CLI,
+    assert_one_error,
+    cut_in_half,
+    run_script,
+    small_demo_config,
+    tiny_weights_file,
+)
+
+from main import train
+
+
+@pytest.mark.parametrize("damaged", ["train: 5\n", "train: {ema: [1]}\n", "train: {ema: 3}\n"])
+def test_val_kind_reads_a_damaged_run_config_without_a_traceback(tmp_path, damaged):
+    from val import _kept_average
+
+    (tmp_path / "config.yaml").write_text(damaged)
+    assert _kept_average(str(tmp_path), "ema") is True  # then the weights decide
+
+
+def test_asking_for_an_average_the_run_did_not_keep_says_so(tmp_path):
+    out = str(tmp_path / "run")
+    train(small_demo_config(out, "stages.1.epochs=1"))
+    assert_one_error(run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={out}", "--kind",
+                                "swa"),
+                     "--kind swa: SWA is off in the run in", "train.swa.enabled: false")
+
+
+WEIGHT_ROWS = {
+    "missing file": (lambda tmp: str(tmp / "nope.safetensors"), "no weights at", "--weights"),
+    "truncated safetensors": (lambda tmp: cut_in_half(tiny_weights_file(tmp, "w.safetensors")),
+                              "is truncated or not a safetensors file"),
+    "truncated pdparams": (lambda tmp: cut_in_half(tiny_weights_file(tmp, "w.pdparams")),
+                           "is truncated or not a pickle file"),
+    "another model": (lambda tmp: tiny_weights_file(tmp, "w.safetensors", embed_dim=32),
+                      "does not fit this model", "blocks.0.attn.qkv.bias: shape [96] != model [192]"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(WEIGHT_ROWS))
+def test_bad_weights_for_val_are_one_error_line(tmp_path, row):
+    make, *fragments = WEIGHT_ROWS[row]
+    assert_one_error(run_script("val.py", *DEMO_CLI, "--weights", make(tmp_path)), *fragments)
