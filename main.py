@@ -26,8 +26,9 @@ from training.recipe import describe_run, describe_stage
 from utils import cli
 from utils.checkpoint import weights_path
 from utils.cli import config_parser
-from utils.config import Node, dump_config, load_config, path_override
+from utils.config import dump_config, load_config, path_override
 from utils.errors import Interrupted, UserError
+from utils.schema import Config
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -62,7 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def print_plan(cfg: Node, as_json: bool = False) -> None:
+def print_plan(cfg: Config, as_json: bool = False) -> None:
     """The resolved config, one line per stage and the cost (:mod:`training.plan`); with
     ``as_json`` the cost alone, as one JSON document."""
     from training.plan import cost_lines, plan
@@ -103,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def train(cfg: Node, resume: Union[bool, str, None] = None,
+def train(cfg: Config, resume: Union[bool, str, None] = None,
           overwrite: bool = False) -> Optional[dict]:
     """The recipe: every stage of ``cfg``, then the final test; from a checkpoint with
     ``resume`` (True, or a run folder or ``last/`` path). Returns the best record (``None``
@@ -154,7 +155,7 @@ def train(cfg: Node, resume: Union[bool, str, None] = None,
     return run.state.best
 
 
-def run_preflight(cfg: Node, as_json: bool) -> int:
+def run_preflight(cfg: Config, as_json: bool) -> int:
     """Measure the run, print the report; an error line when the micro-batch does not fit.
     With ``as_json`` standard output holds the report alone, everything else goes to
     standard error."""

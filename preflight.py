@@ -38,7 +38,6 @@ from training.stage import RunModel, Stage, build_stage
 from training.stage_check import check_stages, validate_stages
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
-from utils.config import Node
 from utils.errors import UserError, is_out_of_memory
 from utils.io.download import ensure_downloadable
 from utils.reports.preflight import plan_rates
@@ -46,6 +45,7 @@ from utils.reports.progress import set_mode as set_progress
 from utils.runtime.device import peak_memory_bytes, select_device
 from utils.runtime.dist import any_rank, init, world_size
 from utils.runtime.seeds import seed_everything
+from utils.schema import Config
 
 # Steps timed per setup: at least this many seconds of them (and at least MIN_STEPS), after
 # one untimed step (kernels, caches, allocations).
@@ -66,7 +66,7 @@ def _setups(cfg):
     return setups
 
 
-def _time_steps(cfg: Node, stage_index: int, net: RunModel, splits: tuple[Split, Split],
+def _time_steps(cfg: Config, stage_index: int, net: RunModel, splits: tuple[Split, Split],
                 accum: int) -> tuple[float, Stage]:
     """Seconds per optimizer step of stage ``stage_index`` with ``accum`` micro-batches, and
     the stage (released: its optimizer's state is what a checkpoint would hold)."""
@@ -89,7 +89,7 @@ def _time_steps(cfg: Node, stage_index: int, net: RunModel, splits: tuple[Split,
     return sum(timed) / len(timed), stage
 
 
-def _fitting_accum(cfg: Node, stage_index: int, net: RunModel, splits: tuple[Split, Split],
+def _fitting_accum(cfg: Config, stage_index: int, net: RunModel, splits: tuple[Split, Split],
                    device: str) -> tuple[int, float, Stage]:
     """The smallest ``train.accum_steps`` whose micro-batch fits (the configured one first),
     with its step time and stage: after an out-of-memory the micro-batch is halved (to the
@@ -133,7 +133,7 @@ def _checkpoint_bytes(net: RunModel, stage: Stage, class_names: list) -> tuple[i
     return sum(sizes.values()), sizes["raw.safetensors"]
 
 
-def preflight(cfg: Node) -> dict:
+def preflight(cfg: Config) -> dict:
     """Measure the run of ``cfg``; return the report (a dict). One :class:`UserError` when
     the configured micro-batch does not fit (naming the settings that do)."""
     start = time.perf_counter()
@@ -169,7 +169,7 @@ def heartbeat(every: float = HEARTBEAT_S) -> Iterator[Callable[[str], None]]:
         thread.join()
 
 
-def _preflight(cfg: Node, device: str, start: float, phase: Callable[[str], None]) -> dict:
+def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], None]) -> dict:
     """:func:`preflight` once the downloads are known to be there."""
     init()
     seed_everything(cfg.train.seed)
@@ -228,7 +228,7 @@ def _time_loader(cfg, splits, base_size):
             "host_bytes_per_image": side * side * 3, "num_workers": data_cfg.num_workers}
 
 
-def _time_eval(cfg: Node, net: RunModel, stage: Stage, val: Split) -> tuple[float, int]:
+def _time_eval(cfg: Config, net: RunModel, stage: Stage, val: Split) -> tuple[float, int]:
     """Seconds and images of one evaluation batch (after an untimed one) at ``stage``'s
     resolution."""
     count = 2 * (cfg.data.eval_batch_size or cfg.data.batch_size)

@@ -95,7 +95,7 @@ def _loader_rate(cfg, workers):
 def _listing_rate(count):
     """Files per second that a folder data set is listed at (empty files: nothing is read)."""
     from data.folders import folder_split
-    from utils.config import Node
+    from utils.schema import DataConfig
 
     with tempfile.TemporaryDirectory(prefix="bench-list-") as root:
         for number in range(count):
@@ -103,7 +103,7 @@ def _listing_rate(count):
             os.makedirs(folder, exist_ok=True)
             open(os.path.join(folder, f"{number:07d}.jpg"), "wb").close()
         start = time.perf_counter()
-        folder_split(Node(path=root), "train", [f"class_{i}" for i in range(10)])
+        folder_split(DataConfig(path=root), "train", [f"class_{i}" for i in range(10)])
         return count / (time.perf_counter() - start)
 
 

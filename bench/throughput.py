@@ -33,7 +33,7 @@ from utils.runtime.device import select_device  # noqa: E402
 if TYPE_CHECKING:
     import paddle
 
-    from utils.config import Node
+    from utils.schema import Config
 
 # Dense fp16/bf16 tensor-core peaks (FLOP/s) by device-name fragment, from NVIDIA's sheets.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12,
@@ -93,7 +93,7 @@ def _images_per_s(step, loader, batch_size, warmup, steps):
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def measure(cfg: Node, batch_size: int, amp: str, steps: int, warmup: int, workers: int,
+def measure(cfg: Config, batch_size: int, amp: str, steps: int, warmup: int, workers: int,
             device: str) -> tuple[float, float, paddle.nn.Layer, str]:
     """``(ours, seed loop)`` images/s and the model, for one batch size and AMP mode."""
     import paddle

@@ -23,7 +23,7 @@ from paddle.vision.transforms import functional as F
 from PIL import Image
 
 if TYPE_CHECKING:
-    from utils.config import Node
+    from utils.schema import CropConfig
 
 ATTEMPTS = 10
 
@@ -86,9 +86,9 @@ def eval_view(image: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.nd
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
-def train_view(image: np.ndarray, rng: np.random.Generator, size: int, crop: Optional[Node] = None,
-               crop_fraction: float = 1.0, hflip_prob: float = 0.0,
-               rotation: float = 0.0) -> np.ndarray:
+def train_view(image: np.ndarray, rng: np.random.Generator, size: int,
+               crop: Optional[CropConfig] = None, crop_fraction: float = 1.0,
+               hflip_prob: float = 0.0, rotation: float = 0.0) -> np.ndarray:
     """A training view drawn from ``rng``, in this order: a random-resized crop (``crop``:
     ``{scale, ratio}``) or, without one, the shorter side resized as :func:`eval_view` does
     and a random ``size`` x ``size`` crop (drawn only where there is room); a horizontal flip

@@ -22,7 +22,7 @@ from utils.io.files import path_problem
 from utils.io.safe_pickle import safe_unpickle
 
 if TYPE_CHECKING:
-    from utils.config import Node
+    from utils.schema import DataConfig
 
 MODES = ("train", "test")
 IMAGE_BYTES = 3 * 32 * 32
@@ -85,7 +85,7 @@ def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
     return download_dataset(cifar.url, "cifar", cifar.md5, f"{cifar.title} ({cached})", fix)
 
 
-def pending_download(data_cfg: Node) -> Optional[tuple[str, str, str]]:
+def pending_download(data_cfg: DataConfig) -> Optional[tuple[str, str, str]]:
     """``(what, url, option)`` of the CIFAR archive if a run will download it, or ``None``."""
     cifar = CIFARS.get(data_cfg.name)
     if cifar is None or data_cfg.path is not None \

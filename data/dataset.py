@@ -22,7 +22,7 @@ from utils.runtime.dist import rank, world_size
 if TYPE_CHECKING:
     import paddle
 
-    from utils.config import Node
+    from utils.schema import DataConfig
 
 # Seed streams: the train and val subsets, the held-out validation split.
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM, HOLDOUT_STREAM = 0, 1, 2
@@ -39,7 +39,7 @@ class Split(NamedTuple):
         return Split(self.images.take(indices), self.labels[indices])
 
 
-def load_split(data_cfg: Node, mode: str,
+def load_split(data_cfg: DataConfig, mode: str,
                num_classes: Optional[int] = None) -> tuple[Optional[Split], list[str]]:
     """Split ``mode`` (train, val or test) named by ``data.name`` as ``(Split, class_names)``;
     ``None`` for a ``val`` split the data does not have (only folders and lists may)."""
@@ -65,7 +65,7 @@ def load_split(data_cfg: Node, mode: str,
     return (None if found is None else Split(*found)), classes
 
 
-def validation_source(data_cfg: Node) -> str:
+def validation_source(data_cfg: DataConfig) -> str:
     """Where validation images come from: ``own`` (a ``val/`` folder, ``data.val_list``),
     ``held_out`` (``data.val_split``) or ``test`` (the test split)."""
     if (data_cfg.name == "folder" and os.path.isdir(os.path.join(data_cfg.path, "val"))) or (
@@ -74,7 +74,7 @@ def validation_source(data_cfg: Node) -> str:
     return "held_out" if data_cfg.val_split else "test"
 
 
-def run_splits(data_cfg: Node, num_classes: int,
+def run_splits(data_cfg: DataConfig, num_classes: int,
                seed: int) -> tuple[Split, Split, Split, list[str]]:
     """The :class:`Split` a run trains, validates and tests on, and the class names.
 
@@ -100,7 +100,7 @@ def run_splits(data_cfg: Node, num_classes: int,
     return train.take(kept), train.take(held), test, names
 
 
-def stage_loaders(data_cfg: Node, seed: int, accum_steps: int, size: int, train_split: Split,
+def stage_loaders(data_cfg: DataConfig, seed: int, accum_steps: int, size: int, train_split: Split,
                   val_split: Split) -> tuple[paddle.io.DataLoader, paddle.io.DataLoader]:
     """A stage's training loader (its subset, augmentation and per-rank micro-batches of
     ``data.batch_size / (ranks x accum_steps)``) and validation loader (its subset, this
@@ -141,7 +141,7 @@ def holdout_indices(labels: np.ndarray, count: int, seed: tuple[int,
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def class_names(data_cfg: Node, num_classes: int) -> list[str]:
+def class_names(data_cfg: DataConfig, num_classes: int) -> list[str]:
     """Class names for reports, without downloading anything: the digits, the class folders
     or ``data.label_names`` of your own data, CIFAR's from the archive's meta when the
     archive is here; otherwise the class indices."""
@@ -160,7 +160,7 @@ def class_names(data_cfg: Node, num_classes: int) -> list[str]:
     return name_classes([], num_classes)
 
 
-def names_for_weights(weights: str, data_cfg: Node, num_classes: int) -> list[str]:
+def names_for_weights(weights: str, data_cfg: DataConfig, num_classes: int) -> list[str]:
     """The class names of trained weights: those the file carries (so the data need not be at
     hand), else :func:`class_names` of the data."""
     names = class_names_of(weights)
@@ -189,7 +189,7 @@ def subset_indices(total: int, size: Optional[int], seed: tuple[int, ...], key: 
     return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
 
 
-def eval_loader(split: Split, data_cfg: Node, size: int) -> paddle.io.DataLoader:
+def eval_loader(split: Split, data_cfg: DataConfig, size: int) -> paddle.io.DataLoader:
     """A loader over this rank's share of ``split`` (every ``world_size``-th sample from
     ``rank``, all of them on one process), in order, nothing dropped, nothing repeated, in
     the evaluation view for a model of ``size`` pixels."""

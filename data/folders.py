@@ -23,13 +23,13 @@ from utils.errors import UserError
 from utils.io.files import path_problem, read_text_lines
 
 if TYPE_CHECKING:
-    from utils.config import Node
+    from utils.schema import DataConfig
 
 SPLIT_FOLDERS = ("train", "val", "test")
 FOLDER_LAYOUT = "PATH/train/<class>/<image> and PATH/test/<class>/<image> (optionally PATH/val/)"
 
 
-def split_folder(data_cfg: Node, split: str) -> Optional[str]:
+def split_folder(data_cfg: DataConfig, split: str) -> Optional[str]:
     """The folder of ``split`` under ``data.path``, or ``None`` for an absent ``val``."""
     folder = os.path.join(data_cfg.path, split)
     if os.path.isdir(folder):
@@ -121,7 +121,7 @@ def _image_files(folder, prefix, ignored, seen):
     return found
 
 
-def folder_split(data_cfg: Node, split: str,
+def folder_split(data_cfg: DataConfig, split: str,
                  classes: list[str]) -> Optional[tuple[FileImages, np.ndarray]]:
     """``(FileImages, labels)`` of a split folder, or ``None`` for an absent ``val``. Class
     folders with no images, and class folders that the training split does not have, are
@@ -151,13 +151,13 @@ def folder_split(data_cfg: Node, split: str,
     return FileImages(folder, paths), np.concatenate(labels)
 
 
-def list_path(data_cfg: Node, key: str) -> Optional[str]:
+def list_path(data_cfg: DataConfig, key: str) -> Optional[str]:
     """The list file of ``data.<key>`` (relative to ``data.path``), or ``None`` if unset."""
     name = getattr(data_cfg, key)
     return None if name is None else os.path.join(data_cfg.path, name)
 
 
-def list_split(data_cfg: Node, key: str,
+def list_split(data_cfg: DataConfig, key: str,
                num_classes: int) -> Optional[tuple[FileImages, np.ndarray]]:
     """``(FileImages, labels)`` of the list file of ``data.<key>``, or ``None`` if unset. A
     line that does not read ``path label``, names a file that is missing or not an image, or
@@ -197,7 +197,7 @@ def list_split(data_cfg: Node, key: str,
     return FileImages(data_cfg.path, paths), np.array(labels, dtype=np.int64)
 
 
-def label_names(data_cfg: Node, num_classes: int) -> list[str]:
+def label_names(data_cfg: DataConfig, num_classes: int) -> list[str]:
     """The class names of ``data.label_names`` (lines of ``index name``, every index of
     ``[0, num_classes)`` once), or the indices when it is unset."""
     if data_cfg.label_names is None:

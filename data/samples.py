@@ -17,7 +17,7 @@ from utils.errors import UserError
 
 if TYPE_CHECKING:
     from data.dataset import Split
-    from utils.config import Node
+    from utils.schema import DataConfig
 
 
 class ImageDataset(Dataset):
@@ -35,7 +35,7 @@ class ImageDataset(Dataset):
     one, an evaluation sample gets label -1, which the loader (:mod:`data.loader`) leaves out.
     """
 
-    def __init__(self, split: Split, size: int, data_cfg: Node, seed: int = 0,
+    def __init__(self, split: Split, size: int, data_cfg: DataConfig, seed: int = 0,
                  augment: Optional[dict] = None, replace_bad: bool = False) -> None:
         super().__init__()
         images, self.labels = split

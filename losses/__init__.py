@@ -10,12 +10,13 @@ from losses.rdrop import CrossEntropyLoss, RDropLoss
 if TYPE_CHECKING:
     import paddle
 
-    from utils.config import Node
+    from utils.schema import DistillConfig, LossConfig
 
 __all__ = ["RDropLoss", "CrossEntropyLoss", "DistillationLoss", "build_loss"]
 
 
-def build_loss(loss_cfg: Node, distill_cfg: Optional[Node] = None) -> paddle.nn.Layer:
+def build_loss(loss_cfg: LossConfig,
+               distill_cfg: Optional[DistillConfig] = None) -> paddle.nn.Layer:
     """The loss named by the config's ``loss`` section, with the ``distill`` section's
     distillation (a teacher's logits for the distillation head) when one is given."""
     if loss_cfg.rdrop:

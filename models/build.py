@@ -27,7 +27,7 @@ from utils.io.tensor_io import load_state, load_tensors
 
 if TYPE_CHECKING:
     from training.amp import Precision
-    from utils.config import Node
+    from utils.schema import Config, ModelConfig
 
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
 IMAGENET_CLASSES = 1000
@@ -70,7 +70,7 @@ def pretrained_url(name: str) -> str:
     return url
 
 
-def build_model(model_cfg: Node, load_pretrained: bool = True, amp: str = "off",
+def build_model(model_cfg: ModelConfig, load_pretrained: bool = True, amp: str = "off",
                 image_size: Optional[int] = None, two_heads: bool = False) -> paddle.nn.Layer:
     """The model described by the ``model`` config section, with weights per ``model.pretrained``.
 
@@ -194,7 +194,7 @@ def _check_runs(backbone, model_cfg):
         backbone.train()
 
 
-def pending_download(model_cfg: Node,
+def pending_download(model_cfg: ModelConfig,
                      load_pretrained: bool = True) -> Optional[tuple[str, str, str]]:
     """``(what, url, option)`` of the weights a build will download, or ``None``."""
     if not (load_pretrained and model_cfg.pretrained is True):
@@ -276,7 +276,7 @@ def describe_load(path: str, summary: dict) -> str:
             + "".join(f"; {key} resampled to this resolution" for key in summary["resampled"]))
 
 
-def load_trained(cfg: Node, precision: Precision, weights: Optional[str] = None,
+def load_trained(cfg: Config, precision: Precision, weights: Optional[str] = None,
                  config: str = "CONFIG") -> tuple[paddle.nn.Layer, str]:
     """``(model, path)``: the config's model with trained weights (``weights``, else the
     run's best) loaded strictly, in eval mode, at the resolution of the last stage

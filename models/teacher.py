@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import paddle
 
     from training.amp import Precision
-    from utils.config import Node
+    from utils.schema import DistillConfig
 
 
 def _run_teacher(folder, distill_cfg, precision):
@@ -63,7 +63,8 @@ def _ppim_teacher(name, distill_cfg, num_classes, precision):
     return model, num_classes, distill_cfg.weights
 
 
-def build_teacher(distill_cfg: Node, num_classes: int, precision: Precision) -> paddle.nn.Layer:
+def build_teacher(distill_cfg: DistillConfig, num_classes: int,
+                  precision: Precision) -> paddle.nn.Layer:
     """The teacher the ``distill`` section names, frozen: eval mode (no dropout), no
     gradients, cast as the run's ``precision`` casts the student."""
     source = distill_cfg.teacher

@@ -15,10 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import tiny_model_config  # noqa: E402
 
-from training.stage import Stage  # noqa: E402
 from losses import RDropLoss  # noqa: E402
 from models.build import build_model  # noqa: E402
 from training.engine import train_step  # noqa: E402
+from training.stage import Stage  # noqa: E402
 from utils.runtime.dist import init, is_main, rank, world_size, wrap  # noqa: E402
 
 IMAGES = 8

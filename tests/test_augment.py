@@ -10,7 +10,7 @@ from scipy import stats
 from data.augment import random_resized_box, resized_crop
 from data.digits import load_digits
 from data.samples import ImageDataset
-from utils.config import Node
+from utils.schema import Node
 
 
 def _boxes(count, size, scale, ratio):

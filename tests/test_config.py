@@ -4,6 +4,7 @@ numbers, bounds, YAML bombs, repeated keys, paths parsed as YAML, PPIM's loader 
 
 import os
 import time
+import typing
 
 import pytest
 from conftest import (
@@ -17,6 +18,22 @@ from models.inference import _checked_contract
 from utils.config import DEFAULT_CONFIG, apply_override, load_config, parse_value, path_override
 from utils.errors import UserError
 from utils.io.files import path_problem
+from utils.schema import (
+    CONFIG,
+    AdamWConfig,
+    Config,
+    CropConfig,
+    DataConfig,
+    EmaConfig,
+    Field,
+    ListOf,
+    MomentumConfig,
+    Node,
+    Section,
+    StageConfig,
+    Tagged,
+    TrainConfig,
+)
 
 
 def test_reproduction_config_expresses_the_original_path():
@@ -269,3 +286,60 @@ CONFIG_ROWS = [
 @pytest.mark.parametrize("override,message", CONFIG_ROWS)
 def test_bad_config_value_names_the_key(override, message):
     assert_one_error(run_script("main.py", *DEMO_CLI, "-o", override, "--dry-run"), message)
+
+
+def _sections(schema, path="config"):
+    """``(path, Section)`` of every section in ``schema``, Tagged variants included."""
+    if isinstance(schema, Section):
+        yield path, schema
+        for key, field in schema.fields.items():
+            yield from _sections(field, f"{path}.{key}")
+    elif isinstance(schema, Tagged):
+        for name, variant in schema.variants.items():
+            yield from _sections(variant, f"{path}[{name}]")
+    elif isinstance(schema, ListOf):
+        yield from _sections(schema.item, f"{path}.N")
+
+
+def _accepts(hint, field):
+    """Whether the type hint ``hint`` names the field's types (and None when it is
+    nullable or optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    allowed = set(args) if origin is typing.Union else {hint}
+    allowed = {typing.get_origin(a) or a for a in allowed}
+    if isinstance(field, Section):
+        want = {field.view} | ({type(None)} if field.optional else set())
+    else:
+        want = set(field.types) | ({type(None)} if field.nullable or field.default is None
+                                   else set())
+    return allowed == want
+
+
+def test_every_section_is_a_typed_view_that_declares_its_keys_with_their_types():
+    for path, section in _sections(CONFIG):
+        hints = typing.get_type_hints(section.view)
+        assert section.view is not Node, path
+        assert set(section.fields) <= set(hints), (path, set(section.fields) - set(hints))
+        for key, field in section.fields.items():
+            if isinstance(field, (Field, Section)):
+                assert _accepts(hints[key], field), (path, key, hints[key], field)
+    extra = {path: set(typing.get_type_hints(s.view)) - set(s.fields) for path, s in
+             _sections(CONFIG)}
+    # Only a tagged section's name, and the keys other variants of it have.
+    assert {path: keys for path, keys in extra.items() if keys} == {
+        "config.stages.N.optimizer[AdamW]": {"name"},
+        "config.stages.N.optimizer[Momentum]": {"name"},
+        "config.stages.N.lr_schedule[constant]": {"name", "end_lr", "power"},
+        "config.stages.N.lr_schedule[polynomial]": {"name"},
+        "config.stages.N.lr_schedule[cosine]": {"name", "power"}}
+
+
+def test_a_loaded_config_is_made_of_the_typed_views():
+    cfg = load_config("configs/demo_fixres.yaml", ["stages.1.lr_schedule.end_lr=0.001"])
+    assert type(cfg) is Config and isinstance(cfg.train, TrainConfig)
+    assert isinstance(cfg.data, DataConfig) and isinstance(cfg.data.random_resized_crop,
+                                                           CropConfig)
+    assert isinstance(cfg.train.ema, EmaConfig) and isinstance(cfg.stages[0], StageConfig)
+    assert [type(s.optimizer) for s in cfg.stages] == [AdamWConfig, MomentumConfig, AdamWConfig]
+    assert list(cfg.stages[1].lr_schedule) == ["name", "end_lr", "power"]
+    assert cfg.stages[1].lr_schedule.end_lr == 0.001 and cfg.distill is None

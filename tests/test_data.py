@@ -23,8 +23,8 @@ from data.loader import build_loader, set_epoch
 from data.samples import ImageDataset
 from data.sources import as_source
 from main import train
-from utils.config import Node
 from utils.errors import UserError
+from utils.schema import Node
 
 PLAIN = Node(crop_fraction=1.0, skip_bad_images=False)  # the data keys a dataset reads
 

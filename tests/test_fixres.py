@@ -194,7 +194,8 @@ def _block_outputs(model, x):
 def test_a_stage_with_frozen_blocks_runs_them_as_at_test_time(mode, capsys):
     """FixRes fits the head on the features evaluation gives it: the frozen blocks (and the
     dropout in front of them) run in eval mode, unless the stage says frozen_mode: train."""
-    from training.stage import random_layers, train_mode
+    from training.engine import train_mode
+    from training.stage import random_layers
 
     paddle.seed(1)
     model = build_model(tiny_model_config(drop_rate=0.3, attn_drop_rate=0.2,
@@ -226,7 +227,7 @@ def test_a_stage_with_frozen_blocks_runs_them_as_at_test_time(mode, capsys):
 def test_a_trained_layer_keeps_the_dropout_that_feeds_it():
     """The original's MLP head: dropout between its two trained layers stays on when only the
     head trains; the frozen backbone runs in eval mode."""
-    from training.stage import train_mode
+    from training.engine import train_mode
 
     model = build_model(tiny_model_config(head="mlp", drop_rate=0.3))
     set_trainable(model, ["fc1", "fc2"], 2)

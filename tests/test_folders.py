@@ -18,8 +18,9 @@ from data.folders import folder_split, label_names, list_split
 from data.images import read_rgb
 from data.loader import build_loader, set_epoch
 from data.samples import ImageDataset
-from utils.config import Node, load_config
+from utils.config import load_config
 from utils.errors import UserError
+from utils.schema import Node
 
 PLAIN = Node(crop_fraction=1.0, skip_bad_images=False)
 

@@ -22,10 +22,10 @@ from data.preprocess import DevicePreprocess
 from losses import RDropLoss
 from models.build import _no_weight_loading, build_model, input_size, load_weights, pretrained_url
 from models.resolution import resample_pos_embed
-from utils.config import Node, validate
+from utils.config import validate
 from utils.errors import UserError
 from utils.io.tensor_io import save_tensors
-from utils.schema import MODEL
+from utils.schema import MODEL, Node
 
 
 def test_tiny_distilled_vit_has_new_heads_and_dropout(tiny_model_cfg):

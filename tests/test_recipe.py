@@ -30,7 +30,8 @@ from training.optim import (
 )
 from training.recipe import describe_stage
 from training.stage import Stage
-from utils.config import Node, load_config
+from utils.config import load_config
+from utils.schema import Node
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
 

@@ -2,11 +2,14 @@
 its repeatability, a non-finite validation, an out-of-memory as one line."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
 import pytest
 from conftest import (
+    ROOT,
     TINY_MODEL_KWARGS,
     read_records,
     small_demo_config,
@@ -21,8 +24,9 @@ from training.engine import train_step, train_steps
 from training.optim import build_optimizer
 from training.stage import Stage
 from training.state import EpochProgress
-from utils.config import Node, load_config
+from utils.config import load_config
 from utils.errors import UserError
+from utils.schema import Node
 
 RECORD_KEYS = {"stage", "epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "val_top1", "val_top5",
                "val_loss", "images_per_s", "grad_norm", "grad_norm_max", "overflow_steps",
@@ -195,3 +199,15 @@ def test_out_of_memory_in_a_run_is_one_line_after_a_safe_checkpoint(tmp_path, mo
 
     state, _ = load_last(find_last(out))
     assert state["position"]["micro"] == 4
+
+
+def test_the_engine_imports_no_model_builder_download_or_unpickler():
+    """The loop and the update know nothing of building models, downloads or pickles: those
+    happen at the run's edges."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, training.engine; print(' '.join(sys.modules))"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded = set(proc.stdout.split())
+    assert "training.engine" in loaded
+    assert not loaded & {"models.build", "utils.io.download", "utils.io.safe_pickle",
+                         "training.stage", "training.run", "utils.run_folder"}

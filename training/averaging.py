@@ -13,8 +13,8 @@ from typing import Iterator, Optional
 
 import paddle
 
-from utils.config import Node
 from utils.io.tensor_io import load_state
+from utils.schema import TrainConfig
 
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -99,7 +99,7 @@ class SWA(WeightAverage):
         self._blend(model, self.updates / (self.updates + 1.0), masters)
 
 
-def build_averages(train_cfg: Node, model: paddle.nn.Layer, updates: Optional[dict] = None,
+def build_averages(train_cfg: TrainConfig, model: paddle.nn.Layer, updates: Optional[dict] = None,
                    trees: Optional[dict] = None,
                    masters: Optional[dict] = None) -> dict[str, WeightAverage]:
     """The averages ``train`` enables, restored from a checkpoint's tensors ``trees`` and

@@ -20,19 +20,17 @@ from losses.rdrop import log_softmax, nll
 from training.amp import Precision
 from training.averaging import weights_in
 from training.grads import apply_update, trainable
-from training.results import finite_validation
-from training.stage import Stage, train_mode
 from training.state import EpochProgress, Position
+from utils.errors import UserError
 from utils.reports.progress import track
 from utils.reports.text import place
 from utils.runtime.dist import all_sum, any_rank, rank, world_size
 from utils.runtime.seeds import derived_seed
 
 if TYPE_CHECKING:
-    from utils.runtime.signals import StopRequests
-
-if TYPE_CHECKING:
     from training.run import Run, Segment
+    from training.stage import Stage
+    from utils.runtime.signals import StopRequests
 
 
 def train_step(stage: Stage, images: paddle.Tensor, labels: paddle.Tensor,
@@ -61,6 +59,33 @@ def train_step(stage: Stage, images: paddle.Tensor, labels: paddle.Tensor,
     parts = criterion(logits, labels, **targets)
     precision.scaled(parts["loss"] * loss_scale).backward()
     return parts
+
+
+def train_mode(model: paddle.nn.Layer, frozen_eval: bool = True) -> paddle.nn.Layer:
+    """``model.train()``, then, with ``frozen_eval``, the frozen part back in eval mode (no
+    dropout, attention dropout or drop path), as at test time: every layer whose parameters
+    are all frozen, and every layer without parameters (a dropout) that feeds one. A FixRes
+    stage thus fits its trained part on the features evaluation will give it."""
+    model.train()
+    if frozen_eval:
+        _frozen_to_eval(model)
+    return model
+
+
+def _frozen_to_eval(layer: paddle.nn.Layer) -> None:
+    children = [child for _, child in layer.named_children()]
+    params = [list(child.parameters()) for child in children]
+    trains = [any(not p.stop_gradient for p in group) for group in params]
+    for i, child in enumerate(children):
+        if params[i]:
+            if trains[i]:
+                _frozen_to_eval(child)
+            else:
+                child.eval()
+            continue
+        following = next((j for j in range(i + 1, len(children)) if params[j]), None)
+        if following is not None and not trains[following]:
+            child.eval()  # a parameterless layer (dropout) in front of a frozen one
 
 
 class Step(NamedTuple):
@@ -188,6 +213,16 @@ def validate(stage: Stage, run: Run, segment: Segment) -> Optional[dict]:
             return None
         results[kind] = finite_validation(kind, result, desc, segment.here.stage)
     return results
+
+
+def finite_validation(kind: str, result: dict, where: str, stage_index: int) -> dict:
+    """``result`` if its loss is finite; weights that give a non-finite validation loss
+    end the run (they are never saved as best)."""
+    if not math.isfinite(result["loss"]):
+        raise UserError(f"the {kind} weights give a non-finite validation loss at {where} "
+                        f"({result['loss']}); they are not saved as best: lower "
+                        f"stages.{stage_index}.optimizer.lr or check train.ema / train.swa")
+    return result
 
 
 @paddle.no_grad()

@@ -9,8 +9,8 @@ from paddle.optimizer import Optimizer
 from paddle.optimizer.lr import LRScheduler
 
 from training.recipe import StageLength
-from utils.config import Node
 from utils.errors import UserError
+from utils.schema import StageConfig, TrainConfig
 
 if TYPE_CHECKING:
     from training.amp import Precision
@@ -20,7 +20,7 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 HALF_TYPES = (paddle.float16, paddle.bfloat16)
 
 
-def warmup_steps(stage: Node, steps_per_epoch: float) -> int:
+def warmup_steps(stage: StageConfig, steps_per_epoch: float) -> int:
     """The stage's warmup length in optimizer steps (given in steps or in epochs, not both)."""
     steps = stage.warmup.steps or int(round(stage.warmup.epochs * steps_per_epoch))
     if steps and stage.warmup.start_lr >= stage.optimizer.lr:
@@ -29,7 +29,7 @@ def warmup_steps(stage: Node, steps_per_epoch: float) -> int:
     return steps
 
 
-def build_schedule(stage: Node, steps_per_epoch: int,
+def build_schedule(stage: StageConfig, steps_per_epoch: int,
                    scale: float = 1.0) -> Union[float, LRScheduler]:
     """The stage's LR: a float (constant) or a ``paddle.optimizer.lr`` scheduler stepped per update.
 
@@ -70,8 +70,9 @@ def decay_groups(model: paddle.nn.Layer, exclude: bool) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(stage: Node, model: paddle.nn.Layer, steps_per_epoch: int, train_cfg: Node,
-                    master_weights: bool = False, masters: Optional[dict] = None,
+def build_optimizer(stage: StageConfig, model: paddle.nn.Layer, steps_per_epoch: int,
+                    train_cfg: TrainConfig, master_weights: bool = False,
+                    masters: Optional[dict] = None,
                     lr_scale: float = 1.0) -> tuple[Optimizer, Optional[LRScheduler]]:
     """The stage's optimizer and LR scheduler (``None`` for a constant LR without warmup).
 

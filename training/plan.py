@@ -22,15 +22,13 @@ H heads, MLP ratio r and T tokens (patches plus the class and distillation token
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import paddle
 
 from training.gpus import EFFICIENCY, GPUS, RESERVED_BYTES, peak_flops
 from training.recipe import StageLength, stage_data, stage_loss
-
-if TYPE_CHECKING:
-    from utils.config import Node
+from utils.schema import Config, ModelConfig
 
 # Split sizes known from the data set's name: (training images, test images).
 KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digits": (1437, 360)}
@@ -38,7 +36,7 @@ KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digi
 TOKEN_VALUES, ATTENTION_VALUES = 19, 2.25
 
 
-def model_shape(model_cfg: Node, image_size: Optional[int] = None) -> dict:
+def model_shape(model_cfg: ModelConfig, image_size: Optional[int] = None) -> dict:
     """The sizes that set a ViT's cost: width, depth, heads, MLP width, patch, channels,
     tokens at ``image_size`` (the model's own when ``None``), classes, heads, parameters."""
     from models.build import IMAGENET_CLASSES, construct
@@ -94,7 +92,7 @@ def _split_sizes(data_cfg, num_classes):
         return None, None
 
 
-def plan(cfg: Node) -> dict:
+def plan(cfg: Config) -> dict:
     """The plan of ``cfg`` (a dict, JSON-ready): totals, and per stage the same keys."""
     train_images, test_images = _split_sizes(cfg.data, cfg.model.num_classes)
     trained = None if train_images is None else train_images - cfg.data.val_split
@@ -141,12 +139,10 @@ def plan(cfg: Node) -> dict:
 def _teacher_model(cfg):
     """A model section for the distillation teacher's sizes (a PPIM name), or the student's
     (a run folder: its config is elsewhere; the same model is assumed)."""
-    from utils.config import Node
-
     name = cfg.distill.teacher
     if "/" in name or name.startswith("."):
         return cfg.model
-    return Node(cfg.model, name=name, kwargs=dict(cfg.distill.kwargs), head="linear")
+    return ModelConfig(cfg.model, name=name, kwargs=dict(cfg.distill.kwargs), head="linear")
 
 
 def _state_bytes(cfg, stage, params):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from data.batching import micro_batch
-from utils.config import Node
 from utils.errors import UserError
+from utils.schema import Config, DataConfig, LossConfig, StageConfig, TrainConfig
 
 if TYPE_CHECKING:
     from training.state import Position
@@ -25,12 +25,13 @@ class StageLength:
     accum_steps: int = 1
 
     @classmethod
-    def of(cls, stage: Node, steps_per_epoch: int, accum_steps: int = 1) -> StageLength:
+    def of(cls, stage: StageConfig, steps_per_epoch: int, accum_steps: int = 1) -> StageLength:
         """The length of ``stage`` (``epochs:`` or ``steps:``) at ``steps_per_epoch``."""
         return cls(steps_per_epoch, stage.steps or stage.epochs * steps_per_epoch, accum_steps)
 
     @classmethod
-    def measured(cls, index: int, stage: Node, sampler: Any, accum_steps: int) -> StageLength:
+    def measured(cls, index: int, stage: StageConfig, sampler: Any,
+                 accum_steps: int) -> StageLength:
         """The length of stage ``index`` at the epoch its training ``sampler`` yields; one
         error for an epoch shorter than one accumulation."""
         steps_per_epoch = sampler.full_length() // accum_steps
@@ -74,7 +75,7 @@ class StageLength:
             and self.step_at(epoch, micro) % every == 0
 
 
-def lr_scale(train_cfg: Node, batch_size: int) -> float:
+def lr_scale(train_cfg: TrainConfig, batch_size: int) -> float:
     """The factor on a stage's learning rates: ``batch_size / train.reference_batch`` with
     ``train.lr_scaling: linear``, else 1."""
     if train_cfg.lr_scaling == "linear":
@@ -82,7 +83,7 @@ def lr_scale(train_cfg: Node, batch_size: int) -> float:
     return 1.0
 
 
-def describe_stage(cfg: Node, index: int, image_size: int) -> str:
+def describe_stage(cfg: Config, index: int, image_size: int) -> str:
     """One line of the stage plan of stage ``index``: epochs, stop condition, optimizer, LR,
     decay, data at ``image_size`` pixels, the loss and whether a teacher takes part."""
     stage, distill_cfg = cfg.stages[index], cfg.distill
@@ -137,7 +138,7 @@ def describe_stage(cfg: Node, index: int, image_size: int) -> str:
     return f"[{index}] {name}: {epochs}; {opt_text}; {sched_text}; {data_text}; {loss_text}"
 
 
-def describe_run(cfg: Node) -> str:
+def describe_run(cfg: Config) -> str:
     """One line of the run-wide training settings: batch, accumulation, clipping, precision,
     averages."""
     from data.dataset import validation_source  # it loads Paddle, which --help does not need
@@ -179,20 +180,20 @@ def describe_run(cfg: Node) -> str:
     return "; ".join(parts)
 
 
-def stage_data(data_cfg: Node, stage: Node) -> Node:
+def stage_data(data_cfg: DataConfig, stage: StageConfig) -> DataConfig:
     """The data section with the stage's overrides applied."""
     merged = type(data_cfg)(data_cfg)
     merged.update(stage.data)
     return merged
 
 
-def final_image_size(cfg: Node) -> Optional[int]:
+def final_image_size(cfg: Config) -> Optional[int]:
     """The resolution the trained weights are evaluated at: the last stage's
     ``data.image_size`` (``None``: the model's own)."""
     return stage_data(cfg.data, cfg.stages[-1]).image_size
 
 
-def stage_loss(loss_cfg: Node, stage: Node) -> Node:
+def stage_loss(loss_cfg: LossConfig, stage: StageConfig) -> LossConfig:
     """The loss section with the stage's overrides (those not null) applied."""
     merged = type(loss_cfg)(loss_cfg)
     merged.update({key: value for key, value in stage.loss.items() if value is not None})

@@ -3,12 +3,11 @@ test of the best and the last weights, and what a non-finite step means for the 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from training.state import KINDS
-from utils.config import Node
 from utils.errors import UserError
+from utils.schema import TrainConfig
 
 
 def epoch_record(stage: int, epoch: int, step: int, lr: float, stats: dict, results: dict,
@@ -30,16 +29,6 @@ def epoch_record(stage: int, epoch: int, step: int, lr: float, stats: dict, resu
     for kind in averages:
         record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
     return record
-
-
-def finite_validation(kind: str, result: dict, where: str, stage_index: int) -> dict:
-    """``result`` if its loss is finite; weights that give a non-finite validation loss
-    end the run (they are never saved as best)."""
-    if not math.isfinite(result["loss"]):
-        raise UserError(f"the {kind} weights give a non-finite validation loss at {where} "
-                        f"({result['loss']}); they are not saved as best: lower "
-                        f"stages.{stage_index}.optimizer.lr or check train.ema / train.swa")
-    return result
 
 
 def is_better(val: dict, best: Optional[dict]) -> bool:
@@ -67,8 +56,8 @@ def test_line(record: dict) -> str:
             f"{record['test_loss']:.4f} on {record['num_samples']}")
 
 
-def skip_nonfinite(train_cfg: Node, skipped: int, values: dict, stage_index: int, step_place: str,
-                   last_checkpoint: Optional[str]) -> int:
+def skip_nonfinite(train_cfg: TrainConfig, skipped: int, values: dict, stage_index: int,
+                   step_place: str, last_checkpoint: Optional[str]) -> int:
     """The count of skipped steps after one more whose loss (or, when its ``values`` have a
     ``grad_norm``, gradient) is not finite at ``step_place``; one :class:`UserError` under
     ``train.nan_policy: stop`` or past ``train.nan_max_skips``."""

@@ -53,7 +53,7 @@ from utils.checkpoint import (
     weights_path,
     write_best_json,
 )
-from utils.config import Node, dump_config, to_plain
+from utils.config import dump_config, to_plain
 from utils.errors import Interrupted, UserError, is_out_of_memory, out_of_memory_error
 from utils.io.download import ensure_downloadable
 from utils.io.files import write_atomically
@@ -68,6 +68,7 @@ from utils.runtime.device import select_device
 from utils.runtime.dist import any_rank, init, is_main
 from utils.runtime.seeds import seed_everything
 from utils.runtime.signals import StopRequests
+from utils.schema import Config
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Run:
     (position, counts, best record), the logs, checkpoints, the best weights and the final
     test. ``complete`` when the folder already holds this run, finished."""
 
-    def __init__(self, cfg: Node, state: RunState, restored: dict, device: str,
+    def __init__(self, cfg: Config, state: RunState, restored: dict, device: str,
                  complete: bool = False) -> None:
         self.cfg, self.out = cfg, cfg.train.output_dir
         self.state, self.restored, self.device, self.complete = state, restored, device, complete
@@ -307,7 +308,7 @@ class Run:
 
 
 @contextlib.contextmanager
-def training_run(cfg: Node, resume: Union[bool, str, None] = None,
+def training_run(cfg: Config, resume: Union[bool, str, None] = None,
                  overwrite: bool = False) -> Iterator[Run]:
     """The edges of a run of ``cfg`` (from a checkpoint with ``resume``: True or a path;
     ``overwrite`` moves an earlier run aside): the device, ``train.output_dir`` held
@@ -342,7 +343,7 @@ def training_run(cfg: Node, resume: Union[bool, str, None] = None,
             print(best_line(run.state.best, weights_path(out, "best")), flush=True)
 
 
-def _start(cfg: Node, resume, device: str) -> Run:
+def _start(cfg: Config, resume, device: str) -> Run:
     """The :class:`Run` of ``cfg`` on ``device``: fresh, or from the checkpoint ``resume``
     names (``complete`` when that run has had its final test)."""
     out = cfg.train.output_dir
@@ -383,7 +384,7 @@ def _out_of_memory_as_error(run: Run) -> Iterator[None]:
                                   run.cfg.train.accum_steps) from None
 
 
-def complete_run(out: str, cfg: Node) -> Optional[RunState]:
+def complete_run(out: str, cfg: Config) -> Optional[RunState]:
     """The state of a complete run of ``cfg`` (the same config, its final test done) in
     ``out``, or ``None`` (no run there, an unfinished one, or one of another config)."""
     folder = find_last(out) if os.path.isdir(out) else None

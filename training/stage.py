@@ -29,12 +29,13 @@ from models.resolution import backbone_of, fit_resolution, resolution_of, set_re
 from models.teacher import build_teacher
 from training.amp import Precision
 from training.averaging import WeightAverage, build_averages
+from training.engine import train_mode
 from training.optim import MasterCopies, build_optimizer, master_named
 from training.recipe import StageLength, lr_scale, stage_data, stage_loss
-from utils.config import Node
 from utils.errors import UserError
 from utils.io.tensor_io import as_paddle, load_state
 from utils.runtime.dist import world_size, wrap
+from utils.schema import Config, DataConfig, LossConfig, StageConfig
 
 
 @dataclass
@@ -53,7 +54,7 @@ class RunModel:
     wrapped: Optional[paddle.nn.Layer] = None
 
     @classmethod
-    def for_run(cls, cfg: Node, precision: Precision, restored: Optional[dict] = None,
+    def for_run(cls, cfg: Config, precision: Precision, restored: Optional[dict] = None,
                 updates: Optional[dict] = None) -> RunModel:
         """The run's model with its pretrained weights, or with a checkpoint's tensors
         ``restored`` (at the checkpoint's resolution) and its averages' ``updates``
@@ -76,7 +77,7 @@ class RunModel:
         return cls(model, precision, masters, averages, base_size, teacher)
 
     @classmethod
-    def scratch(cls, cfg: Node, precision: Precision,
+    def scratch(cls, cfg: Config, precision: Precision,
                 teacher: Optional[paddle.nn.Layer] = None) -> RunModel:
         """A model of ``cfg`` with random weights and averages of its own, beside the
         run's (the stage check); it shares the run's ``teacher``."""
@@ -95,9 +96,9 @@ class Stage:
     loaders (``None`` in the stage check). ``net`` is the run's model it is a view of."""
 
     index: int
-    config: Node
-    data: Node
-    loss: Node
+    config: StageConfig
+    data: DataConfig
+    loss: LossConfig
     size: int
     net: RunModel
     model: paddle.nn.Layer
@@ -121,7 +122,8 @@ class Stage:
         precision = options.get("precision") or Precision()
         net = RunModel(model, precision, None, {}, size, options.get("teacher"))
         length = StageLength(1, 1, options.get("accum_steps", 1))
-        return cls(index=0, config=Node(frozen_mode="eval"), data=Node(), loss=Node(),
+        return cls(index=0, config=StageConfig(frozen_mode="eval"), data=DataConfig(),
+                   loss=LossConfig(),
                    size=size, net=net, model=model, preprocess=DevicePreprocess(size),
                    criterion=criterion, optimizer=optimizer,
                    scheduler=options.get("scheduler"), length=length,
@@ -164,7 +166,7 @@ class Stage:
             paddle.device.cuda.empty_cache()
 
 
-def build_stage(cfg: Node, index: int, net: RunModel, splits: Optional[tuple[Split, Split]] = None,
+def build_stage(cfg: Config, index: int, net: RunModel, splits: Optional[tuple[Split, Split]] = None,
                 accum_steps: Optional[int] = None) -> Stage:
     """Stage ``index`` of ``cfg`` set up on ``net``: the model at the stage's resolution
     with its trained set, then the loaders over ``splits`` (train, val) and the length they
@@ -193,7 +195,7 @@ def build_stage(cfg: Node, index: int, net: RunModel, splits: Optional[tuple[Spl
                  train_loader=train_loader, val_loader=val_loader)
 
 
-def model_view(net: RunModel, index: int, stage: Node,
+def model_view(net: RunModel, index: int, stage: StageConfig,
                 size: int) -> tuple[paddle.nn.Layer, DevicePreprocess]:
     """Set ``net.model`` up for stage ``index``: its resolution ``size`` and the parameters
     ``stage.trainable`` names. Returns the model to train and the device preprocessing for
@@ -272,33 +274,6 @@ def set_trainable(model: paddle.nn.Layer, prefixes: Optional[list[str]],
     for path, param in params.items():
         param.stop_gradient = path not in chosen
     return len(chosen), len(params)
-
-
-def train_mode(model: paddle.nn.Layer, frozen_eval: bool = True) -> paddle.nn.Layer:
-    """``model.train()``, then, with ``frozen_eval``, the frozen part back in eval mode (no
-    dropout, attention dropout or drop path), as at test time: every layer whose parameters
-    are all frozen, and every layer without parameters (a dropout) that feeds one. A FixRes
-    stage thus fits its trained part on the features evaluation will give it."""
-    model.train()
-    if frozen_eval:
-        _frozen_to_eval(model)
-    return model
-
-
-def _frozen_to_eval(layer: paddle.nn.Layer) -> None:
-    children = [child for _, child in layer.named_children()]
-    params = [list(child.parameters()) for child in children]
-    trains = [any(not p.stop_gradient for p in group) for group in params]
-    for i, child in enumerate(children):
-        if params[i]:
-            if trains[i]:
-                _frozen_to_eval(child)
-            else:
-                child.eval()
-            continue
-        following = next((j for j in range(i + 1, len(children)) if params[j]), None)
-        if following is not None and not trains[following]:
-            child.eval()  # a parameterless layer (dropout) in front of a frozen one
 
 
 def random_layers(model: paddle.nn.Layer) -> list[paddle.nn.Layer]:

@@ -38,18 +38,18 @@ from training.optim import warmup_steps
 from training.recipe import stage_data
 from training.stage import RunModel, build_stage, trainable_paths
 from training.state import EpochProgress
-from utils.config import Node
 from utils.errors import UserError, is_out_of_memory
 from utils.reports.progress import silenced
 from utils.runtime.dist import world_size
 from utils.runtime.seeds import preserved_random_state
+from utils.schema import Config
 
 # Images per micro-batch of a trial step (fewer when the stage's micro-batch is smaller):
 # enough for every kernel, small enough to fit beside the run's own model.
 TRIAL_IMAGES = 2
 
 
-def validate_stages(cfg: Node, model: paddle.nn.Layer, base_size: int,
+def validate_stages(cfg: Config, model: paddle.nn.Layer, base_size: int,
                     teacher: Optional[paddle.nn.Layer] = None, first: int = 0) -> None:
     """One :class:`UserError` naming ``stages.N`` for the first stage from ``first`` on whose
     settings cannot run with ``model`` and ``teacher``; ``base_size`` is the resolution of
@@ -80,7 +80,7 @@ def validate_stages(cfg: Node, model: paddle.nn.Layer, base_size: int,
         previous = (size, paths)
 
 
-def check_stages(cfg: Node, precision: Precision, teacher: Optional[paddle.nn.Layer] = None,
+def check_stages(cfg: Config, precision: Precision, teacher: Optional[paddle.nn.Layer] = None,
                  first: int = 0, device: str = "cpu") -> float:
     """One optimizer step (two micro-batches with accumulation) and one evaluation batch of
     each stage from ``first`` on, on scratch state (see the module's text); prints one line
@@ -111,7 +111,7 @@ def check_stages(cfg: Node, precision: Precision, teacher: Optional[paddle.nn.La
     return seconds
 
 
-def _trial_step(cfg: Node, index: int, net: RunModel) -> None:
+def _trial_step(cfg: Config, index: int, net: RunModel) -> None:
     """Stage ``index``'s setup on the scratch ``net``: one optimizer step, the averages'
     update, one evaluation batch."""
     accum = min(cfg.train.accum_steps, 2)  # with accumulation: one unsynced micro-batch too

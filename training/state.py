@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from utils.checkpoint import load_last
-from utils.config import Node, to_plain, validate
+from utils.config import to_plain, validate
 from utils.errors import UserError
 from utils.runtime.dist import all_sum, is_main
-from utils.schema import CONFIG
+from utils.schema import CONFIG, Config, StageConfig
 
 if TYPE_CHECKING:
     import paddle
@@ -202,7 +202,7 @@ def _swa_stage(plain):
     return swa["stage"] % len(plain["stages"]) if swa["enabled"] else None
 
 
-def check_same_config(state: RunState, cfg: Node, folder: str) -> list[int]:
+def check_same_config(state: RunState, cfg: Config, folder: str) -> list[int]:
     """A resume must use the config the checkpoint was trained with (but for the keys that
     change nothing of the results), except in the stages that have not started yet: those
     may be corrected, added or removed. Returns the indices of the later stages that
@@ -250,7 +250,7 @@ def first_difference(saved: Any, current: Any, ignore: tuple = (),
     return None if saved == current else path
 
 
-def check_position(state: RunState, trees: dict, stages: list[Node], folder: str) -> None:
+def check_position(state: RunState, trees: dict, stages: list[StageConfig], folder: str) -> None:
     """A resume state that the config's ``stages`` could have written, with the files it
     needs and finite weights; one :class:`UserError` otherwise."""
     # A stage budgeted in steps has at most one epoch per step (its epochs are counted once
@@ -281,7 +281,7 @@ def check_position(state: RunState, trees: dict, stages: list[Node], folder: str
                         f"another copy or start again")
 
 
-def restore(folder: str, cfg: Node, trees: bool = True) -> tuple[RunState, dict]:
+def restore(folder: str, cfg: Config, trees: bool = True) -> tuple[RunState, dict]:
     """``(state, trees)`` of the resume checkpoint in ``folder``, checked against ``cfg``:
     the same config, a position its stages could have written, the files it needs, finite
     weights. Without ``trees`` only the state is read and the config compared."""
@@ -297,7 +297,7 @@ def restore(folder: str, cfg: Node, trees: bool = True) -> tuple[RunState, dict]
     return state, tensors
 
 
-def finished(folder: str, cfg: Node) -> Optional[RunState]:
+def finished(folder: str, cfg: Config) -> Optional[RunState]:
     """The state of the checkpoint in ``folder`` if that run is complete (its final test
     done), else ``None``; a complete run's checkpoint is read and checked whole, as a
     resume would, so that a damaged one is reported rather than called complete."""

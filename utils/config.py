@@ -14,23 +14,13 @@ from typing import Any, Sequence
 import yaml
 
 from utils.errors import UserError
-from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Field, ListOf, Section, Tagged
+from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Config, Field, ListOf, Section, Tagged
 from utils.yaml_text import MAX_CONFIG_DEPTH, load_yaml, read_yaml, short
 
 DEFAULT_CONFIG = "configs/rdrop_deit_b_384_cifar100.yaml"
 # PPIM constructor arguments no setting may pass: what they would make the constructor do.
 LOADER_KWARGS = {"pretrained": "download weights and load them with paddle.load (plain pickle)",
                  "return_transforms": "return a pair instead of the model"}
-
-
-class Node(dict):
-    """A validated config mapping whose keys also read as attributes."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
 
 
 def path_override(key: str, path: Any) -> str:
@@ -120,7 +110,7 @@ def _check_section(value, section, path, tag_keys=()):
         valid = ", ".join([*tag_keys, *section.fields])
         raise UserError(
             f"config key '{_join(path, unknown[0])}' is unknown; valid keys at {where}: {valid}")
-    result = Node()
+    result = section.view()
     for key, schema in section.fields.items():
         key_path = _join(path, key)
         if key in value:
@@ -156,9 +146,8 @@ def validate(value: Any, schema: Any, path: str = "") -> Any:
         if name not in schema.variants:
             raise UserError(f"config key '{path}.name' must be one of {names}; got {name!r}")
         body = {k: v for k, v in value.items() if k != "name"}
-        result = Node(name=name)
-        result.update(_check_section(body, schema.variants[name], path, tag_keys=("name",)))
-        return result
+        result = _check_section(body, schema.variants[name], path, tag_keys=("name",))
+        return type(result)(name=name, **result)
     if isinstance(schema, ListOf):
         if not isinstance(value, list) or not value:
             raise UserError(f"config key '{path}' must be a non-empty list")
@@ -166,7 +155,7 @@ def validate(value: Any, schema: Any, path: str = "") -> Any:
     raise TypeError(f"unknown schema node {schema!r}")
 
 
-def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Node:
+def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Config:
     """Read ``path``, apply ``overrides`` (``section.key=value`` strings) and validate."""
     raw = read_yaml(path)
     for assignment in overrides:
@@ -207,7 +196,7 @@ def _check_kwargs(kwargs, where="model.kwargs"):
                         f"the width must divide into the heads")
 
 
-def check_relations(cfg: Node) -> None:
+def check_relations(cfg: Config) -> None:
     """Checks that involve more than one key."""
     _check_kwargs(cfg.model.kwargs)
     stages = len(cfg.stages)
@@ -255,7 +244,7 @@ def to_plain(node: Any) -> Any:
     return node
 
 
-def dump_config(cfg: Node) -> str:
+def dump_config(cfg: Config) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None,
                           width=math.inf)  # a long path stays on one line, as a user copies it

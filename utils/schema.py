@@ -1,14 +1,28 @@
-"""Declarative config schema: which keys exist, their types and defaults.
+"""Declarative config schema: which keys exist, their types and defaults, and the typed view
+of each section that the validated config is made of (``cfg.train`` is a
+:class:`TrainConfig`: an editor completes its keys and a reader sees their types).
 
 Recipe values (learning rates, epochs, dropout, alpha of a reproduction) live in
 the YAML files under ``configs/``; the defaults here are neutral values that a
 config may leave out.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 REQUIRED = object()
+
+
+class Node(dict):
+    """A validated config mapping whose keys also read as attributes."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 # Bounds on sizes and counts: far above any real setting, far below what exhausts a machine.
 BIG = 10 ** 9
 MAX_BATCH = 65_536
@@ -35,11 +49,14 @@ class Field:
 
 
 class Section:
-    """A mapping of named keys. ``partial`` sections only keep the keys given; ``optional``
-    ones are null (off) unless given."""
+    """A mapping of named keys, validated into a ``view`` (a :class:`Node` subclass that
+    declares them with their types). ``partial`` sections only keep the keys given;
+    ``optional`` ones are null (off) unless given."""
 
-    def __init__(self, fields: dict, partial: bool = False, optional: bool = False) -> None:
+    def __init__(self, fields: dict, view: type[Node] = Node, partial: bool = False,
+                 optional: bool = False) -> None:
         self.fields = fields
+        self.view = view
         self.partial = partial
         self.optional = optional
 
@@ -61,6 +78,38 @@ class ListOf:
 
 def _nullable(types, minimum=None, maximum=None):
     return Field(types, default=None, nullable=True, minimum=minimum, maximum=maximum)
+
+
+class CropConfig(Node):
+    """``data.random_resized_crop``: the area fraction and aspect ratio ranges of the crop."""
+
+    scale: list[float]
+    ratio: list[float]
+
+
+class DataConfig(Node):
+    """``data``: where the images come from, the validation split and subsets, batches,
+    loader workers, augmentation and the evaluation view."""
+
+    name: str
+    path: Optional[str]
+    train_list: str
+    test_list: str
+    val_list: Optional[str]
+    label_names: Optional[str]
+    val_split: int
+    train_subset: Optional[int]
+    val_subset: Optional[int]
+    image_size: Optional[int]
+    batch_size: int
+    eval_batch_size: Optional[int]
+    num_workers: int
+    hflip_prob: float
+    rotation: float
+    train_augment: bool
+    random_resized_crop: Optional[CropConfig]
+    crop_fraction: float
+    skip_bad_images: bool
 
 
 DATA = Section({
@@ -89,13 +138,25 @@ DATA = Section({
         "scale": Field(list, [0.08, 1.0], item_type=float, length=2, minimum=0.0, maximum=1.0),
         "ratio": Field(list, [0.75, 4 / 3], item_type=float, length=2, minimum=0.01,
                        maximum=100.0),
-    }, optional=True),
+    }, CropConfig, optional=True),
     # Evaluation view: the shorter side resized to image_size / crop_fraction, centre crop.
     # At least MIN_CROP_FRACTION: 0.01 would resize a photo's shorter side to 100 x 1024 px.
     "crop_fraction": Field(float, 1.0, minimum=MIN_CROP_FRACTION, maximum=1.0),
     # An unreadable image: stop (false), or warn once, count and go on without it (true).
     "skip_bad_images": Field(bool, False),
-})
+}, DataConfig)
+
+class StageDataConfig(Node):
+    """``stages.N.data``: the data settings a stage changes (only those it gives)."""
+
+    train_subset: Optional[int]
+    val_subset: Optional[int]
+    hflip_prob: Optional[float]
+    rotation: Optional[float]
+    batch_size: Optional[int]
+    image_size: Optional[int]
+    train_augment: Optional[bool]
+
 
 # What a stage may change in the data section.
 STAGE_DATA = Section(
@@ -103,8 +164,26 @@ STAGE_DATA = Section(
                     maximum=DATA.fields[key].maximum)
      for key in ("train_subset", "val_subset", "hflip_prob", "rotation", "batch_size",
                  "image_size", "train_augment")},
-    partial=True,
+    StageDataConfig, partial=True,
 )
+
+class ModelConfig(Node):
+    """``model``: the PPIM model, its weights, classes, dropout and heads, attention and
+    recompute."""
+
+    name: str
+    pretrained: Union[bool, str]
+    num_classes: int
+    drop_rate: float
+    attn_drop_rate: float
+    drop_path_rate: float
+    fused_attention: str
+    recompute: bool
+    head: str
+    head_init: str
+    mlp_hidden: int
+    kwargs: dict
+
 
 MODEL = Section({
     "name": Field(str, "deit_b_distilled_384"),
@@ -122,7 +201,17 @@ MODEL = Section({
     "head_init": Field(str, "default", choices=("default", "zero")),
     "mlp_hidden": Field(int, 512, minimum=1, maximum=65_536),
     "kwargs": Field(dict, {}),
-})
+}, ModelConfig)
+
+
+class LossConfig(Node):
+    """``loss``: R-Drop or cross-entropy, its weight alpha, the KL's reduction and form."""
+
+    rdrop: bool
+    alpha: float
+    kl_reduction: str
+    form: str
+
 
 LOSS = Section({
     "rdrop": Field(bool, True),
@@ -130,19 +219,61 @@ LOSS = Section({
     "kl_reduction": Field(str, "batchmean", choices=("batchmean", "sum")),
     # mean: ce + alpha * kl with means; paper: the R-Drop authors' ViT objective (sums).
     "form": Field(str, "mean", choices=("mean", "paper")),
-})
+}, LossConfig)
+
+
+class EmaConfig(Node):
+    """``train.ema``: an exponential moving average of the weights."""
+
+    enabled: bool
+    decay: float
+    warmup: bool
+
 
 EMA = Section({
     "enabled": Field(bool, False),
     "decay": Field(float, 0.9998, minimum=0.0, maximum=1.0),
     "warmup": Field(bool, True),
-})
+}, EmaConfig)
+
+
+class SwaConfig(Node):
+    """``train.swa``: a stochastic weight average from a stage and epoch on."""
+
+    enabled: bool
+    stage: int
+    start_epoch: int
+
 
 SWA = Section({
     "enabled": Field(bool, False),
     "stage": Field(int, -1, minimum=-1000, maximum=1000),
     "start_epoch": Field(int, 0, minimum=0, maximum=BIG),
-})
+}, SwaConfig)
+
+
+class TrainConfig(Node):
+    """``train``: the output folder, seed, accumulation, precision, clipping, checkpoints and
+    validations, the non-finite policy, the averages, the stage check and progress."""
+
+    output_dir: str
+    seed: int
+    accum_steps: int
+    lr_scaling: str
+    reference_batch: Optional[int]
+    amp: str
+    amp_level: str
+    clip_grad_norm: Optional[float]
+    exclude_from_decay: bool
+    save_every_steps: Optional[int]
+    eval_every_steps: Optional[int]
+    nan_policy: str
+    nan_max_skips: int
+    ema: EmaConfig
+    swa: SwaConfig
+    check_stages: bool
+    progress: str
+
 
 TRAIN = Section({
     "output_dir": Field(str, "output"),
@@ -168,7 +299,28 @@ TRAIN = Section({
     "check_stages": Field(bool, True),
     # Progress of loops: bars on a terminal or in a notebook, a line a minute in a log (auto).
     "progress": Field(str, "auto", choices=("auto", "bars", "lines", "off")),
-})
+}, TrainConfig)
+
+
+class AdamWConfig(Node):
+    """``stages.N.optimizer`` with ``name: AdamW``."""
+
+    name: str
+    lr: float
+    betas: list[float]
+    epsilon: float
+    weight_decay: float
+
+
+class MomentumConfig(Node):
+    """``stages.N.optimizer`` with ``name: Momentum`` (L2 decay on the gradients)."""
+
+    name: str
+    lr: float
+    momentum: float
+    l2_decay: float
+    use_nesterov: bool
+
 
 OPTIMIZER = Tagged({
     "AdamW": Section({
@@ -176,36 +328,87 @@ OPTIMIZER = Tagged({
         "betas": Field(list, [0.9, 0.999], item_type=float, length=2, minimum=0.0, maximum=1.0),
         "epsilon": Field(float, 1e-8, minimum=0.0),
         "weight_decay": Field(float, 0.01, minimum=0.0),
-    }),
+    }, AdamWConfig),
     "Momentum": Section({
         "lr": Field(float, minimum=0.0),
         "momentum": Field(float, 0.9, minimum=0.0, maximum=1.0),
         "l2_decay": Field(float, 0.0, minimum=0.0),
         "use_nesterov": Field(bool, False),
-    }),
+    }, MomentumConfig),
 })
 
+
+class LRScheduleConfig(Node):
+    """``stages.N.lr_schedule``: ``constant``, ``polynomial`` (``end_lr``, ``power``) or
+    ``cosine`` (``end_lr``); a key its variant lacks is absent."""
+
+    name: str
+    end_lr: float
+    power: float
+
+
 LR_SCHEDULE = Tagged({
-    "constant": Section({}),
+    "constant": Section({}, LRScheduleConfig),
     "polynomial": Section({
         "end_lr": Field(float, 0.0, minimum=0.0),
         "power": Field(float, 1.0, minimum=0.0),
-    }),
+    }, LRScheduleConfig),
     "cosine": Section({
         "end_lr": Field(float, 0.0, minimum=0.0),
-    }),
+    }, LRScheduleConfig),
 }, default_name="constant")
+
+
+class WarmupConfig(Node):
+    """``stages.N.warmup``: a linear warmup in steps or epochs from ``start_lr``."""
+
+    steps: int
+    epochs: float
+    start_lr: float
+
 
 WARMUP = Section({
     "steps": Field(int, 0, minimum=0, maximum=BIG),
     "epochs": Field(float, 0.0, minimum=0.0, maximum=BIG),
     "start_lr": Field(float, 0.0, minimum=0.0),
-})
+}, WarmupConfig)
+
+
+class UntilConfig(Node):
+    """``stages.N.until``: validation goals that end a stage early (only those given)."""
+
+    val_top1: Optional[float]
+    val_top5: Optional[float]
+
 
 UNTIL = Section({
     "val_top1": Field(float, None, nullable=True, minimum=0.0, maximum=1.0),
     "val_top5": Field(float, None, nullable=True, minimum=0.0, maximum=1.0),
-}, partial=True)
+}, UntilConfig, partial=True)
+
+
+class StageLossConfig(Node):
+    """``stages.N.loss``: the loss settings a stage changes (only those it gives)."""
+
+    alpha: Optional[float]
+
+
+class StageConfig(Node):
+    """One of ``stages``: its length, stop goals, optimizer, schedule, warmup, data and loss
+    changes, and the parameters it trains."""
+
+    name: Optional[str]
+    epochs: Optional[int]
+    steps: Optional[int]
+    until: UntilConfig
+    optimizer: Union[AdamWConfig, MomentumConfig]
+    lr_schedule: LRScheduleConfig
+    warmup: WarmupConfig
+    data: StageDataConfig
+    loss: StageLossConfig
+    trainable: Optional[list[str]]
+    frozen_mode: str
+
 
 STAGE = Section({
     "name": _nullable(str),
@@ -217,13 +420,13 @@ STAGE = Section({
     "lr_schedule": LR_SCHEDULE,
     "warmup": WARMUP,
     "data": STAGE_DATA,
-    "loss": Section({"alpha": _nullable(float, minimum=0.0)}, partial=True),
+    "loss": Section({"alpha": _nullable(float, minimum=0.0)}, StageLossConfig, partial=True),
     # Parameter-path prefixes the stage trains (e.g. [head, head_dist, norm]); null: all.
     "trainable": Field(list, None, nullable=True, item_type=str),
     # With trainable: the frozen part runs as at test time (eval: no dropout or drop path,
     # FixRes), or keeps them (train).
     "frozen_mode": Field(str, "eval", choices=("eval", "train")),
-})
+}, StageConfig)
 
 # Bounds of the PPIM constructor arguments that size a model (model.kwargs): generous, but a
 # typo cannot ask for a model that exhausts the machine.
@@ -235,6 +438,18 @@ KWARG_BOUNDS = {
     "attn_drop_rate": (float, 0.0, 1.0), "drop_path_rate": (float, 0.0, 1.0),
 }
 
+class DistillConfig(Node):
+    """``distill``: the teacher (a run folder or a PPIM model), its weights and arguments, the
+    kind of distillation, its temperature and weight."""
+
+    teacher: str
+    weights: Optional[str]
+    kwargs: dict
+    type: str
+    tau: float
+    alpha: float
+
+
 # Knowledge distillation into the distillation head of a DeiT distilled model; null: off.
 DISTILL = Section({
     # A run folder of this project (its config.yaml and weights), or a PPIM model name.
@@ -245,7 +460,20 @@ DISTILL = Section({
     "type": Field(str, "hard", choices=("soft", "hard")),
     "tau": Field(float, 1.0, minimum=0.01, maximum=100.0),
     "alpha": Field(float, 0.5, minimum=0.0, maximum=1.0),
-}, optional=True)
+}, DistillConfig, optional=True)
+
+
+class Config(Node):
+    """A whole validated config: the data, the model, the loss, the run-wide training
+    settings, distillation (``None``: off) and the stages."""
+
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    distill: Optional[DistillConfig]
+    stages: list[StageConfig]
+
 
 CONFIG = Section({
     "data": DATA,
@@ -254,4 +482,4 @@ CONFIG = Section({
     "train": TRAIN,
     "distill": DISTILL,
     "stages": ListOf(STAGE),
-})
+}, Config)

@@ -22,7 +22,6 @@ import numpy as np
 
 from utils.errors import UserError
 from utils.io.files import json_text, path_problem, write_atomically
-from utils.io.safe_pickle import safe_unpickle
 
 if TYPE_CHECKING:
     import paddle
@@ -142,6 +141,8 @@ def _load_safetensors(path):
 
 
 def _load_pdparams(path):
+    from utils.io.safe_pickle import safe_unpickle  # only .pdparams files need an unpickler
+
     with open(path, "rb") as handle:
         state = safe_unpickle(handle, f"weights file {path}")
     if not isinstance(state, dict):

@@ -13,7 +13,7 @@ from training.gpus import EFFICIENCY, GPUS, peak_flops
 from training.plan import plan
 
 if TYPE_CHECKING:
-    from utils.config import Node
+    from utils.schema import Config
 
 
 def _human_bytes(count):
@@ -70,7 +70,7 @@ def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> Non
         f"{report['preflight_s']:.0f} s)")
 
 
-def plan_rates(report: dict, cfg: Node, device: str) -> None:
+def plan_rates(report: dict, cfg: Config, device: str) -> None:
     """On a GPU of the plan's table: each stage's planned images per second beside the
     measurement (``plan_images_per_s``), and the card (``None`` elsewhere)."""
     card = gpu_card(device)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from training.state import Position
-    from utils.config import Node
+    from utils.schema import DistillConfig, LossConfig, StageConfig
 
 
 def place(stage: int, epoch: int, epochs: Optional[int] = None) -> str:
@@ -33,7 +33,7 @@ def run_line(device: str, train: int, val: int, test: int, output_dir: str, sour
             f"{validation}, {test} test; output in {output_dir}")
 
 
-def position_text(position: Position, stages: list[Node]) -> str:
+def position_text(position: Position, stages: list[StageConfig]) -> str:
     """Where a checkpoint resumes (a :class:`training.state.Position`), in words."""
     if position.stage >= len(stages):
         return "after the last stage (training complete, the final test follows)"
@@ -49,8 +49,8 @@ def _fmt(value):
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def epoch_line(where: str, stats: dict, results: dict, loss_cfg: Node,
-               distill_cfg: Optional[Node] = None) -> str:
+def epoch_line(where: str, stats: dict, results: dict, loss_cfg: LossConfig,
+               distill_cfg: Optional[DistillConfig] = None) -> str:
     """The console line of one finished epoch: the training loss and its parts (R-Drop:
     ``loss = ce + alpha x kl``, with distillation ``(1 - a) x that + a x distill``, so the
     parts add up), validation metrics of the raw weights and of each average, gradient
