@@ -161,8 +161,7 @@ def run_preflight(cfg: Config, as_json: bool) -> int:
     standard error."""
     import contextlib
 
-    from preflight import preflight
-    from utils.reports.preflight import print_report
+    from preflight import preflight, print_report
 
     report_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():

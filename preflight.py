@@ -7,20 +7,22 @@ attention path exactly as the run would choose them; the run's start-of-run stag
 loader, one evaluation batch, and a checkpoint saved and loaded back in a temporary folder.
 Prints a table (``--json``: one JSON line) with the step time, images per second, peak
 memory, the projected time per epoch and for the whole recipe (its epoch caps or step
-budgets), and the disk the checkpoints need. A micro-batch that does not fit is halved until one does, and
-the settings that keep the same global batch are printed.
+budgets), and the disk the checkpoints need; on a GPU of the plan's table the plan's rate
+beside each measured one. A micro-batch that does not fit is halved until one does, and the
+settings that keep the same global batch are printed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, TextIO
 
 import paddle
 
@@ -32,7 +34,9 @@ from models.attention import FusedAttention
 from models.build import pending_download as weights_download
 from training.amp import Precision
 from training.engine import evaluate, train_steps
+from training.gpus import EFFICIENCY, GPUS, peak_flops
 from training.optim import portable_optimizer_state
+from training.plan import plan
 from training.recipe import StageLength, stage_data, stage_loss
 from training.stage import RunModel, Stage, build_stage
 from training.stage_check import check_stages, validate_stages
@@ -40,12 +44,13 @@ from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
 from utils.io.download import ensure_downloadable
-from utils.reports.preflight import plan_rates
 from utils.reports.progress import set_mode as set_progress
 from utils.runtime.device import peak_memory_bytes, select_device
 from utils.runtime.dist import any_rank, init, world_size
 from utils.runtime.seeds import seed_everything
-from utils.schema import Config
+
+if TYPE_CHECKING:
+    from utils.schema import Config
 
 # Steps timed per setup: at least this many seconds of them (and at least MIN_STEPS), after
 # one untimed step (kernels, caches, allocations).
@@ -131,6 +136,85 @@ def _checkpoint_bytes(net: RunModel, stage: Stage, class_names: list) -> tuple[i
         sizes = {name: os.path.getsize(os.path.join(folder, "last", name))
                  for name in os.listdir(os.path.join(folder, "last"))}
     return sum(sizes.values()), sizes["raw.safetensors"]
+
+
+def _human_bytes(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+def _human_seconds(seconds):
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> None:
+    """The table (or the JSON document) of :func:`preflight`, to ``out`` (standard output)."""
+    out = out or sys.stdout
+    if as_json:
+        print(json.dumps(report), file=out, flush=True)
+        return
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    say(f"device {report['device']}, Paddle {report['paddle']}, {report['ranks']} rank(s), "
+        f"{report['precision']}, attention {report['attention']}, recompute "
+        f"{'on' if report['recompute'] else 'off'}")
+    say(f"{'stage':>5} {'batch':>6} {'micro':>6} {'accum':>6} {'step':>9} {'img/s':>8} "
+        f"{'steps/epoch':>12} {'epoch':>14}" + ("  plan img/s (ratio)" if report["card"] else ""))
+    for entry in report["stages"]:
+        planned = entry.get("plan_images_per_s")
+        say(f"{entry['stage']:>5} {entry['batch_size']:>6} {entry['micro_batch']:>6} "
+            f"{entry['accum_steps']:>6} {entry['step_s']:>8.3g}s "
+            f"{entry['train_images_per_s']:>8.3g} {entry['steps_per_epoch']:>12} "
+            f"{_human_seconds(entry['projected_epoch_s']):>14}"
+            + (f"  {planned:.3g} ({entry['train_images_per_s'] / planned:.3g})"
+               if planned else ""))
+    if report["card"]:
+        say(f"plan: {report['card']} at {EFFICIENCY:g} of its peak (training/gpus.py); a ratio "
+            f"far from 1 is worth reporting, so the factor can be corrected")
+    say(f"evaluation {report['eval_images_per_s']:.3g} img/s per rank; peak memory "
+        f"{_human_bytes(report['peak_memory_bytes'])}; checkpoint "
+        f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
+        f"{_human_bytes(report['disk_bytes'])}")
+    loader = report["loader_images_per_s"]
+    if loader is not None:
+        wait = loader < report["train_images_per_s"]
+        say(f"host loader {loader:.3g} img/s with {report['num_workers']} workers, "
+            f"{_human_bytes(report['host_bytes_per_image'])} per image: "
+            + ("slower than training, which will wait for it; raise data.num_workers"
+               if wait else "faster than training, which will not wait for it"))
+    say(f"projected: the whole recipe at its full length "
+        f"{_human_seconds(report['projected_total_s'])} (preflight took "
+        f"{report['preflight_s']:.0f} s)")
+
+
+def plan_rates(report: dict, cfg: Config, device: str) -> None:
+    """On a GPU of the plan's table: each stage's planned images per second beside the
+    measurement (``plan_images_per_s``), and the card (``None`` elsewhere)."""
+    card = gpu_card(device)
+    report["card"] = card
+    if card is None:
+        return
+    costs = plan(cfg)["stages"]
+    for entry in report["stages"]:
+        flops = costs[entry["stage"]]["flops_per_image"]
+        entry["plan_images_per_s"] = peak_flops(card, cfg.train.amp) * EFFICIENCY / flops
+
+
+def gpu_card(device: str) -> Optional[str]:
+    """The card of :mod:`training.gpus` that ``device`` is (by name and memory), or ``None``."""
+    if not str(device).startswith("gpu"):
+        return None
+    name = paddle.device.cuda.get_device_name()
+    memory = paddle.device.cuda.get_device_properties().total_memory
+    for card, (card_memory, _, _) in GPUS.items():
+        if card.split("-")[0] in name and abs(memory - card_memory) < 0.15 * card_memory:
+            return card
+    return None
 
 
 def preflight(cfg: Config) -> dict:

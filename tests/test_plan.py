@@ -160,7 +160,7 @@ def test_a_known_gpu_gets_the_plans_rate_beside_the_measured_one(monkeypatch):
     measurement is compared with to correct the efficiency factor); elsewhere nothing."""
     from types import SimpleNamespace
 
-    from utils.reports import preflight as report_module
+    import preflight as report_module
 
     monkeypatch.setattr(paddle.device.cuda, "get_device_name", lambda: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(paddle.device.cuda, "get_device_properties",
