@@ -3,8 +3,10 @@
 Records, as JSON in OUT.json, the project's frames (file and function, outermost first)
 at the first step of every optimizer, and at the construction of every optimizer and loss
 layer; at each first step also which earlier optimizers and stage-check models are still
-alive. Python's automatic garbage collection is off, so that only the run's own
-collections free what sits in a reference cycle (Paddle's optimizers do).
+alive, and how many bytes of Paddle's host allocator a garbage collection then frees,
+beside the bytes of the optimizer's parameters. Python's automatic garbage collection is
+off, so that only the run's own collections free what sits in a reference cycle (Paddle's
+optimizers do).
 """
 
 import gc
@@ -19,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import paddle  # noqa: E402
+from paddle.base import core  # noqa: E402
 
 OUT, sys.argv = sys.argv[1], ["main.py", *sys.argv[2:]]
 records = {"steps": [], "built": []}
@@ -34,6 +37,12 @@ def project_frames():
                 and not path.startswith(os.path.join(ROOT, "tests")):
             frames.append(f"{os.path.relpath(path, ROOT)}:{frame.name}")
     return frames
+
+
+def parameters(optimizer):
+    """The parameters an optimizer updates (Paddle keeps groups as dicts)."""
+    for item in optimizer._parameter_list:
+        yield from (item["params"] if isinstance(item, dict) else [item])
 
 
 def probe_init(cls):
@@ -55,11 +64,18 @@ def probe_step(cls):
     def step(self, *args, **kwargs):
         if not getattr(self, "_probed", False):
             self._probed = True
-            records["steps"].append({
+            entry = {
                 "frames": project_frames(),
                 "other_optimizers_alive": sum(1 for ref in optimizers
                                               if ref() is not None and ref() is not self),
-                "scratch_models_alive": sum(1 for ref in scratch_models if ref() is not None)})
+                "scratch_models_alive": sum(1 for ref in scratch_models if ref() is not None),
+                "parameter_bytes": sum(int(param.numel()) * param.element_size()
+                                       for param in parameters(self))}
+            allocated = core.host_memory_stat_current_value("Allocated", 0)
+            getattr(gc, "real_collect", gc.collect)()  # the real one, where a test made it a no-op
+            entry["collection_frees_bytes"] = \
+                allocated - core.host_memory_stat_current_value("Allocated", 0)
+            records["steps"].append(entry)
         return real(self, *args, **kwargs)
 
     cls.step = step
