@@ -202,3 +202,25 @@ def test_the_demo_models_memory_per_image_agrees_with_its_measured_peak():
 
     measured = (peak(512) - peak(64)) / (512 - 64)
     assert 2 * activation_values(model_shape(cfg.model)) * 4 == pytest.approx(measured, rel=0.3)
+
+
+def test_bf16_is_sized_and_priced_as_float32_on_the_cards_without_it():
+    """A V100 has no bfloat16, so a bf16 run trains there in float32 (training/amp.py): its
+    memory and hours are float32's; an A100 keeps half precision."""
+    recipe = "configs/rdrop_paper_recipe.yaml"
+    costs = {amp: plan(load_config(recipe, [f"train.amp={amp}", "train.amp_level=O1"]))
+             for amp in ("bf16", "off", "fp16")}
+    bf16, fp32, fp16 = costs["bf16"], costs["off"], costs["fp16"]
+    for gpu in ("V100-16GB", "V100-32GB"):
+        assert bf16["precision"][gpu] == "off"
+        assert bf16["memory_bytes"][gpu] == fp32["memory_bytes"][gpu]
+        assert bf16["hours"][gpu] == fp32["hours"][gpu]
+        assert bf16["fits"][gpu] == fp32["fits"][gpu]
+    assert bf16["precision"]["A100-40GB"] == "bf16"
+    assert bf16["memory_bytes"]["A100-40GB"] == fp16["memory_bytes"]["A100-40GB"] \
+        < fp32["memory_bytes"]["A100-40GB"]
+    assert fp16["precision"] == {gpu: "fp16" for gpu in fp16["precision"]}
+    proc = run_script("main.py", "-c", recipe, "-o", "train.amp=bf16", "--dry-run")
+    assert proc.returncode == 0
+    assert "bf16 falls back to float32 on V100-16GB, V100-32GB: sized and priced there as " \
+           "float32" in proc.stdout

@@ -27,9 +27,13 @@ EFFICIENCY = 0.2
 RESERVED_BYTES = 2 ** 30
 
 
+def precision_on(gpu: str, amp: str) -> str:
+    """The precision a run with ``train.amp = amp`` (``off``, ``fp16``, ``bf16``) trains in on
+    ``gpu``: bf16 falls back to float32 (``off``) on a card without it."""
+    return "off" if amp == "bf16" and gpu not in BF16_CARDS else amp
+
+
 def peak_flops(gpu: str, precision: str) -> float:
-    """The peak FLOP/s of ``gpu`` at ``precision`` (``off``, ``fp16``, ``bf16``)."""
+    """The peak FLOP/s of ``gpu`` for a run with ``train.amp = precision``."""
     _, fp32, half = GPUS[gpu]
-    if precision == "fp16" or (precision == "bf16" and gpu in BF16_CARDS):
-        return half
-    return fp32
+    return fp32 if precision_on(gpu, precision) == "off" else half

@@ -26,7 +26,7 @@ from typing import Optional
 
 import paddle
 
-from training.gpus import EFFICIENCY, GPUS, RESERVED_BYTES, peak_flops
+from training.gpus import EFFICIENCY, GPUS, RESERVED_BYTES, peak_flops, precision_on
 from training.recipe import StageLength, stage_data, stage_loss
 from utils.schema import Config, ModelConfig
 
@@ -97,7 +97,7 @@ def plan(cfg: Config) -> dict:
     train_images, test_images = _split_sizes(cfg.data, cfg.model.num_classes)
     trained = None if train_images is None else train_images - cfg.data.val_split
     stages, precision = [], cfg.train.amp
-    value_bytes = 4 if precision == "off" else 2
+    on_card = {gpu: precision_on(gpu, precision) for gpu in GPUS}
     for index, stage in enumerate(cfg.stages):
         data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
         shape = model_shape(cfg.model, data_cfg.image_size)
@@ -109,13 +109,15 @@ def plan(cfg: Config) -> dict:
             else min(data_cfg.train_subset, trained)
         steps = stage.steps or (None if images is None
                                 else StageLength.of(stage, images // data_cfg.batch_size).steps)
-        activation = copies * activation_values(shape, cfg.model.recompute) * value_bytes
+        # Per precision: 4 bytes a value in float32, 2 in half precision.
+        activation = {mode: copies * activation_values(shape, cfg.model.recompute)
+                      * (4 if mode == "off" else 2) for mode in {precision, *on_card.values()}}
         micro = data_cfg.batch_size // cfg.train.accum_steps
         entry = {"stage": index, "name": stage.name, "optimizer_steps": steps,
                  "images": None if steps is None else steps * data_cfg.batch_size,
                  "image_size": data_cfg.image_size,
                  "micro_batch": micro, "flops_per_image": flops,
-                 "activation_bytes_per_image": activation}
+                 "activation_bytes_per_image": activation[precision]}
         entry.update(_memory(cfg, stage, shape, activation, micro))
         entry["hours"] = {gpu: None if entry["images"] is None else
                           entry["images"] * flops / (peak_flops(gpu, precision) * EFFICIENCY)
@@ -132,7 +134,7 @@ def plan(cfg: Config) -> dict:
         "fits": {gpu: all(s["fits"][gpu] for s in stages) for gpu in GPUS},
         "hours": {gpu: sum(s["hours"][gpu] for s in stages) if known else None for gpu in GPUS},
         "disk_bytes": _disk(cfg), "test_images": test_images, "stages": stages,
-        "efficiency": EFFICIENCY,
+        "efficiency": EFFICIENCY, "precision": on_card,
     }
 
 
@@ -145,9 +147,10 @@ def _teacher_model(cfg):
     return ModelConfig(cfg.model, name=name, kwargs=dict(cfg.distill.kwargs), head="linear")
 
 
-def _state_bytes(cfg, stage, params):
-    """Weights, gradients, optimizer state and averages of ``params`` parameters."""
-    half = cfg.train.amp != "off" and cfg.train.amp_level == "O2"
+def _state_bytes(cfg, stage, params, precision):
+    """Weights, gradients, optimizer state and averages of ``params`` parameters trained in
+    ``precision``."""
+    half = precision != "off" and cfg.train.amp_level == "O2"
     weights = params * (2 + 4 if half else 4)  # O2: half weights and float32 masters
     moments = 2 if stage.optimizer.name == "AdamW" else 1
     averages = cfg.train.ema.enabled + cfg.train.swa.enabled
@@ -155,11 +158,15 @@ def _state_bytes(cfg, stage, params):
 
 
 def _memory(cfg, stage, shape, activation, micro):
-    """Per GPU: the bytes of this stage's step, whether they fit, the largest micro-batch
+    """Per GPU, at the precision the run trains in there (``activation``: bytes per image by
+    precision): the bytes of this stage's step, whether they fit, the largest micro-batch
     that does."""
-    fixed = _state_bytes(cfg, stage, shape["params"]) + RESERVED_BYTES
-    memory = {gpu: fixed + micro * activation for gpu in GPUS}
-    largest = {gpu: max(int((GPUS[gpu][0] - fixed) // activation), 0) for gpu in GPUS}
+    modes = {gpu: precision_on(gpu, cfg.train.amp) for gpu in GPUS}
+    fixed = {gpu: _state_bytes(cfg, stage, shape["params"], modes[gpu]) + RESERVED_BYTES
+             for gpu in GPUS}
+    memory = {gpu: fixed[gpu] + micro * activation[modes[gpu]] for gpu in GPUS}
+    largest = {gpu: max(int((GPUS[gpu][0] - fixed[gpu]) // activation[modes[gpu]]), 0)
+               for gpu in GPUS}
     return {"memory_bytes": memory, "fits": {gpu: memory[gpu] <= GPUS[gpu][0] for gpu in GPUS},
             "largest_micro_batch": largest}
 
@@ -191,6 +198,10 @@ def cost_lines(cost: dict) -> list[str]:
         lines.append(f"  {gpu}: {gb(cost['memory_bytes'][gpu])} "
                      f"({'fits' if cost['fits'][gpu] else 'does not fit'})"
                      + (f", about {hours:.3g} h" if hours is not None else ""))
+    fallback = [gpu for gpu, mode in cost["precision"].items() if mode == "off"]
+    if fallback and len(fallback) < len(cost["precision"]):  # bf16 where a card lacks it
+        lines.append(f"  (bf16 falls back to float32 on {', '.join(fallback)}: sized and "
+                     f"priced there as float32)")
     lines.append(f"  (hours from published peak rates x {cost['efficiency']:g}; see "
                  f"training/gpus.py)")
     return lines
