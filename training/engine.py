@@ -114,7 +114,7 @@ def train_steps(stage: Stage, batches: Iterable, progress: EpochProgress,
     micro-batch from those keys and its index, so that a resumed epoch draws the masks
     the uninterrupted one drew; ranks add their own key and draw different masks.
     The frozen parameters' layers run per ``stage.frozen_eval``
-    (:func:`training.stage.train_mode`).
+    (:func:`train_mode`).
     """
     model, optimizer, scheduler = stage.model, stage.optimizer, stage.scheduler
     precision, accum_steps = stage.precision, stage.accum_steps

@@ -332,10 +332,7 @@ def training_run(cfg: Config, resume: Union[bool, str, None] = None,
             folder.hold(resume=bool(resume), overwrite=overwrite)
         try:
             run = _start(cfg, resume, device)
-            if not run.complete:
-                with _out_of_memory_as_error(run):
-                    yield run
-            else:
+            with _out_of_memory_as_error(run):
                 yield run
         finally:
             folder.release()
