@@ -180,11 +180,14 @@ def run_preflight(cfg: Config, as_json: bool) -> int:
 
 
 def resume_command(argv: Optional[list[str]] = None) -> str:
-    """The command line that continues this run from its last checkpoint."""
+    """The command line that continues this run from its last checkpoint (through the
+    launcher for a launched run)."""
+    from utils.runtime.dist import launcher_prefix
+
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(arg == "--resume" or arg.startswith("--resume=") for arg in args):
         args.append("--resume")
-    return " ".join(shlex.quote(arg) for arg in ["python", "main.py", *args])
+    return " ".join(shlex.quote(arg) for arg in [*launcher_prefix("main.py"), "main.py", *args])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ at any batch), with workers that die with the training process."""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
 import os
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -15,6 +17,7 @@ from paddle.io import DataLoader, DistributedBatchSampler
 from utils.errors import UserError
 from utils.runtime.dist import die_with_parent
 from utils.runtime.seeds import derived_seed
+from utils.runtime.signals import ignore_stop_signals
 
 if TYPE_CHECKING:
     from data.samples import ImageDataset
@@ -120,15 +123,30 @@ def build_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
     if train and len(sampler) == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one "
                         f"batch of {batch_size}; lower data.batch_size")
-    # Workers die with the training process (without it, the workers of a run killed with
-    # kill -9 live on for minutes).
-    init = functools.partial(_worker_dies_with, os.getpid()) if num_workers else None
+    init = None
+    if num_workers:
+        init = functools.partial(_init_worker, os.getpid())
+        _end_workers_at_exit()
     return SampleErrorLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                              worker_init_fn=init)
 
 
-def _worker_dies_with(parent, worker_id):
+@functools.cache
+def _end_workers_at_exit():
+    """Kill the loader workers still running when this process exits (an iteration cut
+    short by a stop or an error): they ignore SIGTERM, with which multiprocessing's own exit
+    would end them, and would hold the exit forever. Registered after multiprocessing's exit
+    function, so it runs first."""
+    atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
+
+
+def _init_worker(parent, worker_id):
+    """Workers die with the training process (without it, the workers of a run killed with
+    kill -9 live on for minutes) and leave stop signals to it: the signal that reaches the
+    whole process group (Ctrl-C, paddle.distributed.launch's SIGTERMs) must not kill them
+    before the training process has saved its checkpoint."""
     die_with_parent(parent)
+    ignore_stop_signals()
 
 
 def set_epoch(loader: paddle.io.DataLoader, epoch: int, start: int = 0) -> None:

@@ -135,13 +135,40 @@ def test_ctrl_c_with_loader_workers_exits_130_with_a_checkpoint(tmp_path):
     assert state["position"]["stage"] == 1 and set(trees) == {"raw", "optimizer", "ema", "swa"}
 
 
-def test_a_second_signal_exits_at_once_keeping_the_saved_checkpoint(tmp_path):
-    out = str(tmp_path / "twice")
-    code, err = _signal_at_stage_1(out, signal.SIGINT, signal.SIGTERM)
-    assert code == 143 and "Traceback" not in err
-    assert "error: second SIGTERM: exiting now" in err and "interrupted:" not in err
-    state, trees = load_last(find_last(out))  # stage 0's end, saved before the signals
-    assert state["position"] == {"stage": 1, "epoch": 0, "micro": 0} and "raw" in trees
+def test_a_repeated_signal_is_one_request_and_the_run_saves(tmp_path):
+    """A sender that repeats its signal at once (paddle.distributed.launch: three SIGTERMs
+    0.2 s apart) asks once: the run still stops after its step with a checkpoint."""
+    out = str(tmp_path / "repeated")
+    code, err = _signal_at_stage_1(out, signal.SIGINT, signal.SIGTERM, signal.SIGTERM)
+    assert code == 130 and "Traceback" not in err and "second" not in err
+    assert "interrupted: SIGINT at stage 1" in err
+    state, _ = load_last(find_last(out))
+    assert state["position"]["stage"] == 1 and state["position"]["micro"] > 0
+
+
+def test_a_second_request_after_the_repeat_window_exits_at_once(monkeypatch, capfd):
+    """A person asking again (a second Ctrl-C seconds later) ends the process at once with
+    128 + signal; the checkpoint saved before it is all there is."""
+    from utils.runtime import signals
+
+    clock, exits = [100.0], []
+
+    def exit_now(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(signals.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(signals.os, "_exit", exit_now)
+    with signals.StopRequests() as stops:
+        os.kill(os.getpid(), signal.SIGINT)
+        clock[0] += 0.4
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.requested == "SIGINT" and exits == []
+        clock[0] += signals.REPEAT_WINDOW_S
+        with pytest.raises(SystemExit):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert exits == [143]
+    assert "error: second SIGTERM: exiting now" in capfd.readouterr().err
 
 
 def test_stop_during_evaluation_resumes_without_averaging_twice(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ launcher."""
 
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -122,6 +124,43 @@ def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(two_rank_sho
     assert _launch(killed, *SHORT, "--resume", log_dir=str(tmp_path / "l3")).wait(timeout=600) \
         == 0, _log_tail(str(tmp_path / "l3"))
     _assert_close_records(whole, killed, abs_tol=1e-12)
+
+
+def test_sigterm_to_the_launcher_saves_every_rank_and_the_printed_command_resumes(
+        two_rank_short_run, tmp_path):
+    """``kill <launcher>`` (a scheduler's stop): the launcher sends SIGTERM to each rank's
+    process group three times, 0.2 s apart; the ranks and their loader workers outlive the
+    repeats, stop after the step together, save, and print the launcher's own command."""
+    whole, out, logs = two_rank_short_run, str(tmp_path / "term"), str(tmp_path / "logs")
+    proc = _launch(out, *SHORT, "-o", "data.num_workers=2", log_dir=logs)
+    state_path, saved = os.path.join(out, "last", "state.json"), None
+    while proc.poll() is None:
+        try:
+            with open(state_path, encoding="utf-8") as handle:
+                saved = json.load(handle)["position"]
+        except (OSError, ValueError):
+            saved = None
+        if saved and saved["stage"] == 1 and saved["micro"] > 0:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=120) == signal.SIGTERM
+    with open(state_path, encoding="utf-8") as handle:
+        stopped = json.load(handle)["position"]
+    assert (stopped["epoch"], stopped["micro"]) > (saved["epoch"], saved["micro"])
+    ranks = [open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8",
+                  errors="replace").read() for r in (0, 1)]
+    for text in ranks:
+        assert "Traceback" not in text and "Error" not in text, text[-2000:]
+        assert "interrupted: SIGTERM at stage 1" in text
+    line = next(text for text in ranks[0].splitlines() if text.startswith("interrupted: "))
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:4] == ["python", "-m", "paddle.distributed.launch", "--nproc_per_node"]
+    command[command.index("--log_dir") + 1] = str(tmp_path / "resumed-logs")
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert resumed.returncode == 0, _log_tail(str(tmp_path / "resumed-logs"))
+    _assert_close_records(whole, out, abs_tol=1e-12)
 
 
 def _assert_close_records(expected_run, run, abs_tol):

@@ -12,7 +12,12 @@ from typing import Callable, Iterator, Optional
 
 from utils.config import DEFAULT_CONFIG
 from utils.errors import Interrupted, UserError
-from utils.runtime.signals import HELD, hold_sigterm, leave_closed_terminal
+from utils.runtime.signals import (
+    HELD,
+    exit_on_stop_signals,
+    hold_sigterm,
+    leave_closed_terminal,
+)
 
 # OS errors a user fixes (free space, fix permissions) rather than bugs: one line each.
 USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
@@ -65,6 +70,7 @@ def one_line_errors() -> Iterator[None]:
         finally:
             hold_sigterm(False)  # a SIGTERM still held arrives here
     except Interrupted as exc:
+        exit_on_stop_signals(exc.exit_code)
         print(f"interrupted: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt as exc:

@@ -32,6 +32,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launcher_prefix(script: str) -> list[str]:
+    """What comes before ``script`` on the command line that started this job: ``python``,
+    or under ``paddle.distributed.launch`` its own command with its options (read from the
+    launcher's command line on Linux; its rank count elsewhere)."""
+    if world_size() == 1:
+        return ["python"]
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            parent = [arg.decode(errors="replace") for arg in handle.read().split(b"\0") if arg]
+        end = next(i for i, arg in enumerate(parent) if os.path.basename(arg) == script)
+        if "paddle.distributed.launch" in parent[:end]:
+            return ["python", *parent[1:end]]
+    except (OSError, StopIteration):
+        pass
+    return ["python", "-m", "paddle.distributed.launch", "--nproc_per_node", str(world_size())]
+
+
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
