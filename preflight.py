@@ -34,7 +34,7 @@ from models.attention import FusedAttention
 from models.build import pending_download as weights_download
 from training.amp import Precision
 from training.engine import evaluate, train_steps
-from training.gpus import EFFICIENCY, GPUS, peak_flops
+from training.gpus import GPUS, SOURCE, flop_rates
 from training.optim import portable_optimizer_state
 from training.plan import plan
 from training.recipe import StageLength, stage_data, stage_loss
@@ -174,8 +174,8 @@ def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> Non
             + (f"  {planned:.3g} ({entry['train_images_per_s'] / planned:.3g})"
                if planned else ""))
     if report["card"]:
-        say(f"plan: {report['card']} at {EFFICIENCY:g} of its peak (training/gpus.py); a ratio "
-            f"far from 1 is worth reporting, so the factor can be corrected")
+        say(f"plan: {report['card']}'s rate in training/gpus.py ({SOURCE}); a ratio far "
+            f"from 1 is worth reporting, so the rate can be corrected")
     say(f"evaluation {report['eval_images_per_s']:.3g} img/s per rank; peak memory "
         f"{_human_bytes(report['peak_memory_bytes'])}; checkpoint "
         f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
@@ -202,7 +202,7 @@ def plan_rates(report: dict, cfg: Config, device: str) -> None:
     costs = plan(cfg)["stages"]
     for entry in report["stages"]:
         flops = costs[entry["stage"]]["flops_per_image"]
-        entry["plan_images_per_s"] = peak_flops(card, cfg.train.amp) * EFFICIENCY / flops
+        entry["plan_images_per_s"] = flop_rates(card, cfg.train.amp)[1] / flops
 
 
 def gpu_card(device: str) -> Optional[str]:

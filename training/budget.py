@@ -20,28 +20,50 @@ WORDS = {
     "en": {
         "header": "| config | optimizer steps | images | {gpus} | disk |",
         "your data": "your data", "fits": "fits", "does not fit": "does not fit",
-        "does not fit either": "does not fit either", "separator": ", ",
+        "does not fit either": "does not fit either", "separator": ", ", "list": "; ",
+        "hours": "≈ {hours:.3g} h ({low:.3g}-{high:.3g})",
         "runs": "- {hours} GPU-hours: `{name}` {times}.",
         "times": "{count:.2g} times on a {gpu}",
+        "until": "- `{name}`: stages that reach their `until` target stop early; its steps, "
+                 "images and hours are those of the full length.",
         "nothing fits": "- `{name}` on a {gpu}: not even one image fits; use a larger card.",
-        "what fits": "- `{name}` on a {gpu}: micro-batches of at most {largest} images fit: "
-                     "`-o train.accum_steps={accum}` keeps the images per step and the hours; "
-                     "`-o model.recompute=true` keeps the micro-batch ({memory}, {fits}) for "
-                     "{extra:.3g} times the hours.",
+        "accumulate": "- `{name}` on a {gpu}: micro-batches of at most {largest} images fit: "
+                      "`-o train.accum_steps={accum}` keeps the images per step and the hours",
+        "recompute": "; `-o model.recompute=true` keeps the micro-batch ({memory}, {fits}, "
+                     "≈ {hours:.3g} h)",
+        "source": "Hours: training, validations and the final test, an estimate from published "
+                  "runs of ViT-B/384 on each card and precision (`training/gpus.py` cites "
+                  "them), not measured by this project; the range spans the slowest and the "
+                  "fastest of them. Memory for Paddle 3 (`requirements.txt`), which fuses "
+                  "attention on a V100 too; with Paddle 2.6 a V100 has no fused kernel and "
+                  "`--dry-run` there sizes the attention matrix ({paddle26}).",
+        "paddle26": "`{name}` on a {gpu}: {memory}",
+        "paddle26 fix": "`{name}` on a {gpu}: {memory}, `-o train.accum_steps={accum}` fits",
     },
     "zh": {
         "header": "| 配置 | 优化步数 | 图片数 | {gpus} | 磁盘 |",
         "your data": "取决于你的数据", "fits": "放得下", "does not fit": "放不下",
-        "does not fit either": "仍放不下", "separator": "，",
+        "does not fit either": "仍放不下", "separator": "，", "list": "；",
+        "hours": "≈ {hours:.3g} 小时（{low:.3g}-{high:.3g}）",
         "runs": "- {hours} GPU 小时：`{name}` {times}。",
         "times": "在 {gpu} 上可跑 {count:.2g} 次",
+        "until": "- `{name}`：达到 `until` 目标的阶段会提前结束；表中的步数、图片数和时长按完整长度计算。",
         "nothing fits": "- `{name}` 在 {gpu} 上：一张图片都放不下，请换更大的卡。",
-        "what fits": "- `{name}` 在 {gpu} 上：微批次最多放得下 {largest} 张图片："
-                     "`-o train.accum_steps={accum}` 保持每步的图片数和时长；"
-                     "`-o model.recompute=true` 保持微批次（{memory}，{fits}），"
-                     "时长为 {extra:.3g} 倍。",
+        "accumulate": "- `{name}` 在 {gpu} 上：微批次最多放得下 {largest} 张图片："
+                      "`-o train.accum_steps={accum}` 保持每步的图片数和时长",
+        "recompute": "；`-o model.recompute=true` 保持微批次（{memory}，{fits}，"
+                     "≈ {hours:.3g} 小时）",
+        "source": "时长：训练、验证和最后的测试，按已发表的 ViT-B/384 在各卡、各精度上的训练记录"
+                  "估算（出处见 `training/gpus.py`），本项目没有实测；区间取这些记录中最慢和最快的。"
+                  "显存按 Paddle 3（`requirements.txt`）估算，V100 上同样走融合注意力；"
+                  "Paddle 2.6 在 V100 上没有融合算子，在那里运行 `--dry-run` 会计入注意力矩阵"
+                  "（{paddle26}）。",
+        "paddle26": "`{name}` 在 {gpu} 上：{memory}",
+        "paddle26 fix": "`{name}` 在 {gpu} 上：{memory}，加 `-o train.accum_steps={accum}` 可放下",
     },
 }
+# The Paddle the table is sized for (requirements.txt), and the older one users also run.
+PADDLE_MAJOR, OLDER_PADDLE_MAJOR = 3, 2
 
 
 def _gib(count):
@@ -54,50 +76,54 @@ def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) 
 
     words = WORDS[language]
     lines = [words["header"].format(gpus=" | ".join(GPUS)), "|---" * (4 + len(GPUS)) + "|"]
-    notes = []
+    notes, older = [], []
     for path in paths:
-        cfg = load_config(path)
-        cost = plan(cfg)
+        cfg, name = load_config(path), os.path.basename(path)
+        cost = plan(cfg, PADDLE_MAJOR)
         bound = "≤ " if any(s["upper_bound"] for s in cost["stages"]) else ""
         cells = []
         for gpu in GPUS:
             hours, memory = cost["hours"][gpu], _gib(cost["memory_bytes"][gpu])
             fit = words["fits"] if cost["fits"][gpu] else words["does not fit"]
-            cells.append(f"{bound}{hours:.3g} h, {memory}, {fit}" if hours is not None
-                         else f"{memory}, {fit}")
-            if not cost["fits"][gpu]:
-                notes.append(_what_fits(path, cfg, gpu, cost, words))
+            when = "" if hours is None else words["hours"].format(
+                hours=hours, low=cost["hours_range"][gpu][0],
+                high=cost["hours_range"][gpu][1]) + ", "
+            cells.append(f"{when}{memory}, {fit}")
+            if gpu in cost["fixes"]:
+                notes.append(_what_fits(name, gpu, cost["fixes"][gpu], words))
         steps, images = cost["total_optimizer_steps"], cost["total_images"]
-        name = os.path.basename(path)
         lines.append(f"| `{name}` | {bound + format(steps, ',') if steps else words['your data']} "
                      f"| {bound + format(images, ',') if images else words['your data']} | "
                      + " | ".join(cells) + f" | {_gib(cost['disk_bytes'])} |")
+        if bound:
+            notes.append(words["until"].format(name=name))
         if images:
             times = words["separator"].join(
                 words["times"].format(count=BUDGET_HOURS / cost["hours"][gpu], gpu=gpu)
                 for gpu in GPUS)
             notes.append(words["runs"].format(hours=BUDGET_HOURS, name=name, times=times))
-    return lines + [""] + notes
+        previous = plan(cfg, OLDER_PADDLE_MAJOR)
+        for gpu in GPUS:
+            fix = previous["fixes"].get(gpu, {}).get("accum_steps")
+            if gpu.endswith("32GB") and previous["memory_bytes"][gpu] != cost["memory_bytes"][gpu]:
+                older.append(words["paddle26 fix" if fix else "paddle26"].format(
+                    name=name, gpu=gpu, memory=_gib(previous["memory_bytes"][gpu]), accum=fix))
+    source = words["source"].format(paddle26=words["list"].join(older))
+    return lines + [""] + notes + ["", source]
 
 
-def _what_fits(path, cfg, gpu, cost, words):
-    """What makes the config at ``path`` fit on ``gpu``: more accumulation (the same hours)
-    or recompute (the same micro-batch, its hours and memory from the plan)."""
-    from utils.config import load_config
-
-    stage = max(cost["stages"], key=lambda s: s["memory_bytes"][gpu])
-    largest, name = stage["largest_micro_batch"][gpu], os.path.basename(path)
-    if largest < 1:
+def _what_fits(name, gpu, fix, words):
+    """The note on what makes config ``name`` fit on ``gpu`` (the plan's ``fixes``)."""
+    if fix["largest_micro_batch"] < 1:
         return words["nothing fits"].format(name=name, gpu=gpu)
-    batch = stage["micro_batch"] * cfg.train.accum_steps
-    accum = next(a for a in range(cfg.train.accum_steps, batch + 1)
-                 if batch % a == 0 and batch // a <= largest)
-    recompute = plan(load_config(path, ["model.recompute=true"]))
-    extra = recompute["stages"][0]["flops_per_image"] / cost["stages"][0]["flops_per_image"]
-    fits = words["fits"] if recompute["fits"][gpu] else words["does not fit either"]
-    return words["what fits"].format(name=name, gpu=gpu, largest=largest, accum=accum,
-                                     memory=_gib(recompute["memory_bytes"][gpu]), fits=fits,
-                                     extra=extra)
+    text = words["accumulate"].format(name=name, gpu=gpu, largest=fix["largest_micro_batch"],
+                                      accum=fix["accum_steps"])
+    recompute = fix["recompute"]
+    if recompute:
+        fits = words["fits"] if recompute["fits"] else words["does not fit either"]
+        text += words["recompute"].format(memory=_gib(recompute["memory_bytes"]), fits=fits,
+                                          hours=recompute["hours"] or 0)
+    return text + ("." if words is WORDS["en"] else "。")
 
 
 if __name__ == "__main__":

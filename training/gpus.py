@@ -1,9 +1,17 @@
 """The GPUs a run plan is priced on (AI Studio's cards), with the source of every number.
 
-Peak rates are the vendors' published dense rates; what a training step reaches is a
-fraction of them, ``EFFICIENCY``, one factor for all cards until users' preflight reports
-(which print the plan's estimate beside the measurement) correct it.
+A card's rate is its published peak for the precision the run trains in there times the
+fraction of that peak (model-FLOPs utilisation, MFU) published training runs of ViT-B at
+384 px reached on the same card in the same precision: a range, from the slowest to the
+fastest run found, and an estimate in its middle. None of it is measured by this project;
+preflight prints the estimate beside its measurement on the user's card.
+
+FLOPs per image below are the plan's own counts (training/plan.py): 111.2 GFLOPs for a
+forward pass of ViT-B/16 or DeiT-B at 384 px, 3 forwards' worth for a training image,
+6 (667 GFLOPs) for an R-Drop training image.
 """
+
+from __future__ import annotations
 
 # name: (memory bytes, peak FLOP/s in float32, peak FLOP/s in float16/bfloat16 tensor cores)
 GPUS = {
@@ -16,14 +24,30 @@ GPUS = {
 # V100 has no bfloat16 tensor cores: a bf16 run there falls back to float32 (training/amp.py).
 BF16_CARDS = ("A100-40GB",)
 
-# The fraction of the peak a training step reaches. Derived from the public Paddle
-# reproductions of the R-Drop authors' recipe (README.md, What to expect): 29 and 54 V100-hours
-# for 5,120,000 images of about 667 GFLOPs each (deit-B/16 at 384: 6 x 111.2 GFLOPs forward
-# for an R-Drop step) in fp16: 3.4e18 / (29 h x 125e12) = 0.26, / (54 h x 125e12) = 0.14.
-EFFICIENCY = 0.2
+# MFU (low, high) of a training step, by card family and precision ("half": fp16 or bf16
+# AMP; "off": float32).
+UTILISATION = {
+    # zpc-666/Paddle-R-Drop (the R-Drop authors' recipe in Paddle: 10,000 steps of 512 images
+    # at 384 px, one V100-32GB, fp16 O1): its training log's 18.0 s a step is
+    # 512 x 667e9 / (18.0 s x 125e12) = 0.152 (its README's "2天6小时26分", 54.4 h, adds an
+    # evaluation every 100 steps). DeiT (Touvron et al. 2021), the 384 px fine-tune of DeiT-B
+    # on V100s with AMP: about 51 h for the same 5.12 M images, 0.149.
+    ("V100", "half"): (0.14, 0.16),
+    # PaddleClas's DeiT-B/384 benchmark, V100, fp32 inference: 89.7 img/s x 111.2 GFLOPs =
+    # 0.64 of 15.7 TFLOPS, a training step's ceiling; a 224 px fp32 DeiT-B training log: 0.50.
+    ("V100", "off"): (0.45, 0.60),
+    # PLSC (PaddlePaddle), ViT-B/16 at 384 px, fp16, 8 A100s: 719 img/s, 89.9 a GPU x 333.6
+    # GFLOPs = 0.096 of 312 TFLOPS; PaddleFleetX's ViT-B/16 384 px fine-tune: 99-109 img/s a
+    # GPU, 0.106-0.117. An A100 is 1.6-1.9 V100s here, not the peaks' 2.5.
+    ("A100", "half"): (0.10, 0.12),
+    # No published float32 run of this model on an A100 was found: the V100's float32 fraction
+    # of the A100's 19.5 TFLOPS (matmuls in TF32, where enabled, would be faster).
+    ("A100", "off"): (0.45, 0.60),
+}
+SOURCE = "estimate from published runs of ViT-B/384; not measured by this project"
 
 # Memory a GPU loses before the run's tensors: the CUDA context and Paddle's allocator
-# reserve (about 0.5-1 GB on the V100 and A100; 1 GB is assumed).
+# reserve (about 0.5-1 GB on the V100 and A100; 1 GB is assumed, an estimate).
 RESERVED_BYTES = 2 ** 30
 
 
@@ -33,7 +57,21 @@ def precision_on(gpu: str, amp: str) -> str:
     return "off" if amp == "bf16" and gpu not in BF16_CARDS else amp
 
 
-def peak_flops(gpu: str, precision: str) -> float:
-    """The peak FLOP/s of ``gpu`` for a run with ``train.amp = precision``."""
+def flop_rates(gpu: str, amp: str) -> tuple[float, float, float]:
+    """The FLOP/s a training step reaches on ``gpu`` with ``train.amp = amp``: (low,
+    estimate, high)."""
     _, fp32, half = GPUS[gpu]
-    return fp32 if precision_on(gpu, precision) == "off" else half
+    precision = precision_on(gpu, amp)
+    low, high = UTILISATION[gpu.split("-")[0], "off" if precision == "off" else "half"]
+    peak = fp32 if precision == "off" else half
+    return peak * low, peak * (low + high) / 2, peak * high
+
+
+def fused_attention_on(gpu: str, amp: str, setting: str, paddle_major: int) -> bool:
+    """Whether PPIM's attention runs through Paddle's fused kernel on ``gpu``
+    (``model.fused_attention = setting``; ``auto`` takes it under AMP), which keeps no
+    attention matrix: flash attention needs compute capability 8.0 (an A100); Paddle 3's
+    memory-efficient kernel also runs on a V100, Paddle 2.6 has only flash attention."""
+    if setting == "off" or precision_on(gpu, amp) == "off":
+        return False
+    return gpu.startswith("A100") or paddle_major >= 3

@@ -1,7 +1,8 @@
 """The cost of a run from its config alone, in about a second on any machine: optimizer steps
 and images per stage, the FLOPs and activation bytes of one training image, the memory one
 GPU needs, whether it fits and the largest micro-batch that does, the hours on each GPU of
-:mod:`training.gpus`, and the disk. ``python main.py --dry-run --json`` prints it.
+:mod:`training.gpus` (training, validations and the final test; an estimate with a range),
+and the disk. ``python main.py --dry-run --json`` prints it.
 
 The model's sizes come from PPIM's own constructor, built under ``paddle.LazyGuard`` (its
 parameters are declared, never allocated or drawn). Counts, for a ViT of width D, depth L,
@@ -10,13 +11,17 @@ H heads, MLP ratio r and T tokens (patches plus the class and distillation token
 - FLOPs of a forward pass (2 per multiply-add): the patch embedding, per block the qkv,
   q·kᵀ, attention·v, projection and MLP matmuls (2·(3TD² + 2T²D + TD² + 2rTD²)), the heads.
   A training image costs a forward and a backward (twice a forward) per R-Drop copy, one more
-  forward per copy with recompute, and a teacher's forward.
-- Activations kept for the backward pass, per block and copy: 19·T·D values (norm inputs and
-  outputs, q, k, v, the attention and projection outputs, the residuals, both MLP layers and
-  the activation) and 2.25·H·T² (the softmax's output, which its backward needs instead of
-  the scores, the dropout's output and its one-byte mask); with recompute, each block's input
-  plus one block's worth. 4 bytes each in float32, 2 under AMP (an approximation: O1 keeps
-  the softmax in float32).
+  forward per copy with recompute, and a teacher's forward; an evaluated image one forward.
+- Activations held at the backward pass's peak, per block and copy: 19·T·D token values
+  (norm inputs and outputs, q, k, v, the attention and projection outputs, the residuals,
+  both MLP layers and the activation) and, unless the fused kernel computes attention, H·T²
+  attention values twice (the softmax's output, and its gradient beside it during the
+  backward pass) plus, with attention dropout, its output and one-byte mask. In float32 that
+  is 1.58 GB per deit_b_distilled_384 training image, equal to bench/memory.py's CPU
+  measurement of the peak. Under AMP O1 the norms and the softmax stay in float32 (Paddle's
+  black list) and the matmuls after them keep half-precision copies; under O2 everything is
+  half; these are estimates from Paddle's AMP lists, not measured. With recompute: each
+  block's input plus one block's worth.
 """
 
 from __future__ import annotations
@@ -26,14 +31,36 @@ from typing import Optional
 
 import paddle
 
-from training.gpus import EFFICIENCY, GPUS, RESERVED_BYTES, peak_flops, precision_on
+from training.gpus import (
+    GPUS,
+    RESERVED_BYTES,
+    SOURCE,
+    flop_rates,
+    fused_attention_on,
+    precision_on,
+)
 from training.recipe import StageLength, stage_data, stage_loss
 from utils.schema import Config, ModelConfig
 
 # Split sizes known from the data set's name: (training images, test images).
 KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digits": (1437, 360)}
-# Per block: 19 T·D values and 2.25 H·T² attention values (see the module's text).
-TOKEN_VALUES, ATTENTION_VALUES = 19, 2.25
+# Per block: 19 T·D token values, 4 of them the two norms' inputs and outputs.
+TOKEN_VALUES, NORM_VALUES = 19, 4
+# Bytes per attention value (H·T² per block and copy) in float32 (None) and under AMP O1
+# and O2: the softmax's output, its half copy that attention·v keeps, the gradient of the
+# same size the backward pass holds beside them at its peak, attention dropout's output (and
+# its one-byte mask).
+ATTENTION_BYTES = {None: (4, 0, 4, 4), "O1": (4, 2, 4, 4), "O2": (2, 0, 2, 2)}
+# How each memory term is known.
+MEMORY_BASIS = {
+    "state": "counted: parameters x bytes of weights, gradients, optimizer state, averages",
+    "activations": "float32: the count equals bench/memory.py's CPU measurement (1.58 GB per "
+                   "deit_b_distilled_384 image); AMP and fused attention: estimated from "
+                   "Paddle's AMP lists and kernels",
+    "teacher": "counted: a distillation teacher's float32 weights",
+    "reserved": "estimate: 1 GiB for the CUDA context and the allocator",
+    "data_parallel": "estimate: with several GPUs, DataParallel's fused copy of the gradients",
+}
 
 
 def model_shape(model_cfg: ModelConfig, image_size: Optional[int] = None) -> dict:
@@ -69,12 +96,24 @@ def forward_flops(shape: dict) -> int:
     return embed + shape["depth"] * block + 2 * dim * shape["classes"] * shape["class_heads"]
 
 
-def activation_values(shape: dict, recompute: bool = False) -> int:
-    """Values one copy of one image keeps for the backward pass."""
-    dim, tokens = shape["dim"], shape["tokens"]
-    block = TOKEN_VALUES * tokens * dim + ATTENTION_VALUES * shape["heads"] * tokens ** 2
-    if recompute:
-        return int(shape["depth"] * tokens * dim + block)
+def activation_bytes(shape: dict, model_cfg: ModelConfig, amp_level: Optional[str],
+                     fused: bool) -> int:
+    """Bytes one copy of one image keeps for the backward pass: in float32 (``amp_level``
+    ``None``) or under AMP ``O1``/``O2``, with attention through the fused kernel or not."""
+    dim, tokens, heads = shape["dim"], shape["tokens"], shape["heads"]
+    if amp_level == "O1":  # the norms in float32, half copies of their outputs for the matmuls
+        token = NORM_VALUES * 4 + 2 * 2 + (TOKEN_VALUES - NORM_VALUES) * 2
+    else:
+        token = TOKEN_VALUES * (2 if amp_level else 4)
+    if fused:  # no attention matrix: the kernel keeps one float32 log-sum-exp per query
+        attention = heads * tokens * 4
+    else:
+        softmax, copy, gradient, dropped = ATTENTION_BYTES[amp_level]
+        dropout = dropped + 1 if model_cfg.attn_drop_rate > 0 else 0  # p = 0 runs no dropout
+        attention = (softmax + copy + gradient + dropout) * heads * tokens ** 2
+    block = token * tokens * dim + attention
+    if model_cfg.recompute:  # each block's input (the residual stream: float32 unless O2)
+        return int(shape["depth"] * tokens * dim * (2 if amp_level == "O2" else 4) + block)
     return int(shape["depth"] * block)
 
 
@@ -92,12 +131,21 @@ def _split_sizes(data_cfg, num_classes):
         return None, None
 
 
-def plan(cfg: Config) -> dict:
-    """The plan of ``cfg`` (a dict, JSON-ready): totals, and per stage the same keys."""
+def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
+    """The plan of ``cfg`` (a dict, JSON-ready): totals, and per stage the same keys. Per GPU:
+    its precision, memory (and its parts), whether it fits, the hours (an estimate, and a
+    range from the slowest to the fastest published rate). ``paddle_major``: the Paddle the
+    run will use (this one's by default), which decides the fused attention on a V100."""
     train_images, test_images = _split_sizes(cfg.data, cfg.model.num_classes)
     trained = None if train_images is None else train_images - cfg.data.val_split
-    stages, precision = [], cfg.train.amp
-    on_card = {gpu: precision_on(gpu, precision) for gpu in GPUS}
+    held_out = cfg.data.val_split or test_images
+    on_card = {gpu: precision_on(gpu, cfg.train.amp) for gpu in GPUS}
+    level = {gpu: None if on_card[gpu] == "off" else cfg.train.amp_level for gpu in GPUS}
+    major = paddle_major or int(paddle.__version__.split(".")[0]) or 3  # a source build: 0.0.0
+    fused = {gpu: fused_attention_on(gpu, cfg.train.amp, cfg.model.fused_attention, major)
+             for gpu in GPUS}
+    kinds = 1 + cfg.train.ema.enabled + cfg.train.swa.enabled  # weights each validation scores
+    stages = []
     for index, stage in enumerate(cfg.stages):
         data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
         shape = model_shape(cfg.model, data_cfg.image_size)
@@ -107,35 +155,98 @@ def plan(cfg: Config) -> dict:
             flops += forward_flops(model_shape(_teacher_model(cfg), data_cfg.image_size))
         images = trained if data_cfg.train_subset is None or trained is None \
             else min(data_cfg.train_subset, trained)
-        steps = stage.steps or (None if images is None
-                                else StageLength.of(stage, images // data_cfg.batch_size).steps)
-        # Per precision: 4 bytes a value in float32, 2 in half precision.
-        activation = {mode: copies * activation_values(shape, cfg.model.recompute)
-                      * (4 if mode == "off" else 2) for mode in {precision, *on_card.values()}}
+        length = None if images is None else StageLength.of(stage, images // data_cfg.batch_size)
+        steps = stage.steps or (None if length is None else length.steps)
+        validated = None if length is None or held_out is None else \
+            _validations(length, cfg.train.eval_every_steps) * kinds \
+            * min(held_out, data_cfg.val_subset or held_out)
+        activation = {gpu: copies * activation_bytes(shape, cfg.model, level[gpu], fused[gpu])
+                      for gpu in GPUS}
         micro = data_cfg.batch_size // cfg.train.accum_steps
         entry = {"stage": index, "name": stage.name, "optimizer_steps": steps,
                  "images": None if steps is None else steps * data_cfg.batch_size,
-                 "image_size": data_cfg.image_size,
+                 "validated_images": validated, "image_size": data_cfg.image_size,
                  "micro_batch": micro, "flops_per_image": flops,
-                 "activation_bytes_per_image": activation[precision]}
+                 "eval_flops_per_image": forward_flops(shape),
+                 "activation_bytes_per_image": activation, "fused_attention": fused}
         entry.update(_memory(cfg, stage, shape, activation, micro))
-        entry["hours"] = {gpu: None if entry["images"] is None else
-                          entry["images"] * flops / (peak_flops(gpu, precision) * EFFICIENCY)
-                          / 3600 for gpu in GPUS}
+        work = None if validated is None or entry["images"] is None else \
+            entry["images"] * flops + validated * entry["eval_flops_per_image"]
+        entry.update(_hours(work, cfg.train.amp))
         entry["upper_bound"] = any(v is not None for v in stage.until.values())
         stages.append(entry)
     known = all(s["images"] is not None for s in stages)
+    final_test = None if test_images is None else _hours(
+        2 * test_images * stages[-1]["eval_flops_per_image"], cfg.train.amp)  # best and last
     return {
+        "paddle_major": major,
         "total_optimizer_steps": sum(s["optimizer_steps"] for s in stages) if known else None,
         "total_images": sum(s["images"] for s in stages) if known else None,
         "flops_per_image": max(s["flops_per_image"] for s in stages),
-        "activation_bytes_per_image": max(s["activation_bytes_per_image"] for s in stages),
+        "activation_bytes_per_image": {gpu: max(s["activation_bytes_per_image"][gpu]
+                                                for s in stages) for gpu in GPUS},
         "memory_bytes": {gpu: max(s["memory_bytes"][gpu] for s in stages) for gpu in GPUS},
+        "data_parallel_extra_bytes": stages[0]["data_parallel_extra_bytes"],
         "fits": {gpu: all(s["fits"][gpu] for s in stages) for gpu in GPUS},
-        "hours": {gpu: sum(s["hours"][gpu] for s in stages) if known else None for gpu in GPUS},
+        **_total_hours(stages, final_test, known), "hours_source": SOURCE,
         "disk_bytes": _disk(cfg), "test_images": test_images, "stages": stages,
-        "efficiency": EFFICIENCY, "precision": on_card,
+        "precision": on_card, "memory_basis": MEMORY_BASIS, "fixes": _fixes(cfg, stages, major),
     }
+
+
+def _fixes(cfg, stages, major):
+    """Per GPU where a stage does not fit: the largest micro-batch that does, the
+    ``train.accum_steps`` that brings every stage's micro-batch under it (the same images per
+    step and hours; ``None`` when none does), and with ``model.recompute`` off, the cost of
+    turning it on (memory, fits, hours)."""
+    fixes, recompute = {}, None
+    for gpu in GPUS:
+        if all(s["fits"][gpu] for s in stages):
+            continue
+        batches = [(s["micro_batch"] * cfg.train.accum_steps, s["largest_micro_batch"][gpu])
+                   for s in stages]
+        accum = next((a for a in range(cfg.train.accum_steps, max(b for b, _ in batches) + 1)
+                      if all(b % a == 0 and b // a <= largest for b, largest in batches)), None)
+        fix = {"largest_micro_batch": min(largest for _, largest in batches),
+               "accum_steps": accum, "recompute": None}
+        if not cfg.model.recompute:
+            recompute = recompute or plan(
+                Config(cfg, model=ModelConfig(cfg.model, recompute=True)), major)
+            fix["recompute"] = {key: recompute[key][gpu]
+                                for key in ("memory_bytes", "fits", "hours")}
+        fixes[gpu] = fix
+    return fixes
+
+
+def _validations(length: StageLength, every: int) -> int:
+    """Validations a stage of ``length`` runs: one at each epoch's end, and with
+    ``train.eval_every_steps`` one at every multiple of it inside an epoch."""
+    inside = {step for step in range(every, length.steps, every)
+              if step % length.steps_per_epoch} if every else set()
+    return length.epochs + len(inside)
+
+
+def _hours(flops, amp):
+    """``hours`` and ``hours_range`` (low, high) per GPU for ``flops`` of training work
+    (``None`` when unknown)."""
+    rates = {gpu: flop_rates(gpu, amp) for gpu in GPUS}
+    if flops is None:
+        return {"hours": {gpu: None for gpu in GPUS}, "hours_range": {gpu: None for gpu in GPUS}}
+    return {"hours": {gpu: flops / rates[gpu][1] / 3600 for gpu in GPUS},
+            "hours_range": {gpu: [flops / rates[gpu][2] / 3600, flops / rates[gpu][0] / 3600]
+                            for gpu in GPUS}}
+
+
+def _total_hours(stages, final_test, known):
+    """The stages' hours plus the final test's, per GPU (``None`` when a size is unknown)."""
+    if not known or final_test is None:
+        return {"hours": {gpu: None for gpu in GPUS}, "hours_range": {gpu: None for gpu in GPUS},
+                "final_test_hours": None if final_test is None else final_test["hours"]}
+    parts = [*stages, final_test]
+    return {"hours": {gpu: sum(p["hours"][gpu] for p in parts) for gpu in GPUS},
+            "hours_range": {gpu: [sum(p["hours_range"][gpu][i] for p in parts) for i in (0, 1)]
+                            for gpu in GPUS},
+            "final_test_hours": final_test["hours"]}
 
 
 def _teacher_model(cfg):
@@ -158,17 +269,24 @@ def _state_bytes(cfg, stage, params, precision):
 
 
 def _memory(cfg, stage, shape, activation, micro):
-    """Per GPU, at the precision the run trains in there (``activation``: bytes per image by
-    precision): the bytes of this stage's step, whether they fit, the largest micro-batch
-    that does."""
-    modes = {gpu: precision_on(gpu, cfg.train.amp) for gpu in GPUS}
-    fixed = {gpu: _state_bytes(cfg, stage, shape["params"], modes[gpu]) + RESERVED_BYTES
-             for gpu in GPUS}
-    memory = {gpu: fixed[gpu] + micro * activation[modes[gpu]] for gpu in GPUS}
-    largest = {gpu: max(int((GPUS[gpu][0] - fixed[gpu]) // activation[modes[gpu]]), 0)
-               for gpu in GPUS}
-    return {"memory_bytes": memory, "fits": {gpu: memory[gpu] <= GPUS[gpu][0] for gpu in GPUS},
-            "largest_micro_batch": largest}
+    """Per GPU, at the precision the run trains in there (``activation``: bytes per image per
+    GPU): the bytes of this stage's step and their parts, whether they fit, the largest
+    micro-batch that does, and what DataParallel adds on each of several GPUs."""
+    teacher = model_shape(_teacher_model(cfg))["params"] * 4 if cfg.distill else 0
+    parts, memory, largest, data_parallel = {}, {}, {}, {}
+    for gpu in GPUS:
+        precision = precision_on(gpu, cfg.train.amp)
+        parts[gpu] = {"state": _state_bytes(cfg, stage, shape["params"], precision),
+                      "teacher": teacher, "reserved": RESERVED_BYTES,
+                      "activations": micro * activation[gpu]}
+        memory[gpu] = sum(parts[gpu].values())
+        fixed = memory[gpu] - parts[gpu]["activations"]
+        largest[gpu] = max(int((GPUS[gpu][0] - fixed) // activation[gpu]), 0)
+        half = precision != "off" and cfg.train.amp_level == "O2"
+        data_parallel[gpu] = shape["params"] * (2 if half else 4)
+    return {"memory_bytes": memory, "memory_parts": parts,
+            "fits": {gpu: memory[gpu] <= GPUS[gpu][0] for gpu in GPUS},
+            "largest_micro_batch": largest, "data_parallel_extra_bytes": data_parallel}
 
 
 def _disk(cfg):
@@ -186,22 +304,37 @@ def cost_lines(cost: dict) -> list[str]:
     def gb(count: int) -> str:
         return f"{count / 2 ** 30:.3g} GiB"
 
+    def hours(value: float, span: list[float]) -> str:
+        return f"about {value:.3g} h ({span[0]:.3g}-{span[1]:.3g} h)"
+
     images = cost["total_images"]
     bound = " at most" if any(s["upper_bound"] for s in cost["stages"]) else ""
     lines = [f"cost:{bound} {cost['total_optimizer_steps']} optimizer steps, {images} images"
              if images is not None else "cost: the data is not here, so its size is unknown",
-             f"  {cost['flops_per_image'] / 1e9:.3g} GFLOPs and "
-             f"{gb(cost['activation_bytes_per_image'])} of activations per training image; "
+             f"  {cost['flops_per_image'] / 1e9:.3g} GFLOPs per training image; "
              f"disk {gb(cost['disk_bytes'])}"]
     for gpu in GPUS:
-        hours = cost["hours"][gpu]
         lines.append(f"  {gpu}: {gb(cost['memory_bytes'][gpu])} "
-                     f"({'fits' if cost['fits'][gpu] else 'does not fit'})"
-                     + (f", about {hours:.3g} h" if hours is not None else ""))
+                     f"({'fits' if cost['fits'][gpu] else 'does not fit'}; "
+                     f"{gb(cost['activation_bytes_per_image'][gpu])} of activations an image)"
+                     + (f", {hours(cost['hours'][gpu], cost['hours_range'][gpu])}"
+                        if cost["hours"][gpu] is not None else ""))
+        fix = cost["fixes"].get(gpu)
+        if fix:
+            lines.append(f"    fits with: micro-batches of at most {fix['largest_micro_batch']}"
+                         + (f": -o train.accum_steps={fix['accum_steps']} (same images per "
+                            f"step and hours)" if fix["accum_steps"] else "")
+                         + (f"; or -o model.recompute=true: {gb(fix['recompute']['memory_bytes'])}"
+                            f" ({'fits' if fix['recompute']['fits'] else 'does not fit'})"
+                            + (f", about {fix['recompute']['hours']:.3g} h"
+                               if fix["recompute"]["hours"] is not None else "")
+                            if fix["recompute"] else ""))
     fallback = [gpu for gpu, mode in cost["precision"].items() if mode == "off"]
     if fallback and len(fallback) < len(cost["precision"]):  # bf16 where a card lacks it
         lines.append(f"  (bf16 falls back to float32 on {', '.join(fallback)}: sized and "
                      f"priced there as float32)")
-    lines.append(f"  (hours from published peak rates x {cost['efficiency']:g}; see "
-                 f"training/gpus.py)")
+    lines.append(f"  (several GPUs: DataParallel adds about "
+                 f"{gb(max(cost['data_parallel_extra_bytes'].values()))} on each)")
+    lines.append(f"  (hours: training, validations and the final test; {cost['hours_source']}; "
+                 f"the rates and their sources: training/gpus.py)")
     return lines
