@@ -15,7 +15,6 @@ settings that keep the same global batch are printed.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from data.loader import loader_rate, set_epoch
 from models.attention import FusedAttention
 from models.build import pending_download as weights_download
 from training.amp import Precision
-from training.engine import evaluate, train_steps
+from training.engine import evaluate, train_mode, train_step, train_steps
 from training.gpus import GPUS, SOURCE, flop_rates
 from training.optim import portable_optimizer_state
 from training.plan import plan
@@ -45,7 +44,7 @@ from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
 from utils.io.download import ensure_downloadable
 from utils.reports.progress import set_mode as set_progress
-from utils.runtime.device import peak_memory_bytes, select_device
+from utils.runtime.device import allocator_peaks, reset_peak_memory, select_device
 from utils.runtime.dist import any_rank, init, world_size
 from utils.runtime.seeds import seed_everything
 
@@ -71,14 +70,12 @@ def _setups(cfg):
     return setups
 
 
-def _time_steps(cfg: Config, stage_index: int, net: RunModel, splits: tuple[Split, Split],
-                accum: int) -> tuple[float, Stage]:
-    """Seconds per optimizer step of stage ``stage_index`` with ``accum`` micro-batches, and
-    the stage (released: its optimizer's state is what a checkpoint would hold)."""
-    stage = build_stage(cfg, stage_index, net, splits, accum_steps=accum)
+def _time_steps(stage: Stage) -> float:
+    """Seconds per optimizer step of ``stage``."""
     loader = stage.train_loader
     set_epoch(loader, 0)
     sampler = loader.batch_sampler
+    accum = stage.accum_steps
     sampler.stop = min(sampler.full_length() // accum, MAX_STEPS + 1) * accum
     times, last = [], time.perf_counter()
     for _ in train_steps(stage, loader, EpochProgress(), desc="preflight"):
@@ -88,32 +85,62 @@ def _time_steps(cfg: Config, stage_index: int, net: RunModel, splits: tuple[Spli
         if any_rank(len(times) > MIN_STEPS and sum(times[1:]) >= TIMED_SECONDS):
             break  # all ranks together: their steps exchange gradients
     if len(times) < 2:
-        raise UserError(f"stage {stage_index} has fewer than 2 optimizer steps per epoch; "
+        raise UserError(f"stage {stage.index} has fewer than 2 optimizer steps per epoch; "
                         f"preflight cannot time it")
     timed = times[1:]
-    return sum(timed) / len(timed), stage
+    return sum(timed) / len(timed)
+
+
+def _fits_alone(stage: Stage) -> bool:
+    """Whether a micro-batch's forward and backward pass and an optimizer update of
+    ``stage`` fit in this rank's memory, tried without a collective (gradients kept
+    local): a rank out of memory inside one would leave the others waiting in it."""
+    loader = stage.train_loader
+    set_epoch(loader, 0)
+    images, labels = next(iter(loader))
+    model = stage.model
+    try:
+        train_mode(model, stage.frozen_eval)
+        with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+            train_step(stage, images, labels)
+        with paddle.utils.unique_name.guard():  # the names apply_update gives the state
+            stage.optimizer.step()
+        return True
+    except Exception as exc:  # noqa: BLE001 - out of memory only
+        if not is_out_of_memory(exc):
+            raise
+        return False
+    finally:
+        stage.optimizer.clear_grad()
 
 
 def _fitting_accum(cfg: Config, stage_index: int, net: RunModel, splits: tuple[Split, Split],
                    device: str) -> tuple[int, float, Stage]:
     """The smallest ``train.accum_steps`` whose micro-batch fits (the configured one first),
-    with its step time and stage: after an out-of-memory the micro-batch is halved (to the
-    largest one that still divides the rank's share of the batch)."""
+    with its step time and stage. Every rank tries each micro-batch alone first and the ranks decide
+    together, so that they halve it (to the largest one that still divides a rank's share
+    of the batch) at the same time; an out-of-memory among the timed steps, where the ranks
+    exchange gradients, ends in one line with the setting to try."""
     batch = stage_data(cfg.data, cfg.stages[stage_index]).batch_size
     accum = cfg.train.accum_steps
     per_rank = micro_batch(batch, accum, world_size(),
                            f"stages.{stage_index}.data.batch_size") * accum
     while True:
+        stage = build_stage(cfg, stage_index, net, splits, accum_steps=accum)
+        failed = not _fits_alone(stage)
         try:
-            step_s, stage = _time_steps(cfg, stage_index, net, splits, accum)
-            return accum, step_s, stage
+            if not any_rank(failed):
+                return accum, _time_steps(stage), stage
         except Exception as exc:  # noqa: BLE001 - out of memory only
             if not is_out_of_memory(exc):
                 raise
+            if world_size() > 1:
+                raise UserError(f"stage {stage_index}: out of memory while the ranks "
+                                f"exchanged gradients (micro-batch {per_rank // accum}), "
+                                f"after it fit without; rerun with -o train.accum_steps="
+                                f"{accum * 2} or -o model.recompute=true") from None
         net.model.clear_gradients()
-        gc.collect()  # the failed setup's optimizer (see Stage.release)
-        if str(device).startswith("gpu"):
-            paddle.device.cuda.empty_cache()
+        stage.release()  # frees the failed setup's optimizer and cached blocks
         half = per_rank // accum // 2
         larger = [a for a in range(accum + 1, per_rank + 1)
                   if per_rank % a == 0 and per_rank // a <= max(half, 1)]
@@ -176,8 +203,11 @@ def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> Non
     if report["card"]:
         say(f"plan: {report['card']}'s rate in training/gpus.py ({SOURCE}); a ratio far "
             f"from 1 is worth reporting, so the rate can be corrected")
+    reserved = report["peak_reserved_bytes"]
     say(f"evaluation {report['eval_images_per_s']:.3g} img/s per rank; peak memory "
-        f"{_human_bytes(report['peak_memory_bytes'])}; checkpoint "
+        f"{_human_bytes(report['peak_memory_bytes'])} in tensors"
+        + (f", {_human_bytes(reserved)} held by Paddle's allocator" if reserved else "")
+        + f" (after the stage check); checkpoint "
         f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
         f"{_human_bytes(report['disk_bytes'])}")
     loader = report["loader_images_per_s"]
@@ -271,6 +301,7 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
               "attention": f"fused ({fused} layers)" if fused else "PPIM's",
               "recompute": cfg.model.recompute, "stage_check_s": check_s, "stages": []}
     fits, stage = True, None
+    reset_peak_memory(device)  # what the run holds from here, not the check's peak
     for (batch, _, name, _, _), indices in _setups(cfg).items():
         phase(f"timing the steps of stage {indices[0]}")
         if stage is not None:
@@ -290,7 +321,8 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
     stage.release()
     # last/ and, while it is replaced, last.partial/; the best weights beside them.
     report.update(checkpoint_bytes=last, disk_bytes=2 * last + best)
-    report["peak_memory_bytes"] = peak_memory_bytes(device)
+    peaks = allocator_peaks(device)
+    report.update(peak_memory_bytes=peaks["allocated"], peak_reserved_bytes=peaks["reserved"])
     first = report["stages"][0]
     report.update(step_s=first["step_s"], train_images_per_s=first["train_images_per_s"],
                   eval_images_per_s=eval_images / eval_s, fits=fits,

@@ -41,7 +41,10 @@ def test_preflight_halves_a_micro_batch_that_does_not_fit(monkeypatch, capsys):
             raise MemoryError("Out of memory error on GPU 0 (simulated)")
         return real(stage, images, *args)
 
+    import preflight
+
     monkeypatch.setattr(engine, "train_step", small_memory)
+    monkeypatch.setattr(preflight, "train_step", small_memory)
     cfg = load_config("configs/demo.yaml", ["stages.1.epochs=1"])
     with pytest.raises(UserError, match=r"a micro-batch of 32 images \(stage 0\) does not fit in "
                                         r"memory on cpu; 8 does: -o train.accum_steps=4 keeps "
@@ -49,3 +52,25 @@ def test_preflight_halves_a_micro_batch_that_does_not_fit(monkeypatch, capsys):
         main.run_preflight(cfg, as_json=True)
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [(s["micro_batch"], s["accum_steps"]) for s in report["stages"]] == [(8, 4), (8, 4)]
+
+
+def test_preflight_peak_memory_leaves_out_the_stage_check(monkeypatch, capsys):
+    """The peak is what the run's own steps, evaluation and checkpoint hold in Paddle's
+    allocator: a 256 MiB tensor the stage check held and freed is not in it."""
+    import paddle
+
+    import main
+    import preflight
+
+    real = preflight.check_stages
+
+    def wasteful_check(*args, **kwargs):
+        held = paddle.zeros([64 * 2 ** 20], dtype="float32")
+        assert held.shape == [64 * 2 ** 20]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preflight, "check_stages", wasteful_check)
+    main.run_preflight(load_config("configs/demo.yaml", ["stages.1.epochs=1"]), as_json=True)
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < report["peak_memory_bytes"] < 64 * 2 ** 20
+    assert report["peak_reserved_bytes"] is None  # a GPU's allocator alone holds more

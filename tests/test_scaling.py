@@ -163,6 +163,29 @@ def test_sigterm_to_the_launcher_saves_every_rank_and_the_printed_command_resume
     _assert_close_records(whole, out, abs_tol=1e-12)
 
 
+def test_preflight_ranks_halve_a_micro_batch_together(tmp_path):
+    """Rank 1 alone runs out of memory at 16 images a micro-batch (tests/preflight_ranks.py):
+    both ranks try it without exchanging gradients, decide together, and report the same
+    micro-batch of 8 and the same one line."""
+    logs = str(tmp_path / "logs")
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+               "--log_dir", logs, os.path.join("tests", "preflight_ranks.py"),
+               "-c", "configs/demo.yaml", "-o", f"train.output_dir={tmp_path / 'out'}",
+               "--preflight", "--json"]
+    subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=600)
+    for r in (0, 1):
+        with open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8") as handle:
+            lines = handle.read().strip().splitlines()
+        assert lines[-1] == "exit 2", lines[-10:]
+        assert lines[-2] == ("error: a micro-batch of 16 images (stage 0) does not fit in "
+                             "memory on cpu; 8 does: -o train.accum_steps=2 keeps the 32 "
+                             "images per step, or try -o model.recompute=true")
+        report = json.loads(lines[-3])
+        assert [(s["micro_batch"], s["accum_steps"]) for s in report["stages"]] == [(8, 2),
+                                                                                    (8, 2)]
+
+
 def _assert_close_records(expected_run, run, abs_tol):
     """Both runs hold the same 3 records (``images_per_s`` aside) within float tolerance."""
     expected, got = read_records(expected_run), read_records(run)

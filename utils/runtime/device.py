@@ -1,5 +1,6 @@
 """The device a process runs on: the GPU when Paddle is built with CUDA and sees one, the
-CPU otherwise; and the peak memory it used."""
+CPU otherwise; and the peak memory it used (the process's, and Paddle's allocator's since
+a reset)."""
 
 import resource
 
@@ -24,6 +25,36 @@ def peak_memory_bytes(device: str) -> int:
     if str(device).startswith("gpu"):
         return int(paddle.device.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start the peaks of :func:`allocator_peaks` afresh (on a GPU where this Paddle can:
+    older ones keep the peak since the process started)."""
+    from paddle.base import core
+
+    if str(device).startswith("gpu"):
+        reset = getattr(core, "device_memory_stat_reset_peak_value", None)
+        for kind in ("Allocated", "Reserved") if reset else ():
+            reset(kind, _gpu_index(device))
+    else:
+        core.host_memory_stat_reset_peak_value("Allocated", 0)
+
+
+def allocator_peaks(device: str) -> dict:
+    """The peaks of Paddle's allocator since :func:`reset_peak_memory`: ``allocated`` (the
+    tensors) and, on a GPU, ``reserved`` (what the allocator holds from the driver: what
+    nvidia-smi shows, less the CUDA context; ``None`` on a CPU)."""
+    from paddle.base import core
+
+    if str(device).startswith("gpu"):
+        index = _gpu_index(device)
+        return {"allocated": int(core.device_memory_stat_peak_value("Allocated", index)),
+                "reserved": int(core.device_memory_stat_peak_value("Reserved", index))}
+    return {"allocated": int(core.host_memory_stat_peak_value("Allocated", 0)), "reserved": None}
+
+
+def _gpu_index(device):
+    return int(str(device).split(":")[1]) if ":" in str(device) else 0
 
 
 def gpu_visible() -> bool:
