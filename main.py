@@ -91,6 +91,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             path = weights_path(path, "best")
         overrides.append(path_override("model.pretrained", path))
     cfg = load_config(args.config, overrides)
+    if cfg.train.deterministic:  # before Paddle is imported, which reads its flags then
+        from utils.runtime.device import deterministic_environment
+
+        deterministic_environment()
     if args.dry_run:
         print_plan(cfg, args.json)
         return 0

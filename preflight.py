@@ -29,7 +29,7 @@ from data.batching import micro_batch
 from data.cifar import pending_download as cifar_download
 from data.dataset import Split, eval_loader, run_splits, stage_loaders
 from data.loader import loader_rate, set_epoch
-from models.attention import FusedAttention
+from models.attention import AMP_DTYPES, FusedAttention, sdpa_kernel
 from models.build import pending_download as weights_download
 from training.amp import Precision
 from training.engine import evaluate, train_mode, train_step, train_steps
@@ -251,7 +251,7 @@ def preflight(cfg: Config) -> dict:
     """Measure the run of ``cfg``; return the report (a dict). One :class:`UserError` when
     the configured micro-batch does not fit (naming the settings that do)."""
     start = time.perf_counter()
-    device = select_device()
+    device = select_device(cfg.train.deterministic)
     set_progress("off")
     if not str(device).startswith("gpu"):
         print(f"preflight on {device}: no GPU here, so the times and memory below are this "
@@ -298,7 +298,8 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
     fused = sum(isinstance(layer, FusedAttention) for layer in net.model.sublayers())
     report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
               "precision": precision.mode if precision.mode != "off" else "float32",
-              "attention": f"fused ({fused} layers)" if fused else "PPIM's",
+              "attention": f"fused: {sdpa_kernel(str(device), AMP_DTYPES[precision.mode])} "
+                           f"({fused} layers)" if fused else "PPIM's",
               "recompute": cfg.model.recompute, "stage_check_s": check_s, "stages": []}
     fits, stage = True, None
     reset_peak_memory(device)  # what the run holds from here, not the check's peak

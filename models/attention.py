@@ -118,4 +118,20 @@ def use_fused_attention(model: paddle.nn.Layer, mode: str, device: str, amp: str
         layer.__class__ = FusedAttention
         layer.kernel_dtypes = (dtype,)
     return (f"attention: {len(layers)} layers use paddle.nn.functional."
-            f"scaled_dot_product_attention in {dtype} (probed on {device})")
+            f"scaled_dot_product_attention in {dtype}, {sdpa_kernel(str(device), dtype)} "
+            f"(probed on {device})")
+
+
+def sdpa_kernel(device: str, dtype: str) -> str:
+    """The kernel ``scaled_dot_product_attention`` runs on ``device`` in ``dtype``, by
+    Paddle's rule (``nn/functional/sdpa.py``, ``select_sdp_for_sdpa``): Paddle 2.6 has only
+    flash attention; Paddle 3 takes flash attention in fp16/bf16 on compute capability 8.0
+    or newer (an A100), the memory-efficient kernel on older GPUs (a V100) or in float32,
+    and composes it of plain operators ("math", with the attention matrix) on a CPU."""
+    if not device.startswith("gpu"):
+        return "math (unfused)"
+    if int(paddle.__version__.split(".")[0]) == 2:
+        return "flash attention"
+    major, _ = paddle.device.cuda.get_device_capability()
+    half = dtype in ("float16", "bfloat16")
+    return "flash attention" if half and major >= 8 else "memory-efficient attention"

@@ -55,7 +55,9 @@ def test_fused_attention_applies_the_layers_dropout_rate(monkeypatch):
 
 
 def _probe_says(monkeypatch, reason):
-    """Replace the kernel probe by a fixed outcome; return the probes it was asked for."""
+    """Replace the kernel probe by a fixed outcome on an A100-like GPU; return the probes it
+    was asked for."""
+    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda: (8, 0))
     asked = []
     monkeypatch.setattr(attention, "probe_kernel", lambda *args: asked.append(args) or reason)
     return asked
@@ -67,11 +69,39 @@ def test_auto_fuses_only_on_a_gpu_with_amp_where_the_kernel_passes_its_probe(mon
     assert "PPIM's" in attention.use_fused_attention(_tiny("off"), "auto", "gpu:0", "off", 17)
     assert asked == []  # nothing to probe: auto never fuses there
     model = _tiny("off")
+    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda: (7, 0))  # a V100
     line = attention.use_fused_attention(model, "auto", "gpu:0", "fp16", 17)
     assert line == ("attention: 2 layers use paddle.nn.functional.scaled_dot_product_attention "
-                    "in float16 (probed on gpu:0)")
+                    "in float16, memory-efficient attention (probed on gpu:0)")
     assert asked == [("gpu:0", "float16", 17, 2, 32, 0.0)]  # tokens, heads, head_dim, dropout
     assert [b.attn.kernel_dtypes for b in model.blocks] == [("float16",)] * 2
+
+
+@pytest.mark.parametrize("version, capability, dtype, kernel", [
+    ("3.3.1", (8, 0), "float16", "flash attention"),
+    ("3.3.1", (8, 0), "bfloat16", "flash attention"),
+    ("3.3.1", (7, 0), "float16", "memory-efficient attention"),
+    ("3.3.1", (8, 0), "float32", "memory-efficient attention"),
+    ("2.6.2", (8, 0), "float16", "flash attention"),
+])
+def test_the_fused_kernel_is_named_as_paddle_selects_it(monkeypatch, version, capability, dtype,
+                                                         kernel):
+    """Paddle 3's sdpa.py: flash attention in half precision from compute capability 8.0,
+    the memory-efficient kernel below it or in float32; Paddle 2.6 has flash attention only."""
+    monkeypatch.setattr(paddle, "__version__", version)
+    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda: capability)
+    assert attention.sdpa_kernel("gpu:0", dtype) == kernel
+    assert attention.sdpa_kernel("cpu", dtype) == "math (unfused)"
+
+
+def test_bf16_o2_casts_layer_norm_weights_while_fp16_keeps_them_float32():
+    """What the docs say of O2 is Paddle's rule (amp/auto_cast.py, need_keep_fp32): LayerNorm
+    keeps float32 weights under fp16 only."""
+    from paddle.amp.auto_cast import need_keep_fp32
+
+    norm, linear = paddle.nn.LayerNorm(8), paddle.nn.Linear(8, 8)
+    assert need_keep_fp32(norm, "float16") and not need_keep_fp32(norm, "bfloat16")
+    assert not need_keep_fp32(linear, "float16")
 
 
 def test_a_failed_probe_keeps_ppims_attention_with_auto_and_is_an_error_with_on(monkeypatch,

@@ -2,8 +2,9 @@
 forward pass and, for fp16, dynamic loss scaling.
 
 O1 keeps the weights and optimizer state in float32 and runs matmuls and convolutions in
-the half type, softmax and norms in float32. O2 also stores the weights (norms excepted)
-in the half type, with float32 master copies in the optimizer (``multi_precision``).
+the half type, softmax and norms in float32. O2 also stores the weights in the half type
+(LayerNorm's stay float32 under fp16 only: Paddle casts them under bf16) and runs softmax
+and norms in it, with float32 master copies in the optimizer (``multi_precision``).
 The R-Drop loss casts the logits to float32 itself. Paddle applies AMP on GPUs only:
 elsewhere, or on a GPU without the type (bf16 before Ampere), the run says so in one line
 and trains in float32.
@@ -40,7 +41,8 @@ class LossScaler:
     pass so that small gradients survive in float16; an update whose loss or gradients
     overflowed is skipped and halves the scale (down to ``MIN_LOSS_SCALE``),
     ``GROWTH_INTERVAL`` updates in a row without one double it. The scale stays a power of
-    two, so unscaling is exact.
+    two, so unscaling float32 gradients (O1) is exact; O2's half-precision gradients are
+    unscaled in their own type, where values below its normal range lose bits.
 
     Paddle's ``paddle.amp.GradScaler`` does the same but does not tell whether it skipped
     an update (the LR schedule, the EMA and the step count must know), and in Paddle
@@ -113,7 +115,8 @@ class Precision:
         return self.mode != "off" and self.level == "O2"
 
     def prepare(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
-        """Cast the weights to the half type for O2 (norms stay float32); no-op otherwise.
+        """Cast the weights to the half type for O2 (LayerNorm's stay float32 under fp16); no-op
+        otherwise.
         Call before ``paddle.DataParallel`` wraps the model, which groups weights by dtype."""
         if self.half_weights:
             paddle.amp.decorate(models=model, level="O2", dtype=DTYPES[self.mode])

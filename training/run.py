@@ -317,7 +317,8 @@ def training_run(cfg: Config, resume: Union[bool, str, None] = None,
     out-of-memory in the block ends in one line after a safe checkpoint. In a notebook
     what the block prints is one output."""
     with one_output():
-        device = select_device()  # first: it also takes SIGTERM back from Paddle's C++ handler
+        # First: it also takes SIGTERM back from Paddle's C++ handler.
+        device = select_device(cfg.train.deterministic)
         set_progress(cfg.train.progress)
         out = cfg.train.output_dir
         done = None if resume or overwrite else complete_run(out, cfg)

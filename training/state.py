@@ -184,10 +184,11 @@ def checkpoint_trees(model: paddle.nn.Layer, optimizer_state: dict,
 # Keys that may change between a run and its resume without changing the results.
 # nan_policy and nan_max_skips matter only once a loss is not finite, where the old policy
 # would have stopped or skipped (a resume after such a stop may relax them). The stage
-# check runs on scratch state and leaves the run as it was.
+# check runs on scratch state and leaves the run as it was. Deterministic kernels change
+# the last bits of a GPU run, not its recipe.
 RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
                      "train.nan_policy", "train.nan_max_skips", "train.progress",
-                     "train.check_stages")
+                     "train.check_stages", "train.deterministic")
 
 
 def last_started_stage(position: Position) -> int:

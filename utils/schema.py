@@ -272,6 +272,7 @@ class TrainConfig(Node):
     ema: EmaConfig
     swa: SwaConfig
     check_stages: bool
+    deterministic: bool
     progress: str
 
 
@@ -297,6 +298,9 @@ TRAIN = Section({
     # Before training, one step of every stage's setup on scratch state (kernels, dtypes,
     # trainable sets, resolutions), so that a later stage's failure costs minutes, not hours.
     "check_stages": Field(bool, True),
+    # Deterministic GPU kernels (cuDNN, flash attention's backward pass): bit-identical GPU
+    # runs and resumes, for some speed.
+    "deterministic": Field(bool, False),
     # Progress of loops: bars on a terminal or in a notebook, a line a minute in a log (auto).
     "progress": Field(str, "auto", choices=("auto", "bars", "lines", "off")),
 }, TrainConfig)

@@ -2,19 +2,51 @@
 CPU otherwise; and the peak memory it used (the process's, and Paddle's allocator's since
 a reset)."""
 
+import os
 import resource
 
+from utils.errors import UserError
 from utils.runtime.signals import reassert_handlers
 
+# Paddle's flags for deterministic GPU kernels (train.deterministic): cuDNN's algorithm choice
+# and flash attention's backward pass in one split (FLAGS_cudnn_deterministic), and embedding
+# gradients. Paddle reads them from the environment when it is imported.
+DETERMINISTIC_FLAGS = {"FLAGS_cudnn_deterministic": True, "FLAGS_embedding_deterministic": 1}
 
-def select_device() -> str:
-    """Use the GPU when Paddle is built with CUDA and sees one, the CPU otherwise; return its name."""
+
+def select_device(deterministic: bool = False) -> str:
+    """Use the GPU when Paddle is built with CUDA and sees one, the CPU otherwise; return its
+    name. With ``deterministic`` (``train.deterministic``), ask for deterministic kernels."""
     import paddle
 
     reassert_handlers()
 
     paddle.set_device("gpu" if gpu_visible() else "cpu")
+    if deterministic:
+        _deterministic_kernels()
     return paddle.get_device()
+
+
+def deterministic_environment() -> None:
+    """Put :data:`DETERMINISTIC_FLAGS` in the environment, for a Paddle imported after this."""
+    os.environ.update({name: str(int(value)) for name, value in DETERMINISTIC_FLAGS.items()})
+
+
+def _deterministic_kernels():
+    """Set :data:`DETERMINISTIC_FLAGS` through ``paddle.set_flags``. A CPU build has no such
+    flags (its kernels are deterministic); a GPU build that refuses them must have read them
+    from the environment."""
+    import paddle
+
+    try:
+        paddle.set_flags(DETERMINISTIC_FLAGS)
+    except ValueError:
+        if gpu_visible() and any(os.environ.get(name) != str(int(value))
+                                 for name, value in DETERMINISTIC_FLAGS.items()):
+            raise UserError("train.deterministic: this Paddle takes FLAGS_cudnn_deterministic "
+                            "only from the environment; start the run with "
+                            "FLAGS_cudnn_deterministic=1 FLAGS_embedding_deterministic=1 "
+                            "in front of the command") from None
 
 
 def peak_memory_bytes(device: str) -> int:
