@@ -333,6 +333,9 @@ def cost_lines(cost: dict) -> list[str]:
     if fallback and len(fallback) < len(cost["precision"]):  # bf16 where a card lacks it
         lines.append(f"  (bf16 falls back to float32 on {', '.join(fallback)}: sized and "
                      f"priced there as float32)")
+    lines.append("  (memory: weights, optimizer state and a teacher counted; float32 activations "
+                 "as measured on the CPU; AMP and fused-attention activations, the CUDA context "
+                 "and DataParallel estimated: --preflight measures them)")
     lines.append(f"  (several GPUs: DataParallel adds about "
                  f"{gb(max(cost['data_parallel_extra_bytes'].values()))} on each)")
     lines.append(f"  (hours: training, validations and the final test; {cost['hours_source']}; "
