@@ -7,6 +7,7 @@ import atexit
 import functools
 import multiprocessing
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -133,11 +134,18 @@ def build_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
 
 @functools.cache
 def _end_workers_at_exit():
-    """Kill the loader workers still running when this process exits (an iteration cut
-    short by a stop or an error): they ignore SIGTERM, with which multiprocessing's own exit
-    would end them, and would hold the exit forever. Registered after multiprocessing's exit
+    """At this process's exit, kill the loader workers still running (an iteration cut short
+    by a stop or an error): they ignore SIGTERM, with which multiprocessing's own exit would
+    end them, and would hold the exit forever. Registered after multiprocessing's exit
     function, so it runs first."""
-    atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
+    atexit.register(_kill_workers)
+
+
+def _kill_workers():
+    # Paddle's SIGCHLD handler would report each killed worker as a failed loader.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 def _init_worker(parent, worker_id):

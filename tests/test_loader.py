@@ -44,3 +44,23 @@ def test_loader_workers_exit_when_their_run_is_killed(tmp_path):
     while any(process_alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(process_alive(w) for w in workers)
+
+
+def test_workers_of_a_cut_iteration_end_quietly_with_their_process():
+    """Workers ignore stop signals (the training process handles them); a process that
+    exits in the middle of an epoch still ends at once, its workers killed without Paddle's
+    "DataLoader process ... killed" report."""
+    code = ("import numpy as np, paddle\n"
+            "from data.loader import build_loader\n"
+            "class Blank(paddle.io.Dataset):\n"
+            "    def __len__(self):\n"
+            "        return 64\n"
+            "    def __getitem__(self, i):\n"
+            "        return np.zeros((8, 8, 3), np.uint8), np.int64(i % 4)\n"
+            "batches = iter(build_loader(Blank(), 4, 2, train=True))\n"
+            "next(batches)\n"
+            "print('cut', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cut", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "killed" not in proc.stderr, proc.stderr[-2000:]

@@ -79,7 +79,7 @@ def test_preflight_builds_its_stages_with_build_stage_too(tmp_path):
     built = records["built"]
     assert len(built) >= 12  # the check's three stages and at least the three timed setups
     assert all("training/stage.py:build_stage" in item["frames"] for item in built)
-    assert any("preflight.py:_time_steps" in item["frames"] for item in built)
+    assert any("preflight.py:_fitting_accum" in item["frames"] for item in built)
 
 
 def test_nothing_of_the_check_or_an_earlier_stage_is_alive_when_a_stage_trains(fixres_run):
