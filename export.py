@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 from typing import Optional
 
@@ -36,10 +37,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from models.build import input_size, load_trained
     from models.inference import export_model
     from training.amp import Precision
+    from utils.io.files import refuse_input_as_output
 
     model, weights = load_trained(cfg, Precision("off", select_device()), args.weights,
                                   args.config)
     out = args.out or os.path.join(cfg.train.output_dir, "inference")
+    for target in [*glob.glob(os.path.join(out, "model.*")),
+                   os.path.join(out, "preprocess.json")]:
+        refuse_input_as_output(target, [weights, args.config], "--out")
     export_model(model, input_size(model), out,
                  names_for_weights(weights, cfg.data, cfg.model.num_classes),
                  cfg.data.crop_fraction)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
@@ -61,14 +62,17 @@ def _main(args, json_out):
     from data.dataset import names_for_weights
     from data.images import find_images
     from data.preprocess import DevicePreprocess
-    from utils.errors import UserError
-    from utils.io.files import check_writable
+    from utils.errors import Interrupted, UserError
+    from utils.io.files import check_writable, refuse_input_as_output
 
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
     if args.json and args.json != "-":  # before the work, not after it
         check_writable(args.json, "--json")
     files = find_images(args.inputs)
+    if args.json and args.json != "-":
+        refuse_input_as_output(args.json, [*files, args.config, *filter(None, [args.weights])],
+                               "--json")
     device = select_device()
     if args.model_dir:
         from models.inference import ExportedModel
@@ -94,12 +98,13 @@ def _main(args, json_out):
     try:
         _predict(files, Classifier(run, preprocess, size, crop_fraction, names), args.topk,
                  results)
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: keep what is done
-        if args.json:
-            _write_results(args.json, results, json_out)
-            print(f"interrupted: the {len(results)} of {len(files)} images done are in "
-                  f"{args.json}", file=sys.stderr, flush=True)
-        raise
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: keep what is done
+        if not args.json:
+            raise
+        _write_results(args.json, results, json_out)
+        raise Interrupted(getattr(stop, "signum", signal.SIGINT),
+                          f"the {len(results)} of {len(files)} images done are in "
+                          f"{'standard output' if args.json == '-' else args.json}") from None
     skipped = len(files) - len(results)
     if args.json:
         _write_results(args.json, results, json_out)

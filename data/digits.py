@@ -6,12 +6,14 @@ the scikit-learn and Pillow versions, the split's settings): a later run reads i
 milliseconds, and any change to its sources makes a new one.
 """
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import io
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -62,23 +64,39 @@ def cache_path(mode: str) -> str:
 
 def _read_cached(path):
     """The cached split at ``path``, or ``None`` when it is missing or not what this module
-    writes (arrays only: a pickle inside is never loaded)."""
+    writes (arrays only: a pickle inside is never loaded); a damaged one is said in a line
+    (the split is then prepared and cached again)."""
     if not os.path.isfile(path):  # missing, or a pipe or device planted there
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            # Each member's unpacked size, before it is read: a compressed member cannot
-            # unpack to more than a whole split of the digits.
-            if any(info.file_size > MAX_CACHED_BYTES for info in stored.zip.infolist()):
-                return None
+            # What each array declares, before it is read: no member may unpack to more
+            # than a whole split of the digits.
+            if sorted(stored.files) != ["images", "labels"] or any(
+                    _declared_bytes(stored.zip, name) > MAX_CACHED_BYTES
+                    for name in stored.files):
+                raise ValueError("unexpected arrays")
             images, labels = stored["images"], stored["labels"]
-    except (OSError, KeyError, ValueError, EOFError, AttributeError):
-        return None
-    if (images.dtype != np.uint8 or images.shape[1:] != (SIDE, SIDE, 3)
-            or labels.dtype != np.int64 or labels.shape != images.shape[:1]
-            or not np.all((labels >= 0) & (labels < CLASSES))):
+        if (images.dtype != np.uint8 or images.shape[1:] != (SIDE, SIDE, 3)
+                or labels.dtype != np.int64 or labels.shape != images.shape[:1]
+                or not np.all((labels >= 0) & (labels < CLASSES))):
+            raise ValueError("unexpected contents")
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        print(f"warning: the digits cache {path} is damaged ({exc}); preparing the split "
+              f"again", flush=True)
         return None
     return images, labels
+
+
+def _declared_bytes(archive, name):
+    """The bytes the ``.npy`` member ``name`` of ``archive`` declares in its header (its
+    unpacked size on disk says nothing of an array that claims more)."""
+    with archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(member)
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 
 def _write_cached(path, images, labels):
@@ -86,6 +104,7 @@ def _write_cached(path, images, labels):
     writing it at once leave a whole file); a cache that cannot be written is skipped."""
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels)
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -93,8 +112,10 @@ def _write_cached(path, images, labels):
             os.fchmod(handle.fileno(), 0o644)
             handle.write(buffer.getvalue())
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError:  # a full disk, a read-only cache: the next run prepares the split again
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def load_digits(mode: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import sys
 import tempfile
 from typing import TYPE_CHECKING
@@ -19,7 +20,14 @@ import numpy as np
 
 from data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
-from utils.io.files import ensure_folder, path_problem, read_json, refuse_link, write_json
+from utils.io.files import (
+    ensure_folder,
+    fsync_dir,
+    path_problem,
+    read_json,
+    refuse_link,
+    write_json,
+)
 from utils.runtime.device import gpu_visible
 from utils.schema import MAX_IMAGE_SIZE, MIN_CROP_FRACTION
 
@@ -73,17 +81,30 @@ def export_model(model: paddle.nn.Layer, image_size: int, out_dir: str, class_na
                             f"--out")
     model.eval()
     spec = InputSpec([None, 3, image_size, image_size], "float32", name="image")
-    with _native_lines_without(HARMLESS_NATIVE_LINE):
-        paddle.jit.save(paddle.jit.to_static(model, input_spec=[spec], full_graph=True),
-                        os.path.join(out_dir, MODEL_PREFIX))
-    write_json(os.path.join(out_dir, CONTRACT), {
-        "input": "float32 [batch, 3, image_size, image_size], RGB",
-        "image_size": image_size, "crop_fraction": crop_fraction,
-        "resize": "shorter side to round(image_size / crop_fraction), bicubic (PIL), centre "
-                  "crop of image_size, then uint8 RGB / 255",
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "output": "logits [batch, num_classes]", "class_names": list(class_names),
-    })
+    # Written as a set in a folder beside the export, moved into place once whole: a failure
+    # (a full disk) leaves the export that was there as it was.
+    staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    try:
+        with _native_lines_without(HARMLESS_NATIVE_LINE):
+            paddle.jit.save(paddle.jit.to_static(model, input_spec=[spec], full_graph=True),
+                            os.path.join(staging, MODEL_PREFIX))
+        write_json(os.path.join(staging, CONTRACT), {
+            "input": "float32 [batch, 3, image_size, image_size], RGB",
+            "image_size": image_size, "crop_fraction": crop_fraction,
+            "resize": "shorter side to round(image_size / crop_fraction), bicubic (PIL), "
+                      "centre crop of image_size, then uint8 RGB / 255",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "output": "logits [batch, num_classes]", "class_names": list(class_names),
+        })
+        written = sorted(os.listdir(staging), key=lambda name: name == CONTRACT)  # it last
+        for old in glob.glob(os.path.join(out_dir, MODEL_PREFIX + ".*")):
+            if os.path.basename(old) not in written:  # another Paddle's file names
+                os.remove(old)
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

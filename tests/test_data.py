@@ -1,9 +1,12 @@
 """data/dataset.py and data/batching.py: the held-out validation split, subsets, the digits
 demo data, augmentation and the loaders, the batch split over ranks (CIFAR: test_cifar.py)."""
 
+import errno
+import io
 import json
 import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -124,7 +127,8 @@ def test_device_resize_stays_in_range_and_close_to_pils_bicubic(size):
 
 
 def test_the_digits_cache_holds_what_scikit_learn_gives_and_a_bad_one_is_remade(tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch,
+                                                                              capsys):
     import pickle
 
     from data import digits
@@ -138,12 +142,35 @@ def test_the_digits_cache_holds_what_scikit_learn_gives_and_a_bad_one_is_remade(
     for got in (first, again):
         assert np.array_equal(got[0], fresh[0]) and np.array_equal(got[1], fresh[1])
         assert got[0].dtype == np.uint8 and got[1].dtype == np.int64
-    for damage in (b"not an npz", pickle.dumps({"images": fresh[0]})):
+    whole = open(path, "rb").read()
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF  # a bit-flipped image byte: the member's CRC fails
+    claims = io.BytesIO()  # 200 bytes whose images header declares 10^12 of them
+    with zipfile.ZipFile(claims, "w") as archive:
+        with archive.open("images.npy", "w") as member:
+            np.lib.format.write_array_header_1_0(
+                member, {"descr": "|u1", "fortran_order": False, "shape": (10 ** 12,)})
+        with archive.open("labels.npy", "w") as member:
+            np.save(member, fresh[1])
+    for damage in (b"not an npz", pickle.dumps({"images": fresh[0]}), whole[:len(whole) // 2],
+                   bytes(flipped), claims.getvalue()):
         with open(path, "wb") as handle:
             handle.write(damage)
         got = digits.load_digits("test")
         assert np.array_equal(got[0], fresh[0]) and np.array_equal(got[1], fresh[1])
+        assert "is damaged" in capsys.readouterr().out
         assert digits._read_cached(path) is not None  # written again, whole
+    os.remove(path)
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(digits.os, "replace", full_disk)
+    digits.load_digits("test")  # the split, without a cache
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
+    monkeypatch.undo()
+    monkeypatch.setattr(digits, "CACHE_DIR", str(tmp_path))
+    digits.load_digits("test")
     np.savez(path, images=fresh[0], labels=fresh[1] + 10)  # labels beyond the ten classes
     assert digits._read_cached(path) is None
     np.savez_compressed(path, images=np.zeros((2000, 32, 32, 3), np.uint8),  # 6 MB of zeros

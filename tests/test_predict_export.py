@@ -2,6 +2,7 @@
 the exported model through paddle.inference against the eager one; bad images, damaged
 exports, links and folders where they write, a stopped prediction."""
 
+import errno
 import json
 import os
 import struct
@@ -27,7 +28,7 @@ from data.preprocess import DevicePreprocess
 from models.build import build_model
 from models.inference import ExportedModel, export_model
 from utils.config import load_config
-from utils.errors import UserError
+from utils.errors import Interrupted, UserError
 from utils.io.tensor_io import save_tensors
 
 PHOTOS = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
@@ -254,8 +255,9 @@ def test_a_stopped_prediction_writes_the_images_it_did(tmp_path, monkeypatch):
 
     monkeypatch.setattr(augment, "eval_view", view_then_stop)
     target = tmp_path / "out.json"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=f"the 2 of 4 images done are in {target}$") as stop:
         predict.main([*DEMO_CLI, str(photos), "--weights", weights, "--json", str(target)])
+    assert stop.value.exit_code == 130  # one "interrupted:" line, not "nothing was saved"
     done = json.loads(target.read_text())
     assert [os.path.basename(r["file"]) for r in done] == ["0.png", "1.png"]
     assert all(len(r["topk"]) == 5 for r in done)
@@ -271,3 +273,46 @@ def test_export_py_into_a_folder_with_a_planted_link_is_one_line(tmp_path, victi
     proc = run_script("export.py", *DEMO_CLI, "--weights", weights, "--out", str(out))
     assert_one_error(proc, "preprocess.json is a symbolic link")
     assert victim.read_text() == "keep me\n"
+
+
+def test_an_export_that_fails_midway_leaves_the_one_there_whole(tmp_path, monkeypatch):
+    """A full disk while the new export is written: the working export stays as it was
+    (model and contract together) and no staging folder is left."""
+    from models import inference
+
+    paddle.seed(0)
+    model = build_model(tiny_model_config())
+    out = tmp_path / "export"
+    export_model(model, 32, str(out), [str(i) for i in range(10)])
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def full_disk(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(inference, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(build_model(tiny_model_config()), 32, str(out), list("abcdefghij"))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    assert ExportedModel(str(out))(image).shape == (1, 10)
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused(weights_and_photos, tmp_path):
+    """--json naming an image it reads (by a hard link too), or the weights: one error before
+    the work, the file as it was."""
+    weights, photos = weights_and_photos
+    image = os.path.join(photos, "flower.jpg")
+    before = open(image, "rb").read()
+    link = tmp_path / "looks-new.json"
+    os.link(image, link)
+    for target in (image, str(link), weights):
+        proc = run_script("predict.py", *DEMO_CLI, photos, "--weights", weights,
+                          "--json", target)
+        assert_one_error(proc, "--json", "which this command reads; write the output elsewhere")
+    assert open(image, "rb").read() == before
+    folder = tmp_path / "export"
+    folder.mkdir()
+    copy = folder / "model.safetensors"  # an export would replace or remove model.*
+    copy.write_bytes(open(weights, "rb").read())
+    proc = run_script("export.py", *DEMO_CLI, "--weights", str(copy), "--out", str(folder))
+    assert_one_error(proc, "--out", "which this command reads")

@@ -45,3 +45,16 @@ WEIGHT_ROWS = {
 def test_bad_weights_for_val_are_one_error_line(tmp_path, row):
     make, *fragments = WEIGHT_ROWS[row]
     assert_one_error(run_script("val.py", *DEMO_CLI, "--weights", make(tmp_path)), *fragments)
+
+
+def test_a_run_trained_with_another_model_is_refused_and_a_run_folder_is_accepted(trained,
+                                                                                  tmp_path):
+    """The run in train.output_dir must have been trained with this config's model: its
+    best weights are not read as another's. --weights takes a run folder too."""
+    proc = run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={trained}",
+                      "-o", "model.num_classes=9")
+    assert_one_error(proc, f"the run in {trained} was trained with another model.num_classes "
+                           f"(10, here 9)", "--weights PATH")
+    proc = run_script("val.py", *DEMO_CLI, "--weights", str(trained))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "best.safetensors" in proc.stdout and "top1=" in proc.stdout

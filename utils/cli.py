@@ -123,4 +123,5 @@ def config_parser(doc: str) -> argparse.ArgumentParser:
 def add_weights_option(parser: argparse.ArgumentParser, what: str) -> None:
     """``--weights PATH``, ``what`` they are for; the run's best weights by default."""
     parser.add_argument("--weights", metavar="PATH",
-                        help=f"{what} (default: best.safetensors in train.output_dir)")
+                        help=f"{what}: a weights file, or a run folder for its best weights "
+                             f"(default: best.safetensors in train.output_dir)")

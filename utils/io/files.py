@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import stat
 from typing import Any, Optional, TextIO
 
@@ -134,6 +135,21 @@ def check_writable(path: str, what: str) -> None:
         raise UserError(f"{what} {path} {path_problem(path)}")
 
 
+def refuse_input_as_output(output: str, inputs: list[str], what: str) -> None:
+    """One error when ``output`` (the option ``what`` names it) is one of ``inputs``, the
+    files the command reads (the same file by any name: a link, a hard link, ``./``):
+    writing it would destroy what was read."""
+    try:
+        target = os.stat(output)
+    except OSError:
+        return  # not there yet: nothing read could be it
+    for path in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(path), target):
+                raise UserError(f"{what} {output} is {path}, which this command reads; "
+                                f"write the output elsewhere")
+
+
 def file_digest(path: str) -> str:
     """The SHA-256 of the regular file ``path`` (hex), read in blocks."""
     digest = hashlib.sha256()
@@ -167,11 +183,21 @@ def write_atomically(path: str, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):  # never created, or already renamed
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise no_space(path, len(data)) from None
         raise
     fsync_dir(os.path.dirname(path))
+
+
+def no_space(path: str, needed: int) -> OSError:
+    """The ``ENOSPC`` error of a write of ``needed`` bytes to ``path``, with the space it
+    needs and the space there is (what one ``error:`` line then says)."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    return OSError(errno.ENOSPC, f"No space left on device (needs about {needed / 1e6:.1f} MB, "
+                                 f"{free / 1e6:.1f} MB free)", path)
 
 
 def json_text(record: Any, indent: Optional[int] = None) -> str:
