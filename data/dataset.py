@@ -119,15 +119,21 @@ def stage_loaders(data_cfg: DataConfig, seed: int, accum_steps: int, size: int, 
     return train_loader, eval_loader(val_split.take(keep), data_cfg, size)
 
 
+def check_holdout(count: int, images: int) -> None:
+    """One error when ``data.val_split = count`` would leave none of the ``images`` training
+    images to train on."""
+    if not 0 < count < images:
+        raise UserError(f"data.val_split={count} leaves no training image: the training split "
+                        f"has {images}, so hold out at most {images - 1} (or 0 to validate on "
+                        f"the test split)")
+
+
 def holdout_indices(labels: np.ndarray, count: int, seed: tuple[int,
                     ...]) -> tuple[np.ndarray, np.ndarray]:
     """Sorted ``(train, held_out)`` indices: ``count`` held out, each class in proportion to
     its size (largest remainders round), the members drawn from a generator seeded by
     ``seed``."""
-    if not 0 < count < len(labels):
-        raise UserError(f"data.val_split={count} leaves no training image: the training split "
-                        f"has {len(labels)}, so hold out at most {len(labels) - 1} (or 0 to "
-                        f"validate on the test split)")
+    check_holdout(count, len(labels))
     classes, sizes = np.unique(labels, return_counts=True)
     exact = count * sizes / len(labels)
     quota = np.floor(exact).astype(np.int64)

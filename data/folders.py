@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from data.images import IMAGE_EXTENSIONS, is_image_name
+from data.images import IMAGE_EXTENSIONS, MAX_FOLDER_DEPTH, is_image_name
 from data.sources import FileImages
 from utils.errors import UserError
 from utils.io.files import path_problem, read_text_lines
@@ -95,11 +95,15 @@ def _identity(path):
     return status.st_dev, status.st_ino
 
 
-def _image_files(folder, prefix, ignored, seen):
+def _image_files(folder, prefix, ignored, seen, depth=0):
     """Paths (``prefix/...``) of the image files under ``folder``, recursively, sorted;
     ``ignored`` counts the regular files that are not images. Folders in ``seen`` (device
     and inode: the split and class folders, those already read) are not entered, so a
-    symbolic link up the tree or into another class reads nothing twice."""
+    symbolic link up the tree or into another class reads nothing twice; folders nested
+    deeper than ``MAX_FOLDER_DEPTH`` are one error."""
+    if depth > MAX_FOLDER_DEPTH:
+        raise UserError(f"{folder} lies more than {MAX_FOLDER_DEPTH} folders deep in its class "
+                        f"folder; no data set nests so deep: flatten it")
     found = []
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -112,7 +116,7 @@ def _image_files(folder, prefix, ignored, seen):
         if entry.is_dir():
             if _identity(entry.path) not in seen:
                 seen.add(_identity(entry.path))
-                found += _image_files(entry.path, relative, ignored, seen)
+                found += _image_files(entry.path, relative, ignored, seen, depth + 1)
         elif entry.is_file():  # regular files only (a pipe named x.png would block)
             if is_image_name(entry.name):
                 found.append(relative)

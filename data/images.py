@@ -31,6 +31,9 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # The most the sides of an image may differ (panoramas are about 4:1 to 10:1).
 MAX_ASPECT = 16
+# Folders nested deeper than this under an image folder are refused (far above any data set;
+# walking thousands of levels recursed past Python's limit).
+MAX_FOLDER_DEPTH = 32
 
 
 def find_images(inputs: list[str]) -> list[str]:
@@ -40,9 +43,7 @@ def find_images(inputs: list[str]) -> list[str]:
     found = []
     for item in inputs:
         if os.path.isdir(item):
-            found += sorted(os.path.join(root, name) for root, _, names in os.walk(item)
-                            for name in names if is_image_name(name)
-                            and not path_problem(os.path.join(root, name)))
+            found += sorted(_images_under(item))
         elif not path_problem(item):
             found.append(item)
         elif glob.has_magic(item) and glob.glob(item, recursive=True):
@@ -56,6 +57,17 @@ def find_images(inputs: list[str]) -> list[str]:
     if not found:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
     return found
+
+
+def _images_under(folder):
+    """The image files under ``folder``, at most ``MAX_FOLDER_DEPTH`` folders down (deeper is
+    one error: walking it would recurse as deep)."""
+    for root, folders, names in os.walk(folder):
+        if os.path.relpath(root, folder).count(os.sep) >= MAX_FOLDER_DEPTH:
+            raise UserError(f"{root} lies more than {MAX_FOLDER_DEPTH} folders deep in "
+                            f"{folder}; name a shallower folder")
+        yield from (os.path.join(root, name) for name in names
+                    if is_image_name(name) and not path_problem(os.path.join(root, name)))
 
 
 def is_image_name(name: str) -> bool:

@@ -259,6 +259,28 @@ def test_a_deep_override_and_a_nul_character_are_one_line(tmp_path):
     assert_one_error(proc)
 
 
+def test_values_nested_thousands_of_levels_are_one_line_in_a_file_and_an_override(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train:\n  seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    proc = run_script("main.py", "-c", str(deep), "--dry-run")
+    assert_one_error(proc, f"config file {deep} nests more than 32 levels deep")
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "-o",
+                      "model.kwargs=" + "{a: " * 3000 + "1" + "}" * 3000, "--dry-run")
+    assert_one_error(proc, "nests more than 32 levels deep")
+
+
+def test_an_override_changes_only_the_key_it_names_under_a_yaml_anchor(tmp_path):
+    """Two stages sharing an optimizer block through an anchor (&opt / *opt): setting stage
+    1's learning rate leaves stage 0's as written."""
+    text = open(os.path.join(ROOT, "configs", "demo.yaml"), encoding="utf-8").read()
+    shared = tmp_path / "anchored.yaml"
+    shared.write_text(text.split("stages:", 1)[0] + "stages:\n"
+                      "  - epochs: 2\n    optimizer: &opt {name: AdamW, lr: 0.001}\n"
+                      "  - epochs: 2\n    optimizer: *opt\n")
+    cfg = load_config(str(shared), ["stages.1.optimizer.lr=0.5"])
+    assert [stage.optimizer.lr for stage in cfg.stages] == [0.001, 0.5]
+
+
 @pytest.mark.parametrize("key", ["model.kwargs", "distill.kwargs"])
 @pytest.mark.parametrize("name", ["pretrained", "return_transforms"])
 def test_no_setting_passes_ppims_loading_arguments(key, name):

@@ -245,3 +245,20 @@ def test_a_loader_worker_killed_by_the_system_ends_the_run_in_one_line(photos, t
     monkeypatch.setattr(sources, "read_rgb", killed)
     with pytest.raises(UserError, match="a data loader worker died"):
         train(_cfg(root, str(tmp_path), "data.num_workers=2"))
+
+
+def test_the_plan_reads_a_folder_data_set_and_refuses_what_a_run_refuses(photos, tmp_path):
+    """--dry-run on folder data that is there counts its images (the split a run reads); a
+    data.val_split that leaves nothing to train on is the run's one error line."""
+    root, _ = photos
+    cfg = _cfg(root, str(tmp_path / "run"))
+    train_split, val_split, test_split, _ = run_splits(cfg.data, 3, cfg.train.seed)
+    from training.plan import plan
+
+    cost = plan(cfg)
+    assert cost["test_images"] == len(test_split.labels) > 0
+    assert cost["total_images"] == cost["stages"][0]["images"] > 0
+    args = ["-c", "configs/demo_folder.yaml", "-o", f"data.path={root}", "-o",
+            "model.num_classes=3", "-o", "data.val_split=100000", "--dry-run"]
+    proc = run_script("main.py", *args)
+    assert_one_error(proc, "data.val_split=100000 leaves no training image")

@@ -196,3 +196,23 @@ def test_a_class_folder_linked_to_another_is_refused(tmp_path):
     with pytest.raises(UserError, match="are the same folder .a symbolic link.: their images "
                                         "would be read under two labels"):
         run_splits(folder_data_cfg(tmp_path, val_split=0), 2, 0)
+
+
+def test_folders_nested_past_the_bound_are_one_error(tmp_path):
+    """A class folder (and a folder given to predict) nested far deeper than any data set:
+    one error naming the depth, not a RecursionError."""
+    from data.images import find_images
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        png_file(root / split / "a" / "x.png")
+    deep = root / "train" / "a"
+    for _ in range(100):  # far past the bound (thousands recursed past Python's limit)
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    png_file(deep / "y.png")
+    with pytest.raises(UserError, match="more than 32 folders deep in its class folder"):
+        folder_split(folder_data_cfg(str(root)), "train", ["a"])
+    with pytest.raises(UserError, match="more than 32 folders deep in"):
+        find_images([str(root)])

@@ -2,11 +2,13 @@
 made independently (the operations a real forward pass runs) and against measurements."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import paddle
 import pytest
-from conftest import run_script, tiny_model_config
+from conftest import ROOT, assert_one_error, run_script, tiny_model_config
 
 from models.build import build_model
 from training.plan import activation_bytes, forward_flops, model_shape, plan
@@ -304,3 +306,21 @@ def test_dry_run_prints_the_setting_that_fits_a_card_with_its_hours():
     assert "-o train.accum_steps=32 (same images per step and hours)" in fix
     assert "-o model.recompute=true" in fix and " h" in fix
     assert "not measured by this project" in text
+
+
+def test_the_plan_refuses_a_student_that_is_not_a_vit_and_says_so_of_such_a_teacher():
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", "model.name=rexnet_1_0",
+                      "-o", "model.kwargs={}", "--dry-run")
+    assert_one_error(proc, "model 'rexnet_1_0' is not a ViT or DeiT", "--preflight")
+    taught = plan(load_config("configs/rdrop_paper_recipe.yaml",
+                              ["distill={teacher: rexnet_1_0}"]))
+    plain = plan(load_config("configs/rdrop_paper_recipe.yaml"))
+    assert not taught["teacher_flops_counted"] and plain["teacher_flops_counted"]
+    assert taught["flops_per_image"] == plain["flops_per_image"]
+    assert taught["stages"][0]["memory_parts"]["A100-40GB"]["teacher"] > 0
+
+
+def test_the_budget_table_in_an_unknown_language_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "training.budget", "cn"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert_one_error(proc, "no budget table in 'cn'; use one of en, zh")

@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -316,3 +317,16 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(weights_and_photos, tmp_
     copy.write_bytes(open(weights, "rb").read())
     proc = run_script("export.py", *DEMO_CLI, "--weights", str(copy), "--out", str(folder))
     assert_one_error(proc, "--out", "which this command reads")
+
+
+def test_export_with_its_standard_error_closed_exports(trained, tmp_path):
+    """``export.py 2>&-``: descriptor 2 gets /dev/null, so neither the capture of Paddle's
+    native lines fails nor does a file opened later take its number."""
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *DEMO_CLI,
+                           "-o", f"train.output_dir={trained}", "--out", str(out)],
+                          cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=600,
+                          preexec_fn=lambda: os.close(2))
+    assert proc.returncode == 0 and f"exported to {out}" in proc.stdout
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    assert ExportedModel(str(out))(image).shape == (1, 10)

@@ -10,6 +10,8 @@ import sys
 
 from training.gpus import GPUS
 from training.plan import plan
+from utils import cli
+from utils.errors import UserError
 
 # The shipped GPU configs the table prices, and the GPU-hours its last lines count runs in.
 GPU_CONFIGS = ("configs/rdrop_deit_b_384_cifar100.yaml", "configs/rdrop_paper_recipe.yaml",
@@ -126,5 +128,14 @@ def _what_fits(name, gpu, fix, words):
     return text + ("." if words is WORDS["en"] else "。")
 
 
+def main(argv: list[str]) -> int:
+    """Print the table in the language ``argv`` names (English by default)."""
+    language = argv[0] if argv else "en"
+    if language not in WORDS:
+        raise UserError(f"no budget table in {language!r}; use one of {', '.join(WORDS)}")
+    print("\n".join(budget_markdown(language)))
+    return 0
+
+
 if __name__ == "__main__":
-    print("\n".join(budget_markdown(*sys.argv[1:2])))
+    cli.run(lambda: main(sys.argv[1:]))

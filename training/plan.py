@@ -27,6 +27,7 @@ H heads, MLP ratio r and T tokens (patches plus the class and distillation token
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import paddle
@@ -40,7 +41,8 @@ from training.gpus import (
     precision_on,
 )
 from training.recipe import StageLength, stage_data, stage_loss
-from utils.schema import Config, ModelConfig
+from utils.errors import UserError
+from utils.schema import Config, DataConfig, ModelConfig
 
 # Split sizes known from the data set's name: (training images, test images).
 KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digits": (1437, 360)}
@@ -72,6 +74,10 @@ def model_shape(model_cfg: ModelConfig, image_size: Optional[int] = None) -> dic
                   else model_cfg.num_classes)
     with paddle.LazyGuard():
         net = construct(model_cfg.name, kwargs)
+    if not all(hasattr(net, part) for part in ("patch_embed", "pos_embed", "blocks")):
+        raise UserError(f"model {model_cfg.name!r} is not a ViT or DeiT: the plan counts "
+                        f"PPIM's ViTs and DeiTs (a patch embedding and transformer blocks); "
+                        f"--preflight measures any model")
     patch = net.patch_embed.patch_size[0]
     size = image_size or net.patch_embed.img_size[0]
     extra = net.pos_embed.shape[1] - net.patch_embed.num_patches
@@ -119,16 +125,23 @@ def activation_bytes(shape: dict, model_cfg: ModelConfig, amp_level: Optional[st
 
 def _split_sizes(data_cfg, num_classes):
     """(training, test) images of the data, from its name or by listing its files (fast: no
-    image is opened); ``(None, None)`` when the data is not here."""
-    if data_cfg.name in KNOWN_SPLITS:
-        return KNOWN_SPLITS[data_cfg.name]
-    try:
-        from data.dataset import run_splits
+    image is opened); ``(None, None)`` when the data is not here. Data a run would refuse
+    (a bad layout, a ``data.val_split`` that leaves nothing to train on) is refused here with
+    the run's message."""
+    from data.dataset import check_holdout, run_splits
 
-        train, val, test, _ = run_splits(dict(data_cfg, val_split=0), num_classes, 0)
-        return len(train.labels) + (len(val.labels) if val is not test else 0), len(test.labels)
-    except Exception:  # noqa: BLE001 - the data is elsewhere: the plan says unknown
+    if data_cfg.name in KNOWN_SPLITS:
+        train, test = KNOWN_SPLITS[data_cfg.name]
+    elif data_cfg.path is None or not os.path.isdir(data_cfg.path):
         return None, None
+    else:
+        splits = run_splits(DataConfig(data_cfg, val_split=0), num_classes, 0)
+        own_val = splits[1] is not splits[2]
+        train = len(splits[0].labels) + (len(splits[1].labels) if own_val else 0)
+        test = len(splits[2].labels)
+    if data_cfg.val_split:
+        check_holdout(data_cfg.val_split, train)
+    return train, test
 
 
 def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
@@ -152,7 +165,7 @@ def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
         copies = 2 if loss_cfg.rdrop else 1
         flops = forward_flops(shape) * copies * (3 + cfg.model.recompute)
         if cfg.distill:
-            flops += forward_flops(model_shape(_teacher_model(cfg), data_cfg.image_size))
+            flops += _teacher_flops(cfg, data_cfg.image_size)
         images = trained if data_cfg.train_subset is None or trained is None \
             else min(data_cfg.train_subset, trained)
         length = None if images is None else StageLength.of(stage, images // data_cfg.batch_size)
@@ -191,6 +204,7 @@ def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
         **_total_hours(stages, final_test, known), "hours_source": SOURCE,
         "disk_bytes": _disk(cfg), "test_images": test_images, "stages": stages,
         "precision": on_card, "memory_basis": MEMORY_BASIS, "fixes": _fixes(cfg, stages, major),
+        "teacher_flops_counted": not cfg.distill or _teacher_flops(cfg, None) > 0,
     }
 
 
@@ -249,6 +263,25 @@ def _total_hours(stages, final_test, known):
             "final_test_hours": final_test["hours"]}
 
 
+def _teacher_flops(cfg, image_size):
+    """A teacher's forward pass at ``image_size``: counted for a ViT or DeiT, 0 for another
+    PPIM model (a RegNet teacher, as in DeiT's paper), whose cost the plan cannot count."""
+    try:
+        return forward_flops(model_shape(_teacher_model(cfg), image_size))
+    except UserError:
+        return 0
+
+
+def _teacher_params(cfg):
+    """The teacher's parameter count (any PPIM model), for its weights' memory."""
+    from models.build import construct
+
+    teacher = _teacher_model(cfg)
+    with paddle.LazyGuard():
+        net = construct(teacher.name, dict(teacher.kwargs, class_dim=teacher.num_classes))
+    return sum(int(math.prod(p.shape)) for p in net.parameters())
+
+
 def _teacher_model(cfg):
     """A model section for the distillation teacher's sizes (a PPIM name), or the student's
     (a run folder: its config is elsewhere; the same model is assumed)."""
@@ -272,7 +305,7 @@ def _memory(cfg, stage, shape, activation, micro):
     """Per GPU, at the precision the run trains in there (``activation``: bytes per image per
     GPU): the bytes of this stage's step and their parts, whether they fit, the largest
     micro-batch that does, and what DataParallel adds on each of several GPUs."""
-    teacher = model_shape(_teacher_model(cfg))["params"] * 4 if cfg.distill else 0
+    teacher = _teacher_params(cfg) * 4 if cfg.distill else 0
     parts, memory, largest, data_parallel = {}, {}, {}, {}
     for gpu in GPUS:
         precision = precision_on(gpu, cfg.train.amp)
@@ -333,6 +366,9 @@ def cost_lines(cost: dict) -> list[str]:
     if fallback and len(fallback) < len(cost["precision"]):  # bf16 where a card lacks it
         lines.append(f"  (bf16 falls back to float32 on {', '.join(fallback)}: sized and "
                      f"priced there as float32)")
+    if not cost["teacher_flops_counted"]:
+        lines.append("  (the teacher is not a ViT or DeiT: its forward passes are not in the "
+                     "hours; --preflight measures them)")
     lines.append("  (memory: weights, optimizer state and a teacher counted; float32 activations "
                  "as measured on the CPU; AMP and fused-attention activations, the CUDA context "
                  "and DataParallel estimated: --preflight measures them)")

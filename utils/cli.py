@@ -39,6 +39,21 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+def _reopen_closed_standard_streams():
+    """Give a closed standard input, output or error (``2>&-``) ``/dev/null``: the next file
+    opened would otherwise take its number, and Paddle's C++ logging to descriptor 2 would
+    write into it (an exported model, a checkpoint)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            name = ("stdin", "stdout", "stderr")[fd]
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8",
+                                        closefd=False))
+
+
 def _report(message, debug):
     if debug:
         traceback.print_exc()
@@ -58,6 +73,7 @@ def one_line_errors() -> Iterator[None]:
     SIGTERM and SIGHUP are held until :func:`utils.runtime.device.select_device` has taken
     them back from Paddle's import."""
     debug = "--debug" in sys.argv[1:]
+    _reopen_closed_standard_streams()
     for stream in (sys.stdout, sys.stderr):  # a class name a terminal cannot show: escaped
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -86,14 +86,40 @@ def _check_size(value, source):
             stack.extend((item, depth + 1) for item in node)
 
 
+def _check_depth(text, source):
+    """Refuse YAML nested deeper than ``MAX_CONFIG_DEPTH`` from its event stream, before it
+    is composed (composing recurses once per level: thousands of levels would end in a
+    RecursionError)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise UserError(f"{source} nests more than {MAX_CONFIG_DEPTH} levels deep; no "
+                                f"config does")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _unshared(node):
+    """``node`` with every mapping and list its own: YAML aliases (``*opt`` of ``&opt``) load
+    as one shared object, so an override of one place would change the other."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 def load_yaml(text: str, source: str) -> Any:
-    """The value of YAML ``text`` (``source`` names it in errors)."""
+    """The value of YAML ``text`` (``source`` names it in errors), every part its own."""
     try:
+        _check_depth(text, source)
         value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise UserError(f"{source} is not valid YAML: {' '.join(str(exc).split())}") from None
     _check_size(value, source)
-    return value
+    return _unshared(value)
 
 
 def read_yaml(path: str) -> dict:
