@@ -105,3 +105,25 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert proc.returncode == 0 and f"the run in {out} is complete" in proc.stdout
     assert {path: os.stat(path).st_mtime_ns for path in files} == files
     assert not any(f for f in os.listdir(os.path.join(out, "vdl")) if f != "vdlrecords.run.log")
+
+
+def test_a_run_stopped_before_its_final_test_is_finished_by_resume(trained, tmp_path):
+    """Every stage trained, the final test not run (killed during it): the same command says
+    that --resume finishes it, and --resume does."""
+    import json
+
+    copy = tmp_path / "untested"
+    subprocess.run(["cp", "-r", trained, str(copy)], check=True)
+    state_path = copy / "last" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["tested"] = False
+    state_path.write_text(json.dumps(state))
+    with open(copy / "metrics.jsonl", encoding="utf-8") as handle:  # its test records gone
+        kept = [line for line in handle if '"test"' not in line]
+    (copy / "metrics.jsonl").write_text("".join(kept))
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, "-o", f"train.output_dir={copy}")
+    assert_one_error(proc, "stopped before its final test", "finish it with --resume")
+    proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, "-o", f"train.output_dir={copy}",
+                      "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(read_records(str(copy), test=True)) == 2  # best and last

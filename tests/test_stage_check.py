@@ -27,6 +27,7 @@ from utils.checkpoint import load_last
 from utils.config import load_config, to_plain
 from utils.errors import UserError
 from utils.io.tensor_io import load_tensors
+from utils.run_folder import RunFolder
 
 CONFIG = "configs/demo_fixres.yaml"
 SHORT = ["data.train_subset=128", "data.val_subset=40", "stages.0.epochs=1",
@@ -142,6 +143,11 @@ def test_a_kernel_that_fails_in_stage_2_stops_the_run_before_stage_0(tmp_path, m
                               "RuntimeError: (NotFound) The kernel")
     assert "no stage has run" in message
     _trained_nothing(out, capsys.readouterr().out)
+    # Nothing of a run is left: started again (with the fix) it is a new run.
+    assert not {"config.yaml", "metrics.jsonl", "vdl", "last"} & set(os.listdir(out))
+    folder = RunFolder(out)
+    folder.hold(resume=False, overwrite=False)
+    folder.release()
     # bf16 with O2 and Momentum: the message says so and offers the alternatives.
     cfg = _cfg(out, "train.amp=bf16", "train.amp_level=O2",
                "stages.2.optimizer={name: Momentum, lr: 1.0e-3}")

@@ -103,26 +103,27 @@ class Run:
 
     def begin(self, net: RunModel, splits: tuple[Split, Split, Split], class_names: list) -> None:
         """Take the run's model: pin its teacher, check every stage from the current one
-        against it, write the config, say what the run trains on and open the logs."""
-        cfg = self.cfg
+        against it and say what the run trains on."""
         self.net, self.class_names = net, class_names
         if net.teacher is not None:
             check_teacher_pin(self.state.teacher, net.teacher, self.out)
             self.state.teacher = net.teacher.pin
-        validate_stages(cfg, net.model, net.base_size, net.teacher, self.start.stage)
-        if is_main():
-            os.makedirs(self.out, exist_ok=True)
-            write_atomically(os.path.join(self.out, "config.yaml"), dump_config(cfg).encode())
+        validate_stages(self.cfg, net.model, net.base_size, net.teacher, self.start.stage)
         print(run_line(self.device, *(len(split.labels) for split in splits), self.out,
                        self.validation), flush=True)
-        self.logger = RunLogger(self.out, keep_records=self.state.records,
-                                keep_steps=self.state.global_step, enabled=is_main())
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
-        """The stages and the final test: SIGINT/SIGTERM/SIGHUP become a stop request that
-        the loop honours at its next step (:meth:`stop_requested`); the logs are closed and
-        the curves drawn at the end."""
+        """The stages and the final test: the config is written and the logs opened (only
+        now: a run stopped by its checks leaves a folder it can start in again), and
+        SIGINT/SIGTERM/SIGHUP become a stop request that the loop honours at its next step
+        (:meth:`stop_requested`); the logs are closed and the curves drawn at the end."""
+        if is_main():
+            os.makedirs(self.out, exist_ok=True)
+            write_atomically(os.path.join(self.out, "config.yaml"),
+                             dump_config(self.cfg).encode())
+        self.logger = RunLogger(self.out, keep_records=self.state.records,
+                                keep_steps=self.state.global_step, enabled=is_main())
         with self.stops:
             try:
                 yield

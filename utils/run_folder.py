@@ -48,6 +48,9 @@ def _describe(folder):
         position, config = state["position"], state.get("config")
         stages = config.get("stages") if isinstance(config, dict) else None
         if isinstance(stages, list) and position.get("stage") == len(stages):
+            if not state.get("tested"):
+                return (f"a run that trained every stage ({state.get('epoch_index', '?')} "
+                        f"epochs) but was stopped before its final test")
             return f"a finished run ({state.get('epoch_index', '?')} epochs)"
         return f"an unfinished run (next: {_position(position)})"
     metrics = os.path.join(folder, "metrics.jsonl")
@@ -91,7 +94,9 @@ class RunFolder:
                          if name not in RUN_ENTRIES and not name.endswith(".tmp"))
         if not overwrite:
             held = _describe(self.path)
-            fix = ("" if held.startswith("a finished run") else "continue it with --resume, ")
+            fix = ("" if held.startswith("a finished run") else
+                   "finish it with --resume (it runs the final test), " if "final test" in held
+                   else "continue it with --resume, ")
             raise UserError(f"train.output_dir {self.path} already holds {held}; {fix}choose "
                             f"another train.output_dir, or pass --overwrite to move it aside "
                             f"and start afresh")
