@@ -3,6 +3,8 @@ validation, seeded subsets, class names, and the loaders over them."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
@@ -12,6 +14,7 @@ from data import folders
 from data.batching import micro_batch
 from data.cifar import CIFARS, cifar_class_names, default_archive_path, load_cifar, locate_cifar
 from data.digits import digits_class_names, load_digits
+from data.images import MAX_FOLDER_DEPTH
 from data.loader import build_loader
 from data.samples import ImageDataset
 from data.sources import as_source
@@ -117,6 +120,27 @@ def stage_loaders(data_cfg: DataConfig, seed: int, accum_steps: int, size: int, 
     keep = subset_indices(len(val_split.labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
                           "data.val_subset")
     return train_loader, eval_loader(val_split.take(keep), data_cfg, size)
+
+
+def data_identity(data_cfg: DataConfig) -> Optional[str]:
+    """A fingerprint of the files ``data.path`` names (a file: its size and modification time;
+    a folder: those of every file under it, by relative path), or ``None`` when the data is
+    built in (the digits) or in Paddle's cache (``data.path`` unset). A run records it so that
+    data replaced since cannot pass for what the run was tested on."""
+    path = data_cfg.path
+    if path is None or data_cfg.name == "digits" or not os.path.exists(path):
+        return None
+    digest = hashlib.sha256()
+    files = [(".", path)] if not os.path.isdir(path) else sorted(
+        (os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
+        for root, folders, names in os.walk(path)
+        if os.path.relpath(root, path).count(os.sep) < MAX_FOLDER_DEPTH
+        for name in names)
+    for relative, full in files:
+        with contextlib.suppress(OSError):  # vanished while listed: left out
+            status = os.stat(full)
+            digest.update(f"{relative}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def check_holdout(count: int, images: int) -> None:

@@ -262,3 +262,23 @@ def test_the_plan_reads_a_folder_data_set_and_refuses_what_a_run_refuses(photos,
             "model.num_classes=3", "-o", "data.val_split=100000", "--dry-run"]
     proc = run_script("main.py", *args)
     assert_one_error(proc, "data.val_split=100000 leaves no training image")
+
+
+def test_a_finished_run_whose_data_changed_is_not_called_complete(tmp_path):
+    """The same command after the data at data.path changed (an image rewritten): one error
+    saying so, not "complete" with the old test numbers."""
+    root = str(tmp_path / "data")
+    write_photo_folder(root)
+    out = str(tmp_path / "run")
+    args = ["-c", "configs/demo_folder.yaml", "-o", f"data.path={root}", "-o",
+            f"train.output_dir={out}", "-o", "model.num_classes=3", "-o", "stages.0.epochs=1",
+            "-o", "train.progress=off"]
+    first = run_script("main.py", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_script("main.py", *args)
+    assert again.returncode == 0 and "is complete with this config" in again.stdout
+    image = next(os.path.join(folder, name) for folder, _, names in
+                 os.walk(os.path.join(root, "test")) for name in names if name.endswith(".png"))
+    Image.fromarray(photo_halves()["flower"][:40, :40]).save(image)
+    assert_one_error(run_script("main.py", *args), f"the run in {out} finished on other data",
+                     "--overwrite")

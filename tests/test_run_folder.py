@@ -127,3 +127,16 @@ def test_a_run_stopped_before_its_final_test_is_finished_by_resume(trained, tmp_
                       "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(read_records(str(copy), test=True)) == 2  # best and last
+
+
+def test_a_finished_run_without_its_best_weights_is_not_called_complete(trained, tmp_path):
+    """best.safetensors deleted or damaged: the same command says so and what to do instead
+    of "complete" (val.py would say "train first": the two would send the user in a circle)."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", trained, str(copy)], check=True)
+    args = [*DEMO_CLI, *FAST_CLI, "-o", f"train.output_dir={copy}"]
+    (copy / "best.safetensors").write_bytes((copy / "best.safetensors").read_bytes()[:-10])
+    assert_one_error(run_script("main.py", *args), "has finished, but its best weights are not "
+                     "usable", f"--weights {copy}/last/raw.safetensors", "--overwrite")
+    os.remove(copy / "best.safetensors")
+    assert_one_error(run_script("main.py", *args), "has finished, but its best weights")

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Union
 import paddle
 
 from data.cifar import pending_download as cifar_download
-from data.dataset import Split, eval_loader, validation_source
+from data.dataset import Split, data_identity, eval_loader, validation_source
 from data.preprocess import DevicePreprocess
 from models.build import input_size
 from models.build import pending_download as weights_download
@@ -109,6 +109,8 @@ class Run:
             check_teacher_pin(self.state.teacher, net.teacher, self.out)
             self.state.teacher = net.teacher.pin
         validate_stages(self.cfg, net.model, net.base_size, net.teacher, self.start.stage)
+        if self.state.data is None:  # a fresh run (or one from before fingerprints)
+            self.state.data = data_identity(self.cfg.data)
         print(run_line(self.device, *(len(split.labels) for split in splits), self.out,
                        self.validation), flush=True)
 
@@ -390,6 +392,29 @@ def complete_run(out: str, cfg: Config) -> Optional[RunState]:
     if folder is None:
         return None
     try:
-        return finished(folder, cfg)
+        state = finished(folder, cfg)
     except UserError:  # another config, or damaged: the folder check says what it holds
         return None
+    if state is not None:
+        _still_complete(out, cfg, state)
+    return state
+
+
+def _still_complete(out: str, cfg: Config, state: RunState) -> None:
+    """One error when a complete run's outputs or data no longer agree with what it tested:
+    its best weights gone or damaged, the data at ``data.path`` changed since."""
+    best = weights_path(out, "best")
+    if state.best is not None:
+        try:
+            load_tensors(best)
+        except (UserError, OSError) as exc:
+            raise UserError(f"the run in {out} has finished, but its best weights are not "
+                            f"usable ({exc}); evaluate its last weights with python val.py "
+                            f"-c CONFIG --weights {weights_path(out, 'raw')}, or train again "
+                            f"with --overwrite") from None
+    now = data_identity(cfg.data)  # None when the data is not here: nothing to compare
+    if state.data is not None and now is not None and now != state.data:
+        raise UserError(f"the run in {out} finished on other data than data.path="
+                        f"{cfg.data.path} holds now (its files changed since it trained); to "
+                        f"train on the data as it is, pass --overwrite or another "
+                        f"train.output_dir")

@@ -133,7 +133,8 @@ class RunState:
     seeds), the records written (epochs, and validations inside them), the optimizer steps
     done, the steps skipped for a non-finite loss, the best record so far, the progress of
     an epoch stopped midway, the averages' update counts, the config, whether the final
-    test is done, and the distillation teacher's weights file and SHA-256."""
+    test is done, the distillation teacher's weights file and SHA-256, and the fingerprint of
+    the data it trains on (:func:`data.dataset.data_identity`)."""
 
     config: dict
     position: Position = field(default_factory=Position)
@@ -146,6 +147,7 @@ class RunState:
     updates: dict = field(default_factory=dict)
     tested: bool = False
     teacher: Optional[dict] = None
+    data: Optional[str] = None
 
     def to_json(self) -> dict:
         """The JSON form ``state.json`` holds."""
@@ -154,7 +156,7 @@ class RunState:
                 "global_step": self.global_step, "skipped_steps": self.skipped_steps,
                 "best": self.best, "progress": self.progress and self.progress.to_json(),
                 "updates": dict(self.updates), "config": self.config, "tested": self.tested,
-                "teacher": self.teacher}
+                "teacher": self.teacher, "data": self.data}
 
     @classmethod
     def from_json(cls, data: dict) -> RunState:
@@ -167,7 +169,7 @@ class RunState:
                    progress=(EpochProgress.from_json(data["progress"])
                              if data["progress"] is not None else None),
                    updates=dict(data["updates"]), tested=data.get("tested", False),
-                   teacher=data.get("teacher"))
+                   teacher=data.get("teacher"), data=data.get("data"))
 
 
 def checkpoint_trees(model: paddle.nn.Layer, optimizer_state: dict,

@@ -184,6 +184,8 @@ def check_state(state: dict) -> None:
                 _number(progress[key], f"progress.{key}")
         if progress.get("grad_norm_max") is not None:
             _number(progress["grad_norm_max"], "progress.grad_norm_max")
+    if not isinstance(state.get("data"), (str, type(None))):
+        raise ValueError("'data' must be the data's fingerprint or null")
     if state.get("teacher") is not None:
         teacher = _mapping(state["teacher"], "teacher", ("weights", "sha256"))
         if not all(isinstance(teacher[key], str) for key in ("weights", "sha256")):
