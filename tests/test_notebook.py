@@ -83,19 +83,42 @@ def test_notebook_trains_on_a_folder_of_photos(tmp_path):
 def test_one_output_redraws_a_bar_in_place_and_keeps_the_last_lines(monkeypatch):
     from utils.reports import progress
 
-    shown = []
+    clock, shown = [100.0], []
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     handle = type("Handle", (), {"update": lambda self, data, raw: shown.append(
         data["text/plain"])})()
     stream = progress._OneOutput(handle)
     stream.write("stage 0 epoch 1/1:  50%|#")
+    assert shown == ["stage 0 epoch 1/1:  50%|#"]  # the first write shows
     stream.write("\rstage 0 epoch 1/1: 100%|##\n")
-    assert shown[-1] == "stage 0 epoch 1/1: 100%|##"  # a finished line shows at once
     print("epoch line", file=stream)
-    assert shown[-1].splitlines() == ["stage 0 epoch 1/1: 100%|##", "epoch line"]
+    assert len(shown) == 1  # held back within the interval
+    clock[0] += progress.REDRAW_INTERVAL_S
+    stream.write("x\r\n")  # a Windows line ending keeps its line
+    assert shown[-1].splitlines() == ["stage 0 epoch 1/1: 100%|##", "epoch line", "x"]
     monkeypatch.setattr(progress, "MAX_LINES", 3)
+    clock[0] += progress.REDRAW_INTERVAL_S
     for index in range(5):
         stream.write(f"line {index}\n")
-    assert shown[-1].splitlines() == ["... (5 earlier lines)", "line 3", "line 4"]
+    stream.show()
+    assert shown[-1].splitlines() == ["... (6 earlier lines)", "line 3", "line 4"]
+
+
+def test_one_output_updates_a_few_times_a_second_whatever_is_printed(monkeypatch):
+    """100,000 lines printed in one burst: one update (not 100,000 of up to 400 lines)."""
+    from utils.reports import progress
+
+    clock, shown = [100.0], []
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    handle = type("Handle", (), {"update": lambda self, data, raw: shown.append(
+        len(data["text/plain"]))})()
+    stream = progress._OneOutput(handle)
+    for index in range(100_000):
+        print(f"warning {index}", file=stream)
+    assert len(shown) == 1
+    clock[0] += progress.REDRAW_INTERVAL_S
+    print("later", file=stream)
+    assert len(shown) == 2
 
 
 def test_one_output_outside_a_notebook_changes_nothing(capsys):

@@ -92,7 +92,7 @@ class _Lines:
                       file=sys.stderr, flush=True)
 
 
-# A redrawn bar updates the output at most this often; a finished line shows at once.
+# The output is updated at most this often, whatever is printed.
 REDRAW_INTERVAL_S = 0.5
 # The output keeps the last lines only; metrics.jsonl holds every epoch.
 MAX_LINES = 400
@@ -129,8 +129,8 @@ class _OneOutput(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        for piece in re.split(r"(\r|\n)", text):
-            if piece == "\n":
+        for piece in re.split(r"(\r\n|\r|\n)", text):
+            if piece in ("\n", "\r\n"):  # a Windows line ending ends the line too
                 self.lines.append("")
             elif piece == "\r":
                 self.lines[-1] = ""
@@ -139,7 +139,9 @@ class _OneOutput(io.TextIOBase):
         if len(self.lines) > MAX_LINES:
             self.dropped += len(self.lines) - MAX_LINES
             del self.lines[:-MAX_LINES]
-        if "\n" in text or time.monotonic() - self.shown_at >= REDRAW_INTERVAL_S:
+        # At most one update per interval, whatever is printed (each sends every line kept);
+        # what is held back shows with the next write after it, or at the block's end.
+        if time.monotonic() - self.shown_at >= REDRAW_INTERVAL_S:
             self.show()
         return len(text)
 
