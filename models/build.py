@@ -362,6 +362,10 @@ def load_trained(cfg: Config, precision: Precision, weights: Optional[str] = Non
     from utils.checkpoint import weights_path
 
     if weights and os.path.isdir(weights):  # a run folder: its best weights
+        if path_problem(weights_path(weights, "best")):
+            raise UserError(f"--weights {weights} is a folder without best.safetensors, not the "
+                            f"folder of a run that has validated; pass a weights file or such a "
+                            f"run's folder")
         weights = weights_path(weights, "best")
     path = weights or weights_path(cfg.train.output_dir, "best")
     problem = path_problem(path)

@@ -9,6 +9,7 @@ back, so ``predict.py`` prepares images the same way for both paths.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
@@ -79,6 +80,11 @@ def export_model(model: paddle.nn.Layer, image_size: int, out_dir: str, class_na
         if os.path.isdir(path):
             raise UserError(f"the export file {path} is a folder; remove it or choose another "
                             f"--out")
+    needed = sum(int(np.prod(p.shape)) * 4 for p in model.parameters()) + (1 << 20)
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:  # before any file: Paddle's own error for a full disk is not one line
+        raise OSError(errno.ENOSPC, f"No space left on device (an export needs about "
+                                    f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free)", out_dir)
     model.eval()
     spec = InputSpec([None, 3, image_size, image_size], "float32", name="image")
     # Written as a set in a folder beside the export, moved into place once whole: a failure

@@ -330,3 +330,16 @@ def test_export_with_its_standard_error_closed_exports(trained, tmp_path):
     assert proc.returncode == 0 and f"exported to {out}" in proc.stdout
     image = np.zeros((1, 3, 32, 32), np.float32)
     assert ExportedModel(str(out))(image).shape == (1, 10)
+
+
+def test_an_export_without_the_space_for_it_is_one_line_before_any_file(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from models import inference
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(inference.shutil, "disk_usage", lambda path: usage(1, 1, 1000))
+    out = tmp_path / "export"
+    with pytest.raises(OSError, match=r"an export needs about [\d.]+ MB, 0.0 MB free"):
+        export_model(build_model(tiny_model_config()), 32, str(out), list("abcdefghij"))
+    assert os.listdir(out) == []

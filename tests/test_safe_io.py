@@ -254,7 +254,8 @@ def test_more_paths_of_the_wrong_kind_are_one_line(tmp_path):
     cases = [
         (["main.py", "-c", str(tmp_path), "--dry-run"], "is a folder, not a file"),
         (["main.py", *DEMO_CLI, "-o", "train.output_dir=''"], "train.output_dir is empty"),
-        (["val.py", *DEMO_CLI, "--weights", str(tmp_path)], "is a folder, not a file"),
+        (["val.py", *DEMO_CLI, "--weights", str(tmp_path)], "is a folder without "
+                                                            "best.safetensors"),
         (["val.py", *DEMO_CLI, "--weights", "/dev/zero"], "is not a regular file"),
         (["main.py", *DEMO_CLI, *out_args(tmp_path), "--resume", "/dev/zero"],
          "no complete checkpoint to resume in /dev/zero"),
