@@ -365,3 +365,20 @@ def test_a_loaded_config_is_made_of_the_typed_views():
     assert [type(s.optimizer) for s in cfg.stages] == [AdamWConfig, MomentumConfig, AdamWConfig]
     assert list(cfg.stages[1].lr_schedule) == ["name", "end_lr", "power"]
     assert cfg.stages[1].lr_schedule.end_lr == 0.001 and cfg.distill is None
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("...", "override value '...' is the documentation's placeholder"),
+    ("/path/to/...", "is the documentation's placeholder"),
+])
+def test_a_placeholder_pasted_from_the_docs_is_named_as_one(value, fragment):
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", f"data.path={value}",
+                      "--dry-run")
+    assert_one_error(proc, fragment)
+
+
+def test_a_placeholder_path_is_named_as_one_where_a_file_is_read():
+    from utils.io.files import path_problem
+
+    assert path_problem("/path/to/cifar-100-python.tar.gz").startswith(
+        "does not exist: /path/to/... is the documentation's placeholder")

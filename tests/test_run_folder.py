@@ -140,3 +140,16 @@ def test_a_finished_run_without_its_best_weights_is_not_called_complete(trained,
                      "usable", f"--weights {copy}/last/raw.safetensors", "--overwrite")
     os.remove(copy / "best.safetensors")
     assert_one_error(run_script("main.py", *args), "has finished, but its best weights")
+
+
+def test_an_unfinished_run_is_described_with_the_epoch_a_resume_reports(tmp_path):
+    """Positions count epochs from 0; people, and the resume's progress line, from 1."""
+    import json
+
+    from utils.run_folder import _describe
+
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "state.json").write_text(json.dumps(
+        {"position": {"stage": 1, "epoch": 19, "micro": 3}, "config": {"stages": [{}, {}]}}))
+    assert _describe(str(tmp_path)) == ("an unfinished run (next: stage 1, epoch 20, "
+                                        "micro-batch 3)")

@@ -29,8 +29,16 @@ def path_override(key: str, path: Any) -> str:
     return f"{key}={json.dumps(str(path))}"
 
 
+# Values the documentation writes for the reader to fill in.
+PLACEHOLDERS = ("...", "PATH", "/path/to/...", "<path>")
+
+
 def parse_value(text: str) -> Any:
-    """Parse one override value as YAML (``1e-4`` → float, ``[1, 2]`` → list)."""
+    """Parse one override value as YAML (``1e-4`` → float, ``[1, 2]`` → list); the
+    documentation's placeholders (``...``, ``PATH``) are named as such."""
+    if text.strip() in PLACEHOLDERS:
+        raise UserError(f"override value {short(text)} is the documentation's placeholder; put "
+                        f"the real value there (a path, a number)")
     return load_yaml(text, f"override value {short(text)}")
 
 

@@ -62,8 +62,11 @@ def _describe(folder):
 
 
 def _position(position):
-    return ", ".join(f"{key} {position[key]}" for key in ("stage", "epoch", "micro")
-                     if key in position)
+    """Where a checkpoint stands as a resume reports it: epochs counted from 1."""
+    words = {"stage": ("stage", 0), "epoch": ("epoch", 1), "micro": ("micro-batch", 0)}
+    return ", ".join(f"{words[key][0]} {position[key] + words[key][1]}"
+                     for key in ("stage", "epoch", "micro")
+                     if isinstance(position.get(key), int))
 
 
 def _aside(folder):

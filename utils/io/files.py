@@ -31,6 +31,10 @@ def _file_above(path):
     return parent
 
 
+# How the documentation writes a location the reader fills in.
+PLACEHOLDER = "/path/to/"
+
+
 def path_problem(path: str, want: str = "file") -> Optional[str]:
     """Why ``path`` is not a usable regular file (``want="file"``), folder (``"folder"``) or
     either (``"any"``), in words for an error line; ``None`` when it is.
@@ -50,6 +54,9 @@ def path_problem(path: str, want: str = "file") -> Optional[str]:
             return "cannot be reached (permission denied)"
         if os.path.islink(path):
             return "is a broken symbolic link"
+        if str(path).startswith(PLACEHOLDER):
+            return (f"does not exist: {PLACEHOLDER}... is the documentation's placeholder; put "
+                    f"the real location there")
         return "does not exist"
     if stat.S_ISREG(mode):
         return "is a file, not a folder" if want == "folder" else None
