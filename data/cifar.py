@@ -7,6 +7,7 @@ Reads the same members, in the same order, as ``paddle.vision.datasets.Cifar10``
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tarfile
@@ -63,6 +64,10 @@ CIFARS = {
 }
 
 
+# Where AI Studio mounts the datasets added to a project (read-only: reset at each start).
+AISTUDIO_DATA = "/home/aistudio/data"
+
+
 def default_archive_path(cifar: Cifar) -> str:
     """Where Paddle's own ``Cifar10`` / ``Cifar100`` datasets cache the archive."""
     from paddle.dataset.common import DATA_HOME
@@ -70,8 +75,17 @@ def default_archive_path(cifar: Cifar) -> str:
     return os.path.join(DATA_HOME, "cifar", cifar.archive)
 
 
+def mounted_archive(cifar: Cifar) -> Optional[str]:
+    """The archive of an AI Studio dataset mounted under ``AISTUDIO_DATA`` (the public
+    CIFAR-100 dataset added to a project lands in ``/home/aistudio/data/dataNNNN/``), or
+    ``None``."""
+    found = sorted(glob.glob(os.path.join(AISTUDIO_DATA, "data*", cifar.archive)))
+    return next((path for path in found if not path_problem(path)), None)
+
+
 def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
-    """Return the archive or folder to read; download through Paddle when ``path`` is unset."""
+    """Return the archive or folder to read: ``path``, else a mounted AI Studio dataset's
+    archive (said in a line), else Paddle's cache, downloaded there when missing."""
     fix = (f"download {cifar.url} on a machine with internet and pass "
            f"-o data.path=/path/to/{cifar.archive} (the archive or its extracted folder)")
     if path is not None:
@@ -79,6 +93,11 @@ def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
         if problem:
             raise UserError(f"data.path {path} {problem}; {fix}")
         return path
+    mounted = mounted_archive(cifar)
+    if mounted is not None:
+        print(f"data: {cifar.title} from the AI Studio dataset mounted at {mounted} "
+              f"(data.path unset)", flush=True)
+        return mounted
     cached = default_archive_path(cifar)
     if os.path.isfile(cached):
         return cached
@@ -88,7 +107,7 @@ def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
 def pending_download(data_cfg: DataConfig) -> Optional[tuple[str, str, str]]:
     """``(what, url, option)`` of the CIFAR archive if a run will download it, or ``None``."""
     cifar = CIFARS.get(data_cfg.name)
-    if cifar is None or data_cfg.path is not None \
+    if cifar is None or data_cfg.path is not None or mounted_archive(cifar) is not None \
             or os.path.isfile(default_archive_path(cifar)):
         return None
     return cifar.title, cifar.url, "-o data.path=/path/to/"

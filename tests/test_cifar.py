@@ -267,3 +267,24 @@ def test_missing_archive_offline_names_file_and_option(tmp_path, monkeypatch):
     assert "-o data.path=" in message and "Name or service not known" in message
     with pytest.raises(UserError, match="data.path /nope does not exist"):
         locate_cifar(C100, "/nope")
+
+
+def test_an_archive_mounted_by_ai_studio_is_used_when_data_path_is_unset(tmp_path, monkeypatch,
+                                                                       capsys):
+    """The public CIFAR-100 dataset added to an AI Studio project: found under
+    /home/aistudio/data/dataNNNN/ and named in a line; nothing to download then."""
+    from data import cifar
+    from utils.config import load_config
+
+    monkeypatch.setattr(cifar, "AISTUDIO_DATA", str(tmp_path))
+    archive = tmp_path / "data12345" / "cifar-100-python.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(b"an archive")
+    cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml")
+    assert cfg.data.path is None
+    assert cifar.locate_cifar(cifar.CIFARS["cifar100"]) == str(archive)
+    assert f"AI Studio dataset mounted at {archive}" in capsys.readouterr().out
+    assert cifar.pending_download(cfg.data) is None
+    given = tmp_path / "mine.tar.gz"
+    given.write_bytes(b"another")
+    assert cifar.locate_cifar(cifar.CIFARS["cifar100"], str(given)) == str(given)  # it wins
