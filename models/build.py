@@ -317,7 +317,7 @@ def describe_load(path: str, summary: dict) -> str:
     """One line summarising :func:`load_weights`."""
     skipped = "; ".join(f"{k}: {why}" for k, why in summary["skipped"].items())
     missing = ", ".join(summary["missing"])
-    return (f"weights {os.path.basename(path)}: loaded {summary['loaded']} tensors, "
+    return (f"weights {path}: loaded {summary['loaded']} tensors, "
             f"skipped {len(summary['skipped'])}" + (f" ({skipped})" if skipped else "")
             + f", newly initialised {len(summary['missing'])}" + (f" ({missing})" if missing else "")
             + "".join(f"; {key} resampled to this resolution" for key in summary["resampled"]))

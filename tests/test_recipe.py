@@ -188,7 +188,8 @@ def test_warm_start_from_our_own_checkpoint(tmp_path):
                       "-o", "stages.1.epochs=1",
                       "--init-from", first)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "weights best.safetensors: loaded" in proc.stdout and "skipped 0" in proc.stdout
+    assert f"weights {first}/best.safetensors: loaded" in proc.stdout \
+        and "skipped 0" in proc.stdout
     assert read_records(second)[0]["val_top1"] == pytest.approx(best["val_top1"])
 
 

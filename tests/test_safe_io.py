@@ -252,7 +252,7 @@ class _Zeros:
 
 def test_more_paths_of_the_wrong_kind_are_one_line(tmp_path):
     cases = [
-        (["main.py", "-c", str(tmp_path), "--dry-run"], "is a folder, not a file"),
+        (["main.py", "-c", str(tmp_path), "--dry-run"], "is a folder without config.yaml"),
         (["main.py", *DEMO_CLI, "-o", "train.output_dir=''"], "train.output_dir is empty"),
         (["val.py", *DEMO_CLI, "--weights", str(tmp_path)], "is a folder without "
                                                             "best.safetensors"),

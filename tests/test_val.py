@@ -58,3 +58,15 @@ def test_a_run_trained_with_another_model_is_refused_and_a_run_folder_is_accepte
     proc = run_script("val.py", *DEMO_CLI, "--weights", str(trained))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "best.safetensors" in proc.stdout and "top1=" in proc.stdout
+
+
+def test_a_run_folder_as_the_config_reads_its_config_and_weights(trained, tmp_path):
+    """``-c RUN_FOLDER``: the run's own config.yaml, the folder as train.output_dir (even
+    after the folder has moved), its best weights named in the output."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained, moved)
+    proc = run_script("val.py", "-c", str(moved))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{moved}/best.safetensors" in proc.stdout and "top1=" in proc.stdout

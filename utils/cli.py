@@ -127,7 +127,8 @@ def config_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                        help=f"YAML recipe (default: {DEFAULT_CONFIG})")
+                        help=f"YAML recipe, or a run's output folder for its config and "
+                             f"weights (default: {DEFAULT_CONFIG})")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. -o data.batch_size=32 or "
                              "-o stages.0.optimizer.lr=1e-4 (repeatable; values are YAML)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from typing import Any, Sequence
 
 import yaml
@@ -164,7 +165,16 @@ def validate(value: Any, schema: Any, path: str = "") -> Any:
 
 
 def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Config:
-    """Read ``path``, apply ``overrides`` (``section.key=value`` strings) and validate."""
+    """Read ``path``, apply ``overrides`` (``section.key=value`` strings) and validate.
+    ``path`` may be a run's output folder: its ``config.yaml``, with the folder as
+    ``train.output_dir`` (wherever it has moved since)."""
+    if os.path.isdir(path):
+        saved = os.path.join(path, "config.yaml")
+        if not os.path.isfile(saved):
+            raise UserError(f"-c {path} is a folder without config.yaml: not the output folder "
+                            f"of a run; pass a config file or a run's folder")
+        overrides = [path_override("train.output_dir", path), *overrides]
+        path = saved
     raw = read_yaml(path)
     for assignment in overrides:
         apply_override(raw, assignment)
