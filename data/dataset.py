@@ -19,6 +19,7 @@ from data.loader import build_loader
 from data.samples import ImageDataset
 from data.sources import as_source
 from utils.errors import UserError
+from utils.io.files import path_problem
 from utils.io.tensor_io import class_names_of
 from utils.runtime.dist import rank, world_size
 
@@ -120,6 +121,13 @@ def stage_loaders(data_cfg: DataConfig, seed: int, accum_steps: int, size: int, 
     keep = subset_indices(len(val_split.labels), data_cfg.val_subset, (seed, VAL_SUBSET_STREAM),
                           "data.val_subset")
     return train_loader, eval_loader(val_split.take(keep), data_cfg, size)
+
+
+def data_path_problems(data_cfg: DataConfig) -> list[str]:
+    """What is wrong with the ``data.path`` the config names (nothing when it is unset or
+    there), in words for an error line."""
+    problem = data_cfg.path and path_problem(data_cfg.path, "any")
+    return [f"data.path {data_cfg.path} {problem}"] if problem else []
 
 
 def data_identity(data_cfg: DataConfig) -> Optional[str]:

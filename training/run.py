@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Union
 import paddle
 
 from data.cifar import pending_download as cifar_download
-from data.dataset import Split, data_identity, eval_loader, validation_source
+from data.dataset import Split, data_identity, data_path_problems, eval_loader, validation_source
 from data.preprocess import DevicePreprocess
 from models.build import input_size
 from models.build import pending_download as weights_download
@@ -357,7 +357,7 @@ def _start(cfg: Config, resume, device: str) -> Run:
             return Run(cfg, state, {}, device, complete=True)
     ensure_downloadable([item for item in (
         cifar_download(cfg.data), weights_download(cfg.model, load_pretrained=not resume))
-        if item])
+        if item], absent=data_path_problems(cfg.data))
     init()
     seed_everything(cfg.train.seed)
     state, restored = RunState(config=to_plain(cfg)), {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Optional, Sequence
 from urllib.parse import parse_qs, urlparse
 
 from utils.errors import UserError
@@ -50,17 +50,19 @@ def _file_name(url):
     return os.path.basename(parsed.path)
 
 
-def ensure_downloadable(needed: list[tuple[str, str, str]]) -> None:
+def ensure_downloadable(needed: list[tuple[str, str, str]], absent: Sequence[str] = ()) -> None:
     """Before a run loads anything: every ``(what, url, option)`` it will download must be
     reachable; otherwise one :class:`UserError` lists them all, each with its file, URL and
-    the ``-o`` that passes a copy fetched elsewhere."""
+    the ``-o`` that passes a copy fetched elsewhere, and with them the ``absent`` files the
+    config names (a wrong ``data.path``), so that one line names everything to fix."""
     missing = [(what, url, option, reason) for what, url, option in needed
                for reason in [_unreachable(url)] if reason]
+    also = "".join(f"; {item}" for item in absent)
     if missing:
         items = "; ".join(f"{what}: fetch {_file_name(url)} from {url} and pass "
                           f"{option}{_file_name(url)}" for what, url, option, _ in missing)
         raise UserError(f"offline ({missing[0][3]}): {len(missing)} download(s) cannot be "
-                        f"made: {items}")
+                        f"made: {items}{also}")
 
 
 def weights_cached(url: str) -> bool:
