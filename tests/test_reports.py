@@ -120,3 +120,15 @@ def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path, capsys):
     assert err.splitlines()[0].startswith("stage 0 epoch 1/1: 1/3 (33%), ")
     proc = run_script("main.py", *SAVING_RUN_CLI, "-o", f"train.output_dir={tmp_path / 'log'}")
     assert proc.returncode == 0 and "\r" not in proc.stderr  # a background job's log
+
+
+def test_the_run_line_says_where_a_relative_output_folder_is(tmp_path, monkeypatch):
+    """A config is found from the repository too, but train.output_dir is relative to the
+    current folder: the first line says where the run writes."""
+    from utils.reports.text import run_line
+
+    monkeypatch.chdir(tmp_path)
+    line = run_line("cpu", 10, 2, 3, "output/demo", "held_out")
+    assert line.endswith(f"output in output/demo ({tmp_path}/output/demo: train.output_dir is "
+                         f"relative to the current folder)")
+    assert run_line("cpu", 10, 2, 3, str(tmp_path), "held_out").endswith(f"output in {tmp_path}")

@@ -6,6 +6,7 @@ stage ("stage 1 epoch 3/10"), in the console, in ``metrics.jsonl`` and ``best.js
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -30,7 +31,10 @@ def run_line(device: str, train: int, val: int, test: int, output_dir: str, sour
 
     validation = VALIDATION[source].format(val)
     return (f"device {device}, rank {rank()} of {world_size()}; {train} train images, "
-            f"{validation}, {test} test; output in {output_dir}")
+            f"{validation}, {test} test; output in {output_dir}"
+            + ("" if os.path.isabs(output_dir) else f" ({os.path.abspath(output_dir)}: "
+                                                     f"train.output_dir is relative to the "
+                                                     f"current folder)"))
 
 
 def position_text(position: Position, stages: list[StageConfig]) -> str:
