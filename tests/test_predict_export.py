@@ -343,3 +343,14 @@ def test_an_export_without_the_space_for_it_is_one_line_before_any_file(tmp_path
     with pytest.raises(OSError, match=r"an export needs about [\d.]+ MB, 0.0 MB free"):
         export_model(build_model(tiny_model_config()), 32, str(out), list("abcdefghij"))
     assert os.listdir(out) == []
+
+
+def test_chinese_class_names_are_written_as_characters(tmp_path):
+    """preprocess.json (and every JSON this project writes) keeps 圆形 as 圆形, not \\u5706\\u5f62,
+    and reads back the same."""
+    out = tmp_path / "export"
+    names = ["圆形", "方形"] + [str(i) for i in range(8)]
+    export_model(build_model(tiny_model_config()), 32, str(out), names)
+    text = (out / "preprocess.json").read_text(encoding="utf-8")
+    assert '"圆形"' in text and "\\u5706" not in text
+    assert ExportedModel(str(out)).contract["class_names"] == names

@@ -208,8 +208,9 @@ def no_space(path: str, needed: int) -> OSError:
 
 
 def json_text(record: Any, indent: Optional[int] = None) -> str:
-    """``record`` as standard JSON: a non-finite number (which JSON has no word for) is null."""
-    return json.dumps(_finite(record), indent=indent, allow_nan=False)
+    """``record`` as standard JSON: a non-finite number (which JSON has no word for) is null;
+    text as its characters (a class named 圆形 stays readable; files are written as UTF-8)."""
+    return json.dumps(_finite(record), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
 def _finite(value):
