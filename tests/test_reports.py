@@ -132,3 +132,27 @@ def test_the_run_line_says_where_a_relative_output_folder_is(tmp_path, monkeypat
     assert line.endswith(f"output in output/demo ({tmp_path}/output/demo: train.output_dir is "
                          f"relative to the current folder)")
     assert run_line("cpu", 10, 2, 3, str(tmp_path), "held_out").endswith(f"output in {tmp_path}")
+
+
+def test_charts_draw_chinese_class_names_with_real_glyphs(tmp_path):
+    """A class folder named 圆形: drawn from Noto Sans CJK SC (mplfonts, a requirement), not as
+    missing-glyph boxes; matplotlib warns of every glyph no font in its list has."""
+    import warnings
+
+    from matplotlib.ft2font import FT2Font
+
+    from utils.reports import plots
+
+    name = plots.cjk_font()
+    assert name == "Noto Sans CJK SC"
+    from matplotlib import font_manager
+
+    path = font_manager.findfont(font_manager.FontProperties(family=name))
+    assert all(FT2Font(path).get_char_index(ord(char)) for char in "圆形方形")
+    figure = plots._figure(figsize=(3, 2))
+    axes = figure.add_subplot()
+    axes.bar(["圆形", "方形"], [0.9, 0.8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph ... missing from font(s)" fails the test
+        plots._save(figure, str(tmp_path / "chinese.png"))
+    assert (tmp_path / "chinese.png").stat().st_size > 1000

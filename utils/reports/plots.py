@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import json
 import os
@@ -15,6 +17,8 @@ from typing import Optional
 from utils.io.files import write_atomically
 
 CURVES = "curves.png"
+# Noto Sans CJK SC (SIL Open Font License) inside the mplfonts package.
+CJK_FONT = ("fonts", "NotoSansCJKsc-Regular.otf")
 CURVES_INCHES = (10, 7)  # at 100 dpi
 # Beyond this many classes the per-class bars are sorted by accuracy: a hundred bars in class
 # order show nothing, sorted they show the spread and name the worst classes.
@@ -30,10 +34,33 @@ def _save(figure, path):
 
 def _figure(**kwargs):
     """A matplotlib Figure outside pyplot: written to files, never shown, backend untouched
-    (a notebook's inline plots keep working)."""
+    (a notebook's inline plots keep working); Chinese text drawn (:func:`cjk_font`)."""
     from matplotlib.figure import Figure
 
+    cjk_font()
     return Figure(**kwargs)
+
+
+@functools.cache
+def cjk_font() -> Optional[str]:
+    """Let charts draw Simplified Chinese (a class folder named 圆形): register the Noto Sans
+    CJK SC font that the ``mplfonts`` package ships and add it to matplotlib's font families
+    after the default, so that every glyph the default font lacks is drawn from it
+    (matplotlib never looks for an installed CJK font by itself). Returns the font's name,
+    or ``None`` without the package."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    spec = importlib.util.find_spec("mplfonts")  # located, not imported: it has a CLI
+    path = spec and os.path.join(spec.submodule_search_locations[0], *CJK_FONT)
+    if not path or not os.path.isfile(path):
+        return None
+    font_manager.fontManager.addfont(path)
+    name = font_manager.FontProperties(fname=path).get_name()
+    families = list(matplotlib.rcParams["font.family"])
+    if name not in families:  # after the default family: each glyph it lacks falls back
+        matplotlib.rcParams["font.family"] = [*families, name]
+    return name
 
 
 def read_metrics(output_dir: str) -> tuple[list[dict], list[dict]]:
