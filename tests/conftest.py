@@ -118,9 +118,10 @@ def read_records(output_dir, test=False):
     return [r for r in records if ("test" in r) == test]
 
 
-def kill_in_stage_1(proc, output_dir, group=False):
-    """SIGKILL ``proc`` (its whole process group with ``group``) once the run in
-    ``output_dir`` has a mid-epoch checkpoint of stage 1; return that position."""
+def kill_in_stage_1(proc, output_dir, group=False, signum=signal.SIGKILL):
+    """Send ``signum`` (SIGKILL) to ``proc`` (its whole process group with ``group``) once the
+    run in ``output_dir`` has a mid-epoch checkpoint of stage 1; wait for it to end and
+    return that position."""
     state_path, deadline, position = os.path.join(output_dir, "last", "state.json"), \
         time.time() + 300, None
     try:
@@ -131,7 +132,7 @@ def kill_in_stage_1(proc, output_dir, group=False):
             except (OSError, ValueError):
                 position = None
             if position and position["stage"] == 1 and position["micro"] > 0:
-                (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+                (os.killpg if group else os.kill)(proc.pid, signum)
                 break
             time.sleep(0.05)
     finally:

@@ -133,19 +133,9 @@ def test_sigterm_to_the_launcher_saves_every_rank_and_the_printed_command_resume
     repeats, stop after the step together, save, and print the launcher's own command."""
     whole, out, logs = two_rank_short_run, str(tmp_path / "term"), str(tmp_path / "logs")
     proc = _launch(out, *SHORT, "-o", "data.num_workers=2", log_dir=logs)
-    state_path, saved = os.path.join(out, "last", "state.json"), None
-    while proc.poll() is None:
-        try:
-            with open(state_path, encoding="utf-8") as handle:
-                saved = json.load(handle)["position"]
-        except (OSError, ValueError):
-            saved = None
-        if saved and saved["stage"] == 1 and saved["micro"] > 0:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    assert proc.wait(timeout=120) == signal.SIGTERM
-    with open(state_path, encoding="utf-8") as handle:
+    saved = kill_in_stage_1(proc, out, signum=signal.SIGTERM)
+    assert proc.returncode == signal.SIGTERM
+    with open(os.path.join(out, "last", "state.json"), encoding="utf-8") as handle:
         stopped = json.load(handle)["position"]
     assert (stopped["epoch"], stopped["micro"]) > (saved["epoch"], saved["micro"])
     ranks = [open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8",

@@ -403,10 +403,9 @@ def complete_run(out: str, cfg: Config) -> Optional[RunState]:
 def _still_complete(out: str, cfg: Config, state: RunState) -> None:
     """One error when a complete run's outputs or data no longer agree with what it tested:
     its best weights gone or damaged, the data at ``data.path`` changed since."""
-    best = weights_path(out, "best")
     if state.best is not None:
         try:
-            load_tensors(best)
+            load_tensors(weights_path(out, "best"))
         except (UserError, OSError) as exc:
             raise UserError(f"the run in {out} has finished, but its best weights are not "
                             f"usable ({exc}); evaluate its last weights with python val.py "
