@@ -100,19 +100,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.preflight:
         return run_preflight(cfg, args.json)
+    command = resume_command(argv)
     try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
+        train(cfg, resume=args.resume, overwrite=args.overwrite, resume_with=command)
     except Interrupted as stop:
-        raise Interrupted(stop.signum, f"{stop}; continue with: "
-                          f"{resume_command(argv)}") from None
+        raise Interrupted(stop.signum, f"{stop}; continue with: {command}") from None
     return 0
 
 
-def train(cfg: Config, resume: Union[bool, str, None] = None,
-          overwrite: bool = False) -> Optional[dict]:
+def train(cfg: Config, resume: Union[bool, str, None] = None, overwrite: bool = False,
+          resume_with: Optional[str] = None) -> Optional[dict]:
     """The recipe: every stage of ``cfg``, then the final test; from a checkpoint with
-    ``resume`` (True, or a run folder or ``last/`` path). Returns the best record (``None``
-    if no epoch was validated)."""
+    ``resume`` (True, or a run folder or ``last/`` path). ``resume_with``, the command that
+    continues the run, is kept in its folder. Returns the best record (``None`` if no epoch
+    was validated)."""
     # Imported here: --help and --dry-run answer without loading Paddle.
     from data.dataset import run_splits
     from data.samples import shipping_line
@@ -124,7 +125,7 @@ def train(cfg: Config, resume: Union[bool, str, None] = None,
     from training.stage_check import check_stages
 
     # The device, the output folder, the checkpoint to resume, stop requests: the edges.
-    with training_run(cfg, resume, overwrite) as run:
+    with training_run(cfg, resume, overwrite, resume_with) as run:
         if run.complete:
             return run.state.best
         # The reader: training, validation (held-out training images) and test splits.

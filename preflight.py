@@ -44,7 +44,7 @@ from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
 from utils.io.download import ensure_downloadable
 from utils.reports.progress import set_mode as set_progress
-from utils.runtime.device import allocator_peaks, reset_peak_memory, select_device
+from utils.runtime.device import allocator_peaks, peaks_reset, reset_peak_memory, select_device
 from utils.runtime.dist import any_rank, init, world_size
 from utils.runtime.seeds import seed_everything
 
@@ -323,7 +323,8 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
     # last/ and, while it is replaced, last.partial/; the best weights beside them.
     report.update(checkpoint_bytes=last, disk_bytes=2 * last + best)
     peaks = allocator_peaks(device)
-    report.update(peak_memory_bytes=peaks["allocated"], peak_reserved_bytes=peaks["reserved"])
+    report.update(peak_memory_bytes=peaks["allocated"], peak_reserved_bytes=peaks["reserved"],
+                  peak_includes_stage_check=not peaks_reset())
     first = report["stages"][0]
     report.update(step_s=first["step_s"], train_images_per_s=first["train_images_per_s"],
                   eval_images_per_s=eval_images / eval_s, fits=fits,

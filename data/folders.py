@@ -34,6 +34,10 @@ def split_folder(data_cfg: DataConfig, split: str) -> Optional[str]:
     folder = os.path.join(data_cfg.path, split)
     if os.path.isdir(folder):
         return folder
+    problem = path_problem(data_cfg.path, "folder")
+    if problem:
+        raise UserError(f"data.path {data_cfg.path} {problem}; data.name=folder reads "
+                        f"{FOLDER_LAYOUT.replace('PATH', data_cfg.path)}")
     if split == "val":
         return None
     raise UserError(f"data.path {data_cfg.path} has no {split}/ folder; data.name=folder reads "

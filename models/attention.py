@@ -88,9 +88,10 @@ def _attention_layers(model):
 
 
 def use_fused_attention(model: paddle.nn.Layer, mode: str, device: str, amp: str,
-                        tokens: int) -> str:
+                        tokens: int) -> Optional[str]:
     """Switch PPIM attention layers to :class:`FusedAttention` per ``model.fused_attention``;
-    return one line saying which attention the model uses and why.
+    return one line saying which attention the model uses and why (``None`` when it keeps
+    PPIM's attention as configured: ``off``, or ``auto`` without a GPU and AMP).
 
     ``auto`` fuses where it pays and works: on a GPU with fp16/bf16 AMP, if the kernel
     passes a probe there in that dtype (otherwise one ``warning:`` line, PPIM's
@@ -101,7 +102,7 @@ def use_fused_attention(model: paddle.nn.Layer, mode: str, device: str, amp: str
     layers = _attention_layers(model)
     gpu_amp = str(device).startswith("gpu") and amp != "off"
     if mode == "off" or not layers or (mode == "auto" and not gpu_amp):
-        return f"attention: PPIM's (model.fused_attention={mode})"
+        return None  # PPIM's attention, as configured: nothing to say
     dtype, first = AMP_DTYPES[amp], layers[0]
     heads = first.num_heads
     reason = probe_kernel(str(device), dtype, tokens, heads, first.qkv.weight.shape[0] // heads,

@@ -117,6 +117,17 @@ def pretrained_url(name: str) -> str:
     return url
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(line: Optional[str]) -> None:
+    """Print ``line`` (if any) the first time this process builds a model that way: a run
+    builds several (its model, the stage check's, the averages) and one line says it for all."""
+    if line is not None and line not in _SAID:
+        _SAID.add(line)
+        print(line, flush=True)
+
+
 def build_model(model_cfg: ModelConfig, load_pretrained: bool = True, amp: str = "off",
                 image_size: Optional[int] = None, two_heads: bool = False) -> paddle.nn.Layer:
     """The model described by the ``model`` config section, with weights per ``model.pretrained``.
@@ -145,12 +156,11 @@ def build_model(model_cfg: ModelConfig, load_pretrained: bool = True, amp: str =
     if two_heads:
         separate_heads(backbone, model_cfg.name)
     _check_runs(backbone, model_cfg)
-    print(use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(), amp,
-                              tokens=backbone.pos_embed.shape[1]), flush=True)
+    _say_once(use_fused_attention(backbone, model_cfg.fused_attention, paddle.get_device(),
+                                  amp, tokens=backbone.pos_embed.shape[1]))
     if model_cfg.recompute:
         count = _swap_layers(backbone, Block, RecomputedBlock)
-        print(f"recompute: {count} blocks recompute their activations in the backward pass",
-              flush=True)
+        _say_once(f"recompute: {count} blocks recompute their activations in the backward pass")
     model = (MLPHeadClassifier(backbone, model_cfg.mlp_hidden, model_cfg.num_classes,
                                model_cfg.drop_rate) if mlp else backbone)
     if load_pretrained and model_cfg.pretrained:

@@ -20,6 +20,7 @@ import weakref
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import utils  # noqa: E402,F401  isort: skip  (first, as main.py: Pillow before Paddle)
 import paddle  # noqa: E402
 from paddle.base import core  # noqa: E402
 

@@ -1,11 +1,11 @@
-"""The benchmark script runs and prints its JSON line (its numbers are not asserted)."""
+"""The benchmark scripts run and print their JSON line; their timings are not asserted, the
+R-Drop bench's aggregation is checked against NumPy."""
 
 import json
 
+import numpy as np
 import pytest
-from conftest import (
-    run_script,
-)
+from conftest import FAST_CLI, run_script
 
 
 def test_step_ratio_prints_one_json_line():
@@ -37,3 +37,39 @@ def test_memory_bench_quick_prints_one_json_line():
     assert result["plain_bytes_per_image"] > 0 and result["recompute_bytes_per_image"] > 0
     assert result["recompute_over_plain"] == pytest.approx(
         result["recompute_bytes_per_image"] / result["plain_bytes_per_image"], abs=1e-3)
+
+
+def test_rdrop_effect_trains_every_arm_and_reports_each_runs_own_numbers(tmp_path):
+    out = tmp_path / "bench"
+    proc = run_script("bench/rdrop_effect.py", "--alphas", "0", "2", "--seeds", "2",
+                      "--out", str(out), *FAST_CLI, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert lines[0].startswith("| α | test top-1") and len(lines) == 2 + 2 + 1
+    assert set(result["alphas"]) == {"0", "2"} and result["seeds"] == 2
+    for alpha in ("0", "2"):
+        for seed in (0, 1):
+            config = (out / f"alpha_{alpha}" / f"seed_{seed}" / "config.yaml").read_text()
+            assert f"alpha: {float(alpha)}" in config and f"seed: {seed}" in config
+        runs = [json.loads((out / f"alpha_{alpha}" / f"seed_{s}" / "best.json").read_text())
+                for s in (0, 1)]
+        tops = np.array([run["test_top1"] for run in runs], dtype=np.float64)
+        arm = result["alphas"][alpha]["test_top1"]
+        assert arm["runs"] == list(tops)
+        assert arm["mean"] == pytest.approx(tops.mean(), abs=1e-12)
+        assert arm["std"] == pytest.approx(tops.std(ddof=1), abs=1e-12)
+    # α = 0 still measures the KL between the two passes; it is not zero.
+    assert all(kl > 0 for kl in result["alphas"]["0"]["train_kl"]["runs"])
+    # Read back, not trained again: the finished runs' files stay as they were.
+    stamp = (out / "alpha_0" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns
+    again = run_script("bench/rdrop_effect.py", "--alphas", "0", "2", "--seeds", "2",
+                       "--out", str(out), *FAST_CLI, timeout=600)
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["alphas"] == \
+        result["alphas"]
+    assert (out / "alpha_0" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_rdrop_effect_refuses_a_single_seed():
+    proc = run_script("bench/rdrop_effect.py", "--seeds", "1")
+    assert proc.returncode == 2 and "--seeds must be at least 2" in proc.stderr

@@ -83,7 +83,8 @@ def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_ru
             path = os.path.join(folder, name)
             if os.path.relpath(path, out).startswith("vdl"):
                 continue
-            assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml", ".png", ".lock")), path
+            assert name.endswith((".safetensors", ".json", ".jsonl", ".yaml", ".png", ".lock",
+                                  "RESUME.txt")), path
             with open(path, "rb") as handle:
                 head = handle.read(9)
             if name.endswith(".safetensors"):  # u64 header length, then the JSON header
@@ -162,6 +163,10 @@ def test_default_run_offline_fails_fast_with_one_line(tmp_path):
                      "DeiT_base_distilled_patch16_384.pdparams from https://",
                      "-o model.pretrained=/path/to/DeiT_base_distilled_patch16_384.pdparams"):
         assert fragment in lines[0], fragment
+    # The GPU recipe on this CPU: said before anything else, with the GPUs' hours beside.
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("warning: this run is ") and "h on this CPU (" in first
+    assert "A100-40GB about 1.9 h" in first
 
 
 
@@ -177,4 +182,19 @@ def test_a_per_class_chart_of_many_classes_is_sorted_by_accuracy(tmp_path):
     values = [many[n] for n in order[:-1]]
     assert sorted(order) == sorted(many) and order[-1] == "class7"
     assert values == sorted(values, reverse=True)
+    assert _is_png(plot_per_class(many, str(tmp_path / "chart.png"), "per-class top-1"))
+
+
+def test_a_chart_of_a_hundred_classes_names_the_best_and_worst_15(tmp_path):
+    from utils.reports.plots import extremes, plot_per_class
+
+    rng = np.random.default_rng(1)
+    many = {f"类{i}": float(rng.integers(0, 51)) / 50 for i in range(100)}
+    many["类7"] = None  # no test image of it
+    best, worst = extremes(many)
+    measured = [(value, name) for name, value in many.items() if value is not None]
+    ranked = [name for _, name in sorted(measured, key=lambda item: -item[0])]
+    assert [many[n] for n in best] == sorted((v for v, _ in measured), reverse=True)[:15]
+    assert [many[n] for n in worst] == sorted(v for v, _ in measured)[:15]
+    assert set(best) <= set(ranked[:20]) and "类7" not in best + worst
     assert _is_png(plot_per_class(many, str(tmp_path / "chart.png"), "per-class top-1"))

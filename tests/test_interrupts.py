@@ -119,6 +119,9 @@ def test_sigterm_saves_says_how_to_resume_and_the_resumed_run_matches(whole, tmp
     assert state["position"]["stage"] == 1 and 0 < state["position"]["micro"] < 8
     command = shlex.split(line.split("continue with: ", 1)[1])
     assert command[:2] == ["python", "main.py"] and command[-1] == "--resume"
+    # The same command in the run folder, from where it was started: a lost terminal keeps it.
+    with open(os.path.join(out, "RESUME.txt"), encoding="utf-8") as handle:
+        assert handle.read() == f"cd {shlex.quote(ROOT)} && {shlex.join(command)}\n"
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -2,11 +2,14 @@
 docs/notebook_predict_export.md), with its parameters injected, as Jupyter would run it."""
 
 import importlib
+import json
 import os
+import re
 import sys
 
 import nbformat
 import papermill
+import pytest
 from conftest import ROOT
 
 # Short epochs but many of them: each prints a line and draws bars, so a notebook that kept
@@ -33,6 +36,11 @@ def _assert_small(notebook):
     assert len(_text(notebook).encode()) <= MAX_TEXT_BYTES
 
 
+def report_kind(out):
+    with open(os.path.join(out, "best.json"), encoding="utf-8") as handle:
+        return json.load(handle)["kind"]
+
+
 def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
     out, executed = str(tmp_path / "notebook"), str(tmp_path / "executed.ipynb")
     papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
@@ -47,15 +55,32 @@ def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
     text = _text(notebook)
     assert "data: scikit-learn's handwritten digits" in text
     assert "Warning" not in text and "warnings.warn" not in text  # no Paddle import noise
+    for noise in ("attention: ", "fontManager", "val: 100%", "eval: 100%"):
+        assert noise not in text, noise  # finished bars leave no line
     assert text.count("stage 1 epoch 8/8: loss") == 1 and "test split, best weights" in text
+    log = [line for o in _outputs(notebook, "display_data")
+           for line in o["data"].get("text/plain", "").splitlines()]
+    assert max(len(line) for line in log) <= 100
     _assert_small(notebook)
+    # The results: one table of the validation and the test split, the numbers val.py wrote.
+    [table] = [o["data"]["text/markdown"] for o in _outputs(notebook, "display_data")
+               if "text/markdown" in o["data"]]
+    for split, name in (("val", "val_metrics_val.json"), ("test", "val_metrics.json")):
+        with open(os.path.join(out, name), encoding="utf-8") as handle:
+            report = json.load(handle)
+        row = [line for line in table.splitlines() if line.startswith(f"| {split} |")]
+        assert row == [f"| {split} | `best.safetensors` ({report_kind(out)}) | "
+                       f"{report['top1']:.4f} | {report['top5']:.4f} | {report['loss']:.4f} | "
+                       f"{report['num_samples']} |"]
     # Run again: the finished run is reported complete, not trained over.
     papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
                                kernel_name="python3", progress_bar=False,
                                parameters={"CONFIG": "configs/demo.yaml", "OUTPUT_DIR": out,
                                            "OVERRIDES": FAST, "RESUME": True})
     notebook = nbformat.read(executed, as_version=4)
-    assert "is complete (its final test is done); nothing to resume" in _text(notebook)
+    # (Folded at 100 columns in the notebook.)
+    assert "is complete (its final test is done); nothing to resume" in " ".join(
+        _text(notebook).split())
 
 
 def test_notebook_trains_on_a_folder_of_photos(tmp_path):
@@ -131,3 +156,57 @@ def test_one_output_outside_a_notebook_changes_nothing(capsys):
         assert sys.stdout is stdout
         print("plain")
     assert capsys.readouterr().out == "plain\n"
+
+
+def test_a_failing_notebook_says_in_one_line_which_parameter_to_change(tmp_path):
+    """A wrong DATA_PATH, and OVERRIDES given as one string: the error is one line in the
+    notebook's terms, and the cell fails, so Run All stops there."""
+    executed = str(tmp_path / "executed.ipynb")
+    missing = str(tmp_path / "no such photos")
+    with pytest.raises(papermill.PapermillExecutionError):
+        papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
+                                   kernel_name="python3", progress_bar=False,
+                                   parameters={"CONFIG": "configs/demo_folder.yaml",
+                                               "OUTPUT_DIR": str(tmp_path / "out"),
+                                               "DATA_PATH": missing,
+                                               "OVERRIDES": "stages.0.epochs=1"})
+    notebook = nbformat.read(executed, as_version=4)
+    [error] = _outputs(notebook, "error")
+    [line] = error["traceback"]
+    assert line.startswith(f"error: DATA_PATH {missing} does not exist; data.name=folder reads")
+    assert line.endswith("; set it in the first code cell (the parameters) and run all cells "
+                         "again")
+    assert "data.path" not in line
+
+
+def test_errors_give_the_notebook_parameters_instead_of_command_line_options():
+    from utils.errors import Interrupted, UserError
+
+    [line] = UserError("train.output_dir out holds a finished run; use another "
+                       "train.output_dir, or pass --overwrite to move it aside; micro-batch: "
+                       "-o train.accum_steps=2 keeps it, or pass -o data.path=/x/y.tar.gz "
+                       "(the archive)")._render_traceback_()
+    assert line == ('error: OUTPUT_DIR out holds a finished run; use another OUTPUT_DIR, '
+                    'or set OVERWRITE = True to move it aside; micro-batch: OVERRIDES += '
+                    '["train.accum_steps=2"] keeps it, or set DATA_PATH = "/x/y.tar.gz" (the '
+                    'archive); set it in the first code cell (the parameters) and run all '
+                    'cells again')
+    assert UserError("unknown key foo")._render_traceback_() == ["error: unknown key foo"]
+    [line] = Interrupted(2, "SIGINT at stage 1 epoch 3")._render_traceback_()
+    assert line == ("interrupted: SIGINT at stage 1 epoch 3; to continue set RESUME = True in "
+                    "the first code cell (the parameters) and run all cells again")
+
+
+def test_the_notebook_states_the_full_runs_hours_as_the_plan_gives_them():
+    from training.plan import plan
+    from utils.config import load_config
+
+    cells = nbformat.read(os.path.join(ROOT, "main.ipynb"), as_version=4).cells
+    text = " ".join(cells[0].source.split())
+    hours = plan(load_config(os.path.join(ROOT, "configs/rdrop_deit_b_384_cifar100.yaml"),
+                             []))["hours"]
+    v100, a100 = f"{hours['V100-16GB']:.2g}", f"{hours['A100-40GB']:.2g}"
+    assert hours["V100-32GB"] == hours["V100-16GB"]
+    assert f"about {v100} h on a V100 (16 or 32 GB) and {a100} h on an A100-40GB" in text
+    assert re.search(f"V100（16 GB 或 32 GB）上约需 {v100} 小时， ?在 A100-40GB 上约需 {a100} 小时",
+                     text)

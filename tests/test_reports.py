@@ -156,3 +156,16 @@ def test_charts_draw_chinese_class_names_with_real_glyphs(tmp_path):
         warnings.simplefilter("error")  # "Glyph ... missing from font(s)" fails the test
         plots._save(figure, str(tmp_path / "chinese.png"))
     assert (tmp_path / "chinese.png").stat().st_size > 1000
+
+
+def test_a_chart_is_written_after_paddle_is_loaded_through_the_project(tmp_path):
+    """Paddle 2.6's wheels export their own zlib: a Pillow loaded after Paddle wrote PNG files
+    through it and died of SIGSEGV. The project loads Pillow first (utils/__init__.py)."""
+    code = ("import sys, utils, paddle\n"
+            "from utils.reports.plots import plot_per_class\n"
+            "plot_per_class({'a': 0.5, 'b': 1.0}, sys.argv[1], 'two classes')\n")
+    path = tmp_path / "chart.png"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@ launcher."""
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -25,6 +26,7 @@ from conftest import (
 )
 
 from models.build import build_model
+from models.recompute import hooks_keep_random_state
 
 SMALL = ["-o", "data.train_subset=256", "-o", "data.val_subset=100"]
 
@@ -166,7 +168,10 @@ def test_preflight_ranks_halve_a_micro_batch_together(tmp_path):
                    timeout=600)
     for r in (0, 1):
         with open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8") as handle:
-            lines = handle.read().strip().splitlines()
+            # Paddle's C++ log lines ("I1202 16:30:10.95 ... tcp_store.cc:289] ...") come from
+            # its threads, on Paddle 2.6 even after the process's own last line.
+            lines = [line for line in handle.read().strip().splitlines()
+                     if not re.match(r"[IWE]\d{4} \d", line)]
         assert lines[-1] == "exit 2", lines[-10:]
         assert lines[-2] == ("error: a micro-batch of 16 images (stage 0) does not fit in "
                              "memory on cpu; 8 does: -o train.accum_steps=2 keeps the 32 "
@@ -190,10 +195,14 @@ def test_two_ranks_with_recompute_train_to_the_same_weights(two_rank_short_run, 
     """Recompute inside DataParallel (Paddle's re-entrant form crashed its reducer at the
     first backward): the same dropout masks, the same records and weights."""
     out, logs = str(tmp_path / "recompute"), str(tmp_path / "logs")
-    assert _launch(out, *SHORT, "-o", "model.recompute=true", log_dir=logs).wait(
-        timeout=600) == 0, _log_tail(logs)
+    code = _launch(out, *SHORT, "-o", "model.recompute=true", log_dir=logs).wait(timeout=600)
     with open(os.path.join(logs, "workerlog.0"), encoding="utf-8") as handle:
-        assert "stage check: stages 0-1 each ran one optimizer step" in handle.read()
+        log = handle.read()
+    if not hooks_keep_random_state():  # Paddle 2.6 on a CPU: refused before the first step
+        assert code == 2 and "on several CPU ranks recompute needs Paddle 3" in log
+        return
+    assert code == 0, _log_tail(logs)
+    assert "stage check: stages 0-1 each ran one optimizer step" in log
     _assert_close_records(two_rank_short_run, out, abs_tol=1e-7)
     from utils.io.tensor_io import load_tensors
 
@@ -207,6 +216,9 @@ def test_two_ranks_with_recompute_train_to_the_same_weights(two_rank_short_run, 
 @pytest.fixture(scope="module")
 def two_rank_gradients(tmp_path_factory):
     """tests/dp_recompute_grads.py on two CPU ranks: its gradients by case."""
+    if not hooks_keep_random_state():
+        pytest.skip("Paddle 2.6 on a CPU: its DataParallel-safe recompute cannot keep "
+                    "dropout's random state; a run is refused (the test above)")
     out = tmp_path_factory.mktemp("dp-grads")
     logs = str(out / "logs")
     command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",

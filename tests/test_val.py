@@ -1,6 +1,7 @@
 """val.py: the kinds of weights a run kept, damaged run configs and bad weights files, each
 one error line."""
 
+import numpy as np
 import pytest
 from conftest import (
     DEMO_CLI,
@@ -70,3 +71,17 @@ def test_a_run_folder_as_the_config_reads_its_config_and_weights(trained, tmp_pa
     proc = run_script("val.py", "-c", str(moved))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{moved}/best.safetensors" in proc.stdout and "top1=" in proc.stdout
+    # predict.py and export.py the same way.
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    image = tmp_path / "digit.png"
+    scan = (load_digits().images[0] * 255 / 16).astype(np.uint8)
+    Image.fromarray(scan).resize((32, 32)).convert("RGB").save(image)
+    proc = run_script("predict.py", "-c", str(moved), str(image))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{moved}/best.safetensors" in proc.stdout and "digit.png" in proc.stdout
+    proc = run_script("export.py", "-c", str(moved))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{moved}/best.safetensors" in proc.stdout
+    assert (moved / "inference" / "preprocess.json").is_file()

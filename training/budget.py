@@ -25,11 +25,13 @@ WORDS = {
         "does not fit either": "does not fit either", "separator": ", ", "list": "; ",
         "hours": "≈ {hours:.3g} h ({low:.3g}-{high:.3g})",
         "runs": "- {hours} GPU-hours: `{name}` {times}.",
-        "times": "{count:.2g} times on a {gpu}",
+        "times": "{count:.2g} times on {a_gpu}",
+        "less than once": "not once on {a_gpu} ({count:.2g} of a run)",
+        "once": "once on {a_gpu}",
         "until": "- `{name}`: stages that reach their `until` target stop early; its steps, "
                  "images and hours are those of the full length.",
-        "nothing fits": "- `{name}` on a {gpu}: not even one image fits; use a larger card.",
-        "accumulate": "- `{name}` on a {gpu}: micro-batches of at most {largest} images fit: "
+        "nothing fits": "- `{name}` on {a_gpu}: not even one image fits; use a larger card.",
+        "accumulate": "- `{name}` on {a_gpu}: micro-batches of at most {largest} images fit: "
                       "`-o train.accum_steps={accum}` keeps the images per step and the hours",
         "recompute": "; `-o model.recompute=true` keeps the micro-batch ({memory}, {fits}, "
                      "≈ {hours:.3g} h)",
@@ -39,16 +41,18 @@ WORDS = {
                   "fastest of them. Memory for Paddle 3 (`requirements.txt`), which fuses "
                   "attention on a V100 too; with Paddle 2.6 a V100 has no fused kernel and "
                   "`--dry-run` there sizes the attention matrix ({paddle26}).",
-        "paddle26": "`{name}` on a {gpu}: {memory}",
-        "paddle26 fix": "`{name}` on a {gpu}: {memory}, `-o train.accum_steps={accum}` fits",
+        "paddle26": "`{name}` on {a_gpu}: {memory}",
+        "paddle26 fix": "`{name}` on {a_gpu}: {memory}, `-o train.accum_steps={accum}` fits",
     },
     "zh": {
         "header": "| 配置 | 优化步数 | 图片数 | {gpus} | 磁盘 |",
         "your data": "取决于你的数据", "fits": "放得下", "does not fit": "放不下",
         "does not fit either": "仍放不下", "separator": "，", "list": "；",
         "hours": "≈ {hours:.3g} 小时（{low:.3g}-{high:.3g}）",
-        "runs": "- {hours} GPU 小时：`{name}` {times}。",
-        "times": "在 {gpu} 上可跑 {count:.2g} 次",
+        "runs": "- {hours} 个 GPU 小时的额度：`{name}` {times}。",
+        "times": "在 {gpu} 上够跑约 {count:.2g} 次",
+        "less than once": "在 {gpu} 上跑不完一次（约 {count:.2g} 次）",
+        "once": "在 {gpu} 上够跑约 {count:.2g} 次",
         "until": "- `{name}`：达到 `until` 目标的阶段会提前结束；表中的步数、图片数和时长按完整长度计算。",
         "nothing fits": "- `{name}` 在 {gpu} 上：一张图片都放不下，请换更大的卡。",
         "accumulate": "- `{name}` 在 {gpu} 上：微批次最多放得下 {largest} 张图片："
@@ -66,6 +70,16 @@ WORDS = {
 }
 # The Paddle the table is sized for (requirements.txt), and the older one users also run.
 PADDLE_MAJOR, OLDER_PADDLE_MAJOR = 3, 2
+
+
+def _how_often(count):
+    """The words that say how many runs ``count`` is: less than one, one or more."""
+    return "less than once" if count < 1 else "once" if f"{count:.2g}" == "1" else "times"
+
+
+def _a(gpu):
+    """``gpu`` with its English article: a V100-16GB, an A100-40GB."""
+    return ("an " if gpu[0] in "AEFHILMNORSX" else "a ") + gpu
 
 
 def _gib(count):
@@ -100,16 +114,17 @@ def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) 
         if bound:
             notes.append(words["until"].format(name=name))
         if images:
+            counts = {gpu: BUDGET_HOURS / cost["hours"][gpu] for gpu in GPUS}
             times = words["separator"].join(
-                words["times"].format(count=BUDGET_HOURS / cost["hours"][gpu], gpu=gpu)
-                for gpu in GPUS)
+                words[_how_often(counts[gpu])].format(
+                    count=counts[gpu], gpu=gpu, a_gpu=_a(gpu)) for gpu in GPUS)
             notes.append(words["runs"].format(hours=BUDGET_HOURS, name=name, times=times))
         previous = plan(cfg, OLDER_PADDLE_MAJOR)
         for gpu in GPUS:
             fix = previous["fixes"].get(gpu, {}).get("accum_steps")
             if gpu.endswith("32GB") and previous["memory_bytes"][gpu] != cost["memory_bytes"][gpu]:
                 older.append(words["paddle26 fix" if fix else "paddle26"].format(
-                    name=name, gpu=gpu, memory=_gib(previous["memory_bytes"][gpu]), accum=fix))
+                    name=name, gpu=gpu, a_gpu=_a(gpu), memory=_gib(previous["memory_bytes"][gpu]), accum=fix))
     source = words["source"].format(paddle26=words["list"].join(older))
     return lines + [""] + notes + ["", source]
 
@@ -117,8 +132,8 @@ def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) 
 def _what_fits(name, gpu, fix, words):
     """The note on what makes config ``name`` fit on ``gpu`` (the plan's ``fixes``)."""
     if fix["largest_micro_batch"] < 1:
-        return words["nothing fits"].format(name=name, gpu=gpu)
-    text = words["accumulate"].format(name=name, gpu=gpu, largest=fix["largest_micro_batch"],
+        return words["nothing fits"].format(name=name, gpu=gpu, a_gpu=_a(gpu))
+    text = words["accumulate"].format(name=name, gpu=gpu, a_gpu=_a(gpu), largest=fix["largest_micro_batch"],
                                       accum=fix["accum_steps"])
     recompute = fix["recompute"]
     if recompute:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import paddle
 
@@ -53,6 +53,9 @@ TOKEN_VALUES, NORM_VALUES = 19, 4
 # same size the backward pass holds beside them at its peak, attention dropout's output (and
 # its one-byte mask).
 ATTENTION_BYTES = {None: (4, 0, 4, 4), "O1": (4, 2, 4, 4), "O2": (2, 0, 2, 2)}
+# A run that a CPU would train for longer than this is announced with a warning; below the
+# work a CPU this fast does in that time, the CPU is not measured.
+CPU_WARN_HOURS, FASTEST_CPU_FLOPS = 1.0, 5e12
 # How each memory term is known.
 MEMORY_BASIS = {
     "state": "counted: parameters x bytes of weights, gradients, optimizer state, averages",
@@ -185,17 +188,20 @@ def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
         entry.update(_memory(cfg, stage, shape, activation, micro))
         work = None if validated is None or entry["images"] is None else \
             entry["images"] * flops + validated * entry["eval_flops_per_image"]
-        entry.update(_hours(work, cfg.train.amp))
+        entry.update(_hours(work, cfg.train.amp), flops=work)
         entry["upper_bound"] = any(v is not None for v in stage.until.values())
         stages.append(entry)
     known = all(s["images"] is not None for s in stages)
-    final_test = None if test_images is None else _hours(
-        2 * test_images * stages[-1]["eval_flops_per_image"], cfg.train.amp)  # best and last
+    test_flops = None if test_images is None else \
+        2 * test_images * stages[-1]["eval_flops_per_image"]  # the best and the last weights
+    final_test = None if test_flops is None else _hours(test_flops, cfg.train.amp)
     return {
         "paddle_major": major,
         "total_optimizer_steps": sum(s["optimizer_steps"] for s in stages) if known else None,
         "total_images": sum(s["images"] for s in stages) if known else None,
         "flops_per_image": max(s["flops_per_image"] for s in stages),
+        "total_flops": sum(s["flops"] for s in stages) + test_flops
+        if known and test_flops is not None else None,
         "activation_bytes_per_image": {gpu: max(s["activation_bytes_per_image"][gpu]
                                                 for s in stages) for gpu in GPUS},
         "memory_bytes": {gpu: max(s["memory_bytes"][gpu] for s in stages) for gpu in GPUS},
@@ -206,6 +212,29 @@ def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
         "precision": on_card, "memory_basis": MEMORY_BASIS, "fixes": _fixes(cfg, stages, major),
         "teacher_flops_counted": not cfg.distill or _teacher_flops(cfg, None) > 0,
     }
+
+
+def cpu_warning(cfg: Config, flop_rate: Callable[[], float]) -> Optional[str]:
+    """A ``warning:`` line when ``cfg`` would train for more than :data:`CPU_WARN_HOURS` on
+    a CPU that multiplies matrices at ``flop_rate()`` FLOP/s (training reaches less than
+    that, so the hours are a lower bound), with the GPUs' estimates beside; else ``None``.
+    The rate is measured only for a run that no CPU finishes within the hours; a model the
+    plan cannot count gets no warning."""
+    try:
+        cost = plan(cfg)
+    except UserError:
+        return None
+    if cost["total_flops"] is None or \
+            cost["total_flops"] / FASTEST_CPU_FLOPS / 3600 < CPU_WARN_HOURS:
+        return None
+    flop_rate = flop_rate()
+    hours = cost["total_flops"] / flop_rate / 3600
+    if hours < CPU_WARN_HOURS:
+        return None
+    gpus = ", ".join(f"{gpu} about {cost['hours'][gpu]:.2g} h" for gpu in GPUS)
+    return (f"warning: this run is {cost['total_flops'] / 1e15:,.0f} PFLOPs of work: at least "
+            f"{hours:,.0f} h on this CPU ({flop_rate / 1e9:.0f} GFLOP/s measured on a matrix "
+            f"product just now), against {gpus}; Ctrl-C stops it")
 
 
 def _fixes(cfg, stages, major):

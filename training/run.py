@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Union
@@ -32,6 +33,7 @@ from models.teacher import check_teacher_pin
 from training.averaging import weights_in
 from training.engine import evaluate
 from training.optim import optimizer_state_for, portable_optimizer_state
+from training.plan import cpu_warning
 from training.recipe import final_image_size
 from training.results import epoch_record, new_best, skip_nonfinite, test_line
 from training.stage import RunModel, Stage
@@ -63,8 +65,8 @@ from utils.reports.plots import curves_at_end
 from utils.reports.progress import one_output
 from utils.reports.progress import set_mode as set_progress
 from utils.reports.text import best_line, epoch_line, place, position_text, run_line
-from utils.run_folder import RunFolder
-from utils.runtime.device import select_device
+from utils.run_folder import RESUME_FILE, RunFolder
+from utils.runtime.device import matmul_flop_rate, select_device
 from utils.runtime.dist import any_rank, init, is_main
 from utils.runtime.seeds import seed_everything
 from utils.runtime.signals import StopRequests
@@ -100,6 +102,7 @@ class Run:
         self.stops = StopRequests()
         self.start = replace(state.position)
         self.validation = validation_source(cfg.data)  # own, held_out or test
+        self.resume_with: Optional[str] = None  # the command that continues the run
 
     def begin(self, net: RunModel, splits: tuple[Split, Split, Split], class_names: list) -> None:
         """Take the run's model: pin its teacher, check every stage from the current one
@@ -124,6 +127,9 @@ class Run:
             os.makedirs(self.out, exist_ok=True)
             write_atomically(os.path.join(self.out, "config.yaml"),
                              dump_config(self.cfg).encode())
+            if self.resume_with:  # for a terminal that is gone when the run stops
+                write_atomically(os.path.join(self.out, RESUME_FILE),
+                                 f"cd {shlex.quote(os.getcwd())} && {self.resume_with}\n".encode())
         self.logger = RunLogger(self.out, keep_records=self.state.records,
                                 keep_steps=self.state.global_step, enabled=is_main())
         with self.stops:
@@ -312,16 +318,21 @@ class Run:
 
 @contextlib.contextmanager
 def training_run(cfg: Config, resume: Union[bool, str, None] = None,
-                 overwrite: bool = False) -> Iterator[Run]:
+                 overwrite: bool = False, resume_with: Optional[str] = None) -> Iterator[Run]:
     """The edges of a run of ``cfg`` (from a checkpoint with ``resume``: True or a path;
     ``overwrite`` moves an earlier run aside): the device, ``train.output_dir`` held
     meanwhile, a complete run recognised (the :class:`Run` yielded is then ``complete``),
-    every missing download named at once, the checkpoint read, the seeds set; an
+    every missing download named at once, the checkpoint read, the seeds set, the command
+    ``resume_with`` (that continues the run) kept in its ``RESUME.txt``; an
     out-of-memory in the block ends in one line after a safe checkpoint. In a notebook
     what the block prints is one output."""
     with one_output():
         # First: it also takes SIGTERM back from Paddle's C++ handler.
         device = select_device(cfg.train.deterministic)
+        if device == "cpu" and is_main():  # the GPU recipe started on a CPU by mistake
+            warning = cpu_warning(cfg, matmul_flop_rate)
+            if warning:
+                print(warning, flush=True)
         set_progress(cfg.train.progress)
         out = cfg.train.output_dir
         done = None if resume or overwrite else complete_run(out, cfg)
@@ -336,6 +347,7 @@ def training_run(cfg: Config, resume: Union[bool, str, None] = None,
             folder.hold(resume=bool(resume), overwrite=overwrite)
         try:
             run = _start(cfg, resume, device)
+            run.resume_with = resume_with
             with _out_of_memory_as_error(run):
                 yield run
         finally:

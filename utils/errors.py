@@ -12,6 +12,13 @@ class UserError(Exception):
     and exit non-zero, without a traceback (``--debug`` shows it).
     """
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook: in a notebook the error is one line too (the cell still fails,
+        so "Run All" stops), its advice in the notebook's parameters."""
+        from utils.notebook import in_notebook_terms
+
+        return [f"error: {in_notebook_terms(str(self))}"]
+
 
 class Interrupted(Exception):
     """A run stopped on SIGINT/SIGTERM after saving its checkpoint.
@@ -24,6 +31,12 @@ class Interrupted(Exception):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook: in a notebook, one line that says how to continue there."""
+        from utils.notebook import PARAMETERS_CELL
+
+        return [f"interrupted: {self}; to continue set RESUME = True in {PARAMETERS_CELL}"]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -31,9 +31,10 @@ def _close_held_locks():
 
 
 os.register_at_fork(after_in_child=_close_held_locks)
+RESUME_FILE = "RESUME.txt"  # the command that continues the run, for a lost terminal
 # What runs and the tools around them write into an output folder: only such a folder is
 # moved aside by --overwrite (a typo must not move a home folder).
-RUN_ENTRIES = {LOCK, "config.yaml", "metrics.jsonl", "last", "last.old", "last.partial",
+RUN_ENTRIES = {LOCK, RESUME_FILE, "config.yaml", "metrics.jsonl", "last", "last.old", "last.partial",
                "best.safetensors", "best.json", "vdl", "vdl.partial", "curves.png", "val_metrics.json",
                "val_metrics_val.json", "per_class_top1.png", "per_class_top1_val.png", "inference"}
 

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import io
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -23,6 +24,14 @@ CURVES_INCHES = (10, 7)  # at 100 dpi
 # Beyond this many classes the per-class bars are sorted by accuracy: a hundred bars in class
 # order show nothing, sorted they show the spread and name the worst classes.
 SORT_CLASSES_BEYOND = 20
+# Beyond 2 × EXTREMES classes the chart names only the best and the worst EXTREMES (a hundred
+# bars side by side would need 5-pixel labels), beside a histogram of every class's top-1.
+EXTREMES = 15
+HISTOGRAM_BINS = 20
+
+# Paddle's import sets the root logger to INFO with a handler, which would print matplotlib's
+# one-off "generated new fontManager" record in a fresh environment.
+logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def _save(figure, path):
@@ -168,8 +177,20 @@ def per_class_order(per_class: list[Optional[float]]) -> list[int]:
     return sorted(names, key=lambda n: (per_class[n] is None, -(per_class[n] or 0.0)))
 
 
-def plot_per_class(per_class: list[Optional[float]], path: str, title: Optional[str]) -> str:
-    """Write a bar chart of per-class top-1 (a mapping class name → accuracy) to ``path``."""
+def extremes(per_class: dict[str, Optional[float]]) -> tuple[list[str], list[str]]:
+    """The best and the worst :data:`EXTREMES` classes by top-1, each from the extreme in
+    (classes without images left out), for a chart of more than 2 × EXTREMES classes."""
+    measured = [name for name in per_class_order(per_class) if per_class[name] is not None]
+    return measured[:EXTREMES], measured[::-1][:EXTREMES]
+
+
+def plot_per_class(per_class: dict[str, Optional[float]], path: str,
+                   title: Optional[str]) -> str:
+    """Write a chart of per-class top-1 (a mapping class name → accuracy) to ``path``: a bar
+    per class, or beyond 2 × :data:`EXTREMES` classes the best and the worst by name beside
+    a histogram of all."""
+    if len(per_class) > 2 * EXTREMES:
+        return _plot_extremes(per_class, path, title)
     names = per_class_order(per_class)
     if names != list(per_class):
         title += ", sorted by top-1"
@@ -183,6 +204,31 @@ def plot_per_class(per_class: list[Optional[float]], path: str, title: Optional[
     axis.set(ylim=(0, 1), ylabel="top-1")
     axis.set_title(textwrap.fill(title, int(9 * width)), fontsize=10)  # about 9 characters an inch
     axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    _save(figure, path)
+    return path
+
+
+def _plot_extremes(per_class: dict[str, Optional[float]], path: str, title: str) -> str:
+    best, worst = extremes(per_class)
+    values = [value for value in per_class.values() if value is not None]
+    figure = _figure(figsize=(10, 6))
+    bars, histogram = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    # Top to bottom: the best from the best down, a gap, the worst up to the very worst.
+    rows = [*best, "", *worst[::-1]]
+    for row, name in enumerate(rows):
+        if name:
+            bars.barh(row, per_class[name], color="tab:blue" if name in best else "tab:red")
+    bars.set_yticks(range(len(rows)))
+    bars.set_yticklabels(rows, fontsize=8)
+    bars.invert_yaxis()
+    bars.set(xlim=(0, 1), xlabel="top-1")
+    bars.set_title(f"the best and the worst {EXTREMES}", fontsize=10)
+    bars.grid(axis="x", alpha=0.3)
+    histogram.hist(values, bins=HISTOGRAM_BINS, range=(0, 1), color="tab:gray")
+    histogram.set(xlim=(0, 1), xlabel="top-1", ylabel="classes")
+    histogram.set_title(f"all {len(values)} classes with images", fontsize=10)
+    figure.suptitle(textwrap.fill(title, 90), fontsize=11)
     figure.tight_layout()
     _save(figure, path)
     return path

@@ -16,6 +16,7 @@ import contextlib
 import io
 import re
 import sys
+import textwrap
 import time
 from typing import Any, Iterable, Iterator, Optional
 
@@ -63,8 +64,8 @@ def track(iterable: Iterable, desc: str) -> Iterable:
     mode = _mode if _mode != "auto" else "bars" if _watched() else "lines"
     if not is_main():  # rank 0 reports for all
         mode = "off"
-    if mode == "bars":
-        return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    if mode == "bars":  # a finished bar is erased: the line after it says what it did
+        return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0, leave=False)
     return _Lines(iterable, desc, every=LINE_INTERVAL_S if mode == "lines" else None)
 
 
@@ -96,6 +97,26 @@ class _Lines:
 REDRAW_INTERVAL_S = 0.5
 # The output keeps the last lines only; metrics.jsonl holds every epoch.
 MAX_LINES = 400
+# A notebook output does not wrap: longer lines are folded at their clause separators.
+NOTEBOOK_COLUMNS = 100
+_SEPARATOR = re.compile(r"(?<=\S)(?= \| )|(?<=; )(?=\S)")
+_INDENT = "   "
+
+
+def fold(line: str, width: int = NOTEBOOK_COLUMNS) -> list[str]:
+    """``line`` as lines of at most ``width`` characters, broken before `` | `` and after
+    ``; `` (the clauses of the epoch and stage lines), else between words; continued with an
+    indent."""
+    if len(line) <= width:
+        return [line]
+    folded = [""]
+    for piece in _SEPARATOR.split(line):
+        if folded[-1].strip() and len(folded[-1]) + len(piece) > width:
+            folded.append(_INDENT + piece.lstrip())
+        else:
+            folded[-1] += piece
+    return [short for part in folded for short in textwrap.wrap(
+        part.rstrip(), width, subsequent_indent=_INDENT, break_long_words=False) or [part]]
 
 
 @contextlib.contextmanager
@@ -146,7 +167,8 @@ class _OneOutput(io.TextIOBase):
         return len(text)
 
     def show(self) -> None:
-        """Update the output with the text so far."""
+        """Update the output with the text so far, long lines folded (:func:`fold`)."""
         head = [f"... ({self.dropped} earlier lines)"] if self.dropped else []
-        self.handle.update({"text/plain": "\n".join(head + self.lines).rstrip("\n")}, raw=True)
+        lines = [part for line in self.lines for part in fold(line)]
+        self.handle.update({"text/plain": "\n".join(head + lines).rstrip("\n")}, raw=True)
         self.shown_at = time.monotonic()

@@ -49,6 +49,22 @@ def _deterministic_kernels():
                             "in front of the command") from None
 
 
+def matmul_flop_rate(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of this device on a float32 ``size``² matrix product, the best of ``repeats``
+    (a fraction of a second; an upper bound on what training reaches)."""
+    import time
+
+    import paddle
+
+    a = paddle.rand([size, size])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        float(paddle.matmul(a, a)[0, 0])  # waits for the result
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
 def peak_memory_bytes(device: str) -> int:
     """The process's peak memory so far: Paddle's max allocated on a GPU, the peak resident
     set on a CPU."""
@@ -60,16 +76,25 @@ def peak_memory_bytes(device: str) -> int:
 
 
 def reset_peak_memory(device: str) -> None:
-    """Start the peaks of :func:`allocator_peaks` afresh (on a GPU where this Paddle can:
-    older ones keep the peak since the process started)."""
+    """Start the peaks of :func:`allocator_peaks` afresh where this Paddle can (Paddle 3;
+    2.6 has no reset and keeps the peak since the process started)."""
     from paddle.base import core
 
     if str(device).startswith("gpu"):
-        reset = getattr(core, "device_memory_stat_reset_peak_value", None)
-        for kind in ("Allocated", "Reserved") if reset else ():
-            reset(kind, _gpu_index(device))
+        reset, kinds, index = (getattr(core, "device_memory_stat_reset_peak_value", None),
+                               ("Allocated", "Reserved"), _gpu_index(device))
     else:
-        core.host_memory_stat_reset_peak_value("Allocated", 0)
+        reset, kinds, index = getattr(core, "host_memory_stat_reset_peak_value", None), \
+            ("Allocated",), 0
+    for kind in kinds if reset else ():
+        reset(kind, index)
+
+
+def peaks_reset() -> bool:
+    """Whether :func:`reset_peak_memory` can reset this Paddle's peaks (not on Paddle 2.6)."""
+    from paddle.base import core
+
+    return hasattr(core, "host_memory_stat_reset_peak_value")
 
 
 def allocator_peaks(device: str) -> dict:
