@@ -20,11 +20,8 @@ from utils.cli import add_weights_option, config_parser
 from utils.config import load_config
 from utils.errors import UserError
 from utils.reports.progress import one_output
+from utils.run_folder import CHART_FILES, RESULT_FILES
 from utils.runtime.device import select_device
-
-# One result file and one chart per split, so that evaluating one never replaces the other's.
-RESULT_FILES = {"test": "val_metrics.json", "val": "val_metrics_val.json"}
-CHART_FILES = {"test": "per_class_top1.png", "val": "per_class_top1_val.png"}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -42,7 +42,7 @@ def results_table(output_dir: str) -> str:
     """A Markdown table of ``val.py``'s results in ``output_dir`` (the validation and the
     test split, whichever were evaluated): split, weights, top-1, top-5, loss, images."""
     from utils.io.tensor_io import record_of
-    from val import RESULT_FILES
+    from utils.run_folder import RESULT_FILES
 
     rows = ["| split | weights | top-1 | top-5 | loss | images |", "|---|---|---|---|---|---|"]
     for split in ("val", "test"):

@@ -32,11 +32,14 @@ def _close_held_locks():
 
 os.register_at_fork(after_in_child=_close_held_locks)
 RESUME_FILE = "RESUME.txt"  # the command that continues the run, for a lost terminal
+# val.py's results and charts: one per split, so that evaluating one never replaces the other's.
+RESULT_FILES = {"test": "val_metrics.json", "val": "val_metrics_val.json"}
+CHART_FILES = {"test": "per_class_top1.png", "val": "per_class_top1_val.png"}
 # What runs and the tools around them write into an output folder: only such a folder is
 # moved aside by --overwrite (a typo must not move a home folder).
 RUN_ENTRIES = {LOCK, RESUME_FILE, "config.yaml", "metrics.jsonl", "last", "last.old", "last.partial",
-               "best.safetensors", "best.json", "vdl", "vdl.partial", "curves.png", "val_metrics.json",
-               "val_metrics_val.json", "per_class_top1.png", "per_class_top1_val.png", "inference"}
+               "best.safetensors", "best.json", "vdl", "vdl.partial", "curves.png",
+               *RESULT_FILES.values(), *CHART_FILES.values(), "inference"}
 
 
 def _describe(folder):
