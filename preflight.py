@@ -29,22 +29,29 @@ from data.batching import micro_batch
 from data.cifar import pending_download as cifar_download
 from data.dataset import Split, eval_loader, run_splits, stage_loaders
 from data.loader import loader_rate, set_epoch
-from models.attention import AMP_DTYPES, FusedAttention, sdpa_kernel
+from models.attention import AMP_DTYPES, sdpa_kernel
 from models.build import pending_download as weights_download
 from training.amp import Precision
-from training.engine import evaluate, train_mode, train_step, train_steps
-from training.gpus import GPUS, SOURCE, flop_rates
+from training.engine import (
+    STOP_AGREEMENT_BATCHES,
+    evaluate,
+    train_mode,
+    train_step,
+    train_steps,
+)
+from training.gpus import SOURCE, card_of, flop_rates
+from training.grads import apply_update, trainable
 from training.optim import portable_optimizer_state
-from training.plan import plan
+from training.plan import FASTEST_CPU_FLOPS, activation_plan, plan
 from training.recipe import StageLength, stage_data, stage_loss
 from training.stage import RunModel, Stage, build_stage
-from training.stage_check import check_stages, validate_stages
+from training.stage_check import TRIAL_IMAGES, StageCheck, check_stages, validate_stages
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
 from utils.io.download import ensure_downloadable
 from utils.reports.progress import set_mode as set_progress
-from utils.runtime.device import allocator_peaks, peaks_reset, reset_peak_memory, select_device
+from utils.runtime.device import PeakMemory, matmul_flop_rate, peaks_reset, select_device
 from utils.runtime.dist import any_rank, init, world_size
 from utils.runtime.seeds import seed_everything
 
@@ -56,6 +63,11 @@ if TYPE_CHECKING:
 TIMED_SECONDS, MIN_STEPS, MAX_STEPS = 3.0, 3, 50
 # Seconds between progress lines while preflight works.
 HEARTBEAT_S = 10
+# What paddle.distributed.launch waits after its SIGTERMs before it SIGKILLs the ranks
+# (distributed/launch: about 30 s).
+LAUNCHER_GRACE_S = 30
+# Preflight work a CPU takes longer than this for is announced with a warning first.
+CPU_NOTICE_S = 60
 
 
 def _setups(cfg):
@@ -70,13 +82,15 @@ def _setups(cfg):
     return setups
 
 
-def _time_steps(stage: Stage) -> float:
-    """Seconds per optimizer step of ``stage``."""
+def _time_steps(stage: Stage, peaks: PeakMemory) -> tuple[float, Optional[int]]:
+    """Seconds per optimizer step of ``stage``, and the bytes the steps held beyond what was
+    allocated before them (``None`` where the allocator's peak cannot be reset)."""
     loader = stage.train_loader
     set_epoch(loader, 0)
     sampler = loader.batch_sampler
     accum = stage.accum_steps
     sampler.stop = min(sampler.full_length() // accum, MAX_STEPS + 1) * accum
+    before = peaks.restart()
     times, last = [], time.perf_counter()
     for _ in train_steps(stage, loader, EpochProgress(), desc="preflight"):
         now = time.perf_counter()
@@ -88,7 +102,8 @@ def _time_steps(stage: Stage) -> float:
         raise UserError(f"stage {stage.index} has fewer than 2 optimizer steps per epoch; "
                         f"preflight cannot time it")
     timed = times[1:]
-    return sum(timed) / len(timed)
+    held = peaks.since_restart()
+    return sum(timed) / len(timed), None if held is None else held - before
 
 
 def _fits_alone(stage: Stage) -> bool:
@@ -103,8 +118,9 @@ def _fits_alone(stage: Stage) -> bool:
         train_mode(model, stage.frozen_eval)
         with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
             train_step(stage, images, labels)
-        with paddle.utils.unique_name.guard():  # the names apply_update gives the state
-            stage.optimizer.step()
+        # The run's own update: unscaled, clipped, skipped when not finite (a step on
+        # loss-scaled fp16 gradients could blow the weights up before the timed steps).
+        apply_update(stage.optimizer, trainable(model), stage.precision, stage.clip_norm)
         return True
     except Exception as exc:  # noqa: BLE001 - out of memory only
         if not is_out_of_memory(exc):
@@ -115,9 +131,10 @@ def _fits_alone(stage: Stage) -> bool:
 
 
 def _fitting_accum(cfg: Config, stage_index: int, net: RunModel, splits: tuple[Split, Split],
-                   device: str) -> tuple[int, float, Stage]:
+                   device: str, peaks: PeakMemory) -> tuple[int, float, Optional[int], Stage]:
     """The smallest ``train.accum_steps`` whose micro-batch fits (the configured one first),
-    with its step time and stage. Every rank tries each micro-batch alone first and the ranks decide
+    with its step time, the bytes its steps held (:func:`_time_steps`) and its stage. Every
+    rank tries each micro-batch alone first and the ranks decide
     together, so that they halve it (to the largest one that still divides a rank's share
     of the batch) at the same time; an out-of-memory among the timed steps, where the ranks
     exchange gradients, ends in one line with the setting to try."""
@@ -130,7 +147,7 @@ def _fitting_accum(cfg: Config, stage_index: int, net: RunModel, splits: tuple[S
         failed = not _fits_alone(stage)
         try:
             if not any_rank(failed):
-                return accum, _time_steps(stage), stage
+                return (accum, *_time_steps(stage, peaks), stage)
         except Exception as exc:  # noqa: BLE001 - out of memory only
             if not is_out_of_memory(exc):
                 raise
@@ -187,9 +204,12 @@ def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> Non
     def say(text: str) -> None:
         print(text, file=out, flush=True)
 
+    attention = report["attention"]
+    planned = "fused" if attention["planned"]["fused"] else "not fused"
     say(f"device {report['device']}, Paddle {report['paddle']}, {report['ranks']} rank(s), "
-        f"{report['precision']}, attention {report['attention']}, recompute "
-        f"{'on' if report['recompute'] else 'off'}")
+        f"{report['precision']}, attention {attention['observed']['described']} (counted in "
+        f"the stage check; the plan assumed {planned}), "
+        f"recompute {'on' if report['recompute'] else 'off'}")
     say(f"{'stage':>5} {'batch':>6} {'micro':>6} {'accum':>6} {'step':>9} {'img/s':>8} "
         f"{'steps/epoch':>12} {'epoch':>14}" + ("  plan img/s (ratio)" if report["card"] else ""))
     for entry in report["stages"]:
@@ -200,6 +220,13 @@ def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> Non
             f"{_human_seconds(entry['projected_epoch_s']):>14}"
             + (f"  {planned:.3g} ({entry['train_images_per_s'] / planned:.3g})"
                if planned else ""))
+    for entry in report["stages"]:
+        held = entry["activation_bytes_per_image"]
+        measured = ("not measured (this Paddle cannot reset its allocator's peak)"
+                    if held["observed"] is None else
+                    f"measured {_human_bytes(held['observed'])} ({held['ratio']:.2f} of it)")
+        say(f"stage {entry['stage']}: activations per training image: the plan counts "
+            f"{_human_bytes(held['planned'])}, {measured}")
     if report["card"]:
         say(f"plan: {report['card']}'s rate in training/gpus.py ({SOURCE}); a ratio far "
             f"from 1 is worth reporting, so the rate can be corrected")
@@ -217,6 +244,15 @@ def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> Non
             f"{_human_bytes(report['host_bytes_per_image'])} per image: "
             + ("slower than training, which will wait for it; raise data.num_workers"
                if wait else "faster than training, which will not wait for it"))
+    late = report["stop_s"] > report["launcher_grace_s"]
+    say(("warning: " if late else "") + f"a stop request is done within about "
+        f"{report['stop_s']:.3g} s here (the longest step, {STOP_AGREEMENT_BATCHES} "
+        f"evaluation batches and the checkpoint)" + (
+            f": longer than the {report['launcher_grace_s']} s paddle.distributed.launch "
+            f"waits after its SIGTERM before its SIGKILL, so a run stopped through the "
+            f"launcher loses the work since its last checkpoint; stop the ranks themselves "
+            f"(kill -TERM RANK_PIDS), or lower train.save_every_steps to lose less"
+            if late else ""))
     say(f"projected: the whole recipe at its full length "
         f"{_human_seconds(report['projected_total_s'])} (preflight took "
         f"{report['preflight_s']:.0f} s)")
@@ -225,7 +261,7 @@ def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> Non
 def plan_rates(report: dict, cfg: Config, device: str) -> None:
     """On a GPU of the plan's table: each stage's planned images per second beside the
     measurement (``plan_images_per_s``), and the card (``None`` elsewhere)."""
-    card = gpu_card(device)
+    card = card_of(device)
     report["card"] = card
     if card is None:
         return
@@ -233,18 +269,6 @@ def plan_rates(report: dict, cfg: Config, device: str) -> None:
     for entry in report["stages"]:
         flops = costs[entry["stage"]]["flops_per_image"]
         entry["plan_images_per_s"] = flop_rates(card, cfg.train.amp)[1] / flops
-
-
-def gpu_card(device: str) -> Optional[str]:
-    """The card of :mod:`training.gpus` that ``device`` is (by name and memory), or ``None``."""
-    if not str(device).startswith("gpu"):
-        return None
-    name = paddle.device.cuda.get_device_name()
-    memory = paddle.device.cuda.get_device_properties().total_memory
-    for card, (card_memory, _, _) in GPUS.items():
-        if card.split("-")[0] in name and abs(memory - card_memory) < 0.15 * card_memory:
-            return card
-    return None
 
 
 def preflight(cfg: Config) -> dict:
@@ -256,10 +280,39 @@ def preflight(cfg: Config) -> dict:
     if not str(device).startswith("gpu"):
         print(f"preflight on {device}: no GPU here, so the times and memory below are this "
               f"machine's; the GPU estimates are in python main.py --dry-run", flush=True)
+        duration = cpu_duration(cfg, matmul_flop_rate)
+        if duration:
+            print(duration, flush=True)
     ensure_downloadable([item for item in (
         cifar_download(cfg.data), weights_download(cfg.model)) if item])
     with heartbeat() as phase:
         return _preflight(cfg, device, start, phase)
+
+
+def cpu_duration(cfg: Config, flop_rate: Callable[[], float]) -> Optional[str]:
+    """Where preflight's steps of ``cfg`` would take this CPU (multiplying matrices at
+    ``flop_rate()`` FLOP/s) more than :data:`CPU_NOTICE_S`: a ``warning:`` line with the
+    least time they take, before they start; else ``None``. The rate is measured only for
+    work that is more than a second on any CPU; a model the plan cannot count gets no
+    line."""
+    try:
+        stages = plan(cfg)["stages"]
+    except UserError:
+        return None
+    # The stage check's step of every stage (two micro-batches of its trial images), then per
+    # setup the untimed fitting step, one more untimed and at least MIN_STEPS timed steps.
+    work = sum(2 * TRIAL_IMAGES * stage["flops_per_image"] for stage in stages)
+    for (batch, *_), indices in _setups(cfg).items():
+        work += (2 + MIN_STEPS) * batch * stages[indices[0]]["flops_per_image"]
+    if work / FASTEST_CPU_FLOPS < 1.0:  # a second on the fastest CPU: not worth measuring
+        return None
+    rate = flop_rate()
+    seconds = work / rate
+    if seconds < CPU_NOTICE_S:
+        return None
+    return (f"warning: preflight's training steps of this config are {work / 1e12:,.0f} TFLOPs "
+            f"of work: at least {_human_seconds(seconds)} on this CPU ({rate / 1e9:.0f} "
+            f"GFLOP/s measured on a matrix product just now); Ctrl-C stops it")
 
 
 @contextlib.contextmanager
@@ -294,43 +347,77 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
     net = RunModel.for_run(cfg, precision)
     validate_stages(cfg, net.model, net.base_size, net.teacher)
     phase("the stage check")
-    check_s = check_stages(cfg, precision, net.teacher, device=device)
-    fused = sum(isinstance(layer, FusedAttention) for layer in net.model.sublayers())
+    check = check_stages(cfg, precision, net.teacher, device=device)
     report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
               "precision": precision.mode if precision.mode != "off" else "float32",
-              "attention": f"fused: {sdpa_kernel(str(device), AMP_DTYPES[precision.mode])} "
-                           f"({fused} layers)" if fused else "PPIM's",
-              "recompute": cfg.model.recompute, "stage_check_s": check_s, "stages": []}
+              "attention": _attention_report(check, device, precision),
+              "recompute": cfg.model.recompute, "stage_check_s": check.seconds, "stages": []}
     fits, stage = True, None
-    reset_peak_memory(device)  # what the run holds from here, not the check's peak
+    peaks = PeakMemory(device)  # what the run holds from here, not the check's peak
     for (batch, _, name, _, _), indices in _setups(cfg).items():
         phase(f"timing the steps of stage {indices[0]}")
         if stage is not None:
             stage.release()  # one setup's optimizer at a time, as in the run
-        accum, step_s, stage = _fitting_accum(cfg, indices[0], net, (train, val), device)
+        accum, step_s, step_bytes, stage = _fitting_accum(cfg, indices[0], net, (train, val),
+                                                          device, peaks)
         fits = fits and accum == cfg.train.accum_steps
         micro = micro_batch(batch, accum, world_size())
         for index in indices:
             report["stages"].append({"stage": index, "batch_size": batch, "micro_batch": micro,
                                      "accum_steps": accum, "optimizer": name,
                                      "step_s": step_s, "train_images_per_s": batch / step_s})
+            _activations_report(cfg, report["stages"][-1], step_bytes,
+                                report["attention"]["observed"]["fused_calls"] > 0, precision)
     phase("timing evaluation, the loader and a checkpoint")
     eval_s, eval_images = _time_eval(cfg, net, stage, val)
     report.update(_time_loader(cfg, (train, val), net.base_size))
     _project(report, cfg, train, val, test, eval_images / eval_s)
+    checkpoint_start = time.perf_counter()
     last, best = _checkpoint_bytes(net, stage, class_names)
+    checkpoint_s = time.perf_counter() - checkpoint_start
     stage.release()
     # last/ and, while it is replaced, last.partial/; the best weights beside them.
     report.update(checkpoint_bytes=last, disk_bytes=2 * last + best)
-    peaks = allocator_peaks(device)
+    peaks = peaks.overall()
     report.update(peak_memory_bytes=peaks["allocated"], peak_reserved_bytes=peaks["reserved"],
                   peak_includes_stage_check=not peaks_reset())
     first = report["stages"][0]
     report.update(step_s=first["step_s"], train_images_per_s=first["train_images_per_s"],
                   eval_images_per_s=eval_images / eval_s, fits=fits,
                   preflight_s=time.perf_counter() - start)
+    # A stop request waits for the step under way (or, in a validation, up to the batches
+    # between the ranks' agreements) and then for the checkpoint (written and read back here).
+    eval_batch_s = (cfg.data.eval_batch_size or cfg.data.batch_size) * eval_s / eval_images
+    report.update(stop_s=max(entry["step_s"] for entry in report["stages"]) + checkpoint_s
+                  + STOP_AGREEMENT_BATCHES * eval_batch_s, launcher_grace_s=LAUNCHER_GRACE_S)
     plan_rates(report, cfg, device)
     return report
+
+
+def _attention_report(check: StageCheck, device: str, precision: Precision) -> dict:
+    """The attention as the plan assumed it on ``device`` and as the stage check counted it:
+    the calls that took the fused kernel (and, by Paddle's rule, which kernel), their
+    dtypes, why others took PPIM's computation, and the line where the two disagree."""
+    kernel = sdpa_kernel(str(device), AMP_DTYPES[precision.mode])
+    return {"planned": {"fused": check.planned_fused,
+                        "kernel": kernel if check.planned_fused else None},
+            "observed": {**check.attention.to_json(), "described": check.attention.describe(),
+                         "kernel_by_paddles_rule": kernel if check.attention.fused else None},
+            "disagreement": check.disagreement}
+
+
+def _activations_report(cfg: Config, entry: dict, step_bytes: Optional[int], fused: bool,
+                        precision: Precision) -> None:
+    """Beside ``entry`` (a timed stage setup): the activation bytes per training image the plan
+    counts for this precision and the attention the stage check counted, and what the timed
+    steps held beyond what was allocated before them, per image of a micro-batch (``None``
+    where this Paddle cannot reset its allocator's peak: 2.6)."""
+    level = None if precision.mode == "off" else cfg.train.amp_level
+    planned = activation_plan(cfg, entry["stage"], level, fused)
+    observed = None if step_bytes is None else step_bytes / entry["micro_batch"]
+    entry["activation_bytes_per_image"] = {
+        "planned": planned, "observed": observed,
+        "ratio": None if observed is None else observed / planned}
 
 
 def _time_loader(cfg, splits, base_size):

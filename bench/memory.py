@@ -1,10 +1,12 @@
 """Memory per image of an R-Drop training step, with and without activation recompute.
 
 Each setting (recompute off/on, two batch sizes) runs one forward and backward pass of an
-R-Drop step ([x; x], dropout on) in a fresh process and reports its peak memory: on a GPU
-Paddle's ``max_memory_allocated``, on a CPU the peak resident set (``ru_maxrss``). The
-slope between the two batch sizes is the memory per image; the fixed part (weights,
-gradients, the framework itself) cancels. Prints one JSON line.
+R-Drop step ([x; x], dropout on) in a fresh process and reports its peak memory: the peak of
+Paddle's own allocator (the tensors: exact and repeatable), and beside it the process's
+(on a GPU ``max_memory_allocated``, on a CPU the peak resident set, ``ru_maxrss``, which
+also holds what the allocator cached and freed). The slope between the two batch sizes is
+the memory per image; the fixed part (weights, gradients, the framework itself) cancels.
+Prints one JSON line.
 
   python bench/memory.py                  # deit_b_distilled_384 at 384 px, random weights
   python bench/memory.py --quick          # the demo's tiny ViT, seconds
@@ -35,7 +37,7 @@ def _child(config, overrides, batch, recompute):
     from losses import RDropLoss
     from models.build import build_model, input_size
     from utils.config import load_config
-    from utils.runtime.device import peak_memory_bytes, select_device
+    from utils.runtime.device import allocator_peaks, peak_memory_bytes, select_device
 
     device = select_device()
     cfg = load_config(config, [*overrides, f"model.recompute={str(recompute).lower()}",
@@ -47,7 +49,9 @@ def _child(config, overrides, batch, recompute):
     x = DevicePreprocess(input_size(model))(paddle.to_tensor(images))
     labels = paddle.to_tensor(np.arange(batch) % cfg.model.num_classes)
     RDropLoss(alpha=cfg.loss.alpha)(model(paddle.concat([x, x])), labels)["loss"].backward()
-    print(json.dumps({"peak_bytes": peak_memory_bytes(device), "device": device}))
+    print(json.dumps({"peak_bytes": allocator_peaks(device)["allocated"],
+                      "process_peak_bytes": peak_memory_bytes(device), "device": device,
+                      "paddle": paddle.__version__}))
 
 
 def _measure(preset, recompute, batch):
@@ -80,12 +84,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {"model": preset["config"], "batches": [low, high]}
     for recompute, name in ((False, "plain"), (True, "recompute")):
         peaks = [_measure(preset, recompute, batch) for batch in (low, high)]
-        result["device"] = peaks[0]["device"]
-        result[f"{name}_peak_bytes"] = [p["peak_bytes"] for p in peaks]
-        result[f"{name}_bytes_per_image"] = (peaks[1]["peak_bytes"]
-                                             - peaks[0]["peak_bytes"]) / (high - low)
-    result["recompute_over_plain"] = round(
-        result["recompute_bytes_per_image"] / result["plain_bytes_per_image"], 3)
+        result.update(device=peaks[0]["device"], paddle=peaks[0]["paddle"])
+        for key, label in (("peak_bytes", ""), ("process_peak_bytes", "process_")):
+            result[f"{name}_{label}peak_bytes"] = [p[key] for p in peaks]
+            result[f"{name}_{label}bytes_per_image"] = (peaks[1][key]
+                                                        - peaks[0][key]) / (high - low)
+    for label in ("", "process_"):
+        plain, recomputed = (result[f"{kind}_{label}bytes_per_image"]
+                             for kind in ("plain", "recompute"))
+        result[f"{label}recompute_over_plain"] = round(recomputed / plain, 3)
     print(json.dumps(result))
     return 0
 

@@ -152,9 +152,26 @@ def _init_worker(parent, worker_id):
     """Workers die with the training process (without it, the workers of a run killed with
     kill -9 live on for minutes) and leave stop signals to it: the signal that reaches the
     whole process group (Ctrl-C, paddle.distributed.launch's SIGTERMs) must not kill them
-    before the training process has saved its checkpoint."""
-    die_with_parent(parent)
+    before the training process has saved its checkpoint.
+
+    Under the ``forkserver`` or ``spawn`` start methods (``forkserver`` is Python 3.14's
+    default) a worker's parent is the server the training process started, which dies with
+    it: the worker is tied to that server, once the training process is known to live."""
+    server = os.getppid()
+    if server != parent and not _alive(parent):
+        os._exit(1)  # the training process died before this worker started
+    die_with_parent(server)
     ignore_stop_signals()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def set_epoch(loader: paddle.io.DataLoader, epoch: int, start: int = 0) -> None:

@@ -41,6 +41,7 @@ CONTRACT = "preprocess.json"
 # a tensor it is given; the exported graph is unaffected (tested against eager), so the line,
 # which reads like a failure, is left out.
 HARMLESS_NATIVE_LINE = "not support input out tensor"
+SELF_ATTENTION_FUSION = "self_attention_fuse_pass"
 
 
 @contextlib.contextmanager
@@ -136,6 +137,26 @@ def _checked_contract(contract, path):
     return contract
 
 
+def predictor_config(graph: str, params: str) -> paddle.inference.Config:
+    """Paddle Inference's settings for an exported model: on the GPU when one is visible,
+    else on the CPU. Paddle 2's CPU pass that fuses self-attention (``self_attention_fuse_pass``)
+    ends the process with an illegal instruction on processors without AVX-512 (Paddle issues
+    64852 and 70156; Paddle 3 checks the processor first), so it is left out there: the
+    predictions are the same, through the unfused operators."""
+    import paddle
+    import paddle.inference as inference
+
+    config = inference.Config(graph, params)
+    if gpu_visible():
+        config.enable_use_gpu(256, 0)  # initial memory pool (MB), device 0
+    else:
+        config.disable_gpu()
+        if int(paddle.__version__.split(".")[0]) == 2:
+            config.delete_pass(SELF_ATTENTION_FUSION)
+    config.disable_glog_info()
+    return config
+
+
 class ExportedModel:
     """An exported model run by ``paddle.inference``; call it on preprocessed float32 images."""
 
@@ -154,14 +175,8 @@ class ExportedModel:
             raise UserError(f"{model_dir} holds no exported model (model.json or model.pdmodel, "
                             f"model.pdiparams, {CONTRACT}); run python export.py first")
         self.contract = _checked_contract(contract, os.path.join(model_dir, CONTRACT))
-        config = inference.Config(graphs[0], params)
-        if gpu_visible():
-            config.enable_use_gpu(256, 0)  # initial memory pool (MB), device 0
-        else:
-            config.disable_gpu()
-        config.disable_glog_info()
         try:
-            self.predictor = inference.create_predictor(config)
+            self.predictor = inference.create_predictor(predictor_config(graphs[0], params))
         except Exception as exc:  # noqa: BLE001 - Paddle raises RuntimeError and kin
             raise UserError(f"the exported model in {model_dir} cannot be loaded "
                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); it is "

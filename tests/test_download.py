@@ -1,7 +1,18 @@
 """utils/io/download.py: offline, every download a run needs is named at once, before
-anything is loaded."""
+anything is loaded; online, one process fetches a file that several need (the ranks of a
+launched run), the others wait for it whole, and a file's name never holds a partial
+download."""
+
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
+from conftest import ROOT
 
 from utils.config import load_config
 from utils.errors import UserError
@@ -55,3 +66,105 @@ def test_offline_with_a_wrong_data_path_names_both_in_one_line(monkeypatch, tmp_
     message = str(caught.value)
     assert "1 download(s) cannot be made" in message
     assert f"data.path {tmp_path}/gone.tar.gz does not exist" in message
+
+
+PAYLOAD = os.urandom(3 << 20)
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+class _SlowFile(http.server.BaseHTTPRequestHandler):
+    """Serves :data:`PAYLOAD` in 64 KiB pieces over about a second; counts the GETs."""
+
+    gets = []
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        type(self).gets.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+        for start in range(0, len(PAYLOAD), 1 << 16):
+            self.wfile.write(PAYLOAD[start:start + (1 << 16)])
+            time.sleep(0.02)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_server():
+    _SlowFile.gets = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowFile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cifar-100-python.tar.gz", _SlowFile.gets
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and the launcher")
+def test_two_ranks_download_the_archive_once_and_both_read_it_whole(slow_server, tmp_path):
+    url, gets = slow_server
+    logs = str(tmp_path / "logs")
+    (tmp_path / "home").mkdir()  # Paddle's cache goes under /tmp when HOME is not writable
+    env = dict(os.environ, HOME=str(tmp_path / "home"), NO_PROXY="127.0.0.1",
+               no_proxy="127.0.0.1")
+    env.pop("HTTP_PROXY", None), env.pop("http_proxy", None)
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+               "--log_dir", logs, os.path.join("tests", "download_ranks.py"), url, MD5]
+    code = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=600).returncode
+    texts = [open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8",
+                  errors="replace").read() for r in (0, 1)]
+    assert code == 0, texts
+    assert len(gets) == 1, gets  # one download for both ranks
+    final = str(tmp_path / "home" / ".cache" / "paddle" / "dataset" / "cifar" /
+                "cifar-100-python.tar.gz")
+    for r, text in enumerate(texts):
+        assert f"rank {r} {final} {MD5}" in text, text[-2000:]
+    assert "waiting while another process downloads it" in "".join(texts)
+    assert sorted(os.listdir(os.path.dirname(final))) == ["cifar-100-python.tar.gz",
+                                                           "cifar-100-python.tar.gz.lock"]
+
+
+def test_a_complete_file_is_not_fetched_again(slow_server, tmp_path, monkeypatch):
+    import paddle.dataset.common as common
+
+    from utils.io.download import download_dataset
+
+    url, gets = slow_server
+    monkeypatch.setattr(common, "DATA_HOME", str(tmp_path / "dataset"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    path = download_dataset(url, "cifar", MD5, "the test archive", "fix: none")
+    assert open(path, "rb").read() == PAYLOAD and len(gets) == 1
+    assert download_dataset(url, "cifar", MD5, "the test archive", "fix: none") == path
+    assert len(gets) == 1
+    with open(path, "r+b") as handle:  # damaged: fetched again
+        handle.truncate(1000)
+    download_dataset(url, "cifar", MD5, "the test archive", "fix: none")
+    assert len(gets) == 2 and open(path, "rb").read() == PAYLOAD
+
+
+def test_two_runs_at_once_download_the_weights_once(slow_server, tmp_path, monkeypatch,
+                                                    capsys):
+    """Two downloads of one weights file at the same time (two threads stand for two runs:
+    each takes the lock through its own open file): one fetches it, the other waits for it
+    and reads the same file."""
+    import paddle.utils.download as paddle_download
+
+    from utils.io.download import download_weights
+
+    url, gets = slow_server
+    url = url.replace("cifar-100-python.tar.gz", "weights.pdparams")
+    monkeypatch.setattr(paddle_download, "WEIGHTS_HOME", str(tmp_path / "weights"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(
+        download_weights(url, "the test weights", "fix: none"))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)  # the first holds the lock while it downloads
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(gets) == 1 and len(paths) == 2 and paths[0] == paths[1]
+    assert open(paths[0], "rb").read() == PAYLOAD
+    assert "the test weights: waiting while another process downloads it" in capsys.readouterr().out

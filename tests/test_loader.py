@@ -64,3 +64,25 @@ def test_workers_of_a_cut_iteration_end_quietly_with_their_process():
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "cut", proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "killed" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _start_worker(parent, done):
+    from data.loader import _init_worker
+
+    _init_worker(parent, 0)
+    done.put("started")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_worker_starts_under_every_start_method(method):
+    """Under forkserver (Python 3.14's default) and spawn a worker's parent is a server, not
+    the training process: the worker is tied to the server and starts."""
+    import multiprocessing
+
+    context = multiprocessing.get_context(method)
+    done = context.Queue()
+    worker = context.Process(target=_start_worker, args=(os.getpid(), done))
+    worker.start()
+    worker.join(timeout=120)
+    assert worker.exitcode == 0 and done.get(timeout=10) == "started"

@@ -128,8 +128,8 @@ def test_the_paper_recipe_hours_fall_within_the_published_runs(amp, gpu, band):
 
 
 def test_the_reproduction_plan_counts_its_held_out_images_and_stage_budgets():
-    # The front pages' table is for Paddle 3 (requirements.txt), whatever runs the test.
-    cost = plan(load_config("configs/rdrop_deit_b_384_cifar100.yaml"), paddle_major=3)
+    # The front pages' table is for Paddle 3.3 (requirements.txt), whatever runs the test.
+    cost = plan(load_config("configs/rdrop_deit_b_384_cifar100.yaml"), (3, 3, 1))
     steps = [s["optimizer_steps"] for s in cost["stages"]]
     # 1,000-image subset: 41 steps x 10 epochs; then 45,000 images / 24 = 1,875 per epoch.
     assert steps == [41 * 10, 1875 * 2, 1875 * 3, 1875 * 2]
@@ -163,6 +163,32 @@ def test_preflight_json_is_one_document_and_a_cpu_says_so_first():
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)  # the whole of standard output
     assert report["card"] is None and "stage_check_s" in report
+    # What the stage check counted: 2 stages x (a training micro-batch of [x; x] and an
+    # evaluation batch) x 2 blocks, all PPIM's computation on the CPU, as the plan assumes.
+    assert report["attention"]["planned"] == {"fused": False, "kernel": None}
+    observed = report["attention"]["observed"]
+    assert (observed["calls"], observed["fused_calls"], observed["unfused_reasons"],
+            observed["described"]) == (8, 0, ["CPU"], "not fused: CPU")
+    # The plan's float32 count of the activations beside what the timed steps held.
+    held = report["stages"][0]["activation_bytes_per_image"]
+    assert held["planned"] == 2 * activation_bytes(
+        model_shape(load_config("configs/demo.yaml").model), load_config(
+            "configs/demo.yaml").model, None, False)
+    if peaks_reset():
+        assert 0.5 < held["ratio"] < 1.5, held
+    else:
+        assert held["observed"] is None
+    # How long a stop takes here, against the launcher's grace; a late one is a warning.
+    assert 0 < report["stop_s"] < report["launcher_grace_s"] == 30
+    import io
+
+    from preflight import print_report
+
+    table = io.StringIO()
+    print_report({**report, "launcher_grace_s": 0}, out=table)
+    assert (f"warning: a stop request is done within about {report['stop_s']:.3g} s here (the "
+            f"longest step, 4 evaluation batches and the checkpoint): longer than the 0 s "
+            f"paddle.distributed.launch waits") in table.getvalue()
     first = [line for line in proc.stderr.splitlines() if not line.startswith(("  ", "/"))
              and "Warning" not in line][0]
     assert first.startswith("preflight on cpu: no GPU here, so the times and memory below are "
@@ -271,30 +297,36 @@ def test_bf16_is_sized_and_priced_as_float32_on_the_cards_without_it():
 
 
 def test_memory_counts_how_paddle_runs_each_card():
-    """Fused attention (an A100; a V100 only from Paddle 3) holds no attention matrix; O1
+    """Fused attention (an A100; a V100 only from Paddle 3.3) holds no attention matrix; O1
     keeps the softmax and norms in float32, so it holds more than O2; a teacher adds its
     float32 weights; several GPUs add DataParallel's fused gradient copy."""
     recipe = "configs/rdrop_paper_recipe.yaml"
     cfg = load_config(recipe)
     shape = model_shape(cfg.model)
     tokens, heads = shape["tokens"], shape["heads"]
-    old, new = plan(cfg, paddle_major=2), plan(cfg, paddle_major=3)
+    old, new = plan(cfg, (2, 6, 2)), plan(cfg, (3, 3, 1))
     stage_old, stage_new = old["stages"][0], new["stages"][0]
-    assert stage_old["fused_attention"] == {"V100-16GB": False, "V100-32GB": False,
-                                            "A100-40GB": True}
+    for version in ((2, 6, 2), (3, 0, 0), (3, 2, 1), (3, 2, 2)):  # flash attention only
+        assert plan(cfg, version)["stages"][0]["fused_attention"] == {
+            "V100-16GB": False, "V100-32GB": False, "A100-40GB": True}, version
     assert all(stage_new["fused_attention"].values())
+    for level in ("O1", "O2"):  # O1's float32 Linear outputs are cast for the kernel
+        assert plan(load_config(recipe, [f"train.amp_level={level}"]), (3, 3, 1))["stages"][0][
+            "fused_attention"]["A100-40GB"]
+    assert not any(plan(load_config(recipe, ["train.amp=off"]), (3, 3, 1))["stages"][0][
+        "fused_attention"].values())
     # Per image (two copies), the V100's attention matrices under O1: the float32 softmax
     # output, its half copy and the float32 gradient beside them, 10 bytes per value, against
     # the fused kernel's float32 log-sum-exp per query.
     matrices = 2 * shape["depth"] * heads * (10 * tokens ** 2 - 4 * tokens)
     assert stage_old["activation_bytes_per_image"]["V100-32GB"] \
         - stage_new["activation_bytes_per_image"]["V100-32GB"] == matrices
-    o2 = plan(load_config(recipe, ["train.amp_level=O2"]), 3)["stages"][0]
+    o2 = plan(load_config(recipe, ["train.amp_level=O2"]), (3, 3, 1))["stages"][0]
     assert o2["activation_bytes_per_image"]["A100-40GB"] \
         < stage_new["activation_bytes_per_image"]["A100-40GB"]
     assert new["data_parallel_extra_bytes"]["V100-32GB"] == shape["params"] * 4
     assert o2["data_parallel_extra_bytes"]["V100-32GB"] == shape["params"] * 2
-    taught = plan(load_config(recipe, ["distill={teacher: deit_b_distilled_384}"]), 3)
+    taught = plan(load_config(recipe, ["distill={teacher: deit_b_distilled_384}"]), (3, 3, 1))
     assert taught["stages"][0]["memory_parts"]["A100-40GB"]["teacher"] == shape["params"] * 4
     parts = stage_new["memory_parts"]["V100-32GB"]
     assert sum(parts.values()) == stage_new["memory_bytes"]["V100-32GB"]
@@ -347,3 +379,25 @@ def test_the_cpu_warning_prices_every_stage_validation_and_test_at_the_rate_give
     # The demo: under an hour even on a CPU far slower than any; the CPU is not measured.
     demo = load_config(os.path.join(ROOT, "configs/demo.yaml"), [])
     assert cpu_warning(demo, lambda: pytest.fail("measured")) is None
+
+
+def test_a_cpu_preflight_of_the_real_model_says_how_long_first():
+    """The reproduction's preflight on a CPU: the stage check's 4 stages x 2 micro-batches x
+    2 images, then 2 setups (AdamW, Momentum) x 5 steps x 24 images, each image an R-Drop
+    training image (2 copies x a forward and a backward: 6 forwards) of DeiT-B/384."""
+    from preflight import cpu_duration
+
+    cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml")
+    forward = forward_flops(model_shape(cfg.model))
+    work = (4 * 2 * 2 + 2 * 5 * 24) * 6 * forward
+    line = cpu_duration(cfg, lambda: 1e11)
+    minutes, seconds = divmod(round(work / 1e11), 60)
+    assert line == (f"warning: preflight's training steps of this config are "
+                    f"{work / 1e12:,.0f} TFLOPs of work: at least {minutes} min {seconds:02d} s "
+                    f"on this CPU (100 GFLOP/s measured on a matrix product just now); Ctrl-C "
+                    f"stops it")
+
+    def not_measured():
+        raise AssertionError("the demo's preflight is too small to measure the CPU for")
+
+    assert cpu_duration(load_config("configs/demo.yaml"), not_measured) is None

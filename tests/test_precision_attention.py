@@ -74,26 +74,34 @@ def test_auto_fuses_only_on_a_gpu_with_amp_where_the_kernel_passes_its_probe(mon
     monkeypatch.setattr(paddle, "__version__", "3.3.1")  # (each version's kernel: below)
     line = attention.use_fused_attention(model, "auto", "gpu:0", "fp16", 17)
     assert line == ("attention: 2 layers use paddle.nn.functional.scaled_dot_product_attention "
-                    "in float16, memory-efficient attention (probed on gpu:0)")
+                    "in float16, memory-efficient attention by Paddle's rule (probed on gpu:0)")
     assert asked == [("gpu:0", "float16", 17, 2, 32, 0.0)]  # tokens, heads, head_dim, dropout
     assert [b.attn.kernel_dtypes for b in model.blocks] == [("float16",)] * 2
 
 
-@pytest.mark.parametrize("version, capability, dtype, kernel", [
-    ("3.3.1", (8, 0), "float16", "flash attention"),
-    ("3.3.1", (8, 0), "bfloat16", "flash attention"),
-    ("3.3.1", (7, 0), "float16", "memory-efficient attention"),
-    ("3.3.1", (8, 0), "float32", "memory-efficient attention"),
-    ("2.6.2", (8, 0), "float16", "flash attention"),
+@pytest.mark.parametrize("version, capability, dtype, kernel, runs", [
+    ("3.3.1", (8, 0), "float16", "flash attention", True),
+    ("3.3.1", (8, 0), "bfloat16", "flash attention", True),
+    ("3.3.1", (7, 0), "float16", "memory-efficient attention", True),
+    ("3.3.1", (8, 0), "float32", "memory-efficient attention", True),
+    ("3.2.2", (7, 0), "float16", "flash attention", False),  # no card check before 3.3
+    ("3.0.0", (7, 0), "float16", "flash attention", False),
+    ("3.2.0", (8, 0), "float16", "flash attention", True),
+    ("3.2.0", (8, 0), "float32", "flash attention", False),
+    ("2.6.2", (8, 0), "float16", "flash attention", True),
+    ("2.6.2", (7, 0), "float16", "flash attention", False),
 ])
 def test_the_fused_kernel_is_named_as_paddle_selects_it(monkeypatch, version, capability, dtype,
-                                                         kernel):
-    """Paddle 3's sdpa.py: flash attention in half precision from compute capability 8.0,
-    the memory-efficient kernel below it or in float32; Paddle 2.6 has flash attention only."""
+                                                         kernel, runs):
+    """Paddle 3.3's sdpa.py: flash attention in half precision from compute capability 8.0,
+    the memory-efficient kernel below it or in float32; Paddle 2.6 - 3.2 call flash attention
+    on every GPU (flash_attention.py), which fails below 8.0 and in float32."""
     monkeypatch.setattr(paddle, "__version__", version)
     monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda: capability)
     assert attention.sdpa_kernel("gpu:0", dtype) == kernel
     assert attention.sdpa_kernel("cpu", dtype) == "math (unfused)"
+    numbers = tuple(int(part) for part in version.split("."))
+    assert attention.kernel_runs(capability[0], dtype, numbers) is runs
 
 
 def test_bf16_o2_casts_layer_norm_weights_while_fp16_keeps_them_float32():
@@ -119,7 +127,9 @@ def test_a_failed_probe_keeps_ppims_attention_with_auto_and_is_an_error_with_on(
     assert capsys.readouterr().out == (
         f"warning: model.fused_attention=auto: scaled_dot_product_attention fails on gpu:0 in "
         f"float16 ({reason}); using PPIM's attention\n")
-    assert {type(b.attn).__name__ for b in model.blocks} == {"Attention"}
+    assert {b.attn.kernel_dtypes for b in model.blocks} == {()}
+    assert {b.attn.unfused_reason for b in model.blocks} == {
+        "the fused kernel failed its probe on gpu:0"}
     with pytest.raises(UserError, match="model.fused_attention=on, but scaled_dot_product_"
                                         "attention fails on gpu:0 in bfloat16 .RuntimeError"):
         attention.use_fused_attention(_tiny("off"), "on", "gpu:0", "bf16", 17)
@@ -222,3 +232,63 @@ def test_o2_on_a_cpu_falls_back_and_keeps_float32_weights(capsys):
     model = precision.prepare(_tiny("off"))
     assert "warning: train.amp=bf16 is not available on cpu" in capsys.readouterr().out
     assert not precision.half_weights and model.head.weight.dtype == paddle.float32
+
+
+class _Recorded:
+    """A stand-in for the fused kernel on the CPU: records the dtype of q/k/v and computes
+    attention in float64 from them (independently of PPIM's code)."""
+
+    def __init__(self):
+        self.dtypes = []
+
+    def __call__(self, q, k, v, dropout_p=0.0, training=True):
+        self.dtypes.append({str(t.dtype).split(".")[-1] for t in (q, k, v)})
+        q64, k64, v64 = (t.astype("float32").numpy().astype(np.float64).transpose(0, 2, 1, 3)
+                         for t in (q, k, v))
+        scores = q64 @ k64.transpose(0, 1, 3, 2) / np.sqrt(q64.shape[-1])
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        return paddle.to_tensor((weights @ v64).transpose(0, 2, 1, 3).astype("float32"))
+
+
+def test_under_o1_the_kernel_gets_half_inputs_whatever_the_linear_returned(monkeypatch):
+    """Before Paddle 3.2.2 an O1 Linear returns float32: the attention casts q/k/v to the
+    autocast dtype for the kernel, and the counts say every call took it. (The CPU has no
+    half-precision autocast: the autocast state is set by hand, the kernel recorded.)"""
+    plain = _tiny("off")
+    _probe_says(monkeypatch, None)
+    fused = _tiny("off")
+    attention.use_fused_attention(fused, "auto", "gpu:0", "fp16", 17)
+    fused.set_state_dict(plain.state_dict())
+    kernel = _Recorded()
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", kernel)
+    monkeypatch.setattr(attention, "autocast_dtype", lambda: "float16")
+    x = paddle.to_tensor(np.random.default_rng(2).normal(size=(3, 3, 32, 32)).astype("float32"))
+    plain.eval(), fused.eval()
+    with attention.tallying_attention() as tally:
+        out = fused(x).numpy()
+    assert kernel.dtypes == [{"float16"}] * 2  # the Linear gave float32; the kernel half
+    assert tally.to_json() == {"calls": 2, "fused_calls": 2, "dtypes": {"float16": 2},
+                               "unfused_reasons": []}
+    assert tally.describe() == "fused: 2 of 2 calls in float16"
+    # PPIM's attention in float32 against the kernel on half-rounded q/k/v: float16's rounding
+    assert np.abs(out - plain(x).numpy()).max() < 1e-2
+
+
+def test_the_tally_counts_ppims_path_with_its_reason():
+    model = _tiny("off")
+    attention.use_fused_attention(model, "auto", "cpu", "off", 17)
+    x = paddle.zeros([2, 3, 32, 32])
+    with attention.tallying_attention() as tally:
+        model(x)
+        model(x)
+    assert tally.to_json() == {"calls": 4, "fused_calls": 0, "dtypes": {"float32": 4},
+                               "unfused_reasons": ["CPU"]}
+    assert tally.describe() == "not fused: CPU"
+    model(x)  # outside the block: nothing counted
+    assert tally.total == 4
+    off = _tiny("off")
+    attention.use_fused_attention(off, "off", "gpu:0", "fp16", 17)
+    with attention.tallying_attention() as tally:
+        off(x)
+    assert tally.describe() == "not fused: model.fused_attention=off"

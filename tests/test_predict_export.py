@@ -76,6 +76,23 @@ def test_exported_model_agrees_with_the_eager_model(weights_and_photos, tmp_path
     assert np.abs(exported(batch.numpy()) - eager).max() < 1e-4
 
 
+def test_paddle_2_predicts_without_the_self_attention_fusion_that_needs_avx512(tmp_path):
+    """Paddle 2.6's CPU self-attention fusion ends in an illegal instruction without AVX-512:
+    it is not among the passes there (Paddle 3 keeps it: it checks the processor)."""
+    from models.inference import SELF_ATTENTION_FUSION, predictor_config
+
+    cfg = load_config("configs/demo.yaml")
+    model = build_model(cfg.model, load_pretrained=False)
+    export_model(model, 32, str(tmp_path / "inference"), [str(i) for i in range(10)])
+    graph = [name for name in os.listdir(tmp_path / "inference")
+             if name in ("model.json", "model.pdmodel")]
+    config = predictor_config(str(tmp_path / "inference" / graph[0]),
+                              str(tmp_path / "inference" / "model.pdiparams"))
+    passes = config.pass_builder().all_passes()
+    major = int(paddle.__version__.split(".")[0])
+    assert (SELF_ATTENTION_FUSION in passes) == (major >= 3), (paddle.__version__, passes)
+
+
 def test_predict_reads_folders_globs_and_every_mode_the_same_through_both_paths(
         weights_and_photos, tmp_path):
     weights, photos = weights_and_photos

@@ -176,6 +176,29 @@ def test_optimizer_state_moves_between_processes_with_other_parameter_names(tiny
     assert accumulators and all(key.startswith(tuple(own)) for key in accumulators)
 
 
+@pytest.mark.parametrize("stage", [0, 1])  # AdamW, Momentum
+def test_a_restored_optimizer_state_is_whole_before_its_first_step(tiny_model_cfg, stage):
+    """A checkpoint written between a resume and its first step (a stop during the
+    validation the resume started with) holds every moment the resume loaded: Paddle 2.6's
+    state_dict() alone returns none of them."""
+    cfg = _cfg()
+    first = build_model(tiny_model_cfg)
+    optimizer, _ = build_optimizer(cfg.stages[stage], first, 1, cfg.train)
+    sum((p * p).sum() for p in first.parameters()).backward()
+    optimizer.step()
+    saved = {key: value.numpy().copy()
+             for key, value in portable_optimizer_state(first, optimizer).items()
+             if key not in ("LR_Scheduler", "master_weights")}
+    second = build_model(tiny_model_cfg)
+    restored, _ = build_optimizer(cfg.stages[stage], second, 1, cfg.train)
+    restored.set_state_dict(optimizer_state_for(second, portable_optimizer_state(first, optimizer)))
+    again = portable_optimizer_state(second, restored)
+    assert len(saved) >= 2 * len(list(first.parameters())) if stage == 0 else len(saved) > 0
+    assert sorted(key for key in again if key != "LR_Scheduler") == sorted(saved)
+    for key, value in saved.items():
+        assert np.array_equal(again[key].numpy(), value), key
+
+
 def test_warm_start_from_our_own_checkpoint(tmp_path):
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train(_cfg(f"train.output_dir={first}", "stages.0.epochs=2", "stages.1.epochs=1"))

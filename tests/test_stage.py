@@ -216,3 +216,48 @@ def test_a_stage_optimizer_state_loads_whatever_optimizers_the_process_built_bef
     resumed.set_state_dict(optimizer_state_for(model, as_paddle(load_tensors(saved)[0])))
     step(resumed)
     assert np.array_equal(model.head.weight.numpy(), expected)
+
+
+def test_a_released_stage_frees_its_gradients():
+    """clear_grad() keeps zero-filled gradients allocated; a stage's release frees them, so
+    the parameters a later head-only stage freezes hold no gradient through it."""
+    from training.engine import train_steps
+    from training.stage import RunModel, build_stage
+    from training.stage_check import _synthetic_batches
+    from training.state import EpochProgress
+    from utils.runtime.device import allocated_bytes
+
+    cfg = load_config("configs/demo.yaml")
+    net = RunModel.scratch(cfg, Precision())
+    stage = build_stage(cfg, 0, net)
+    for _ in train_steps(stage, _synthetic_batches(1, 4, 32, 10), EpochProgress(), desc="x"):
+        pass
+    params = net.model.parameters()
+    assert all(p.grad is not None for p in params if not p.stop_gradient)  # zeros, allocated
+    before = allocated_bytes("cpu")
+    stage.release()
+    assert all(p.grad is None for p in params)
+    gradients = sum(int(np.prod(p.shape)) * 4 for p in params if not p.stop_gradient)
+    assert before - allocated_bytes("cpu") >= gradients
+
+
+def test_preflights_trial_step_is_the_runs_update_and_skips_a_nonfinite_one(monkeypatch):
+    """Preflight's first, untimed step goes through the run's update (unscale, clip, skip):
+    non-finite gradients leave the weights as they were instead of stepping on them."""
+    import preflight
+    from data.dataset import run_splits
+    from training.stage import RunModel, build_stage
+
+    cfg = load_config("configs/demo.yaml", ["data.train_subset=64"])
+    train, val, _, _ = run_splits(cfg.data, cfg.model.num_classes, 0)
+    net = RunModel.scratch(cfg, Precision())
+    stage = build_stage(cfg, 0, net, (train, val))
+
+    def nonfinite_step(stage, images, labels, *args):
+        sum((p * float("nan")).sum() for p in trainable(stage.model)).backward()
+
+    monkeypatch.setattr(preflight, "train_step", nonfinite_step)
+    before = {p.name: p.numpy().copy() for p in net.model.parameters()}
+    assert preflight._fits_alone(stage)
+    assert all(np.array_equal(p.numpy(), before[p.name]) for p in net.model.parameters())
+    stage.release()

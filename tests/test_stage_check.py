@@ -228,3 +228,38 @@ def test_a_bad_stage_is_reported_by_preflight_too(tmp_path):
                       "-o", f"train.output_dir={tmp_path}", "-o", "stages.1.data.image_size=20",
                       "--preflight")
     assert_one_error(proc, "stages.1: an image size of 20 px")
+
+
+def test_the_check_counts_the_attention_and_says_where_the_plan_assumed_otherwise(
+        tmp_path, monkeypatch):
+    """Every attention call of the trial steps is counted (here PPIM's computation on the
+    CPU, which the plan assumes too: no line); on a card of the plan's table an attention
+    that is not fused where the plan sized it fused is one warning with both memories."""
+    from models.attention import AttentionTally
+    from training import stage_check
+    from training.plan import plan
+
+    cfg = _cfg(str(tmp_path))
+    check = check_stages(cfg, Precision("off", "cpu"))
+    # 3 stages x (one training micro-batch of [x; x] + one evaluation batch) x 2 blocks
+    assert check.attention.to_json() == {"calls": 12, "fused_calls": 0,
+                                         "dtypes": {"float32": 12}, "unfused_reasons": ["CPU"]}
+    assert not check.planned_fused and check.disagreement is None
+
+    monkeypatch.setattr(stage_check, "card_of", lambda device: "V100-16GB")
+    unfused = AttentionTally()
+    unfused.add("PPIM's", "float32", "float32 inputs outside autocast")
+    line = stage_check.attention_disagreement(cfg, "gpu:0", True, unfused)
+    fused_gib = plan(cfg, attention_fused=True)["memory_bytes"]["V100-16GB"] / 2 ** 30
+    unfused_gib = plan(cfg, attention_fused=False)["memory_bytes"]["V100-16GB"] / 2 ** 30
+    assert unfused_gib > fused_gib
+    assert line == (f"warning: attention not fused: float32 inputs outside autocast, on gpu:0; "
+                    f"the plan (--dry-run) sized it fused: expect about {unfused_gib:.3g} GiB on "
+                    f"this V100-16GB, not {fused_gib:.3g} GiB (python main.py --preflight "
+                    f"measures it)")
+    fused = AttentionTally()
+    fused.add("fused kernel", "float16")
+    assert stage_check.attention_disagreement(cfg, "gpu:0", True, fused) is None
+    assert stage_check.attention_disagreement(cfg, "gpu:0", False, fused).startswith(
+        "note: attention fused: 1 of 1 calls in float16 on gpu:0, where the plan (--dry-run) "
+        "sized the attention matrix: expect about")

@@ -38,11 +38,11 @@ WORDS = {
         "source": "Hours: training, validations and the final test, an estimate from published "
                   "runs of ViT-B/384 on each card and precision (`training/gpus.py` cites "
                   "them), not measured by this project; the range spans the slowest and the "
-                  "fastest of them. Memory for Paddle 3 (`requirements.txt`), which fuses "
-                  "attention on a V100 too; with Paddle 2.6 a V100 has no fused kernel and "
-                  "`--dry-run` there sizes the attention matrix ({paddle26}).",
-        "paddle26": "`{name}` on {a_gpu}: {memory}",
-        "paddle26 fix": "`{name}` on {a_gpu}: {memory}, `-o train.accum_steps={accum}` fits",
+                  "fastest of them. Memory for Paddle 3.3 or newer (`requirements.txt`), which "
+                  "fuses attention on a V100 too; with Paddle 2.6 - 3.2 a V100 has no fused kernel "
+                  "and `--dry-run` there sizes the attention matrix ({older}).",
+        "older": "`{name}` on {a_gpu}: {memory}",
+        "older fix": "`{name}` on {a_gpu}: {memory}, `-o train.accum_steps={accum}` fits",
     },
     "zh": {
         "header": "| 配置 | 优化步数 | 图片数 | {gpus} | 磁盘 |",
@@ -61,15 +61,17 @@ WORDS = {
                      "≈ {hours:.3g} 小时）",
         "source": "时长：训练、验证和最后的测试，按已发表的 ViT-B/384 在各卡、各精度上的训练记录"
                   "估算（出处见 `training/gpus.py`），本项目没有实测；区间取这些记录中最慢和最快的。"
-                  "显存按 Paddle 3（`requirements.txt`）估算，V100 上同样走融合注意力；"
-                  "Paddle 2.6 在 V100 上没有融合算子，在那里运行 `--dry-run` 会计入注意力矩阵"
-                  "（{paddle26}）。",
-        "paddle26": "`{name}` 在 {gpu} 上：{memory}",
-        "paddle26 fix": "`{name}` 在 {gpu} 上：{memory}，加 `-o train.accum_steps={accum}` 可放下",
+                  "显存按 Paddle 3.3 及以上（`requirements.txt`）估算，"
+                  "V100 上同样走融合注意力；Paddle 2.6 到 3.2 在 V100 上没有融合算子，"
+                  "在那里运行 `--dry-run` 会计入注意力矩阵（{older}）。",
+        "older": "`{name}` 在 {gpu} 上：{memory}",
+        "older fix": "`{name}` 在 {gpu} 上：{memory}，"
+                     "加 `-o train.accum_steps={accum}` 可放下",
     },
 }
-# The Paddle the table is sized for (requirements.txt), and the older one users also run.
-PADDLE_MAJOR, OLDER_PADDLE_MAJOR = 3, 2
+# The Paddle the table is sized for (requirements.txt: the newest), and an older one users
+# also run (2.6 - 3.2 size a V100 alike: no fused kernel there).
+PADDLE_VERSION, OLDER_PADDLE_VERSION = (3, 3, 1), (2, 6, 2)
 
 
 def _how_often(count):
@@ -95,7 +97,7 @@ def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) 
     notes, older = [], []
     for path in paths:
         cfg, name = load_config(path), os.path.basename(path)
-        cost = plan(cfg, PADDLE_MAJOR)
+        cost = plan(cfg, PADDLE_VERSION)
         bound = "≤ " if any(s["upper_bound"] for s in cost["stages"]) else ""
         cells = []
         for gpu in GPUS:
@@ -119,13 +121,13 @@ def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) 
                 words[_how_often(counts[gpu])].format(
                     count=counts[gpu], gpu=gpu, a_gpu=_a(gpu)) for gpu in GPUS)
             notes.append(words["runs"].format(hours=BUDGET_HOURS, name=name, times=times))
-        previous = plan(cfg, OLDER_PADDLE_MAJOR)
+        previous = plan(cfg, OLDER_PADDLE_VERSION)
         for gpu in GPUS:
             fix = previous["fixes"].get(gpu, {}).get("accum_steps")
-            if gpu.endswith("32GB") and previous["memory_bytes"][gpu] != cost["memory_bytes"][gpu]:
-                older.append(words["paddle26 fix" if fix else "paddle26"].format(
+            if previous["memory_bytes"][gpu] != cost["memory_bytes"][gpu]:
+                older.append(words["older fix" if fix else "older"].format(
                     name=name, gpu=gpu, a_gpu=_a(gpu), memory=_gib(previous["memory_bytes"][gpu]), accum=fix))
-    source = words["source"].format(paddle26=words["list"].join(older))
+    source = words["source"].format(older=words["list"].join(older))
     return lines + [""] + notes + ["", source]
 
 

@@ -24,13 +24,17 @@ from training.state import EpochProgress, Position
 from utils.errors import UserError
 from utils.reports.progress import track
 from utils.reports.text import place
-from utils.runtime.dist import all_sum, any_rank, rank, world_size
+from utils.runtime.dist import all_min, all_sum, any_rank, rank, world_size
 from utils.runtime.seeds import derived_seed
 
 if TYPE_CHECKING:
     from training.run import Run, Segment
     from training.stage import Stage
     from utils.runtime.signals import StopRequests
+
+# With several ranks, how often an evaluation pass asks whether any rank was asked to stop:
+# a stop then waits for at most this many batches, not the whole pass.
+STOP_AGREEMENT_BATCHES = 4
 
 
 def train_step(stage: Stage, images: paddle.Tensor, labels: paddle.Tensor,
@@ -197,10 +201,9 @@ def train_one_epoch(stage: Stage, run: Run, segment: Segment) -> None:
 
 def validate(stage: Stage, run: Run, segment: Segment) -> Optional[dict]:
     """The validation results of the raw weights and of each average updated so far, by
-    kind; ``None`` when a stop was requested meanwhile (one process: ranks cannot agree
-    inside a pass), which abandons the pass."""
+    kind; ``None`` when a stop was requested meanwhile, which abandons the pass."""
     results, desc = {}, place(segment.here.stage, segment.here.epoch + 1)
-    stops = run.stops if world_size() == 1 else None
+    stops = run.stops
     net = stage.net
     candidates = {"raw": None, **{kind: average for kind, average in net.averages.items()
                                   if average.updates}}
@@ -234,18 +237,24 @@ def evaluate(model: paddle.nn.Layer, preprocess: Callable, loader: Iterable, num
     Every sample counts once, whatever the batch sizes (the last batch included).
     With several ranks each evaluates its shard and the counts are summed, so the
     result is that of one process. With ``stops`` (a :class:`utils.runtime.signals.StopRequests`)
-    a stop request abandons the pass: the result is then ``None``. The loader's batches are
+    a stop request abandons the pass: the result is then ``None``; ranks agree on it every
+    :data:`STOP_AGREEMENT_BATCHES` batches (a pass over a validation set could outlast the
+    launcher's grace between its SIGTERM and its SIGKILL). The loader's batches are
     clean (unreadable images skipped under ``data.skip_bad_images`` are not in them).
     """
     precision = precision or Precision()
+    # Batches every rank has (shards differ by at most one image): agreement only there.
+    agreed = all_min(len(loader)) if stops is not None and world_size() > 1 else None
     model.eval()
     topk = min(5, num_classes)
     correct1 = correct5 = 0
     loss_sum = 0.0
     class_correct = np.zeros(num_classes, dtype=np.int64)
     class_total = np.zeros(num_classes, dtype=np.int64)
-    for images, labels in track(loader, desc):
-        if stops is not None and stops.requested:
+    for index, (images, labels) in enumerate(track(loader, desc)):
+        if stops is not None and (stops.requested if agreed is None else
+                                  index < agreed and index % STOP_AGREEMENT_BATCHES == 0
+                                  and any_rank(stops.requested)):
             return None
         with precision.autocast():
             logits = model(preprocess(images))

@@ -13,14 +13,22 @@ forward pass of ViT-B/16 or DeiT-B at 384 px, 3 forwards' worth for a training i
 
 from __future__ import annotations
 
-# name: (memory bytes, peak FLOP/s in float32, peak FLOP/s in float16/bfloat16 tensor cores)
+from typing import Optional
+
+from models.attention import AMP_DTYPES, kernel_runs
+
+# name: (memory bytes, peak FLOP/s in float32, peak FLOP/s in float16/bfloat16 tensor cores).
+# Memory: what the cards expose to CUDA (cudaMemGetInfo's total), a little under the
+# datasheet's 16/32/40 GB.
 GPUS = {
     # NVIDIA Tesla V100 datasheet (SXM2): 15.7 TFLOPS fp32, 125 TFLOPS tensor (fp16); 16/32 GB.
-    "V100-16GB": (16 * 2 ** 30, 15.7e12, 125e12),
-    "V100-32GB": (32 * 2 ** 30, 15.7e12, 125e12),
+    "V100-16GB": (int(15.78 * 2 ** 30), 15.7e12, 125e12),
+    "V100-32GB": (int(31.75 * 2 ** 30), 15.7e12, 125e12),
     # NVIDIA A100 datasheet: 19.5 TFLOPS fp32, 312 TFLOPS fp16/bf16 tensor (dense); 40 GB.
-    "A100-40GB": (40 * 2 ** 30, 19.5e12, 312e12),
+    "A100-40GB": (int(39.59 * 2 ** 30), 19.5e12, 312e12),
 }
+# Compute capability (major) of each card: what decides the fused attention kernel.
+CAPABILITY = {"V100-16GB": 7, "V100-32GB": 7, "A100-40GB": 8}
 # V100 has no bfloat16 tensor cores: a bf16 run there falls back to float32 (training/amp.py).
 BF16_CARDS = ("A100-40GB",)
 
@@ -67,11 +75,43 @@ def flop_rates(gpu: str, amp: str) -> tuple[float, float, float]:
     return peak * low, peak * (low + high) / 2, peak * high
 
 
-def fused_attention_on(gpu: str, amp: str, setting: str, paddle_major: int) -> bool:
-    """Whether PPIM's attention runs through Paddle's fused kernel on ``gpu``
-    (``model.fused_attention = setting``; ``auto`` takes it under AMP), which keeps no
-    attention matrix: flash attention needs compute capability 8.0 (an A100); Paddle 3's
-    memory-efficient kernel also runs on a V100, Paddle 2.6 has only flash attention."""
-    if setting == "off" or precision_on(gpu, amp) == "off":
+def fused_attention_on(gpu: str, amp: str, setting: str,
+                       paddle_version: tuple[int, int, int]) -> bool:
+    """Whether PPIM's attention runs through Paddle's fused kernel on ``gpu`` with that Paddle
+    (``model.fused_attention = setting``; ``auto`` takes it under AMP, O1 and O2 alike),
+    which keeps no attention matrix: flash attention needs compute capability 8.0 (an A100);
+    a V100 has the memory-efficient kernel from Paddle 3.3 only (models/attention.py)."""
+    return fused_on_capability(CAPABILITY[gpu], precision_on(gpu, amp), setting, paddle_version)
+
+
+def fused_on_capability(capability: Optional[int], precision: str, setting: str,
+                        paddle_version: tuple[int, int, int]) -> bool:
+    """:func:`fused_attention_on` for a GPU of compute capability ``capability`` (``None``: a
+    CPU, where attention is never fused) training in ``precision`` (``off``, ``fp16``,
+    ``bf16``)."""
+    if setting == "off" or precision == "off" or capability is None:
         return False
-    return gpu.startswith("A100") or paddle_major >= 3
+    return kernel_runs(capability, AMP_DTYPES[precision], paddle_version)
+
+
+def card_of(device: str) -> Optional[str]:
+    """The card of :data:`GPUS` that ``device`` is (by name and memory), or ``None``."""
+    if not str(device).startswith("gpu"):
+        return None
+    import paddle
+
+    name = paddle.device.cuda.get_device_name()
+    memory = paddle.device.cuda.get_device_properties().total_memory
+    for card, (card_memory, _, _) in GPUS.items():
+        if card.split("-")[0] in name and abs(memory - card_memory) < 0.15 * card_memory:
+            return card
+    return None
+
+
+def capability_of(device: str) -> Optional[int]:
+    """The compute capability (major) of ``device``; ``None`` for a CPU."""
+    if not str(device).startswith("gpu"):
+        return None
+    import paddle
+
+    return paddle.device.cuda.get_device_capability()[0]

@@ -192,8 +192,19 @@ def portable_optimizer_state(model: paddle.nn.Layer, optimizer: paddle.optimizer
     """The optimizer's state keyed by parameter paths (``blocks.0.attn.qkv.weight``) instead of
     Paddle's per-process parameter names (``linear_12.w_0``), which differ between processes
     that build models in another order."""
-    return _rename_state(optimizer.state_dict(),
+    return _rename_state(optimizer_tensors(optimizer),
                          {param.name: f"@{path}" for path, param in model.named_parameters()})
+
+
+def optimizer_tensors(optimizer: paddle.optimizer.Optimizer) -> dict:
+    """Every tensor of the optimizer's state, those restored but not yet used by a step
+    included: ``set_state_dict`` keeps restored moments aside until the step that creates
+    their accumulator, and Paddle 2.6's ``state_dict()`` leaves them out (3.x returns them
+    only while no accumulator exists), so a checkpoint written between a resume and its
+    first step would otherwise lose them."""
+    state = optimizer.state_dict()
+    waiting = getattr(optimizer, "_accumulators_holder", None) or {}
+    return {**{name: tensor for name, tensor in waiting.items() if name not in state}, **state}
 
 
 def optimizer_state_for(model: paddle.nn.Layer, portable: dict) -> dict:

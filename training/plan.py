@@ -42,6 +42,7 @@ from training.gpus import (
 )
 from training.recipe import StageLength, stage_data, stage_loss
 from utils.errors import UserError
+from utils.runtime.device import paddle_version
 from utils.schema import Config, DataConfig, ModelConfig
 
 # Split sizes known from the data set's name: (training images, test images).
@@ -126,6 +127,16 @@ def activation_bytes(shape: dict, model_cfg: ModelConfig, amp_level: Optional[st
     return int(shape["depth"] * block)
 
 
+def activation_plan(cfg: Config, stage_index: int, amp_level: Optional[str], fused: bool) -> int:
+    """Bytes one training image of stage ``stage_index`` keeps for the backward pass (both
+    R-Drop copies) in float32 (``amp_level`` ``None``) or under AMP, attention fused or not."""
+    stage = cfg.stages[stage_index]
+    data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
+    copies = 2 if loss_cfg.rdrop else 1
+    return copies * activation_bytes(model_shape(cfg.model, data_cfg.image_size), cfg.model,
+                                     amp_level, fused)
+
+
 def _split_sizes(data_cfg, num_classes):
     """(training, test) images of the data, from its name or by listing its files (fast: no
     image is opened); ``(None, None)`` when the data is not here. Data a run would refuse
@@ -147,19 +158,21 @@ def _split_sizes(data_cfg, num_classes):
     return train, test
 
 
-def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
+def plan(cfg: Config, version: Optional[tuple[int, int, int]] = None,
+         attention_fused: Optional[bool] = None) -> dict:
     """The plan of ``cfg`` (a dict, JSON-ready): totals, and per stage the same keys. Per GPU:
     its precision, memory (and its parts), whether it fits, the hours (an estimate, and a
-    range from the slowest to the fastest published rate). ``paddle_major``: the Paddle the
-    run will use (this one's by default), which decides the fused attention on a V100."""
+    range from the slowest to the fastest published rate). ``version``: the Paddle the run
+    will use (this one by default), which decides the fused attention on a V100;
+    ``attention_fused``: the attention as a run observed it, in place of Paddle's rule."""
     train_images, test_images = _split_sizes(cfg.data, cfg.model.num_classes)
     trained = None if train_images is None else train_images - cfg.data.val_split
     held_out = cfg.data.val_split or test_images
     on_card = {gpu: precision_on(gpu, cfg.train.amp) for gpu in GPUS}
     level = {gpu: None if on_card[gpu] == "off" else cfg.train.amp_level for gpu in GPUS}
-    major = paddle_major or int(paddle.__version__.split(".")[0]) or 3  # a source build: 0.0.0
-    fused = {gpu: fused_attention_on(gpu, cfg.train.amp, cfg.model.fused_attention, major)
-             for gpu in GPUS}
+    version = version or paddle_version()
+    fused = {gpu: fused_attention_on(gpu, cfg.train.amp, cfg.model.fused_attention, version)
+             if attention_fused is None else attention_fused for gpu in GPUS}
     kinds = 1 + cfg.train.ema.enabled + cfg.train.swa.enabled  # weights each validation scores
     stages = []
     for index, stage in enumerate(cfg.stages):
@@ -196,7 +209,7 @@ def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
         2 * test_images * stages[-1]["eval_flops_per_image"]  # the best and the last weights
     final_test = None if test_flops is None else _hours(test_flops, cfg.train.amp)
     return {
-        "paddle_major": major,
+        "paddle": ".".join(map(str, version)),
         "total_optimizer_steps": sum(s["optimizer_steps"] for s in stages) if known else None,
         "total_images": sum(s["images"] for s in stages) if known else None,
         "flops_per_image": max(s["flops_per_image"] for s in stages),
@@ -209,7 +222,7 @@ def plan(cfg: Config, paddle_major: Optional[int] = None) -> dict:
         "fits": {gpu: all(s["fits"][gpu] for s in stages) for gpu in GPUS},
         **_total_hours(stages, final_test, known), "hours_source": SOURCE,
         "disk_bytes": _disk(cfg), "test_images": test_images, "stages": stages,
-        "precision": on_card, "memory_basis": MEMORY_BASIS, "fixes": _fixes(cfg, stages, major),
+        "precision": on_card, "memory_basis": MEMORY_BASIS, "fixes": _fixes(cfg, stages, version),
         "teacher_flops_counted": not cfg.distill or _teacher_flops(cfg, None) > 0,
     }
 
@@ -237,7 +250,7 @@ def cpu_warning(cfg: Config, flop_rate: Callable[[], float]) -> Optional[str]:
             f"product just now), against {gpus}; Ctrl-C stops it")
 
 
-def _fixes(cfg, stages, major):
+def _fixes(cfg, stages, version):
     """Per GPU where a stage does not fit: the largest micro-batch that does, the
     ``train.accum_steps`` that brings every stage's micro-batch under it (the same images per
     step and hours; ``None`` when none does), and with ``model.recompute`` off, the cost of
@@ -254,7 +267,7 @@ def _fixes(cfg, stages, major):
                "accum_steps": accum, "recompute": None}
         if not cfg.model.recompute:
             recompute = recompute or plan(
-                Config(cfg, model=ModelConfig(cfg.model, recompute=True)), major)
+                Config(cfg, model=ModelConfig(cfg.model, recompute=True)), version)
             fix["recompute"] = {key: recompute[key][gpu]
                                 for key in ("memory_bytes", "fits", "hours")}
         fixes[gpu] = fix

@@ -151,12 +151,16 @@ class Stage:
 
     def release(self) -> None:
         """End the stage: hand its optimizer's master copies to the next stage and free its
-        optimizer, schedule, loss and loaders. Paddle's optimizers sit in a reference cycle
-        (``self.clear_gradients = self.clear_grad``), so only the cyclic garbage collector
-        frees them and their moments: it runs here."""
+        gradients, optimizer, schedule, loss and loaders. Paddle's optimizers sit in a
+        reference cycle (``self.clear_gradients = self.clear_grad``), so only the cyclic
+        garbage collector frees them and their moments: it runs here."""
         if self.released:
             return
         self.net.masters.carry(self.optimizer)
+        # clear_grad() leaves zero-filled gradients allocated: a parameter the next stage
+        # freezes would hold its gradient's memory through that stage.
+        for param in self.net.model.parameters():
+            param.clear_gradient(False)
         self.optimizer = self.scheduler = self.criterion = None
         self.train_loader = self.val_loader = None
         self.released = True

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 from urllib.parse import parse_qs, urlparse
 
 from utils.errors import UserError
+from utils.io.files import held_exclusively
 
 CONNECT_TIMEOUT_S = 5
 
@@ -73,23 +74,40 @@ def weights_cached(url: str) -> bool:
 
 
 def download_dataset(url: str, module_name: str, md5: Optional[str], what: str, fix: str) -> str:
-    """Fetch a dataset file into Paddle's dataset cache and return its path."""
-    from paddle.dataset.common import download
+    """Fetch a dataset file into Paddle's dataset cache and return its path. One process
+    downloads it while the others (the ranks of a launched run, another run) wait for it;
+    the file is written under a ``.partial`` name and takes its own once its MD5 matches, so
+    its name never holds a file that is still arriving."""
+    from paddle.dataset.common import DATA_HOME, download, md5file
 
-    ensure_reachable(url, what, fix)
-    try:
-        return download(url, module_name, md5)
-    except RuntimeError as exc:
-        raise UserError(f"{what}: download failed ({exc}); {fix}") from None
+    name = _file_name(url)
+    folder = os.path.join(DATA_HOME, module_name)
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, name)
+    with held_exclusively(final + ".lock", f"{what}: waiting while another process "
+                                           f"downloads it"):
+        if os.path.isfile(final) and (md5 is None or md5file(final) == md5):
+            return final
+        ensure_reachable(url, what, fix)
+        try:
+            partial = download(url, module_name, md5, save_name=name + ".partial")
+        except RuntimeError as exc:
+            raise UserError(f"{what}: download failed ({exc}); {fix}") from None
+        os.replace(partial, final)
+    return final
 
 
 def download_weights(url: str, what: str, fix: str) -> str:
-    """Fetch a weights file into Paddle's weights cache and return its path."""
-    from paddle.utils.download import get_weights_path_from_url
+    """Fetch a weights file into Paddle's weights cache and return its path, one process at
+    a time (as :func:`download_dataset`; Paddle writes it under a temporary name)."""
+    from paddle.utils.download import WEIGHTS_HOME, _map_path, get_weights_path_from_url
 
-    if not weights_cached(url):
-        ensure_reachable(url, what, fix)
-    try:
-        return get_weights_path_from_url(url)
-    except RuntimeError as exc:
-        raise UserError(f"{what}: download failed ({exc}); {fix}") from None
+    os.makedirs(WEIGHTS_HOME, exist_ok=True)
+    with held_exclusively(_map_path(url, WEIGHTS_HOME) + ".lock",
+                          f"{what}: waiting while another process downloads it"):
+        if not weights_cached(url):
+            ensure_reachable(url, what, fix)
+        try:
+            return get_weights_path_from_url(url)
+        except RuntimeError as exc:
+            raise UserError(f"{what}: download failed ({exc}); {fix}") from None

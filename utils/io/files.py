@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import stat
-from typing import Any, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 
 from utils.errors import UserError
 
@@ -155,6 +155,28 @@ def refuse_input_as_output(output: str, inputs: list[str], what: str) -> None:
             if os.path.samestat(os.stat(path), target):
                 raise UserError(f"{what} {output} is {path}, which this command reads; "
                                 f"write the output elsewhere")
+
+
+@contextlib.contextmanager
+def held_exclusively(lock_path: str, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if missing) for the block: ranks, or
+    runs, that need the same file take turns. A process that must wait prints ``waiting``
+    first; the kernel releases the lock of a process that dies."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one process at a time is the user's to keep
+        yield
+        return
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def file_digest(path: str) -> str:

@@ -3,7 +3,9 @@ CPU otherwise; and the peak memory it used (the process's, and Paddle's allocato
 a reset)."""
 
 import os
+import re
 import resource
+from typing import Optional
 
 from utils.errors import UserError
 from utils.runtime.signals import reassert_handlers
@@ -12,6 +14,17 @@ from utils.runtime.signals import reassert_handlers
 # and flash attention's backward pass in one split (FLAGS_cudnn_deterministic), and embedding
 # gradients. Paddle reads them from the environment when it is imported.
 DETERMINISTIC_FLAGS = {"FLAGS_cudnn_deterministic": True, "FLAGS_embedding_deterministic": 1}
+
+
+def paddle_version(text: Optional[str] = None) -> tuple[int, int, int]:
+    """``paddle.__version__`` (or ``text``) as (major, minor, patch): ``3.0.0rc1`` → (3, 0, 0);
+    a source build's ``0.0.0`` counts as newer than every release."""
+    if text is None:
+        import paddle
+
+        text = paddle.__version__
+    parts = [int(re.match(r"\d*", part).group() or 0) for part in (text.split(".") + ["0"] * 3)[:3]]
+    return (999, 0, 0) if parts == [0, 0, 0] else (parts[0], parts[1], parts[2])
 
 
 def select_device(deterministic: bool = False) -> str:
@@ -108,6 +121,47 @@ def allocator_peaks(device: str) -> dict:
         return {"allocated": int(core.device_memory_stat_peak_value("Allocated", index)),
                 "reserved": int(core.device_memory_stat_peak_value("Reserved", index))}
     return {"allocated": int(core.host_memory_stat_peak_value("Allocated", 0)), "reserved": None}
+
+
+def allocated_bytes(device: str) -> int:
+    """What Paddle's allocator holds in tensors now."""
+    from paddle.base import core
+
+    if str(device).startswith("gpu"):
+        return int(core.device_memory_stat_current_value("Allocated", _gpu_index(device)))
+    return int(core.host_memory_stat_current_value("Allocated", 0))
+
+
+class PeakMemory:
+    """Paddle's allocator peaks over a span of work that restarts the peak inside it (to
+    measure one part): :meth:`restart` begins a part and returns what is allocated then,
+    :meth:`since_restart` is the part's peak (``None`` where this Paddle cannot reset
+    it: 2.6), :meth:`overall` the peaks of the whole span."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        reset_peak_memory(device)
+        self.peaks = allocator_peaks(device)
+
+    def _fold(self) -> None:
+        now = allocator_peaks(self.device)
+        self.peaks = {kind: None if value is None else max(value, self.peaks[kind] or 0)
+                      for kind, value in now.items()}
+
+    def restart(self) -> int:
+        """Begin a part; the bytes allocated as it begins."""
+        self._fold()
+        reset_peak_memory(self.device)
+        return allocated_bytes(self.device)
+
+    def since_restart(self) -> Optional[int]:
+        """The allocated peak since :meth:`restart`."""
+        return allocator_peaks(self.device)["allocated"] if peaks_reset() else None
+
+    def overall(self) -> dict:
+        """:func:`allocator_peaks` over the whole span."""
+        self._fold()
+        return self.peaks
 
 
 def _gpu_index(device):
