@@ -17,9 +17,10 @@ from utils.config import load_config
 from utils.runtime.device import peaks_reset
 from utils.schema import ModelConfig
 
-# bench/memory.py on this project's 2-core CPU (docs/measured.md): deit_b_distilled_384 at
-# 384 px, float32, one R-Drop step ([x; x]), bytes per image.
-MEASURED_BYTES_PER_IMAGE = {"plain": 1.58e9, "recompute": 0.224e9}
+# bench/memory.py on this project's 2-core CPU (docs/measured.md, 2026-12-07): deit_b_distilled_384
+# at 384 px, float32, one R-Drop step ([x; x]), bytes per image: the tensors (Paddle's allocator)
+# and the process's peak resident set.
+MEASURED_BYTES_PER_IMAGE = {"plain": (1.164e9, 1.575e9), "recompute": (0.166e9, 0.401e9)}
 
 
 def _executed_flops(model, size):
@@ -78,7 +79,9 @@ def test_activation_estimate_agrees_with_the_cpu_measurement(kind, recompute):
     cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml").model
     cfg = ModelConfig(cfg, recompute=recompute)
     estimate = 2 * activation_bytes(model_shape(cfg), cfg, None, False)  # two copies, float32
-    assert estimate == pytest.approx(MEASURED_BYTES_PER_IMAGE[kind], rel=0.3)
+    tensors, process = MEASURED_BYTES_PER_IMAGE[kind]
+    # Never below the tensors; at most what the process held, and within 1.4x of the tensors.
+    assert tensors <= estimate <= max(process, 1.4 * tensors), (estimate, tensors, process)
 
 
 def test_the_paper_recipe_plan_is_one_json_document():

@@ -17,8 +17,9 @@ H heads, MLP ratio r and T tokens (patches plus the class and distillation token
   both MLP layers and the activation) and, unless the fused kernel computes attention, H·T²
   attention values twice (the softmax's output, and its gradient beside it during the
   backward pass) plus, with attention dropout, its output and one-byte mask. In float32 that
-  is 1.58 GB per deit_b_distilled_384 training image, equal to bench/memory.py's CPU
-  measurement of the peak. Under AMP O1 the norms and the softmax stay in float32 (Paddle's
+  is 1.58 GB per deit_b_distilled_384 training image: the process's peak that bench/memory.py
+  measures on a CPU (1.575 GB), above the tensors alone (1.164 GB by Paddle's allocator) by
+  about the per-block softmax gradient, which is an upper bound. Under AMP O1 the norms and the softmax stay in float32 (Paddle's
   black list) and the matmuls after them keep half-precision copies; under O2 everything is
   half; these are estimates from Paddle's AMP lists, not measured. With recompute: each
   block's input plus one block's worth.
@@ -60,9 +61,9 @@ CPU_WARN_HOURS, FASTEST_CPU_FLOPS = 1.0, 5e12
 # How each memory term is known.
 MEMORY_BASIS = {
     "state": "counted: parameters x bytes of weights, gradients, optimizer state, averages",
-    "activations": "float32: the count equals bench/memory.py's CPU measurement (1.58 GB per "
-                   "deit_b_distilled_384 image); AMP and fused attention: estimated from "
-                   "Paddle's AMP lists and kernels",
+    "activations": "float32: the count equals the process peak bench/memory.py measures on "
+                   "a CPU (1.58 GB per deit_b_distilled_384 image; its tensors: 1.16 GB); AMP "
+                   "and fused attention: estimated from Paddle's AMP lists and kernels",
     "teacher": "counted: a distillation teacher's float32 weights",
     "reserved": "estimate: 1 GiB for the CUDA context and the allocator",
     "data_parallel": "estimate: with several GPUs, DataParallel's fused copy of the gradients",
