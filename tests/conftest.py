@@ -191,9 +191,9 @@ def tiny_model_config(kwargs=None, **fields):
                     MODEL, "model")
 
 
-def stop_at_evaluation(cfg, call, monkeypatch):
-    """Train ``cfg`` in this process until SIGTERM arrives during its ``call``-th evaluation;
-    return the position of the checkpoint that stop left."""
+def stop_at_evaluation(cfg, call, monkeypatch, resume=False):
+    """Train ``cfg`` in this process (``resume``: resume it) until SIGTERM arrives during its
+    ``call``-th evaluation; return the position of the checkpoint that stop left."""
     import training.engine as engine
     from main import train
     from utils.checkpoint import find_last, load_last
@@ -213,7 +213,7 @@ def stop_at_evaluation(cfg, call, monkeypatch):
 
     monkeypatch.setattr(engine, "evaluate", evaluate_then_signal)
     with pytest.raises(Interrupted):
-        train(cfg)
+        train(cfg, resume=resume)
     monkeypatch.undo()
     return load_last(find_last(cfg.train.output_dir))[0]["position"]
 

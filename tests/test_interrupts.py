@@ -143,8 +143,11 @@ def test_a_repeated_signal_is_one_request_and_the_run_saves(tmp_path):
     0.2 s apart) asks once: the run still stops after its step with a checkpoint."""
     out = str(tmp_path / "repeated")
     code, err = _signal_at_stage_1(out, signal.SIGINT, signal.SIGTERM, signal.SIGTERM)
-    assert code == 130 and "Traceback" not in err and "second" not in err
-    assert "interrupted: SIGINT at stage 1" in err
+    # The first signal the process records is the request (on a loaded machine another
+    # thread can take SIGTERM before SIGINT reaches Python); the repeats add nothing.
+    first = {130: "SIGINT", 143: "SIGTERM"}.get(code)
+    assert first and "Traceback" not in err and "second" not in err, (code, err[-2000:])
+    assert f"interrupted: {first} at stage 1" in err
     state, _ = load_last(find_last(out))
     assert state["position"]["stage"] == 1 and state["position"]["micro"] > 0
 
@@ -341,3 +344,23 @@ def test_sighup_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     line = [text for text in err.splitlines() if text.startswith("interrupted: ")][0]
     assert "SIGHUP at stage 0" in line and "--resume" in line and "Traceback" not in err
     assert os.path.isfile(os.path.join(out, "last", "state.json"))
+
+
+def test_a_resume_stopped_before_its_first_step_keeps_every_optimizer_moment(tmp_path,
+                                                                             monkeypatch):
+    """Stopped during a validation, resumed, and stopped again during the validation the
+    resume starts with (before it takes a step): that checkpoint holds every optimizer
+    tensor the one before held (Paddle 2.6's state_dict() alone returned none of them, and
+    the next resume restarted AdamW from zero)."""
+    from conftest import small_demo_config, stop_at_evaluation
+
+    cfg = small_demo_config(str(tmp_path / "run"))
+    first = stop_at_evaluation(cfg, 1, monkeypatch)
+    optimizer_file = os.path.join(str(tmp_path / "run"), "last", "optimizer.safetensors")
+    before = load_tensors(optimizer_file)[0]
+    second = stop_at_evaluation(cfg, 1, monkeypatch, resume=True)
+    assert first == second and first["evaluating"]
+    after = load_tensors(optimizer_file)[0]
+    assert len(before) > 2 and sorted(after) == sorted(before)
+    for key, value in before.items():
+        assert np.array_equal(after[key], value), key
