@@ -111,6 +111,13 @@ class WindowedBatchSampler(DistributedBatchSampler):
         return max(stop - self.start, 0)
 
 
+def less_than_a_batch(images: int, batch_size: int) -> UserError:
+    """The error for a training split of ``images`` that gives no whole batch of
+    ``batch_size`` (on this rank)."""
+    return UserError(f"the training split has {images} images, fewer than one batch of "
+                     f"{batch_size}; lower data.batch_size")
+
+
 def build_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
                  train: bool) -> SampleErrorLoader:
     """A DataLoader over ``dataset``; training shuffles and drops the last partial batch.
@@ -122,8 +129,7 @@ def build_loader(dataset: ImageDataset, batch_size: int, num_workers: int,
     sampler = WindowedBatchSampler(dataset, batch_size=batch_size, shuffle=train,
                                    drop_last=train, **shard)
     if train and len(sampler) == 0:
-        raise UserError(f"the training split has {len(dataset)} images, fewer than one "
-                        f"batch of {batch_size}; lower data.batch_size")
+        raise less_than_a_batch(len(dataset), batch_size)
     init = None
     if num_workers:
         init = functools.partial(_init_worker, os.getpid())

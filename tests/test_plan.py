@@ -404,3 +404,13 @@ def test_a_cpu_preflight_of_the_real_model_says_how_long_first():
         raise AssertionError("the demo's preflight is too small to measure the CPU for")
 
     assert cpu_duration(load_config("configs/demo.yaml"), not_measured) is None
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_a_stage_without_a_whole_batch_is_the_runs_one_line_in_the_plan(extra):
+    """A stage whose training subset holds no whole batch: --dry-run refused it with a
+    ZeroDivisionError traceback; now with the line the run's loader gives."""
+    proc = run_script("main.py", "-c", "configs/demo.yaml", "--dry-run", *extra,
+                      "-o", "stages.0.data.train_subset=1")
+    assert_one_error(proc, "the training split has 1 images, fewer than one batch of 32; "
+                           "lower data.batch_size")

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import paddle
 
+from data.loader import less_than_a_batch
 from training.gpus import (
     GPUS,
     RESERVED_BYTES,
@@ -185,6 +186,8 @@ def plan(cfg: Config, version: Optional[tuple[int, int, int]] = None,
             flops += _teacher_flops(cfg, data_cfg.image_size)
         images = trained if data_cfg.train_subset is None or trained is None \
             else min(data_cfg.train_subset, trained)
+        if images is not None and images < data_cfg.batch_size:  # the run's loader refuses it
+            raise less_than_a_batch(images, data_cfg.batch_size)
         length = None if images is None else StageLength.of(stage, images // data_cfg.batch_size)
         steps = stage.steps or (None if length is None else length.steps)
         validated = None if length is None or held_out is None else \
