@@ -87,7 +87,7 @@ class _SlowFile(http.server.BaseHTTPRequestHandler):
             time.sleep(0.02)
 
     def log_message(self, *args):
-        pass
+        """Quiet: no request lines on the test's standard error."""
 
 
 @pytest.fixture

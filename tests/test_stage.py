@@ -230,8 +230,8 @@ def test_a_released_stage_frees_its_gradients():
     cfg = load_config("configs/demo.yaml")
     net = RunModel.scratch(cfg, Precision())
     stage = build_stage(cfg, 0, net)
-    for _ in train_steps(stage, _synthetic_batches(1, 4, 32, 10), EpochProgress(), desc="x"):
-        pass
+    steps = list(train_steps(stage, _synthetic_batches(1, 4, 32, 10), EpochProgress(), desc="x"))
+    assert [step.status for step in steps] == ["applied"]
     params = net.model.parameters()
     assert all(p.grad is not None for p in params if not p.stop_gradient)  # zeros, allocated
     before = allocated_bytes("cpu")
