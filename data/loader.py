@@ -16,7 +16,7 @@ import paddle
 from paddle.io import DataLoader, DistributedBatchSampler
 
 from utils.errors import UserError
-from utils.runtime.dist import die_with_parent
+from utils.runtime.dist import die_with_parent, process_alive
 from utils.runtime.seeds import derived_seed
 from utils.runtime.signals import ignore_stop_signals
 
@@ -164,20 +164,11 @@ def _init_worker(parent, worker_id):
     default) a worker's parent is the server the training process started, which dies with
     it: the worker is tied to that server, once the training process is known to live."""
     server = os.getppid()
-    if server != parent and not _alive(parent):
+    if server != parent and not process_alive(parent):
         os._exit(1)  # the training process died before this worker started
     die_with_parent(server)
     ignore_stop_signals()
 
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def set_epoch(loader: paddle.io.DataLoader, epoch: int, start: int = 0) -> None:

@@ -29,7 +29,7 @@ from utils.io.files import (
     refuse_link,
     write_json,
 )
-from utils.runtime.device import gpu_visible
+from utils.runtime.device import gpu_visible, paddle_version
 from utils.schema import MAX_IMAGE_SIZE, MIN_CROP_FRACTION
 
 if TYPE_CHECKING:
@@ -143,7 +143,6 @@ def predictor_config(graph: str, params: str) -> paddle.inference.Config:
     ends the process with an illegal instruction on processors without AVX-512 (Paddle issues
     64852 and 70156; Paddle 3 checks the processor first), so it is left out there: the
     predictions are the same, through the unfused operators."""
-    import paddle
     import paddle.inference as inference
 
     config = inference.Config(graph, params)
@@ -151,7 +150,7 @@ def predictor_config(graph: str, params: str) -> paddle.inference.Config:
         config.enable_use_gpu(256, 0)  # initial memory pool (MB), device 0
     else:
         config.disable_gpu()
-        if int(paddle.__version__.split(".")[0]) == 2:
+        if paddle_version() < (3, 0, 0):
             config.delete_pass(SELF_ATTENTION_FUSION)
     config.disable_glog_info()
     return config

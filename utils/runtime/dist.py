@@ -69,6 +69,12 @@ def _stat(pid):
         return None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux: exists and is not a zombie)."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
 def launcher_process() -> Optional[tuple[int, int]]:
     """(pid, start time) of the ``paddle.distributed.launch`` process this rank descends
     from, directly or through a wrapper script; ``None`` without one (or off Linux)."""
