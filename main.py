@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from typing import Optional, Union
 
@@ -28,6 +27,7 @@ from utils.checkpoint import weights_path
 from utils.cli import config_parser
 from utils.config import dump_config, load_config, path_override
 from utils.errors import Interrupted, UserError
+from utils.runtime.invocation import resume_command
 from utils.schema import Config
 
 
@@ -86,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     overrides = list(args.override)
     if args.init_from:
-        path = args.init_from
+        path = os.path.abspath(args.init_from)  # the same file wherever a resume runs from
         if os.path.isdir(path):
             path = weights_path(path, "best")
         overrides.append(path_override("model.pretrained", path))
@@ -100,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.preflight:
         return run_preflight(cfg, args.json)
-    command = resume_command(argv)
+    command = resume_command("main.py", sys.argv[1:] if argv is None else argv)
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite, resume_with=command)
     except Interrupted as stop:
@@ -182,17 +182,6 @@ def run_preflight(cfg: Config, as_json: bool) -> int:
                 f"images per step" + ("" if cfg.model.recompute else
                                       ", or try -o model.recompute=true"))
     return 0
-
-
-def resume_command(argv: Optional[list[str]] = None) -> str:
-    """The command line that continues this run from its last checkpoint (through the
-    launcher for a launched run)."""
-    from utils.runtime.dist import launcher_prefix
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not any(arg == "--resume" or arg.startswith("--resume=") for arg in args):
-        args.append("--resume")
-    return " ".join(shlex.quote(arg) for arg in [*launcher_prefix("main.py"), "main.py", *args])
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ def _predict(files: list, classifier: Classifier, topk: int, results: list) -> N
     from data.augment import eval_view
     from data.images import read_rgb
     from utils.errors import UserError
+    from utils.io.files import shown
 
     run, preprocess, size, crop_fraction, names = classifier
     with paddle.no_grad():
@@ -164,7 +165,7 @@ def _predict(files: list, classifier: Classifier, topk: int, results: list) -> N
             top = np.argsort(-probs, kind="stable")[:topk]
             results.append({"file": path, "topk": [
                 {"index": int(i), "class": names[i], "prob": float(probs[i])} for i in top]})
-            print(f"{path}: " + ", ".join(f"{t['class']} {t['prob']:.4f}"
+            print(f"{shown(path)}: " + ", ".join(f"{t['class']} {t['prob']:.4f}"
                                           for t in results[-1]["topk"]), flush=True)
 
 

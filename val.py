@@ -18,7 +18,7 @@ from typing import Optional
 from utils import cli
 from utils.cli import add_weights_option, config_parser
 from utils.config import load_config
-from utils.errors import UserError
+from utils.errors import UserError, optional_output
 from utils.reports.progress import one_output
 from utils.run_folder import CHART_FILES, RESULT_FILES
 from utils.runtime.device import select_device
@@ -104,9 +104,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.plot:
         from utils.reports.plots import plot_per_class
 
-        print(plot_per_class(report["per_class_top1"], os.path.join(out, CHART_FILES[args.split]),
-                             f"per-class top-1 of {os.path.basename(weights)} on the "
-                             f"{args.split} split (top-1 {result['top1']:.4f})"), flush=True)
+        with optional_output(CHART_FILES[args.split]):
+            print(plot_per_class(report["per_class_top1"], os.path.join(out, CHART_FILES[args.split]),
+                                 f"per-class top-1 of {os.path.basename(weights)} on the "
+                                 f"{args.split} split (top-1 {result['top1']:.4f})"),
+                  flush=True)
     chosen = record_of(weights).get("selected_on")
     if chosen == "test" and args.split == "test":
         print("note: these weights were chosen on the test split (data.val_split: 0); this "

@@ -59,8 +59,14 @@ def _measure(preset, recompute, batch):
                "--config", preset["config"], *[a for o in preset["overrides"] for a in ("-o", o)]]
     if recompute:
         command.append("--recompute")
-    proc = subprocess.run(command, capture_output=True, text=True, check=True,
+    proc = subprocess.run(command, capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0:  # out of memory, most often: its own last line says so
+        from utils.errors import UserError
+
+        said = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"the step at batch {batch} (recompute {recompute}) ended with exit "
+                        f"code {proc.returncode}: {said}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -79,6 +85,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.child:
         _child(args.config, args.override, args.batch, args.recompute)
         return 0
+    from utils.runtime.signals import hold_sigterm
+
+    hold_sigterm(False)  # held for Paddle's import, which only the children make
     preset = QUICK if args.quick else REAL
     low, high = preset["batches"]
     result = {"model": preset["config"], "batches": [low, high]}
@@ -98,4 +107,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils import cli
+
+    cli.run(main)

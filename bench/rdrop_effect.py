@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import time
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 MEASURES = {  # key: what the table's column says
     "test_top1": "test top-1 (best weights)",
     "val_top1": "best val top-1",
@@ -53,32 +55,60 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace, alpha: float, seed: int) -> str:
-    """Train (or find finished) the run of ``alpha`` and ``seed``; its folder."""
+    """Train the run of ``alpha`` and ``seed`` (resume it when an earlier bench was stopped
+    in it; a finished one is read back as it is); its folder. A stop (Ctrl-C, SIGTERM)
+    reaches the run, which saves its checkpoint before the bench ends."""
+    from utils.checkpoint import find_last
+    from utils.errors import Interrupted, UserError
+
     folder = os.path.join(os.path.abspath(args.out), f"alpha_{alpha:g}", f"seed_{seed}")
     command = [sys.executable, os.path.join(ROOT, "main.py"), "-c", args.config,
                "-o", f"loss.alpha={alpha!r}", "-o", f"train.seed={seed}",
                "-o", f"train.output_dir={folder}"]
     for override in args.override:
         command += ["-o", override]
+    if os.path.isdir(folder) and find_last(folder) is not None:
+        command.append("--resume")  # an unfinished run continues; a finished one says so
     print(f"α = {alpha:g}, seed {seed}: {folder}", file=sys.stderr, flush=True)
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        code = run.wait()
+    except KeyboardInterrupt as stop:  # Ctrl-C reached the run too; SIGTERM is passed on
+        signum = getattr(stop, "signum", signal.SIGINT)
+        run.send_signal(signum)  # within a second of the first: the same request
+        run.wait()
+        raise Interrupted(signum, f"{signal.Signals(signum).name} while training {folder}; "
+                                  f"its checkpoint is kept: run the bench again to continue"
+                          ) from None
+    if code != 0:
+        raise UserError(f"main.py ended with exit code {code} for α = {alpha:g}, seed {seed} "
+                        f"(its error is above); fix it and run the bench again")
     return folder
 
 
 def measures(folder: str) -> dict:
-    """The measures of one finished run, from its best.json and metrics.jsonl."""
-    with open(os.path.join(folder, "best.json"), encoding="utf-8") as handle:
-        best = json.load(handle)
-    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    last = [record for record in records if "test" not in record][-1]
-    return {"test_top1": best["test_top1"], "val_top1": best["val_top1"],
-            "train_kl": last["train_kl"], "gap": last["val_loss"] - last["train_ce"]}
+    """The measures of one finished run, from its best.json and metrics.jsonl; a damaged
+    one is one error that says how to train it again."""
+    from utils.errors import UserError
+    from utils.io.files import read_json
+    from utils.reports.plots import read_metrics
+
+    try:
+        best, last = read_json(os.path.join(folder, "best.json")), read_metrics(folder)[-1]
+        return {"test_top1": float(best["test_top1"]), "val_top1": float(best["val_top1"]),
+                "train_kl": float(last["train_kl"]),
+                "gap": float(last["val_loss"]) - float(last["train_ce"])}
+    except (UserError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise UserError(f"the finished run in {folder} has damaged results ({exc}); move the "
+                        f"folder away (or delete it) to train it again") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Train every (α, seed), print the table and the JSON line."""
+    from utils.runtime.signals import hold_sigterm
+
     args = parse_args(argv)
+    hold_sigterm(False)  # held for Paddle's import, which this process never makes
     started = time.time()
     arms = {}
     for alpha in args.alphas:
@@ -98,4 +128,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils import cli
+
+    cli.run(main)

@@ -19,7 +19,7 @@ import numpy as np
 
 from utils.errors import UserError
 from utils.io.download import download_dataset
-from utils.io.files import path_problem
+from utils.io.files import path_problem, read_error_words
 from utils.io.safe_pickle import safe_unpickle
 
 if TYPE_CHECKING:
@@ -52,6 +52,12 @@ class Cifar:
         """Where Paddle's own dataset downloads the archive."""
         return "https://dataset.bj.bcebos.com/cifar/" + self.archive
 
+    @property
+    def fetch_advice(self) -> str:
+        """How to give a run the archive by hand."""
+        return (f"download {self.url} on a machine with internet and pass -o data.path="
+                f"/path/to/{self.archive} (the archive or its extracted folder)")
+
 
 CIFARS = {
     "cifar100": Cifar("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python",
@@ -64,8 +70,9 @@ CIFARS = {
 }
 
 
-# Where AI Studio mounts the datasets added to a project (read-only: reset at each start).
-AISTUDIO_DATA = "/home/aistudio/data"
+# Where AI Studio mounts the datasets added to a project (read-only: reset at each start);
+# AISTUDIO_DATA in the environment names another folder.
+AISTUDIO_DATA = os.environ.get("AISTUDIO_DATA", "/home/aistudio/data")
 
 
 def default_archive_path(cifar: Cifar) -> str:
@@ -75,25 +82,48 @@ def default_archive_path(cifar: Cifar) -> str:
     return os.path.join(DATA_HOME, "cifar", cifar.archive)
 
 
+def _mounted_archives(cifar):
+    """The archives of AI Studio datasets mounted under ``AISTUDIO_DATA`` (the public
+    CIFAR-100 dataset added to a project lands in ``/home/aistudio/data/dataNNNN/``): the
+    first readable one (or ``None``), and the unreadable ones before it with what is wrong."""
+    skipped = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(AISTUDIO_DATA), "data*",
+                                              cifar.archive))):
+        problem = path_problem(path) or (None if os.access(path, os.R_OK)
+                                         else "cannot be read (permission denied)")
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path} {problem}")
+    return None, skipped
+
+
 def mounted_archive(cifar: Cifar) -> Optional[str]:
-    """The archive of an AI Studio dataset mounted under ``AISTUDIO_DATA`` (the public
-    CIFAR-100 dataset added to a project lands in ``/home/aistudio/data/dataNNNN/``), or
+    """The first readable archive of an AI Studio dataset mounted under ``AISTUDIO_DATA``, or
     ``None``."""
-    found = sorted(glob.glob(os.path.join(AISTUDIO_DATA, "data*", cifar.archive)))
-    return next((path for path in found if not path_problem(path)), None)
+    return _mounted_archives(cifar)[0]
+
+
+def archive_here(cifar: Cifar, path: Optional[str] = None) -> Optional[str]:
+    """The archive or folder a run reads without downloading: ``path``, else a mounted AI
+    Studio dataset's archive, else Paddle's cache; ``None`` when none is here."""
+    if path is not None:
+        return None if path_problem(path, "any") else path
+    cached = default_archive_path(cifar)
+    return mounted_archive(cifar) or (cached if os.path.isfile(cached) else None)
 
 
 def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
-    """Return the archive or folder to read: ``path``, else a mounted AI Studio dataset's
-    archive (said in a line), else Paddle's cache, downloaded there when missing."""
-    fix = (f"download {cifar.url} on a machine with internet and pass "
-           f"-o data.path=/path/to/{cifar.archive} (the archive or its extracted folder)")
+    """Return the archive or folder to read (:func:`archive_here`, the source said in a line
+    when it is a mount), downloaded into Paddle's cache when none is here."""
+    fix = cifar.fetch_advice
     if path is not None:
         problem = path_problem(path, "any")
         if problem:
             raise UserError(f"data.path {path} {problem}; {fix}")
         return path
-    mounted = mounted_archive(cifar)
+    mounted, skipped = _mounted_archives(cifar)
+    for line in skipped:
+        print(f"data: skipped {line}", flush=True)
     if mounted is not None:
         print(f"data: {cifar.title} from the AI Studio dataset mounted at {mounted} "
               f"(data.path unset)", flush=True)
@@ -104,11 +134,22 @@ def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
     return download_dataset(cifar.url, "cifar", cifar.md5, f"{cifar.title} ({cached})", fix)
 
 
+def cifar_files(cifar: Cifar, path: Optional[str] = None) -> Optional[list[tuple[str, str]]]:
+    """``(name, path)`` of the files a run reads (:func:`archive_here`): the archive, or the
+    members of an extracted folder; ``None`` when the data is not here."""
+    source = archive_here(cifar, path)
+    if source is None:
+        return None
+    if not os.path.isdir(source):
+        return [(".", source)]
+    return [(os.path.relpath(name, source), name) for wanted in cifar.members
+            for name in _folder_members(cifar, source, wanted)]
+
+
 def pending_download(data_cfg: DataConfig) -> Optional[tuple[str, str, str]]:
     """``(what, url, option)`` of the CIFAR archive if a run will download it, or ``None``."""
     cifar = CIFARS.get(data_cfg.name)
-    if cifar is None or data_cfg.path is not None or mounted_archive(cifar) is not None \
-            or os.path.isfile(default_archive_path(cifar)):
+    if cifar is None or data_cfg.path is not None or archive_here(cifar) is not None:
         return None
     return cifar.title, cifar.url, "-o data.path=/path/to/"
 
@@ -119,16 +160,12 @@ def _read_member(cifar, path, wanted):
     pipe or device in a folder would block, other files are none of the reader's business."""
     pattern = re.compile(cifar.members[wanted])
     if os.path.isdir(path):
-        inner = os.path.join(path, cifar.folder)
-        folder = inner if os.path.isdir(inner) else path
-        for entry in sorted(os.listdir(folder)):
-            if pattern.fullmatch(entry):
-                name = os.path.join(folder, entry)
-                problem = path_problem(name)
-                if problem:
-                    raise UserError(f"CIFAR member {name} {problem}")
-                with open(name, "rb") as handle:
-                    yield name, handle
+        for name in _folder_members(cifar, path, wanted):
+            problem = path_problem(name)
+            if problem:
+                raise UserError(f"CIFAR member {name} {problem}")
+            with open(name, "rb") as handle:
+                yield name, handle
         return
     limit = MAX_EXPANSION * os.path.getsize(path) + (1 << 20)
     with tarfile.open(path, mode="r") as archive:
@@ -147,6 +184,15 @@ def _read_member(cifar, path, wanted):
             yield member.name, archive.extractfile(member)
 
 
+def _folder_members(cifar, path, wanted):
+    """The paths of the members of split ``wanted`` in an extracted folder, sorted."""
+    inner = os.path.join(path, cifar.folder)
+    folder = inner if os.path.isdir(inner) else path
+    pattern = re.compile(cifar.members[wanted])
+    return [os.path.join(folder, entry) for entry in sorted(os.listdir(folder))
+            if pattern.fullmatch(entry)]
+
+
 def _members(cifar, path, wanted):
     """``(name, unpickled content)`` of the members of split ``wanted``; a damaged archive
     is one clear error."""
@@ -155,6 +201,9 @@ def _members(cifar, path, wanted):
             yield name, safe_unpickle(handle, f"CIFAR member {name} of {path}",
                                       encoding="bytes")
     except DAMAGED as exc:
+        words = isinstance(exc, OSError) and read_error_words(exc)
+        if words:
+            raise UserError(f"{exc.filename or path} {words}") from None
         raise UserError(f"{path} is damaged or truncated ({exc.__class__.__name__}: {exc}); "
                         f"download {cifar.archive} again") from None
 

@@ -12,9 +12,15 @@ import numpy as np
 
 from data import folders
 from data.batching import micro_batch
-from data.cifar import CIFARS, cifar_class_names, default_archive_path, load_cifar, locate_cifar
+from data.cifar import (
+    CIFARS,
+    archive_here,
+    cifar_class_names,
+    cifar_files,
+    load_cifar,
+    locate_cifar,
+)
 from data.digits import digits_class_names, load_digits
-from data.images import MAX_FOLDER_DEPTH
 from data.loader import build_loader
 from data.samples import ImageDataset
 from data.sources import as_source
@@ -123,32 +129,57 @@ def stage_loaders(data_cfg: DataConfig, seed: int, accum_steps: int, size: int, 
     return train_loader, eval_loader(val_split.take(keep), data_cfg, size)
 
 
-def data_path_problems(data_cfg: DataConfig) -> list[str]:
-    """What is wrong with the ``data.path`` the config names (nothing when it is unset or
-    there), in words for an error line."""
+def data_path_problem(data_cfg: DataConfig) -> Optional[str]:
+    """What is wrong with the ``data.path`` the config names, with what the format reads
+    there, in words for an error line; ``None`` when it is unset or there."""
     problem = data_cfg.path and path_problem(data_cfg.path, "any")
-    return [f"data.path {data_cfg.path} {problem}"] if problem else []
+    if not problem:
+        return None
+    if data_cfg.name in CIFARS:
+        reads = CIFARS[data_cfg.name].fetch_advice
+    elif data_cfg.name == "folder":
+        reads = "data.name=folder reads " + folders.FOLDER_LAYOUT.replace("PATH", data_cfg.path)
+    else:
+        reads = "data.name=list reads lines of 'relative/path label' from files under it"
+    return f"data.path {data_cfg.path} {problem}; {reads}"
 
 
-def data_identity(data_cfg: DataConfig) -> Optional[str]:
-    """A fingerprint of the files ``data.path`` names (a file: its size and modification time;
-    a folder: those of every file under it, by relative path), or ``None`` when the data is
-    built in (the digits) or in Paddle's cache (``data.path`` unset). A run records it so that
+# Marks the fingerprints of the files read; a run recorded before them had another kind.
+FINGERPRINT = "files:"
+
+
+def files_read(data_cfg: DataConfig, num_classes: int) -> Optional[list[tuple[str, str]]]:
+    """``(name, path)`` of every file a run of ``data_cfg`` reads, listed as its reader lists
+    them: the CIFAR archive wherever it is found (``data.path``, an AI Studio mount, Paddle's
+    cache), the images of class folders (links followed, hidden and non-image files passed
+    over), list files and the images they name. ``None`` for the built-in digits and for
+    data that is not here or cannot be listed."""
+    try:
+        if data_cfg.name in CIFARS:
+            return cifar_files(CIFARS[data_cfg.name], data_cfg.path)
+        if data_cfg.name == "folder":
+            return folders.folder_files(data_cfg)
+        if data_cfg.name == "list":
+            return folders.list_files(data_cfg, num_classes)
+    except (UserError, OSError):
+        return None
+    return None
+
+
+def data_identity(data_cfg: DataConfig, num_classes: int) -> Optional[str]:
+    """A fingerprint of the files a run reads (:func:`files_read`: each one's name, size and
+    modification time), or ``None`` when there are none to list. A run records it so that
     data replaced since cannot pass for what the run was tested on."""
-    path = data_cfg.path
-    if path is None or data_cfg.name == "digits" or not os.path.exists(path):
+    files = files_read(data_cfg, num_classes)
+    if files is None:
         return None
     digest = hashlib.sha256()
-    files = [(".", path)] if not os.path.isdir(path) else sorted(
-        (os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
-        for root, folders, names in os.walk(path)
-        if os.path.relpath(root, path).count(os.sep) < MAX_FOLDER_DEPTH
-        for name in names)
-    for relative, full in files:
+    for name, path in sorted(files, key=lambda item: os.fsencode(item[0])):
         with contextlib.suppress(OSError):  # vanished while listed: left out
-            status = os.stat(full)
-            digest.update(f"{relative}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+            status = os.stat(path)
+            digest.update(os.fsencode(name) + f"\0{status.st_size}\0{status.st_mtime_ns}\n"
+                          .encode())
+    return FINGERPRINT + digest.hexdigest()
 
 
 def check_holdout(count: int, images: int) -> None:
@@ -192,8 +223,8 @@ def class_names(data_cfg: DataConfig, num_classes: int) -> list[str]:
     if data_cfg.name == "list":
         return folders.label_names(data_cfg, num_classes)
     cifar = CIFARS[data_cfg.name]
-    archive = data_cfg.path or default_archive_path(cifar)
-    if os.path.exists(archive):
+    archive = archive_here(cifar, data_cfg.path)  # the one a run reads
+    if archive is not None:
         return name_classes(cifar_class_names(cifar, archive), num_classes)
     return name_classes([], num_classes)
 

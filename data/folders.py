@@ -143,20 +143,41 @@ def folder_split(data_cfg: DataConfig, split: str,
     if unknown:
         raise UserError(f"{folder} has class folders that {data_cfg.path}/train lacks: "
                         f"{', '.join(unknown[:5])}; every class needs training images")
-    paths, labels, empty, ignored = [], [], [], [0]
-    seen = {_identity(folder)} | {_identity(os.path.join(folder, name)) for name in present}
-    for name in present:
-        files = _image_files(os.path.join(folder, name), name, ignored, seen)
-        if not files:
-            empty.append(name)
-        paths += files
-        labels.append(np.full(len(files), index[_nfc(name)], dtype=np.int64))
+    by_class, ignored = _class_files(folder, present)
+    empty = [name for name, files in zip(present, by_class) if not files]
     if empty:
         raise UserError(f"class folders with no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                         f"{folder}: {', '.join(empty[:10])}; add images or remove them")
-    if ignored[0]:
-        print(f"{folder}: {ignored[0]} files that are not images passed over", flush=True)
-    return FileImages(folder, paths), np.concatenate(labels)
+    if ignored:
+        print(f"{folder}: {ignored} files that are not images passed over", flush=True)
+    labels = [np.full(len(files), index[_nfc(name)], dtype=np.int64)
+              for name, files in zip(present, by_class)]
+    return FileImages(folder, [path for files in by_class for path in files]), \
+        np.concatenate(labels)
+
+
+def _class_files(folder, present):
+    """The image files of each class folder ``present`` in the split ``folder`` (paths
+    relative to it, as :func:`folder_split` reads them), and how many other files were
+    passed over."""
+    ignored = [0]
+    seen = {_identity(folder)} | {_identity(os.path.join(folder, name)) for name in present}
+    by_class = [_image_files(os.path.join(folder, name), name, ignored, seen)
+                for name in present]
+    return by_class, ignored[0]
+
+
+def folder_files(data_cfg: DataConfig) -> list[tuple[str, str]]:
+    """``(name under data.path, path)`` of every image a run on class folders reads, listed
+    as the reader lists them (hidden and non-image files passed over, links followed)."""
+    found = []
+    for split in SPLIT_FOLDERS:
+        folder = split_folder(data_cfg, split)
+        if folder is None:
+            continue
+        for files in _class_files(folder, class_folders(folder))[0]:
+            found += [(f"{split}/{name}", os.path.join(folder, name)) for name in files]
+    return found
 
 
 def list_path(data_cfg: DataConfig, key: str) -> Optional[str]:
@@ -203,6 +224,22 @@ def list_split(data_cfg: DataConfig, key: str,
     if not paths:
         raise UserError(f"data.{key}: {path} lists no images")
     return FileImages(data_cfg.path, paths), np.array(labels, dtype=np.int64)
+
+
+def list_files(data_cfg: DataConfig, num_classes: int) -> list[tuple[str, str]]:
+    """``(name under data.path, path)`` of every file a run on list files reads: the lists,
+    the label names and the images the lists name."""
+    found = []
+    for key in ("train_list", "val_list", "test_list", "label_names"):
+        path = list_path(data_cfg, key)
+        if path is None:
+            continue
+        found.append((getattr(data_cfg, key), path))
+        if key != "label_names":
+            images = list_split(data_cfg, key, num_classes)[0]
+            found += [(name, os.path.join(data_cfg.path, name))
+                      for name in map(images.relative_path, range(len(images)))]
+    return found
 
 
 def label_names(data_cfg: DataConfig, num_classes: int) -> list[str]:

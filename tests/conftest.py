@@ -1,21 +1,45 @@
 """Shared test helpers: project imports, a tiny PPIM model config and CLI subprocesses."""
 
+import atexit
 import io
 import json
 import os
 import pickle
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import warnings
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A subprocess timeout that only a hang reaches: a slow machine gives slow tests, not failures.
+HANG_S = 3600
 sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", message="No ccache found")
+
+
+def _private_machine_roots():
+    """Point every root the code reads from the machine into one folder of this test session,
+    before anything is imported (Paddle reads HOME then): HOME (Paddle's dataset and weights
+    caches, the digits cache, matplotlib's) and AI Studio's dataset mount. A machine with a
+    CIFAR-100 archive under /home/aistudio/data, or in its cache, runs the same tests. The
+    test workers and the scripts the tests start inherit them."""
+    if "RDROP_TESTS_HOME" in os.environ:
+        return
+    home = tempfile.mkdtemp(prefix="rdrop-tests-home-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    os.environ.update(RDROP_TESTS_HOME=home, HOME=home, XDG_CACHE_HOME=os.path.join(home, ".cache"),
+                      AISTUDIO_DATA=os.path.join(home, "aistudio-data"))
+    os.environ.pop("MPLCONFIGDIR", None)
+
+
+_private_machine_roots()
 
 # A 2-block, 64-wide distilled ViT at 32 px: PPIM's own class, small enough for CPU tests.
 TINY_MODEL_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,
@@ -104,11 +128,18 @@ def final_tests(output_dir):
     return {record["test"]: record for record in read_records(output_dir, test=True)}
 
 
-def run_script(script, *args, env=None, timeout=600):
+def run_script(script, *args, env=None, timeout=HANG_S):
     """Run ``python <script> args...`` from the project root; return the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
                           env=dict(os.environ, **(env or {})), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def split_resume_command(text):
+    """(folder, argv) of a printed resume command ``cd FOLDER && ARGV...`` (no redirection)."""
+    tokens = shlex.split(text)
+    assert tokens[0] == "cd" and tokens[2] == "&&", text
+    return tokens[1], tokens[3:]
 
 
 def read_records(output_dir, test=False):
@@ -123,7 +154,7 @@ def kill_in_stage_1(proc, output_dir, group=False, signum=signal.SIGKILL):
     run in ``output_dir`` has a mid-epoch checkpoint of stage 1; wait for it to end and
     return that position."""
     state_path, deadline, position = os.path.join(output_dir, "last", "state.json"), \
-        time.time() + 300, None
+        time.time() + HANG_S, None
     try:
         while time.time() < deadline and proc.poll() is None:
             try:

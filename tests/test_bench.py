@@ -1,15 +1,20 @@
 """The benchmark scripts run and print their JSON line; their timings are not asserted, the
-R-Drop bench's aggregation is checked against NumPy."""
+R-Drop bench's aggregation is checked against NumPy, and a stopped bench continues."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-from conftest import FAST_CLI, run_script
+from conftest import FAST_CLI, HANG_S, ROOT, assert_one_error, run_script
 
 
 def test_step_ratio_prints_one_json_line():
-    proc = run_script("bench/step_ratio.py", "--steps", "1", "--repeats", "1", timeout=300)
+    proc = run_script("bench/step_ratio.py", "--steps", "1", "--repeats", "1", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["host_bytes_per_image"] == 32 * 32 * 3
@@ -19,7 +24,7 @@ def test_step_ratio_prints_one_json_line():
 
 def test_loader_bench_prints_rates_and_the_workers_training_needs():
     proc = run_script("bench/loader.py", "--images", "32", "--list-files", "300",
-                      "--gpu-images-per-s", "40", timeout=300)
+                      "--gpu-images-per-s", "40", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["views_images_per_s"]) == {"384", "32"}
@@ -31,7 +36,7 @@ def test_loader_bench_prints_rates_and_the_workers_training_needs():
 
 
 def test_memory_bench_quick_prints_one_json_line():
-    proc = run_script("bench/memory.py", "--quick", timeout=300)
+    proc = run_script("bench/memory.py", "--quick", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for label in ("", "process_"):  # Paddle's allocator, and the process's peak
@@ -47,7 +52,7 @@ def test_memory_bench_quick_prints_one_json_line():
 def test_rdrop_effect_trains_every_arm_and_reports_each_runs_own_numbers(tmp_path):
     out = tmp_path / "bench"
     proc = run_script("bench/rdrop_effect.py", "--alphas", "0", "2", "--seeds", "2",
-                      "--out", str(out), *FAST_CLI, timeout=600)
+                      "--out", str(out), *FAST_CLI, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
@@ -69,7 +74,7 @@ def test_rdrop_effect_trains_every_arm_and_reports_each_runs_own_numbers(tmp_pat
     # Read back, not trained again: the finished runs' files stay as they were.
     stamp = (out / "alpha_0" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns
     again = run_script("bench/rdrop_effect.py", "--alphas", "0", "2", "--seeds", "2",
-                       "--out", str(out), *FAST_CLI, timeout=600)
+                       "--out", str(out), *FAST_CLI, timeout=HANG_S)
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["alphas"] == \
         result["alphas"]
     assert (out / "alpha_0" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns == stamp
@@ -78,3 +83,31 @@ def test_rdrop_effect_trains_every_arm_and_reports_each_runs_own_numbers(tmp_pat
 def test_rdrop_effect_refuses_a_single_seed():
     proc = run_script("bench/rdrop_effect.py", "--seeds", "1")
     assert proc.returncode == 2 and "--seeds must be at least 2" in proc.stderr
+
+
+def test_rdrop_effect_stopped_continues_its_run_and_refuses_a_damaged_result(tmp_path):
+    """Ctrl-C in the middle of a run: one line, exit 130, the run's checkpoint kept; run again,
+    the bench resumes that run (not a fresh start into its folder) and finishes; a finished
+    run's damaged best.json is one line that says how to train it again."""
+    out = tmp_path / "bench"
+    args = [sys.executable, os.path.join(ROOT, "bench", "rdrop_effect.py"), "--alphas", "0",
+            "--seeds", "2", "--out", str(out), *FAST_CLI, "-o", "stages.0.epochs=40"]
+    first = out / "alpha_0" / "seed_0"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    while proc.poll() is None and not (first / "last" / "state.json").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: the bench and its run
+    _, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert f"interrupted: SIGINT while training {first}; its checkpoint is kept" in err
+    stopped = json.loads((first / "last" / "state.json").read_text())["position"]
+    assert stopped["stage"] == 0
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "test" not in r]) == 41  # every epoch once, resumed
+    (first / "best.json").write_text("{damaged")
+    damaged = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert_one_error(damaged, f"the finished run in {first} has damaged results",
+                     "to train it again")

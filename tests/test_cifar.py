@@ -2,6 +2,8 @@
 careless or malicious user hands it (links, odd members, pickled code, damaged files)."""
 
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 from conftest import (
     DEMO_CLI,
     FAST_CLI,
+    HANG_S,
+    ROOT,
     Payload,
     assert_one_error,
     cifar_batch,
@@ -50,19 +54,19 @@ def test_the_cifar_reader_opens_only_its_regular_members(tmp_path):
     os.mkfifo(folder / "cifar-100-python" / "file.txt~")  # every file was opened: a hang
     proc = run_script("main.py", *DEMO_CLI, *FAST_CLI, "-o", "data.name=cifar100", "-o",
                       "model.num_classes=100", "-o", f"data.path={folder}", "-o",
-                      "data.val_split=0", *out_args(tmp_path), timeout=300)  # 160 train images
+                      "data.val_split=0", *out_args(tmp_path), timeout=HANG_S)  # 160 train images
     assert proc.returncode == 0, proc.stderr[-2000:]
     os.remove(folder / "cifar-100-python" / "test")
     os.mkfifo(folder / "cifar-100-python" / "test")
     proc = run_script("main.py", *DEMO_CLI, "-o", "data.name=cifar100", "-o",
-                      f"data.path={folder}", *out_args(tmp_path, "b"), timeout=120)
+                      f"data.path={folder}", *out_args(tmp_path, "b"), timeout=HANG_S)
     assert_one_error(proc, "cifar-100-python/test is not a regular file")
     loop = tmp_path / "loop"
     os.symlink(loop, loop)
     for path, words in (("/dev/zero", "is not a regular file (a device, pipe or socket)"),
                         (str(loop), "is a symbolic link loop")):
         proc = run_script("main.py", *DEMO_CLI, "-o", "data.name=cifar100", "-o",
-                          f"data.path={path}", *out_args(tmp_path, "c"), timeout=120)
+                          f"data.path={path}", *out_args(tmp_path, "c"), timeout=HANG_S)
         assert_one_error(proc, f"data.path {path} {words}")
 
 
@@ -288,3 +292,85 @@ def test_an_archive_mounted_by_ai_studio_is_used_when_data_path_is_unset(tmp_pat
     given = tmp_path / "mine.tar.gz"
     given.write_bytes(b"another")
     assert cifar.locate_cifar(cifar.CIFARS["cifar100"], str(given)) == str(given)  # it wins
+
+
+def test_the_mounted_archive_a_run_read_decides_whether_it_is_complete(tmp_path):
+    """data.path unset, the archive found in AI Studio's mount: the run records the archive
+    it read, so the same command after the mounted archive was replaced is not "complete"
+    with the old test numbers; the unchanged archive is."""
+    mount = tmp_path / "mount"
+    archive = mount / "data123" / C100.archive
+    archive.parent.mkdir(parents=True)
+    digits_cifar_archive(archive)
+    args = [*DEMO_CLI, *FAST_CLI, "-o", "data.name=cifar100", "-o", "model.num_classes=100",
+            "-o", "data.val_split=0", "-o", "train.progress=off", *out_args(tmp_path)]
+    env = {"AISTUDIO_DATA": str(mount)}
+    first = run_script("main.py", *args, env=env, timeout=HANG_S)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"AI Studio dataset mounted at {archive}" in first.stdout
+    again = run_script("main.py", *args, env=env, timeout=HANG_S)
+    assert again.returncode == 0 and "is complete with this config" in again.stdout
+    images, labels = load_digits("train")
+    digits_cifar_archive(archive, test=cifar_batch(images[300:360], labels[300:360]))
+    assert_one_error(run_script("main.py", *args, env=env, timeout=HANG_S),
+                     f"finished on other data than {archive} holds now", "--overwrite")
+
+
+def test_an_unreadable_mounted_archive_is_skipped_for_the_readable_one_beside_it(
+        tmp_path, monkeypatch, capsys):
+    """Two mounted datasets, the first archive unreadable: the second one is read, and the
+    first is named with why it was skipped."""
+    monkeypatch.setattr(cifar, "AISTUDIO_DATA", str(tmp_path))
+    first, second = (tmp_path / name / C100.archive for name in ("data1", "data2"))
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"an archive")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(first) and
+                        real_access(path, mode))  # root reads everything: denied here
+    assert locate_cifar(C100, None) == str(second)
+    out = capsys.readouterr().out
+    assert f"data: skipped {first} cannot be read (permission denied)" in out
+    assert f"mounted at {second}" in out
+
+
+@pytest.mark.parametrize("error,words", [
+    (PermissionError(13, "Permission denied"), "cannot be read (permission denied)"),
+    (IsADirectoryError(21, "Is a directory"), "is a folder, not a file"),
+    (OSError(28, "No space left on device"), "no space left on the device"),
+    (OSError(5, "Input/output error"), "input/output error"),
+])
+def test_os_errors_on_an_archive_are_said_as_what_they_are(tmp_path, monkeypatch, error, words):
+    """Permission denied, a folder, a full disk, a failing disk: each said as such, none as
+    "damaged or truncated: download again"; a bad gzip stream is damage."""
+    path = digits_cifar_archive(tmp_path / "a.tar.gz")
+    error.filename = str(path)
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tarfile, "open", failing)
+    with pytest.raises(UserError) as caught:
+        load_cifar(C100, str(path), "train")
+    assert str(caught.value).startswith(f"{path} ") and words in str(caught.value)
+    assert "damaged" not in str(caught.value)
+    monkeypatch.undo()
+    Path(path).write_bytes(b"\x1f\x8b" + b"\x00" * 64)  # a gzip header, then nothing valid
+    with pytest.raises(UserError, match="damaged or truncated"):
+        load_cifar(C100, str(path), "train")
+
+
+def test_the_suite_reads_no_mount_home_or_cache_of_the_machine():
+    """Every root the code reads from the machine (AI Studio's mount, HOME and the caches
+    under it) lies in this session's own folder, in this process and in the scripts the tests
+    start: an archive mounted under /home/aistudio/data, or cached, changes no test."""
+    from paddle.dataset.common import DATA_HOME
+    from paddle.utils.download import WEIGHTS_HOME
+
+    own = os.environ["RDROP_TESTS_HOME"]
+    for root in (cifar.AISTUDIO_DATA, DATA_HOME, WEIGHTS_HOME, os.path.expanduser("~")):
+        assert root.startswith(own + os.sep) or root == own, root
+    proc = subprocess.run([sys.executable, "-c", "import paddle.dataset.common as c; from data "
+                           "import cifar; print(cifar.AISTUDIO_DATA, c.DATA_HOME)"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0 and all(root.startswith(own) for root in proc.stdout.split()), proc.stdout

@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     DEMO_CLI,
     FAST_CLI,
+    HANG_S,
     ROOT,
     assert_one_error,
     cut_in_half,
@@ -45,7 +46,7 @@ def test_sigterm_as_soon_as_paddle_is_loaded_is_one_line(tmp_path):
     while not _has_loaded_paddle(proc.pid) and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert "FatalError" not in stderr and "C++ Traceback" not in stderr, stderr[-2000:]
     assert proc.returncode == 143, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith(("error: interrupted (SIGTERM)",
@@ -65,7 +66,7 @@ runpy.run_path("main.py", run_name="__main__")
 
 def test_a_full_disk_before_any_checkpoint_says_none_was_kept(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NO_SPACE, *DEMO_CLI, *FAST_CLI, *out_args(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     line = assert_one_error(proc, "No space left on device", "no checkpoint was saved there yet")
     assert "None" not in line and "previous checkpoint" not in line
 
@@ -97,7 +98,7 @@ def test_class_names_a_terminal_cannot_show_are_escaped_not_a_traceback(tmp_path
 
 def test_a_closed_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} main.py -c configs/demo.yaml --dry-run | head -1",
-                          shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          shell=True, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.stdout.startswith("data: ") and proc.stdout.count("\n") == 1
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 

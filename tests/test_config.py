@@ -7,12 +7,7 @@ import time
 import typing
 
 import pytest
-from conftest import (
-    DEMO_CLI,
-    ROOT,
-    assert_one_error,
-    run_script,
-)
+from conftest import DEMO_CLI, HANG_S, ROOT, assert_one_error, run_script
 
 from models.inference import _checked_contract
 from utils.config import DEFAULT_CONFIG, apply_override, load_config, parse_value, path_override
@@ -211,7 +206,7 @@ def test_a_config_that_is_not_utf8_or_a_yaml_bomb_is_one_line(tmp_path):
     bomb = tmp_path / "laughs.yaml"
     bomb.write_text("\n".join(lines) + "\n")
     start = time.time()
-    assert_one_error(run_script("main.py", "-c", str(bomb), "--dry-run", timeout=60),
+    assert_one_error(run_script("main.py", "-c", str(bomb), "--dry-run", timeout=HANG_S),
                      "expands to more than 100000 values")
     assert_one_error(run_script("main.py", *DEMO_CLI, "-o",
                                 "model.kwargs={a: &a [1, 1], b: [*a, *a]}", "--dry-run"),

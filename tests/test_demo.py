@@ -12,7 +12,15 @@ from urllib.parse import urlparse
 import numpy as np
 import paddle
 import pytest
-from conftest import DEMO_BAND, ROOT, assert_one_error, final_tests, read_records, run_script
+from conftest import (
+    DEMO_BAND,
+    HANG_S,
+    ROOT,
+    assert_one_error,
+    final_tests,
+    read_records,
+    run_script,
+)
 
 from data.cifar import CIFARS
 from data.digits import load_digits
@@ -131,7 +139,7 @@ def test_curves_are_drawn_at_the_end_and_on_demand(demo_run):
     assert _png_size(curves) == (1000, 700)  # shown about that wide: its text stays readable
     os.remove(curves)
     regenerated = subprocess.run([sys.executable, "-m", "utils.reports.plots", out], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=300)
+                                 capture_output=True, text=True, timeout=HANG_S)
     assert regenerated.returncode == 0 and _is_png(curves), regenerated.stderr[-2000:]
     plotted = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}",
                          "--plot")
@@ -154,7 +162,7 @@ def _cifar_host_reachable():
 def test_default_run_offline_fails_fast_with_one_line(tmp_path):
     if _cifar_host_reachable():
         pytest.skip("the CIFAR-100 host is reachable: plain main.py would download it")
-    proc = run_script("main.py", env={"HOME": str(tmp_path)}, timeout=120)  # empty Paddle cache
+    proc = run_script("main.py", env={"HOME": str(tmp_path)}, timeout=HANG_S)  # empty Paddle cache
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: offline")

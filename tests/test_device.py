@@ -7,7 +7,7 @@ import sys
 
 import paddle
 import pytest
-from conftest import ROOT
+from conftest import HANG_S, ROOT
 
 from utils.errors import UserError
 from utils.runtime import device
@@ -51,7 +51,7 @@ def test_main_puts_the_flags_in_the_environment_before_paddle_is_imported():
             "           '--dry-run'])\n"
             "print('flag', os.environ.get('FLAGS_cudnn_deterministic'))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert "paddle imported: False" in lines and lines[-1] == "flag 1"

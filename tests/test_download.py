@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import HANG_S, ROOT
 
 from utils.config import load_config
 from utils.errors import UserError
@@ -54,15 +54,12 @@ def test_offline_with_a_wrong_data_path_names_both_in_one_line(monkeypatch, tmp_
     import models.build as build
 
     monkeypatch.setattr(build, "weights_cached", lambda url: False)
-    from models.build import pending_download as weights_download
+    from training.run import run_inputs
 
     proc_cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml",
                            [f"data.path={tmp_path}/gone.tar.gz"])
-    from data.dataset import data_path_problems
-
     with pytest.raises(UserError) as caught:
-        download.ensure_downloadable([weights_download(proc_cfg.model)],
-                                     absent=data_path_problems(proc_cfg.data))
+        run_inputs(proc_cfg, resume=False)
     message = str(caught.value)
     assert "1 download(s) cannot be made" in message
     assert f"data.path {tmp_path}/gone.tar.gz does not exist" in message
@@ -112,7 +109,7 @@ def test_two_ranks_download_the_archive_once_and_both_read_it_whole(slow_server,
     command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
                "--log_dir", logs, os.path.join("tests", "download_ranks.py"), url, MD5]
     code = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, timeout=600).returncode
+                          stderr=subprocess.DEVNULL, timeout=HANG_S).returncode
     texts = [open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8",
                   errors="replace").read() for r in (0, 1)]
     assert code == 0, texts
@@ -164,7 +161,7 @@ def test_two_runs_at_once_download_the_weights_once(slow_server, tmp_path, monke
         thread.start()
         time.sleep(0.3)  # the first holds the lock while it downloads
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=HANG_S)
     assert len(gets) == 1 and len(paths) == 2 and paths[0] == paths[1]
     assert open(paths[0], "rb").read() == PAYLOAD
     assert "the test weights: waiting while another process downloads it" in capsys.readouterr().out

@@ -3,12 +3,14 @@ stopped and resumed, bad images stopping the run or skipped, and every layout er
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import (
     assert_one_error,
     assert_same_run,
     final_tests,
+    png_file,
     read_records,
     run_script,
     stop_at_evaluation,
@@ -265,10 +267,19 @@ def test_the_plan_reads_a_folder_data_set_and_refuses_what_a_run_refuses(photos,
 
 
 def test_a_finished_run_whose_data_changed_is_not_called_complete(tmp_path):
-    """The same command after the data at data.path changed (an image rewritten): one error
-    saying so, not "complete" with the old test numbers."""
+    """The same command after the data the run read changed (an image rewritten, in a split
+    folder that is a symbolic link, as the reader follows it): one error saying so, not
+    "complete" with the old test numbers. Files the reader passes over (a notebook's
+    checkpoints, macOS's ._ files, a README) change nothing; image names in GBK and Latin-1
+    bytes (unzipped from a Windows archive) are read and fingerprinted as they are."""
     root = str(tmp_path / "data")
     write_photo_folder(root)
+    os.rename(os.path.join(root, "test"), str(tmp_path / "test_elsewhere"))
+    os.symlink(str(tmp_path / "test_elsewhere"), os.path.join(root, "test"))
+    flowers = os.path.join(root, "train", "flower")
+    for prefix, name in zip((b"\xba\xc3-", b"caf\xe9-"), sorted(os.listdir(flowers))):
+        os.rename(os.path.join(flowers, name),
+                  os.path.join(flowers, os.fsdecode(prefix + os.fsencode(name))))
     out = str(tmp_path / "run")
     args = ["-c", "configs/demo_folder.yaml", "-o", f"data.path={root}", "-o",
             f"train.output_dir={out}", "-o", "model.num_classes=3", "-o", "stages.0.epochs=1",
@@ -277,6 +288,14 @@ def test_a_finished_run_whose_data_changed_is_not_called_complete(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     again = run_script("main.py", *args)
     assert again.returncode == 0 and "is complete with this config" in again.stdout
+    os.makedirs(os.path.join(flowers, ".ipynb_checkpoints"))
+    png_file(Path(flowers) / ".ipynb_checkpoints" / "a-checkpoint.png")
+    png_file(Path(flowers) / "._000-rgb.png")
+    with open(os.path.join(root, "train", "flower", "README.txt"), "w") as handle:
+        handle.write("photos of flowers\n")
+    skipped = run_script("main.py", *args)
+    assert skipped.returncode == 0 and "is complete with this config" in skipped.stdout, \
+        skipped.stderr[-2000:]
     image = next(os.path.join(folder, name) for folder, _, names in
                  os.walk(os.path.join(root, "test")) for name in names if name.endswith(".png"))
     Image.fromarray(photo_halves()["flower"][:40, :40]).save(image)

@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 from conftest import (
     DEMO_CLI,
+    HANG_S,
     ROOT,
+    SAVING_RUN_CLI,
     assert_one_error,
     kill_in_stage_1,
     read_records,
     run_script,
+    split_resume_command,
 )
 
 from main import train
@@ -48,7 +51,7 @@ def _main(out):
 def whole(tmp_path_factory):
     """The uninterrupted run's metrics.jsonl records."""
     out = str(tmp_path_factory.mktemp("whole"))
-    proc = subprocess.run(_main(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_main(out), cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return read_records(out)
 
@@ -104,7 +107,7 @@ def _signal_at_stage_1(out, *signums, extra=(), group=False):
             for signum in signums:
                 (os.killpg if group else os.kill)(proc.pid, signum)
             break
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=HANG_S)
     return proc.returncode, err
 
 
@@ -117,13 +120,17 @@ def test_sigterm_saves_says_how_to_resume_and_the_resumed_run_matches(whole, tmp
     assert "SIGTERM at stage 1 epoch 1" in line and f"checkpoint saved in {out}/last" in line
     state, _ = load_last(find_last(out))
     assert state["position"]["stage"] == 1 and 0 < state["position"]["micro"] < 8
-    command = shlex.split(line.split("continue with: ", 1)[1])
-    assert command[:2] == ["python", "main.py"] and command[-1] == "--resume"
-    # The same command in the run folder, from where it was started: a lost terminal keeps it.
+    printed = line.split("continue with: ", 1)[1]
+    folder, command = split_resume_command(printed)
+    # The interpreter that trained and main.py by its path: valid from any folder.
+    assert folder == ROOT and command[:2] == [sys.executable, os.path.join(ROOT, "main.py")]
+    assert command[-1] == "--resume"
+    # The same command in the run folder, under a line that says what it needs.
     with open(os.path.join(out, "RESUME.txt"), encoding="utf-8") as handle:
-        assert handle.read() == f"cd {shlex.quote(ROOT)} && {shlex.join(command)}\n"
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+        comment, kept = handle.read().splitlines()
+    assert comment.startswith("# ") and sys.executable in comment and kept == printed
+    resumed = subprocess.run(["bash", "-c", printed], cwd=str(tmp_path), capture_output=True,
+                             text=True, timeout=HANG_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_records(whole, read_records(out))
 
@@ -266,7 +273,7 @@ def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(whole, tmp_p
     out = str(tmp_path / "full")
     proc = subprocess.run([sys.executable, "-c", ENOSPC_AFTER_FIRST_EPOCH, out, *RUN,
                            "-o", f"train.output_dir={out}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=HANG_S)
     assert_one_error(proc, f"cannot save the checkpoint in {out} (No space left on device",
                      "the previous checkpoint there is kept", "--resume")
     state, _ = load_last(find_last(out))
@@ -339,7 +346,7 @@ def test_sighup_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
         if line.startswith("stage 0 epoch 1/"):
             proc.send_signal(signal.SIGHUP)
             break
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGHUP, err[-2000:]
     line = [text for text in err.splitlines() if text.startswith("interrupted: ")][0]
     assert "SIGHUP at stage 0" in line and "--resume" in line and "Traceback" not in err
@@ -364,3 +371,26 @@ def test_a_resume_stopped_before_its_first_step_keeps_every_optimizer_moment(tmp
     assert len(before) > 2 and sorted(after) == sorted(before)
     for key, value in before.items():
         assert np.array_equal(after[key], value), key
+
+
+def test_a_resume_reads_no_weights_it_started_from(trained, tmp_path):
+    """A run started with --init-from FOLDER, killed, then FOLDER archived: RESUME.txt's
+    command, pasted in another folder, continues it (a resume reads its checkpoint, not those
+    weights). The fresh command with other start weights is not the finished run."""
+    start, out = tmp_path / "start", tmp_path / "out"
+    subprocess.run(["cp", "-r", trained, str(start)], check=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *SAVING_RUN_CLI,
+                             "-o", f"train.output_dir={out}", "--init-from", str(start)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_in_stage_1(proc, str(out)) is not None
+    start.rename(tmp_path / "archived")
+    comment, command = (out / "RESUME.txt").read_text(encoding="utf-8").splitlines()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = subprocess.run(["bash", "-c", command], cwd=str(elsewhere), capture_output=True,
+                             text=True, timeout=HANG_S)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "Traceback" not in resumed.stderr
+    again = run_script("main.py", *SAVING_RUN_CLI, "-o", f"train.output_dir={out}",
+                       "--init-from", str(tmp_path / "archived"))
+    assert_one_error(again, f"train.output_dir {out} already holds a finished run")

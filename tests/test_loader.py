@@ -6,12 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import (
-    DEMO_CLI,
-    ROOT,
-    out_args,
-    process_alive,
-)
+from conftest import DEMO_CLI, HANG_S, ROOT, out_args, process_alive
 
 
 def _children(pid):
@@ -61,7 +56,7 @@ def test_workers_of_a_cut_iteration_end_quietly_with_their_process():
             "next(batches)\n"
             "print('cut', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
     assert proc.returncode == 0 and proc.stdout.strip() == "cut", proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "killed" not in proc.stderr, proc.stderr[-2000:]
 
@@ -84,5 +79,5 @@ def test_a_worker_starts_under_every_start_method(method):
     done = context.Queue()
     worker = context.Process(target=_start_worker, args=(os.getpid(), done))
     worker.start()
-    worker.join(timeout=120)
+    worker.join(timeout=HANG_S)
     assert worker.exitcode == 0 and done.get(timeout=10) == "started"

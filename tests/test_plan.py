@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import paddle
 import pytest
-from conftest import ROOT, assert_one_error, run_script, tiny_model_config
+from conftest import HANG_S, ROOT, assert_one_error, run_script, tiny_model_config
 
 from models.build import build_model
 from training.plan import activation_bytes, forward_flops, model_shape, plan
@@ -162,7 +162,7 @@ def test_offline_preflight_names_every_missing_download_at_once(monkeypatch):
 def test_preflight_json_is_one_document_and_a_cpu_says_so_first():
     proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", "stages.0.epochs=1",
                       "-o", "stages.1.epochs=1", "-o", "data.train_subset=256",
-                      "--preflight", "--json", timeout=300)
+                      "--preflight", "--json", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)  # the whole of standard output
     assert report["card"] is None and "stage_check_s" in report
@@ -362,7 +362,7 @@ def test_the_plan_refuses_a_student_that_is_not_a_vit_and_says_so_of_such_a_teac
 
 def test_the_budget_table_in_an_unknown_language_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "training.budget", "cn"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert_one_error(proc, "no budget table in 'cn'; use one of en, zh")
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import paddle
 import pytest
-from conftest import run_script, tiny_model_config
+from conftest import HANG_S, run_script, tiny_model_config
 
 import models.attention as attention
 from models.build import build_model
@@ -186,7 +186,7 @@ def test_throughput_quick_prints_one_json_line():
     # No loader workers: the original's pipeline (kept as it was) builds Paddle tensors in
     # forked workers, which on a loaded machine has ended in a worker's segmentation fault.
     proc = run_script("bench/throughput.py", "--quick", "--steps", "2", "--warmup", "1",
-                      "--workers", "0", timeout=300)
+                      "--workers", "0", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])

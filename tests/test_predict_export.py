@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -16,8 +17,10 @@ import pytest
 import sklearn
 from conftest import (
     DEMO_CLI,
+    HANG_S,
     ROOT,
     assert_one_error,
+    png_file,
     run_script,
     tiny_model_config,
 )
@@ -165,7 +168,7 @@ def test_prediction_skips_bad_images_with_a_warning_and_keeps_the_rest(tmp_path,
         path.chmod(0o755)
     json_out = tmp_path / "p.json"
     proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}", str(folder),
-                      "--json", str(json_out), timeout=120,
+                      "--json", str(json_out), timeout=HANG_S,
                       env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
     assert_one_error(proc, "4 of 5 images could not be read", "the other 1 were predicted",
                      f"written to {json_out}")
@@ -175,8 +178,25 @@ def test_prediction_skips_bad_images_with_a_warning_and_keeps_the_rest(tmp_path,
     assert [r["file"] for r in json.loads(json_out.read_text())] == [str(folder / "a_good.png")]
     assert not marker.exists()
     proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}",
-                      str(folder / "e_pipe.png"), timeout=60)
+                      str(folder / "e_pipe.png"), timeout=HANG_S)
     assert_one_error(proc, "is not a regular file")
+
+
+def test_images_named_in_gbk_or_latin_1_are_predicted_and_written_as_json(trained, tmp_path):
+    """File names unzipped from a Windows archive (GBK 好, Latin-1 é bytes, not UTF-8): each is
+    read and predicted; the JSON and the printed lines show the names with the replacement
+    character instead of ending after the work."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in (b"\xba\xc3.png", b"caf\xe9.png"):
+        png_file(Path(os.fsdecode(os.path.join(os.fsencode(str(folder)), name))), value=90)
+    json_out = tmp_path / "p.json"
+    proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}", str(folder),
+                      "--json", str(json_out))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    files = sorted(record["file"] for record in json.loads(json_out.read_text(encoding="utf-8")))
+    assert files == [f"{folder}/caf\ufffd.png", f"{folder}/\ufffd\ufffd.png"]
+    assert f"{folder}/caf\ufffd.png: " in proc.stdout
 
 
 def test_prediction_checks_the_json_destination_before_the_work(trained, tmp_path):
@@ -342,7 +362,7 @@ def test_export_with_its_standard_error_closed_exports(trained, tmp_path):
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *DEMO_CLI,
                            "-o", f"train.output_dir={trained}", "--out", str(out)],
-                          cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=600,
+                          cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=HANG_S,
                           preexec_fn=lambda: os.close(2))
     assert proc.returncode == 0 and f"exported to {out}" in proc.stdout
     image = np.zeros((1, 3, 32, 32), np.float32)

@@ -4,10 +4,7 @@ does not fit halved to one that does."""
 import json
 
 import pytest
-from conftest import (
-    DEMO_CLI,
-    run_script,
-)
+from conftest import DEMO_CLI, HANG_S, run_script
 
 from training import engine
 from utils.config import load_config
@@ -16,7 +13,7 @@ from utils.runtime.device import peaks_reset
 
 
 def test_preflight_measures_the_demo_in_one_json_line():
-    proc = run_script("main.py", *DEMO_CLI, "--preflight", "--json", timeout=300)
+    proc = run_script("main.py", *DEMO_CLI, "--preflight", "--json", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("step_s", "train_images_per_s", "peak_memory_bytes", "projected_epoch_s",
@@ -28,7 +25,7 @@ def test_preflight_measures_the_demo_in_one_json_line():
                for s in report["stages"])  # 1197 train digits / 32
     assert report["disk_bytes"] > report["checkpoint_bytes"]
     assert report["projected_total_s"] > 35 * min(s["projected_epoch_s"] for s in report["stages"])
-    table = run_script("main.py", *DEMO_CLI, "--preflight", timeout=300)
+    table = run_script("main.py", *DEMO_CLI, "--preflight", timeout=HANG_S)
     assert table.returncode == 0 and "projected: the whole recipe" in table.stdout
 
 

@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 from conftest import (
+    FAST_CLI,
+    HANG_S,
     ROOT,
     SAVING_RUN_CLI,
     assert_one_error,
@@ -26,7 +28,7 @@ from utils.errors import UserError
 def test_a_damaged_metrics_file_is_one_line_for_the_plots(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"stage": 0, "epoch": 0}\n{"stage": 0, "ep\n')
     proc = subprocess.run([sys.executable, "-m", "utils.reports.plots", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert_one_error(proc, "line 2 of", "is damaged")
 
 
@@ -81,7 +83,7 @@ def test_people_read_one_numbering_and_loss_parts_that_add_up(tmp_path):
         lines.append(line)
         if line.startswith("stage 1 epoch 1/3:"):
             proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 143, stderr[-2000:]
     # At the end of epoch 1 (the signal came before its stop check) or inside a later one.
     stopped = re.search(r"interrupted: SIGTERM at stage 1 epoch ([123]) \(step \d+\)", stderr)
@@ -166,6 +168,65 @@ def test_a_chart_is_written_after_paddle_is_loaded_through_the_project(tmp_path)
             "plot_per_class({'a': 0.5, 'b': 1.0}, sys.argv[1], 'two classes')\n")
     path = tmp_path / "chart.png"
     proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_damaged_chinese_font_or_a_failing_chart_never_ends_a_run(tmp_path):
+    """The CJK font file cut short (a broken install) and a chart that cannot be written:
+    training and val.py --plot still finish with exit 0 and their results, each failure one
+    warning line."""
+    import importlib.util
+
+    from utils.reports.plots import CJK_FONT
+
+    real = os.path.join(importlib.util.find_spec("mplfonts").submodule_search_locations[0],
+                        *CJK_FONT)
+    fake = tmp_path / "site" / "mplfonts"
+    (fake / CJK_FONT[0]).mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    with open(real, "rb") as handle:
+        (fake / os.path.join(*CJK_FONT)).write_bytes(handle.read(4096))  # cut short
+    env = {"PYTHONPATH": str(tmp_path / "site")}
+    out = tmp_path / "run"
+    trained = run_script("main.py", "-c", "configs/demo.yaml", *FAST_CLI, "-o",
+                         f"train.output_dir={out}", env=env)
+    assert trained.returncode == 0 and "Traceback" not in trained.stderr, trained.stderr[-2000:]
+    assert "warning: the Chinese font" in trained.stdout and (out / "best.json").exists()
+    assert (out / "curves.png").exists()  # drawn without the font
+    (out / "per_class_top1.png").mkdir()  # the chart's name taken by a folder
+    plotted = run_script("val.py", "-c", str(out), "--plot", env=env)
+    assert plotted.returncode == 0 and "Traceback" not in plotted.stderr, plotted.stderr[-2000:]
+    assert "warning: per_class_top1.png skipped" in plotted.stdout
+    assert json.loads((out / "val_metrics.json").read_text())["num_samples"] > 0
+    assert plotted.stdout.strip().splitlines()[-1].startswith("top1=")
+
+
+def test_a_failing_visualdl_is_one_warning_and_the_records_are_kept(tmp_path, monkeypatch,
+                                                                    capsys):
+    """VisualDL that cannot start, or fails at a scalar: one warning line each, and
+    metrics.jsonl gets every record."""
+    import visualdl
+
+    from utils.reports.logger import RunLogger
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("protobuf mismatch")
+
+    monkeypatch.setattr(visualdl, "LogWriter", broken)
+    logger = RunLogger(str(tmp_path / "a"))
+    logger.log_step(0, {"loss": 1.0})
+    logger.log_epoch(0, {"stage": 0, "epoch": 1, "val_top1": 0.5})
+    logger.close()
+    assert capsys.readouterr().out.count("warning: the VisualDL log (vdl/) skipped "
+                                         "(protobuf mismatch)") == 1
+    monkeypatch.undo()
+    logger = RunLogger(str(tmp_path / "b"))
+    monkeypatch.setattr(logger.writer, "add_scalar", broken)
+    logger.log_step(0, {"loss": 1.0, "lr": 0.1})
+    logger.log_epoch(0, {"stage": 0, "epoch": 1, "val_top1": 0.5})
+    logger.close()
+    assert capsys.readouterr().out.count("warning: the VisualDL log (vdl/) from here on") == 1
+    for run in ("a", "b"):
+        assert read_records(str(tmp_path / run)) == [{"stage": 0, "epoch": 1, "val_top1": 0.5}]

@@ -10,6 +10,7 @@ import pytest
 from conftest import (
     DEMO_CLI,
     FAST_CLI,
+    HANG_S,
     ROOT,
     SAVING_RUN_CLI,
     assert_one_error,
@@ -33,10 +34,10 @@ def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(t
     deadline = time.time() + 120
     while not (out / "run.lock").exists() and time.time() < deadline:
         time.sleep(0.05)
-    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert_one_error(second, f"train.output_dir {out} is in use by another run (pid "
                              f"{first.pid} on")
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert first.wait(timeout=HANG_S) == 0, first.stderr.read()[-2000:]
     assert [(r["stage"], r["epoch"]) for r in read_records(str(out))] == [(0, 1), (0, 2), (1, 1)]
 
 
@@ -72,6 +73,46 @@ def test_a_fresh_run_never_writes_over_an_earlier_one(trained, tmp_path):
     assert_one_error(proc, "holds files that no run wrote (e.g. thesis.tex); --overwrite moves "
                            "only earlier runs")
     assert (tmp_path / "other" / "thesis.tex").exists()
+
+
+def test_overwrite_checks_what_the_run_reads_before_moving_anything(trained, tmp_path):
+    """--overwrite with the weights to start from inside the folder it moves aside, or run
+    from inside that folder (-c .): one line, nothing moved; a missing input is named before
+    the folder is touched; a rename the OS refuses is one line."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", trained, str(copy)], check=True)
+    listing = sorted(os.listdir(copy))
+    proc = run_script("main.py", "-c", str(copy), "--overwrite", "--init-from", str(copy))
+    assert_one_error(proc, f"model.pretrained {copy}/best.safetensors lies in train.output_dir "
+                           f"{copy}, which --overwrite moves aside", "copy it out")
+    inside = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "-c", ".",
+                             "--overwrite"], cwd=str(copy), capture_output=True, text=True,
+                            timeout=HANG_S)
+    assert_one_error(inside, f"train.output_dir {copy} holds the current folder", "cd ..")
+    proc = run_script("main.py", "-c", str(copy), "--overwrite", "--init-from",
+                      str(tmp_path / "gone"))
+    assert_one_error(proc, f"model.pretrained {tmp_path}/gone does not exist")
+    fresh = tmp_path / "fresh"
+    proc = run_script("main.py", *DEMO_CLI, "-o", f"train.output_dir={fresh}", "-o",
+                      "data.name=folder", "-o", f"data.path={tmp_path}/no-photos")
+    assert_one_error(proc, f"data.path {tmp_path}/no-photos does not exist")
+    assert sorted(os.listdir(copy)) == listing  # nothing moved aside, no folder made
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
+
+
+def test_a_rename_the_os_refuses_is_one_line(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("{}\n")
+
+    def refused(source, target):
+        raise OSError(16, "Device or resource busy", source)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(UserError, match=r"--overwrite could not move .* \(Device or resource "
+                                        r"busy\); move the earlier run yourself"):
+        RunFolder(str(folder)).hold(overwrite=True)
+    assert (folder / "metrics.jsonl").exists()
 
 
 def test_output_folders_that_cannot_be_folders_are_one_line(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     DEMO_CLI,
     FAST_CLI,
+    HANG_S,
     ROOT,
     SUBSET_CLI,
     Payload,
@@ -128,7 +129,7 @@ def _load_in_child(blobs, limit_bytes=1 << 30):
             "        out.append(str(exc))\n"
             "print(json.dumps(out))\n")
     return subprocess.run([sys.executable, "-c", code, *blobs], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
 
 
 def test_crafted_dtype_states_and_allocation_bombs_are_refused_by_name(tmp_path):
@@ -193,7 +194,7 @@ def test_fuzzed_pickles_load_or_fail_with_one_line_and_never_crash(tmp_path):
         with open(path, "rb") as handle:
             safe_unpickle(handle, path, encoding="bytes")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fuzz_pickle.py"), "0",
-                           "4000", *paths], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "4000", *paths], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     outcome = json.loads(proc.stdout)
     assert outcome["other"] == [] and outcome["loaded"] + outcome["refused"] == 4000
@@ -263,7 +264,7 @@ def test_more_paths_of_the_wrong_kind_are_one_line(tmp_path):
           os.path.join(ROOT, "docs", "demo_predictions.png")], "is not a regular file"),
     ]
     for (script, *args), message in cases:
-        assert_one_error(run_script(script, *args, timeout=120), message)
+        assert_one_error(run_script(script, *args, timeout=HANG_S), message)
 
 
 def test_safetensors_with_odd_metadata_are_one_line(tmp_path):
@@ -310,9 +311,9 @@ def test_special_files_in_path_settings_are_one_line_each(tmp_path, specials):
 
 def test_a_special_file_given_to_the_entry_points_is_one_line(tmp_path, specials):
     fifo, _ = specials["a pipe"]
-    proc = run_script("main.py", "-c", fifo, "--dry-run", timeout=60)
+    proc = run_script("main.py", "-c", fifo, "--dry-run", timeout=HANG_S)
     assert_one_error(proc, "not a regular file")
-    proc = run_script("val.py", "-c", "configs/demo.yaml", "--weights", "/dev/zero", timeout=60)
+    proc = run_script("val.py", "-c", "configs/demo.yaml", "--weights", "/dev/zero", timeout=HANG_S)
     assert_one_error(proc, "/dev/zero")
 
 

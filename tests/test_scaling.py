@@ -17,11 +17,13 @@ import paddle
 import pytest
 from conftest import (
     DEMO_BAND,
+    HANG_S,
     ROOT,
     kill_in_stage_1,
     process_alive,
     read_records,
     run_script,
+    split_resume_command,
     tiny_model_config,
 )
 
@@ -67,7 +69,7 @@ def two_rank_demo(tmp_path_factory):
     """The demo as it is (no ``-o``) on two CPU ranks: its output folder and launcher logs."""
     folder = tmp_path_factory.mktemp("two-rank-demo")
     out, logs = str(folder / "dp"), str(folder / "logs")
-    assert _launch(out, log_dir=logs).wait(timeout=900) == 0, _log_tail(logs)
+    assert _launch(out, log_dir=logs).wait(timeout=HANG_S) == 0, _log_tail(logs)
     return out, logs
 
 
@@ -93,7 +95,7 @@ def test_two_local_nodes_follow_the_two_rank_trajectory(two_rank_demo, tmp_path)
     short = ["-o", f"stages.0.epochs={epochs}", "-o", "stages.1.epochs=1"]
     nodes = [_launch(out, *short, log_dir=str(tmp_path / f"node{i}"), nodes=(i, master))
              for i in (0, 1)]
-    assert [node.wait(timeout=900) for node in nodes] == [0, 0], _log_tail(str(tmp_path / "node0"))
+    assert [node.wait(timeout=HANG_S) for node in nodes] == [0, 0], _log_tail(str(tmp_path / "node0"))
     got = read_records(out)
     assert len(got) == epochs + 1
     for want, have in zip(read_records(two_rank_demo[0])[:epochs], got):
@@ -113,7 +115,7 @@ def two_rank_short_run(tmp_path_factory):
     """The short demo on two CPU ranks: its output folder."""
     folder = tmp_path_factory.mktemp("two-ranks")
     whole, logs = str(folder / "whole"), str(folder / "logs")
-    assert _launch(whole, *SHORT, log_dir=logs).wait(timeout=600) == 0, _log_tail(logs)
+    assert _launch(whole, *SHORT, log_dir=logs).wait(timeout=HANG_S) == 0, _log_tail(logs)
     return whole
 
 
@@ -123,7 +125,7 @@ def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(two_rank_sho
     proc = _launch(killed, *SHORT, log_dir=str(tmp_path / "l2"), new_session=True)
     kill_in_stage_1(proc, killed, group=True)
     assert len(read_records(killed)) < 3
-    assert _launch(killed, *SHORT, "--resume", log_dir=str(tmp_path / "l3")).wait(timeout=600) \
+    assert _launch(killed, *SHORT, "--resume", log_dir=str(tmp_path / "l3")).wait(timeout=HANG_S) \
         == 0, _log_tail(str(tmp_path / "l3"))
     _assert_close_records(whole, killed, abs_tol=1e-12)
 
@@ -146,11 +148,13 @@ def test_sigterm_to_the_launcher_saves_every_rank_and_the_printed_command_resume
         assert "Traceback" not in text and "Error" not in text, text[-2000:]
         assert "interrupted: SIGTERM at stage 1" in text
     line = next(text for text in ranks[0].splitlines() if text.startswith("interrupted: "))
-    command = shlex.split(line.split("continue with: ", 1)[1])
-    assert command[:4] == ["python", "-m", "paddle.distributed.launch", "--nproc_per_node"]
+    folder, command = split_resume_command(line.split("continue with: ", 1)[1])
+    assert folder == ROOT and command[:5] == [sys.executable, "-m", "paddle.distributed.launch",
+                                              "--nproc_per_node", "2"]
+    assert command[command.index("--log_dir") + 2] == os.path.join(ROOT, "main.py")
     command[command.index("--log_dir") + 1] = str(tmp_path / "resumed-logs")
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    resumed = subprocess.run(command, cwd=folder,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=HANG_S)
     assert resumed.returncode == 0, _log_tail(str(tmp_path / "resumed-logs"))
     _assert_close_records(whole, out, abs_tol=1e-12)
 
@@ -194,7 +198,7 @@ def test_a_stop_in_a_validation_ends_it_on_every_rank_within_a_few_batches(tmp_p
                "--log_dir", logs, os.path.join("tests", "stop_in_validation_ranks.py"),
                *options]
     subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=600)
+                   timeout=HANG_S)
     texts = [open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8",
                   errors="replace").read() for r in (0, 1)]
     for text in texts:
@@ -208,7 +212,7 @@ def test_a_stop_in_a_validation_ends_it_on_every_rank_within_a_few_batches(tmp_p
     resumed = _launch(str(out), *SMALL, "-o", "data.eval_batch_size=1", "-o",
                       "stages.0.epochs=1", "-o", "stages.1.epochs=1", "--resume",
                       log_dir=str(tmp_path / "resumed-logs"))
-    assert resumed.wait(timeout=600) == 0, _log_tail(str(tmp_path / "resumed-logs"))
+    assert resumed.wait(timeout=HANG_S) == 0, _log_tail(str(tmp_path / "resumed-logs"))
     assert json.loads((out / "last" / "state.json").read_text())["tested"]
 
 
@@ -222,7 +226,7 @@ def test_preflight_ranks_halve_a_micro_batch_together(tmp_path):
                "-c", "configs/demo.yaml", "-o", f"train.output_dir={tmp_path / 'out'}",
                "--preflight", "--json"]
     subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=600)
+                   timeout=HANG_S)
     for r in (0, 1):
         with open(os.path.join(logs, f"workerlog.{r}"), encoding="utf-8") as handle:
             # Paddle's C++ log lines ("I1202 16:30:10.95 ... tcp_store.cc:289] ...") come from
@@ -252,7 +256,7 @@ def test_two_ranks_with_recompute_train_to_the_same_weights(two_rank_short_run, 
     """Recompute inside DataParallel (Paddle's re-entrant form crashed its reducer at the
     first backward): the same dropout masks, the same records and weights."""
     out, logs = str(tmp_path / "recompute"), str(tmp_path / "logs")
-    code = _launch(out, *SHORT, "-o", "model.recompute=true", log_dir=logs).wait(timeout=600)
+    code = _launch(out, *SHORT, "-o", "model.recompute=true", log_dir=logs).wait(timeout=HANG_S)
     with open(os.path.join(logs, "workerlog.0"), encoding="utf-8") as handle:
         log = handle.read()
     if not hooks_keep_random_state():  # Paddle 2.6 on a CPU: refused before the first step
@@ -281,7 +285,7 @@ def two_rank_gradients(tmp_path_factory):
     command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
                "--log_dir", logs, os.path.join("tests", "dp_recompute_grads.py"), str(out)]
     code = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, timeout=600).returncode
+                          stderr=subprocess.DEVNULL, timeout=HANG_S).returncode
     assert code == 0, _log_tail(logs)
     return {name[:-4]: dict(np.load(out / name)) for name in os.listdir(out)
             if name.endswith(".npz")}
@@ -371,5 +375,5 @@ def test_sighup_to_the_launcher_saves_every_rank_and_resume_finishes(two_rank_sh
         assert "Traceback" not in text and "Error" not in text, text[-2000:]
         assert "interrupted: SIGTERM at stage 1" in text, text[-2000:]
     resumed = _launch(str(out), *SHORT, "--resume", log_dir=str(tmp_path / "resumed-logs"))
-    assert resumed.wait(timeout=600) == 0, _log_tail(str(tmp_path / "resumed-logs"))
+    assert resumed.wait(timeout=HANG_S) == 0, _log_tail(str(tmp_path / "resumed-logs"))
     _assert_close_records(whole, out, abs_tol=1e-12)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import paddle
 import pytest
-from conftest import digit_batches, run_script, seeded_tiny_model
+from conftest import HANG_S, digit_batches, run_script, seeded_tiny_model
 
 from data.preprocess import DevicePreprocess
 from losses import RDropLoss
@@ -36,7 +36,7 @@ FIXRES_SHORT = ["-c", "configs/demo_fixres.yaml", "-o", "data.train_subset=64", 
 def _probe(tmp_path, name, *args, env=None):
     """What tests/stack_probe.py records while ``main.py ARGS`` runs."""
     out = str(tmp_path / f"{name}.json")
-    proc = run_script(os.path.join("tests", "stack_probe.py"), out, *args, env=env, timeout=600)
+    proc = run_script(os.path.join("tests", "stack_probe.py"), out, *args, env=env, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(out, encoding="utf-8") as handle:
         return json.load(handle)

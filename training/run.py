@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import signal
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Union
 
 import paddle
 
+from data.cifar import CIFARS, archive_here
 from data.cifar import pending_download as cifar_download
-from data.dataset import Split, data_identity, data_path_problems, eval_loader, validation_source
+from data.dataset import (
+    FINGERPRINT,
+    Split,
+    data_identity,
+    data_path_problem,
+    eval_loader,
+    validation_source,
+)
 from data.preprocess import DevicePreprocess
 from models.build import input_size
 from models.build import pending_download as weights_download
@@ -58,7 +65,7 @@ from utils.checkpoint import (
 from utils.config import dump_config, to_plain
 from utils.errors import Interrupted, UserError, is_out_of_memory, out_of_memory_error
 from utils.io.download import ensure_downloadable
-from utils.io.files import write_atomically
+from utils.io.files import path_problem, write_atomically
 from utils.io.tensor_io import as_paddle, load_tensors
 from utils.reports.logger import RunLogger
 from utils.reports.plots import curves_at_end
@@ -68,6 +75,7 @@ from utils.reports.text import best_line, epoch_line, place, position_text, run_
 from utils.run_folder import RESUME_FILE, RunFolder
 from utils.runtime.device import matmul_flop_rate, select_device
 from utils.runtime.dist import any_rank, init, is_main
+from utils.runtime.invocation import environment_line
 from utils.runtime.seeds import seed_everything
 from utils.runtime.signals import StopRequests
 from utils.schema import Config
@@ -113,7 +121,7 @@ class Run:
             self.state.teacher = net.teacher.pin
         validate_stages(self.cfg, net.model, net.base_size, net.teacher, self.start.stage)
         if self.state.data is None:  # a fresh run (or one from before fingerprints)
-            self.state.data = data_identity(self.cfg.data)
+            self.state.data = data_identity(self.cfg.data, self.cfg.model.num_classes)
         print(run_line(self.device, *(len(split.labels) for split in splits), self.out,
                        self.validation), flush=True)
 
@@ -129,7 +137,8 @@ class Run:
                              dump_config(self.cfg).encode())
             if self.resume_with:  # for a terminal that is gone when the run stops
                 write_atomically(os.path.join(self.out, RESUME_FILE),
-                                 f"cd {shlex.quote(os.getcwd())} && {self.resume_with}\n".encode())
+                                 f"{environment_line()}\n{self.resume_with}\n"
+                                 .encode("utf-8", "surrogateescape"))  # paths' exact bytes
         self.logger = RunLogger(self.out, keep_records=self.state.records,
                                 keep_steps=self.state.global_step, enabled=is_main())
         with self.stops:
@@ -342,9 +351,11 @@ def training_run(cfg: Config, resume: Union[bool, str, None] = None,
             print(best_line(done.best, weights_path(out, "best")), flush=True)
             yield Run(cfg, done, {}, device, complete=True)
             return
+        # What the run reads is checked before anything is moved aside or written.
+        inputs = [] if resume else run_inputs(cfg, resume=False)
         folder = RunFolder(out)
         if is_main():
-            folder.hold(resume=bool(resume), overwrite=overwrite)
+            folder.hold(resume=bool(resume), overwrite=overwrite, inputs=inputs)
         try:
             run = _start(cfg, resume, device)
             run.resume_with = resume_with
@@ -367,9 +378,8 @@ def _start(cfg: Config, resume, device: str) -> Run:
             print(f"the run in {out} is complete (its final test is done); nothing to "
                   f"resume", flush=True)
             return Run(cfg, state, {}, device, complete=True)
-    ensure_downloadable([item for item in (
-        cifar_download(cfg.data), weights_download(cfg.model, load_pretrained=not resume))
-        if item], absent=data_path_problems(cfg.data))
+    if resume:  # a fresh run's inputs were checked before its folder was taken
+        run_inputs(cfg, resume=True)
     init()
     seed_everything(cfg.train.seed)
     state, restored = RunState(config=to_plain(cfg)), {}
@@ -378,6 +388,27 @@ def _start(cfg: Config, resume, device: str) -> Run:
         print(f"resuming from {folder} at {position_text(state.position, cfg.stages)}",
               flush=True)
     return Run(cfg, state, restored, device)
+
+
+def run_inputs(cfg: Config, resume: bool) -> list[tuple[str, str]]:
+    """The files the config names that the run reads (``(setting, path)``: the pretrained
+    weights, which a resume does not read, a teacher's, the data), checked with the downloads
+    it needs: whatever is missing or cannot be fetched is one :class:`UserError` naming it
+    all."""
+    pretrained = cfg.model.pretrained if isinstance(cfg.model.pretrained, str) else None
+    distill = cfg.distill
+    named = [(key, path) for key, path in (
+        ("model.pretrained", None if resume else pretrained),
+        ("distill.teacher", distill and os.path.isdir(distill.teacher) and distill.teacher),
+        ("distill.weights", distill and distill.weights), ("data.path", cfg.data.path)) if path]
+    absent = [data_path_problem(cfg.data) if key == "data.path" else f"{key} {path} {problem}"
+              for key, path in named for problem in [path_problem(path, "any")] if problem]
+    ensure_downloadable([item for item in (
+        cifar_download(cfg.data), weights_download(cfg.model, load_pretrained=not resume))
+        if item], absent=absent)
+    if absent:
+        raise UserError("; ".join(absent))
+    return named
 
 
 @contextlib.contextmanager
@@ -404,7 +435,7 @@ def complete_run(out: str, cfg: Config) -> Optional[RunState]:
     if folder is None:
         return None
     try:
-        state = finished(folder, cfg)
+        state = finished(folder, cfg, resuming=False)
     except UserError:  # another config, or damaged: the folder check says what it holds
         return None
     if state is not None:
@@ -423,9 +454,11 @@ def _still_complete(out: str, cfg: Config, state: RunState) -> None:
                             f"usable ({exc}); evaluate its last weights with python val.py "
                             f"-c CONFIG --weights {weights_path(out, 'raw')}, or train again "
                             f"with --overwrite") from None
-    now = data_identity(cfg.data)  # None when the data is not here: nothing to compare
-    if state.data is not None and now is not None and now != state.data:
-        raise UserError(f"the run in {out} finished on other data than data.path="
-                        f"{cfg.data.path} holds now (its files changed since it trained); to "
-                        f"train on the data as it is, pass --overwrite or another "
-                        f"train.output_dir")
+    now = data_identity(cfg.data, cfg.model.num_classes)  # None: no data here to compare
+    recorded = state.data if (state.data or "").startswith(FINGERPRINT) else None
+    if recorded is not None and now is not None and now != recorded:
+        where = (f"data.path={cfg.data.path}" if cfg.data.path else
+                 archive_here(CIFARS[cfg.data.name]))  # the mounted or cached archive
+        raise UserError(f"the run in {out} finished on other data than {where} holds now "
+                        f"(its files changed since it trained); to train on the data as it "
+                        f"is, pass --overwrite or another train.output_dir")

@@ -191,6 +191,9 @@ def checkpoint_trees(model: paddle.nn.Layer, optimizer_state: dict,
 RESUMABLE_CHANGES = ("data.num_workers", "train.save_every_steps", "train.output_dir",
                      "train.nan_policy", "train.nan_max_skips", "train.progress",
                      "train.check_stages", "train.deterministic")
+# Read only at a run's start: a resume reads the checkpoint's weights instead, so the file may
+# be gone (an archived run passed to --init-from). A run called complete must match them.
+START_ONLY = ("model.pretrained",)
 
 
 def last_started_stage(position: Position) -> int:
@@ -205,11 +208,12 @@ def _swa_stage(plain):
     return swa["stage"] % len(plain["stages"]) if swa["enabled"] else None
 
 
-def check_same_config(state: RunState, cfg: Config, folder: str) -> list[int]:
+def check_same_config(state: RunState, cfg: Config, folder: str,
+                      resuming: bool = True) -> list[int]:
     """A resume must use the config the checkpoint was trained with (but for the keys that
-    change nothing of the results), except in the stages that have not started yet: those
-    may be corrected, added or removed. Returns the indices of the later stages that
-    differ."""
+    change nothing of the results, and when ``resuming`` those read only at the start),
+    except in the stages that have not started yet: those may be corrected, added or
+    removed. Returns the indices of the later stages that differ."""
     saved = state.config
     try:  # keys added to the schema since the checkpoint was written take their defaults
         saved = to_plain(validate(saved, CONFIG))
@@ -221,7 +225,7 @@ def check_same_config(state: RunState, cfg: Config, folder: str) -> list[int]:
     if isinstance(saved_stages, list):  # a position past them: check_position says damaged
         done = min(done, len(saved_stages))
     changed = first_difference({**saved, "stages": None}, {**current, "stages": None},
-                               RESUMABLE_CHANGES)
+                               RESUMABLE_CHANGES + (START_ONLY if resuming else ()))
     if changed is None and not (isinstance(saved_stages, list) and len(saved_stages) >= done
                                 and len(stages) >= done):
         changed = "stages"
@@ -284,13 +288,15 @@ def check_position(state: RunState, trees: dict, stages: list[StageConfig], fold
                         f"another copy or start again")
 
 
-def restore(folder: str, cfg: Config, trees: bool = True) -> tuple[RunState, dict]:
+def restore(folder: str, cfg: Config, trees: bool = True,
+            resuming: bool = True) -> tuple[RunState, dict]:
     """``(state, trees)`` of the resume checkpoint in ``folder``, checked against ``cfg``:
-    the same config, a position its stages could have written, the files it needs, finite
-    weights. Without ``trees`` only the state is read and the config compared."""
+    the same config (:func:`check_same_config`), a position its stages could have written,
+    the files it needs, finite weights. Without ``trees`` only the state is read and the
+    config compared."""
     saved, tensors = load_last(folder, trees=trees)
     state = RunState.from_json(saved)
-    later = check_same_config(state, cfg, folder)
+    later = check_same_config(state, cfg, folder, resuming)
     if trees:
         check_position(state, tensors, cfg.stages, folder)
         if later:
@@ -300,11 +306,12 @@ def restore(folder: str, cfg: Config, trees: bool = True) -> tuple[RunState, dic
     return state, tensors
 
 
-def finished(folder: str, cfg: Config) -> Optional[RunState]:
+def finished(folder: str, cfg: Config, resuming: bool = True) -> Optional[RunState]:
     """The state of the checkpoint in ``folder`` if that run is complete (its final test
     done), else ``None``; a complete run's checkpoint is read and checked whole, as a
-    resume would, so that a damaged one is reported rather than called complete."""
-    state, _ = restore(folder, cfg, trees=False)
+    resume would, so that a damaged one is reported rather than called complete. Not
+    ``resuming`` (the same command run again) the settings read at the start must match."""
+    state, _ = restore(folder, cfg, trees=False, resuming=resuming)
     if not state.tested or state.position.stage != len(cfg.stages):
         return None
-    return restore(folder, cfg)[0]
+    return restore(folder, cfg, resuming=resuming)[0]

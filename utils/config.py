@@ -173,7 +173,7 @@ def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Co
         if not os.path.isfile(saved):
             raise UserError(f"-c {path} is a folder without config.yaml: not the output folder "
                             f"of a run; pass a config file or a run's folder")
-        overrides = [path_override("train.output_dir", path), *overrides]
+        overrides = [path_override("train.output_dir", os.path.abspath(path)), *overrides]
         path = saved
     raw = read_yaml(path)
     for assignment in overrides:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 
 class UserError(Exception):
@@ -56,3 +57,14 @@ def out_of_memory_error(where: str, last_checkpoint: Optional[str], accum_steps:
                      f"({last_checkpoint or 'none yet'}) is safe. Find a micro-batch that fits "
                      f"with python main.py ... --preflight, then raise train.accum_steps (now "
                      f"{accum_steps}) or set model.recompute=true")
+
+
+@contextlib.contextmanager
+def optional_output(what: str) -> Iterator[None]:
+    """Around an output that decorates a result (a chart, a font for it): whatever fails in
+    it is one ``warning:`` line, and the command's result and exit code stand."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - decoration only: nothing it raises ends a run
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"warning: {what} skipped ({detail})", flush=True)

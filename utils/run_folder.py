@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from typing import Optional, Sequence
 
 from utils.errors import UserError
 from utils.io.files import ensure_folder, json_text, path_problem, read_json, refuse_link
@@ -83,16 +84,35 @@ def _aside(folder):
     return candidate
 
 
+def _refuse_moving_inputs(folder, inputs):
+    """One error when ``--overwrite`` would move ``folder`` aside with this command's current
+    folder, or with a file the run still reads (``inputs``), inside it."""
+    inside = os.path.realpath(folder) + os.sep
+    if (os.path.realpath(os.getcwd()) + os.sep).startswith(inside):
+        raise UserError(f"train.output_dir {folder} holds the current folder, which --overwrite "
+                        f"would move aside: run the command from another folder (cd ..)")
+    for key, path in inputs:
+        if (os.path.realpath(path) + os.sep).startswith(inside):
+            raise UserError(f"{key} {path} lies in train.output_dir {folder}, which --overwrite "
+                            f"moves aside before the run reads it: copy it out of the folder "
+                            f"and name the copy, or choose another train.output_dir")
+
+
 class RunFolder:
     """Hold ``path`` for one run: create it, lock it, and check what a fresh run finds there."""
 
     def __init__(self, path: str) -> None:
         self.path, self._fd = path, None
 
-    def hold(self, resume: bool = False, overwrite: bool = False) -> None:
+    def hold(self, resume: bool = False, overwrite: bool = False,
+             inputs: Sequence[tuple[str, str]] = ()) -> Optional[str]:
         """Take the folder: one :class:`UserError` line if another run holds it, or if a
         fresh run would land among an earlier run's files (``overwrite`` moves them aside
-        and says where). Returns the folder the old run was moved to, if any."""
+        and says where, unless it holds this command's current folder or one of the
+        ``inputs``, ``(setting, path)`` of what the run reads). Returns the folder the old
+        run was moved to, if any."""
+        if overwrite and os.path.isdir(self.path):
+            _refuse_moving_inputs(self.path, inputs)
         ensure_folder(self.path, "train.output_dir")
         self._lock()
         if resume or not any(name != LOCK for name in os.listdir(self.path)):
@@ -116,7 +136,12 @@ class RunFolder:
                             f"--overwrite would replace by a folder; move the earlier run "
                             f"aside yourself, or name the folder it points to")
         moved = _aside(self.path)
-        os.replace(self.path, moved)
+        try:
+            os.replace(self.path, moved)
+        except OSError as exc:
+            raise UserError(f"--overwrite could not move {self.path} aside to {moved} "
+                            f"({exc.strerror}); move the earlier run yourself, or choose "
+                            f"another train.output_dir") from None
         self.release()
         os.makedirs(self.path)
         self._lock()

@@ -65,6 +65,25 @@ def path_problem(path: str, want: str = "file") -> Optional[str]:
     return "is not a regular file (a device, pipe or socket)"
 
 
+# What an OS error means for a file that is read, in words; any other is damage or a fault.
+_READ_ERRORS = {
+    errno.EACCES: "cannot be read (permission denied): fix its permissions or copy it",
+    errno.EPERM: "cannot be read (operation not permitted): fix its permissions or copy it",
+    errno.ENOENT: "does not exist (it vanished while read)",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENOSPC: "could not be unpacked: no space left on the device",
+    errno.EIO: "could not be read (input/output error: a failing disk or an unmounted data "
+               "set)",
+}
+
+
+def read_error_words(exc: OSError) -> Optional[str]:
+    """What ``exc``, raised while a file was read, says about it (permission denied, not
+    found, a folder, no space, a failing disk), in words for an error line; ``None`` for an
+    error that means the file itself is damaged."""
+    return _READ_ERRORS.get(getattr(exc, "errno", None))
+
+
 # A text file a setting names (a list file of millions of lines fits): a bound on the read.
 MAX_TEXT_BYTES = 256 << 20
 
@@ -231,17 +250,27 @@ def no_space(path: str, needed: int) -> OSError:
 
 def json_text(record: Any, indent: Optional[int] = None) -> str:
     """``record`` as standard JSON: a non-finite number (which JSON has no word for) is null;
-    text as its characters (a class named 圆形 stays readable; files are written as UTF-8)."""
-    return json.dumps(_finite(record), indent=indent, allow_nan=False, ensure_ascii=False)
+    text as its characters (a class named 圆形 stays readable; files are written as UTF-8),
+    a file name that is not UTF-8 (GBK or Latin-1 bytes from a Windows archive) with the
+    replacement character where its bytes are not UTF-8."""
+    return json.dumps(_json_ready(record), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
-def _finite(value):
+def shown(text: str) -> str:
+    """``text`` as it can be shown and encoded: a name decoded from bytes that are not UTF-8
+    (``os.fsdecode`` keeps them as surrogates) with U+FFFD in their place."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return shown(value)
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {_json_ready(key): _json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [_json_ready(item) for item in value]
     return value
 
 

@@ -14,6 +14,7 @@ import numbers
 import os
 import shutil
 
+from utils.errors import optional_output
 from utils.io.files import json_text, open_unlinked, refuse_link
 
 VDL_FILE = "vdlrecords.run.log"
@@ -85,16 +86,29 @@ class RunLogger:
         vdl = os.path.join(output_dir, "vdl")
         for path in (vdl, os.path.join(vdl, VDL_FILE)):
             refuse_link(path)
-        if glob.glob(os.path.join(vdl, "vdlrecords.*")):
-            _rewrite_history(vdl, keep_steps, keep_records)
-        self.writer = _quietly(LogWriter, logdir=vdl, file_name=VDL_FILE)  # appends
+        self.writer = None  # VisualDL's scalars decorate the run: without them it goes on
+        with optional_output("the VisualDL log (vdl/)"):
+            if glob.glob(os.path.join(vdl, "vdlrecords.*")):
+                _rewrite_history(vdl, keep_steps, keep_records)
+            self.writer = _quietly(LogWriter, logdir=vdl, file_name=VDL_FILE)  # appends
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        """One VisualDL scalar; a writer that fails is dropped after one warning line."""
+        if self.writer is None:
+            return
+        written = False
+        with optional_output("the VisualDL log (vdl/) from here on"):
+            self.writer.add_scalar(tag=tag, value=value, step=step)
+            written = True
+        if not written:
+            self.writer = None
 
     def log_step(self, step: int, values: dict) -> None:
         """Scalars of one optimizer step (``train/loss``, ``train/lr``, ...)."""
         if not self.enabled:
             return
         for name, value in values.items():
-            self.writer.add_scalar(tag=f"train/{name}", value=float(value), step=step)
+            self._scalar(f"train/{name}", float(value), step)
 
     def log_epoch(self, epoch_index: int, record: dict) -> None:
         """Append ``record`` to metrics.jsonl and mirror its numbers to VisualDL."""
@@ -104,7 +118,7 @@ class RunLogger:
             handle.write(json_text(record) + "\n")
         for name, value in record.items():
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
-                self.writer.add_scalar(tag=f"epoch/{name}", value=float(value), step=epoch_index)
+                self._scalar(f"epoch/{name}", float(value), epoch_index)
 
     def log_test(self, record: dict) -> None:
         """Append a final test-split record (``{"test": "best"|"last", ...}``) to metrics.jsonl
@@ -114,10 +128,10 @@ class RunLogger:
         with open_unlinked(self.metrics_path, "a") as handle:
             handle.write(json_text(record) + "\n")
         for key in ("test_top1", "test_top5", "test_loss"):
-            self.writer.add_scalar(tag=f"test/{record['test']}_{key[len('test_'):]}",
-                                   value=float(record[key]), step=0)
+            self._scalar(f"test/{record['test']}_{key[len('test_'):]}", float(record[key]), 0)
 
     def close(self) -> None:
         """Flush and close the VisualDL writer."""
-        if self.enabled:
-            self.writer.close()
+        if self.enabled and self.writer is not None:
+            with optional_output("the VisualDL log (vdl/)"):
+                self.writer.close()

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from typing import Optional
 
+from utils.errors import optional_output
 from utils.io.files import write_atomically
 
 CURVES = "curves.png"
@@ -64,8 +65,12 @@ def cjk_font() -> Optional[str]:
     path = spec and os.path.join(spec.submodule_search_locations[0], *CJK_FONT)
     if not path or not os.path.isfile(path):
         return None
-    font_manager.fontManager.addfont(path)
-    name = font_manager.FontProperties(fname=path).get_name()
+    name = None
+    with optional_output(f"the Chinese font {path}"):  # damaged: charts without it
+        font_manager.fontManager.addfont(path)
+        name = font_manager.FontProperties(fname=path).get_name()
+    if name is None:
+        return None
     families = list(matplotlib.rcParams["font.family"])
     if name not in families:  # after the default family: each glyph it lacks falls back
         matplotlib.rcParams["font.family"] = [*families, name]
@@ -141,12 +146,8 @@ def curves_at_end(output_dir: str, stopped_by: Optional[str] = None) -> None:
         print(f"{stopped_by} after the last epoch: training is complete; curves.png skipped "
               f"(python -m utils.reports.plots {output_dir} draws it)", flush=True)
         return
-    from utils.errors import UserError
-
-    try:
+    with optional_output("curves.png"):
         print(f"curves in {plot_curves(output_dir)}", flush=True)
-    except (UserError, KeyError, TypeError) as exc:
-        print(f"warning: curves.png not drawn: {exc}", flush=True)
 
 
 def _number(value):

@@ -34,20 +34,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launcher_prefix(script: str) -> list[str]:
-    """What comes before ``script`` on the command line that started this job: ``python``,
-    or under ``paddle.distributed.launch`` its own command with its options (read from the
-    launcher's command line on Linux; its rank count elsewhere)."""
+def launcher_arguments(script: str) -> list[str]:
+    """What comes between the interpreter and ``script`` on the command line that started
+    this job: nothing, or under ``paddle.distributed.launch`` the launcher's module and
+    options (read from its command line on Linux; its rank count elsewhere)."""
     if world_size() == 1:
-        return ["python"]
+        return []
     launcher = launcher_process()
     if launcher is not None:
         command = _command_line(launcher[0])
         end = next((i for i, arg in enumerate(command) if os.path.basename(arg) == script),
                    None)
         if end is not None:
-            return ["python", *command[1:end]]
-    return ["python", "-m", "paddle.distributed.launch", "--nproc_per_node", str(world_size())]
+            return command[1:end]
+    return ["-m", "paddle.distributed.launch", "--nproc_per_node", str(world_size())]
 
 
 def _command_line(pid):
