@@ -34,16 +34,19 @@ from utils.schema import Config
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options of the training entry point."""
     parser = config_parser(__doc__)
-    parser.add_argument("--resume", nargs="?", const=True, metavar="PATH",
-                        help="continue an interrupted run exactly where its last checkpoint "
-                             "stands (default: train.output_dir; or an output dir / last/ folder)")
+    fresh_or_not = parser.add_mutually_exclusive_group()  # continue, or start afresh
+    fresh_or_not.add_argument("--resume", nargs="?", const=True, metavar="PATH",
+                              help="continue an interrupted run exactly where its last "
+                                   "checkpoint stands (default: train.output_dir; or an output "
+                                   "dir / last/ folder)")
     parser.add_argument("--init-from", metavar="PATH",
                         help="start from weights of an earlier run (a .safetensors or .pdparams file, "
                              "or an output dir, whose best.safetensors is used); same as "
                              "-o model.pretrained=PATH")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a train.output_dir that holds an earlier run, "
-                             "after moving its contents aside to OUTPUT_DIR.old-<time>")
+    fresh_or_not.add_argument("--overwrite", action="store_true",
+                              help="start afresh in a train.output_dir that holds an earlier "
+                                   "run, after moving its contents aside to "
+                                   "OUTPUT_DIR.old-<time>")
     parser.add_argument("--preflight", action="store_true",
                         help="measure this run on this machine before starting it: the stage "
                              "check, a few seconds of real steps of each stage setup, an "

@@ -118,6 +118,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from data.sample_photos import CLASSES, PHOTO_SIZE, write_sample_folder
     from preflight import preflight
     from utils.config import load_config
+    from utils.runtime.signals import reassert_handlers
+
+    reassert_handlers()  # Paddle is imported: SIGTERM is a one-line stop from here on
 
     per_class = max(args.images // len(CLASSES), 1)
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as root:

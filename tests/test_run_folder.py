@@ -194,3 +194,19 @@ def test_an_unfinished_run_is_described_with_the_epoch_a_resume_reports(tmp_path
         {"position": {"stage": 1, "epoch": 19, "micro": 3}, "config": {"stages": [{}, {}]}}))
     assert _describe(str(tmp_path)) == ("an unfinished run (next: stage 1, epoch 20, "
                                         "micro-batch 3)")
+
+
+def test_a_folder_inside_a_run_or_resume_with_overwrite_is_one_line(tmp_path):
+    """-c naming the run's last/ (or any folder in it) says which folder to pass; --resume
+    with --overwrite (continue and start afresh) is refused before anything runs."""
+    from utils.config import load_config
+
+    run = tmp_path / "run"
+    (run / "last").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    with pytest.raises(UserError, match=f"-c {run}/last is a folder inside the run folder "
+                                        f"{run}; pass -c {run}$"):
+        load_config(str(run / "last"))
+    proc = run_script("main.py", "-c", str(run), "--resume", "--overwrite")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr.splitlines()[-1]
+    assert sorted(os.listdir(run)) == ["config.yaml", "last"]

@@ -171,6 +171,10 @@ def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Co
     if os.path.isdir(path):
         saved = os.path.join(path, "config.yaml")
         if not os.path.isfile(saved):
+            run = os.path.dirname(os.path.normpath(os.path.abspath(path)))
+            if os.path.isfile(os.path.join(run, "config.yaml")):  # its last/, vdl/, inference/
+                raise UserError(f"-c {path} is a folder inside the run folder {run}; pass "
+                                f"-c {run}")
             raise UserError(f"-c {path} is a folder without config.yaml: not the output folder "
                             f"of a run; pass a config file or a run's folder")
         overrides = [path_override("train.output_dir", os.path.abspath(path)), *overrides]
