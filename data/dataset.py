@@ -153,17 +153,18 @@ def files_read(data_cfg: DataConfig, num_classes: int) -> Optional[list[tuple[st
     them: the CIFAR archive wherever it is found (``data.path``, an AI Studio mount, Paddle's
     cache), the images of class folders (links followed, hidden and non-image files passed
     over), list files and the images they name. ``None`` for the built-in digits and for
-    data that is not here or cannot be listed."""
+    data that is not here; data that is here but cannot be read as the reader reads it is
+    the reader's :class:`UserError`."""
+    if data_cfg.name == "digits" or (data_cfg.path and path_problem(data_cfg.path, "any")):
+        return None
     try:
         if data_cfg.name in CIFARS:
             return cifar_files(CIFARS[data_cfg.name], data_cfg.path)
         if data_cfg.name == "folder":
             return folders.folder_files(data_cfg)
-        if data_cfg.name == "list":
-            return folders.list_files(data_cfg, num_classes)
-    except (UserError, OSError):
-        return None
-    return None
+        return folders.list_files(data_cfg, num_classes)
+    except OSError as exc:
+        raise UserError(f"the data cannot be listed ({exc.strerror}: {exc.filename})") from None
 
 
 def data_identity(data_cfg: DataConfig, num_classes: int) -> Optional[str]:

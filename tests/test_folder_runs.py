@@ -3,6 +3,7 @@ stopped and resumed, bad images stopping the run or skipped, and every layout er
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,8 @@ def test_a_finished_run_whose_data_changed_is_not_called_complete(tmp_path):
     Image.fromarray(photo_halves()["flower"][:40, :40]).save(image)
     assert_one_error(run_script("main.py", *args), f"the run in {out} finished on other data",
                      "--overwrite")
+    # Data the reader could no longer read is not the data the run read either.
+    for name in os.listdir(os.path.join(root, "test")):
+        shutil.rmtree(os.path.join(root, "test", name))
+    assert_one_error(run_script("main.py", *args), f"the run in {out} finished on other data",
+                     "test has no class folders")

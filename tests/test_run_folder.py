@@ -210,3 +210,9 @@ def test_a_folder_inside_a_run_or_resume_with_overwrite_is_one_line(tmp_path):
     proc = run_script("main.py", "-c", str(run), "--resume", "--overwrite")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr.splitlines()[-1]
     assert sorted(os.listdir(run)) == ["config.yaml", "last"]
+    from main import train  # the notebook's RESUME = True with OVERWRITE = True
+
+    with pytest.raises(UserError, match="choose one of them"):
+        train(load_config("configs/demo.yaml", [f"train.output_dir={run}"]), resume=True,
+              overwrite=True)
+    assert sorted(os.listdir(run)) == ["config.yaml", "last"]

@@ -335,6 +335,9 @@ def training_run(cfg: Config, resume: Union[bool, str, None] = None,
     ``resume_with`` (that continues the run) kept in its ``RESUME.txt``; an
     out-of-memory in the block ends in one line after a safe checkpoint. In a notebook
     what the block prints is one output."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in train.output_dir and --overwrite moves "
+                        "it aside to start afresh: choose one of them")
     with one_output():
         # First: it also takes SIGTERM back from Paddle's C++ handler.
         device = select_device(cfg.train.deterministic)
@@ -454,11 +457,14 @@ def _still_complete(out: str, cfg: Config, state: RunState) -> None:
                             f"usable ({exc}); evaluate its last weights with python val.py "
                             f"-c CONFIG --weights {weights_path(out, 'raw')}, or train again "
                             f"with --overwrite") from None
-    now = data_identity(cfg.data, cfg.model.num_classes)  # None: no data here to compare
     recorded = state.data if (state.data or "").startswith(FINGERPRINT) else None
+    try:
+        now, unreadable = data_identity(cfg.data, cfg.model.num_classes), ""
+    except UserError as exc:  # here, but no longer what the reader reads
+        now, unreadable = "", f": {exc}"
     if recorded is not None and now is not None and now != recorded:
         where = (f"data.path={cfg.data.path}" if cfg.data.path else
                  archive_here(CIFARS[cfg.data.name]))  # the mounted or cached archive
         raise UserError(f"the run in {out} finished on other data than {where} holds now "
-                        f"(its files changed since it trained); to train on the data as it "
-                        f"is, pass --overwrite or another train.output_dir")
+                        f"(its files changed since it trained{unreadable}); to train on the "
+                        f"data as it is, pass --overwrite or another train.output_dir")
