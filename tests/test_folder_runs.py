@@ -272,8 +272,9 @@ def test_a_finished_run_whose_data_changed_is_not_called_complete(tmp_path):
     folder that is a symbolic link, as the reader follows it): one error saying so, not
     "complete" with the old test numbers. Files the reader passes over (a notebook's
     checkpoints, macOS's ._ files, a README) change nothing; image names in GBK and Latin-1
-    bytes (unzipped from a Windows archive) are read and fingerprinted as they are."""
-    root = str(tmp_path / "data")
+    bytes (unzipped from a Windows archive), and a data folder so named, are read and
+    fingerprinted as they are."""
+    root = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"data-\xd1\xf9\xb1\xbe"))
     write_photo_folder(root)
     os.rename(os.path.join(root, "test"), str(tmp_path / "test_elsewhere"))
     os.symlink(str(tmp_path / "test_elsewhere"), os.path.join(root, "test"))

@@ -184,8 +184,8 @@ def test_prediction_skips_bad_images_with_a_warning_and_keeps_the_rest(tmp_path,
 
 def test_images_named_in_gbk_or_latin_1_are_predicted_and_written_as_json(trained, tmp_path):
     """File names unzipped from a Windows archive (GBK 好, Latin-1 é bytes, not UTF-8): each is
-    read and predicted; the JSON and the printed lines show the names with the replacement
-    character instead of ending after the work."""
+    read and predicted; the JSON gives each name back exactly (``\\udcXX`` escapes), the
+    printed lines show it with the replacement character, instead of ending after the work."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in (b"\xba\xc3.png", b"caf\xe9.png"):
@@ -194,8 +194,10 @@ def test_images_named_in_gbk_or_latin_1_are_predicted_and_written_as_json(traine
     proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}", str(folder),
                       "--json", str(json_out))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    files = sorted(record["file"] for record in json.loads(json_out.read_text(encoding="utf-8")))
-    assert files == [f"{folder}/caf\ufffd.png", f"{folder}/\ufffd\ufffd.png"]
+    files = sorted(os.fsencode(record["file"])
+                   for record in json.loads(json_out.read_text(encoding="utf-8")))
+    assert files == sorted(os.fsencode(str(folder)) + name for name in (b"/\xba\xc3.png",
+                                                                       b"/caf\xe9.png"))
     assert f"{folder}/caf\ufffd.png: " in proc.stdout
 
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from utils.errors import UserError
+from utils.io.files import shown
 from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Config, Field, ListOf, Section, Tagged
 from utils.yaml_text import MAX_CONFIG_DEPTH, load_yaml, read_yaml, short
 
@@ -40,6 +41,8 @@ def parse_value(text: str) -> Any:
     if text.strip() in PLACEHOLDERS:
         raise UserError(f"override value {short(text)} is the documentation's placeholder; put "
                         f"the real value there (a path, a number)")
+    if text != shown(text):  # bytes that are not UTF-8 (a GBK or Latin-1 file name): a path
+        return text
     return load_yaml(text, f"override value {short(text)}")
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import stat
 from typing import Any, Iterator, Optional, TextIO
@@ -248,12 +249,18 @@ def no_space(path: str, needed: int) -> OSError:
                                  f"{free / 1e6:.1f} MB free)", path)
 
 
+# The lone surrogates os.fsdecode gives bytes that are not UTF-8 (U+DC80 to U+DCFF).
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
 def json_text(record: Any, indent: Optional[int] = None) -> str:
     """``record`` as standard JSON: a non-finite number (which JSON has no word for) is null;
     text as its characters (a class named 圆形 stays readable; files are written as UTF-8),
-    a file name that is not UTF-8 (GBK or Latin-1 bytes from a Windows archive) with the
-    replacement character where its bytes are not UTF-8."""
-    return json.dumps(_json_ready(record), indent=indent, allow_nan=False, ensure_ascii=False)
+    but a file name that is not UTF-8 (GBK or Latin-1 bytes from a Windows archive, which
+    Python holds as lone surrogates) with those as ``\\udcXX`` escapes: ``json.load`` gives
+    the exact name back."""
+    text = json.dumps(_finite(record), indent=indent, allow_nan=False, ensure_ascii=False)
+    return _UNDECODED.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
 
 
 def shown(text: str) -> str:
@@ -262,15 +269,13 @@ def shown(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _json_ready(value):
+def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, str):
-        return shown(value)
     if isinstance(value, dict):
-        return {_json_ready(key): _json_ready(item) for key, item in value.items()}
+        return {key: _finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
+        return [_finite(item) for item in value]
     return value
 
 
