@@ -71,13 +71,6 @@ def test_rdrop_effect_trains_every_arm_and_reports_each_runs_own_numbers(tmp_pat
         assert arm["std"] == pytest.approx(tops.std(ddof=1), abs=1e-12)
     # α = 0 still measures the KL between the two passes; it is not zero.
     assert all(kl > 0 for kl in result["alphas"]["0"]["train_kl"]["runs"])
-    # Read back, not trained again: the finished runs' files stay as they were.
-    stamp = (out / "alpha_0" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns
-    again = run_script("bench/rdrop_effect.py", "--alphas", "0", "2", "--seeds", "2",
-                       "--out", str(out), *FAST_CLI, timeout=HANG_S)
-    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["alphas"] == \
-        result["alphas"]
-    assert (out / "alpha_0" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns == stamp
 
 
 def test_rdrop_effect_refuses_a_single_seed():
@@ -87,8 +80,9 @@ def test_rdrop_effect_refuses_a_single_seed():
 
 def test_rdrop_effect_stopped_continues_its_run_and_refuses_a_damaged_result(tmp_path):
     """Ctrl-C in the middle of a run: one line, exit 130, the run's checkpoint kept; run again,
-    the bench resumes that run (not a fresh start into its folder) and finishes; a finished
-    run's damaged best.json is one line that says how to train it again."""
+    the bench resumes that run (not a fresh start into its folder) and finishes; once more,
+    the finished runs are read back, not trained again; a finished run's damaged best.json is
+    one line that says how to train it again."""
     out = tmp_path / "bench"
     args = [sys.executable, os.path.join(ROOT, "bench", "rdrop_effect.py"), "--alphas", "0",
             "--seeds", "2", "--out", str(out), *FAST_CLI, "-o", "stages.0.epochs=12"]
@@ -107,7 +101,17 @@ def test_rdrop_effect_stopped_continues_its_run_and_refuses_a_damaged_result(tmp
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
     records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "test" not in r]) == 13  # every epoch once, resumed
+    stamp = (first / "metrics.jsonl").stat().st_mtime_ns
+    read_back = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert read_back.returncode == 0 and read_back.stdout == again.stdout.replace(
+        _wall(again.stdout), _wall(read_back.stdout))
+    assert (first / "metrics.jsonl").stat().st_mtime_ns == stamp
     (first / "best.json").write_text("{damaged")
     damaged = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert_one_error(damaged, f"the finished run in {first} has damaged results",
                      "to train it again")
+
+
+def _wall(stdout):
+    """The bench's wall time in its JSON line (the one thing a read-back changes)."""
+    return f'"wall_s": {json.loads(stdout.splitlines()[-1])["wall_s"]}'

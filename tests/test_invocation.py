@@ -29,9 +29,19 @@ def _expected(folder, start="", end=""):
     return f"cd {shlex.quote(str(folder))} && {start}{main}{end}"
 
 
-def test_a_plain_run_resumes_with_its_interpreter_and_main_py_by_path(tmp_path):
+def test_a_plain_run_resumes_with_its_interpreter_and_main_py_by_path_from_any_folder(
+        tmp_path):
+    """Pasted into a shell in another folder, the command still finds main.py and the
+    options' relative paths (it reports the config file it looked for where it was made)."""
     proc = _started("$RUN", tmp_path)
-    assert proc.returncode == 0 and proc.stderr.strip() == _expected(tmp_path)
+    command = proc.stderr.strip()
+    assert proc.returncode == 0 and command == _expected(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    pasted = subprocess.run(["bash", "-c", command], cwd=str(other), capture_output=True,
+                            text=True, timeout=HANG_S)
+    assert pasted.returncode == 2 and "Traceback" not in pasted.stderr
+    assert "config file my config.yaml does not exist" in pasted.stderr
 
 
 def test_a_run_writing_to_files_resumes_writing_to_them(tmp_path):
@@ -47,15 +57,3 @@ def test_a_nohup_background_run_resumes_in_the_background_into_its_log(tmp_path)
     assert proc.returncode == 0
     assert (tmp_path / "train.log").read_text().strip().splitlines()[-1] == _expected(
         tmp_path, start="nohup ", end=f" >> {tmp_path}/train.log 2>&1 &")
-
-
-def test_the_printed_command_runs_from_any_folder(tmp_path):
-    """Pasted into a shell in another folder, the command still finds main.py and the
-    options' relative paths (it reports the config file it looked for where it was made)."""
-    command = _started("$RUN", tmp_path).stderr.strip()
-    other = tmp_path / "other"
-    other.mkdir()
-    proc = subprocess.run(["bash", "-c", command], cwd=str(other), capture_output=True,
-                          text=True, timeout=HANG_S)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "my config.yaml" in proc.stderr
