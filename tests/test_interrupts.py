@@ -7,7 +7,6 @@ uninterrupted one (same metrics.jsonl), which is trained once for the module.
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
