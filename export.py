@@ -13,9 +13,9 @@ import glob
 import os
 from typing import Optional
 
+from training.config import load_config
 from utils import cli
 from utils.cli import add_weights_option, config_parser
-from utils.config import load_config
 from utils.runtime.device import select_device
 
 OUT_HELP = "where to write model.* and preprocess.json (default: train.output_dir/inference)"
@@ -34,9 +34,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
     from data.dataset import names_for_weights
-    from models.build import input_size, load_trained
+    from models.build import input_size
     from models.inference import export_model
     from training.amp import Precision
+    from training.trained import load_trained
     from utils.io.files import refuse_input_as_output
 
     model, weights = load_trained(cfg, Precision("off", select_device()), args.weights,

@@ -21,11 +21,12 @@ import os
 import sys
 from typing import Optional, Union
 
+from training.config import load_config
 from training.recipe import describe_run, describe_stage
 from utils import cli
 from utils.checkpoint import weights_path
 from utils.cli import config_parser
-from utils.config import dump_config, load_config, path_override
+from utils.config import dump_config, path_override
 from utils.errors import Interrupted, UserError
 from utils.runtime.invocation import resume_command
 from utils.schema import Config
@@ -121,7 +122,7 @@ def train(cfg: Config, resume: Union[bool, str, None] = None, overwrite: bool = 
     from data.dataset import run_splits
     from data.samples import shipping_line
     from training.amp import Precision
-    from training.engine import train_one_epoch, validate
+    from training.epoch import train_one_epoch, validate
     from training.recipe import describe_stage, stage_data
     from training.run import training_run
     from training.stage import RunModel, build_stage

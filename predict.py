@@ -19,9 +19,9 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
+from training.config import load_config
 from utils import cli
 from utils.cli import add_weights_option, config_parser
-from utils.config import load_config
 from utils.runtime.device import select_device
 
 if TYPE_CHECKING:
@@ -84,8 +84,9 @@ def _main(args, json_out):
         def run(images: paddle.Tensor) -> np.ndarray:
             return exported(images.numpy())
     else:
-        from models.build import input_size, load_trained
+        from models.build import input_size
         from training.amp import Precision
+        from training.trained import load_trained
 
         model, weights = load_trained(cfg, Precision("off", device), args.weights, args.config)
         size, crop_fraction = input_size(model), cfg.data.crop_fraction

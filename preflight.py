@@ -26,16 +26,17 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, TextIO
 import paddle
 
 from data.batching import micro_batch
-from data.cifar import pending_download as cifar_download
-from data.dataset import Split, eval_loader, run_splits, stage_loaders
+from data.dataset import eval_loader, run_splits, stage_loaders
+from data.formats import FORMATS
 from data.loader import loader_rate, set_epoch
+from data.sources import Split
 from models.attention import AMP_DTYPES, sdpa_kernel
 from models.build import pending_download as weights_download
+from models.frozen import train_mode
 from training.amp import Precision
 from training.engine import (
     STOP_AGREEMENT_BATCHES,
     evaluate,
-    train_mode,
     train_step,
     train_steps,
 )
@@ -284,7 +285,7 @@ def preflight(cfg: Config) -> dict:
         if duration:
             print(duration, flush=True)
     ensure_downloadable([item for item in (
-        cifar_download(cfg.data), weights_download(cfg.model)) if item])
+        FORMATS[cfg.data.name].download(cfg.data), weights_download(cfg.model)) if item])
     with heartbeat() as phase:
         return _preflight(cfg, device, start, phase)
 

@@ -15,9 +15,9 @@ import math
 import os
 from typing import Optional
 
+from training.config import load_config
 from utils import cli
 from utils.cli import add_weights_option, config_parser
-from utils.config import load_config
 from utils.errors import UserError, optional_output
 from utils.reports.progress import one_output
 from utils.run_folder import CHART_FILES, RESULT_FILES
@@ -61,9 +61,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = load_config(args.config, args.override)
     from data.dataset import eval_loader, names_for_weights, run_splits, validation_source
     from data.preprocess import DevicePreprocess
-    from models.build import input_size, load_trained
+    from models.build import input_size
     from training.amp import Precision
     from training.engine import evaluate
+    from training.trained import load_trained
     from utils.checkpoint import weights_path
     from utils.io.files import ensure_folder, write_json
     from utils.io.tensor_io import record_of

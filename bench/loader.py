@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     from data.sample_photos import CLASSES, PHOTO_SIZE, write_sample_folder
     from preflight import preflight
-    from utils.config import load_config
+    from training.config import load_config
     from utils.runtime.signals import reassert_handlers
 
     reassert_handlers()  # Paddle is imported: SIGTERM is a one-line stop from here on

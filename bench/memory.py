@@ -36,7 +36,7 @@ def _child(config, overrides, batch, recompute):
     from data.preprocess import DevicePreprocess
     from losses import RDropLoss
     from models.build import build_model, input_size
-    from utils.config import load_config
+    from training.config import load_config
     from utils.runtime.device import allocator_peaks, peak_memory_bytes, select_device
 
     device = select_device()

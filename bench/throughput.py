@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from training.config import load_config  # noqa: E402
 from utils import cli  # noqa: E402  (quiets Paddle's import warning first)
 from utils.cli import config_parser  # noqa: E402
-from utils.config import load_config  # noqa: E402
 from utils.runtime.device import select_device  # noqa: E402
 
 if TYPE_CHECKING:

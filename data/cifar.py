@@ -13,7 +13,7 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -21,9 +21,6 @@ from utils.errors import UserError
 from utils.io.download import download_dataset
 from utils.io.files import path_problem, read_error_words
 from utils.io.safe_pickle import safe_unpickle
-
-if TYPE_CHECKING:
-    from utils.schema import DataConfig
 
 MODES = ("train", "test")
 IMAGE_BYTES = 3 * 32 * 32
@@ -59,15 +56,13 @@ class Cifar:
                 f"/path/to/{self.archive} (the archive or its extracted folder)")
 
 
-CIFARS = {
-    "cifar100": Cifar("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python",
-                      "eb9058c3a382ffc7106e4002c42a8d85",
-                      {"train": "train", "test": "test", "meta": "meta"}, b"fine_label_names"),
-    "cifar10": Cifar("CIFAR-10", "cifar-10-python.tar.gz", "cifar-10-batches-py",
-                     "c58f30108f718f92721af3b95e74349a",
-                     {"train": r"data_batch_\d+", "test": "test_batch", "meta": "batches.meta"},
-                     b"label_names"),
-}
+CIFAR100 = Cifar("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python",
+                 "eb9058c3a382ffc7106e4002c42a8d85",
+                 {"train": "train", "test": "test", "meta": "meta"}, b"fine_label_names")
+CIFAR10 = Cifar("CIFAR-10", "cifar-10-python.tar.gz", "cifar-10-batches-py",
+                "c58f30108f718f92721af3b95e74349a",
+                {"train": r"data_batch_\d+", "test": "test_batch", "meta": "batches.meta"},
+                b"label_names")
 
 
 # Where AI Studio mounts the datasets added to a project (read-only: reset at each start);
@@ -144,14 +139,6 @@ def cifar_files(cifar: Cifar, path: Optional[str] = None) -> Optional[list[tuple
         return [(".", source)]
     return [(os.path.relpath(name, source), name) for wanted in cifar.members
             for name in _folder_members(cifar, source, wanted)]
-
-
-def pending_download(data_cfg: DataConfig) -> Optional[tuple[str, str, str]]:
-    """``(what, url, option)`` of the CIFAR archive if a run will download it, or ``None``."""
-    cifar = CIFARS.get(data_cfg.name)
-    if cifar is None or data_cfg.path is not None or archive_here(cifar) is not None:
-        return None
-    return cifar.title, cifar.url, "-o data.path=/path/to/"
 
 
 def _read_member(cifar, path, wanted):

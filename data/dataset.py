@@ -6,24 +6,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from typing import TYPE_CHECKING, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from data import folders
 from data.batching import micro_batch
-from data.cifar import (
-    CIFARS,
-    archive_here,
-    cifar_class_names,
-    cifar_files,
-    load_cifar,
-    locate_cifar,
-)
-from data.digits import digits_class_names, load_digits
+from data.formats import FORMATS
 from data.loader import build_loader
 from data.samples import ImageDataset
-from data.sources import as_source
+from data.sources import Split
 from utils.errors import UserError
 from utils.io.files import path_problem
 from utils.io.tensor_io import class_names_of
@@ -38,48 +29,18 @@ if TYPE_CHECKING:
 TRAIN_SUBSET_STREAM, VAL_SUBSET_STREAM, HOLDOUT_STREAM = 0, 1, 2
 
 
-class Split(NamedTuple):
-    """A split's images (a :mod:`data.sources` source) and int64 labels."""
-
-    images: object
-    labels: np.ndarray
-
-    def take(self, indices: Union[np.ndarray, slice]) -> Split:
-        """The samples at ``indices`` (an index array or a slice)."""
-        return Split(self.images.take(indices), self.labels[indices])
-
-
 def load_split(data_cfg: DataConfig, mode: str,
                num_classes: Optional[int] = None) -> tuple[Optional[Split], list[str]]:
-    """Split ``mode`` (train, val or test) named by ``data.name`` as ``(Split, class_names)``;
-    ``None`` for a ``val`` split the data does not have (only folders and lists may)."""
-    if data_cfg.name == "digits":
-        images, labels = load_digits(mode)
-        return Split(as_source(images), labels), digits_class_names()
-    if data_cfg.name in CIFARS:
-        cifar = CIFARS[data_cfg.name]
-        path = locate_cifar(cifar, data_cfg.path)
-        images, labels = load_cifar(cifar, path, mode)
-        return Split(as_source(images), labels), cifar_class_names(cifar, path)
-    if data_cfg.name == "folder":
-        classes = folders.class_folders(folders.split_folder(data_cfg, "train"))
-        found = folders.folder_split(data_cfg, mode, classes)
-        if num_classes is not None and len(classes) != num_classes:
-            raise UserError(f"{data_cfg.path}/train has {len(classes)} class folders "
-                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) "
-                            f"but model.num_classes={num_classes}; set model.num_classes="
-                            f"{len(classes)}")
-    else:
-        found = folders.list_split(data_cfg, f"{mode}_list", num_classes)
-        classes = folders.label_names(data_cfg, num_classes)
-    return (None if found is None else Split(*found)), classes
+    """Split ``mode`` (train, val or test) of the format ``data.name`` names
+    (:mod:`data.formats`) as ``(Split, class_names)``; ``None`` for a ``val`` split the data
+    does not have."""
+    return FORMATS[data_cfg.name].read_split(data_cfg, mode, num_classes)
 
 
 def validation_source(data_cfg: DataConfig) -> str:
-    """Where validation images come from: ``own`` (a ``val/`` folder, ``data.val_list``),
-    ``held_out`` (``data.val_split``) or ``test`` (the test split)."""
-    if (data_cfg.name == "folder" and os.path.isdir(os.path.join(data_cfg.path, "val"))) or (
-            data_cfg.name == "list" and data_cfg.val_list is not None):
+    """Where validation images come from: ``own`` (the data's, e.g. a ``val/`` folder or
+    ``data.val_list``), ``held_out`` (``data.val_split``) or ``test`` (the test split)."""
+    if FORMATS[data_cfg.name].own_validation(data_cfg):
         return "own"
     return "held_out" if data_cfg.val_split else "test"
 
@@ -100,9 +61,10 @@ def run_splits(data_cfg: DataConfig, num_classes: int,
     names = name_classes(names, num_classes)
     if validation_source(data_cfg) == "own":
         if data_cfg.val_split:
-            raise UserError(f"the data has its own validation split (val/, data.val_list) and "
-                            f"data.val_split={data_cfg.val_split} asks to hold one out; set "
-                            f"data.val_split=0 or remove the data's own")
+            raise UserError(f"the data has its own validation split (data.name={data_cfg.name}: "
+                            f"e.g. a val/ folder, data.val_list, val.npz) and data.val_split="
+                            f"{data_cfg.val_split} asks to hold one out; set data.val_split=0 or "
+                            f"remove the data's own")
         return train, load_split(data_cfg, "val", num_classes)[0], test, names
     if not data_cfg.val_split:
         return train, test, test, names
@@ -135,12 +97,7 @@ def data_path_problem(data_cfg: DataConfig) -> Optional[str]:
     problem = data_cfg.path and path_problem(data_cfg.path, "any")
     if not problem:
         return None
-    if data_cfg.name in CIFARS:
-        reads = CIFARS[data_cfg.name].fetch_advice
-    elif data_cfg.name == "folder":
-        reads = "data.name=folder reads " + folders.FOLDER_LAYOUT.replace("PATH", data_cfg.path)
-    else:
-        reads = "data.name=list reads lines of 'relative/path label' from files under it"
+    reads = FORMATS[data_cfg.name].reads.replace("PATH", data_cfg.path)
     return f"data.path {data_cfg.path} {problem}; {reads}"
 
 
@@ -155,14 +112,10 @@ def files_read(data_cfg: DataConfig, num_classes: int) -> Optional[list[tuple[st
     over), list files and the images they name. ``None`` for the built-in digits and for
     data that is not here; data that is here but cannot be read as the reader reads it is
     the reader's :class:`UserError`."""
-    if data_cfg.name == "digits" or (data_cfg.path and path_problem(data_cfg.path, "any")):
+    if data_cfg.path and path_problem(data_cfg.path, "any"):
         return None
     try:
-        if data_cfg.name in CIFARS:
-            return cifar_files(CIFARS[data_cfg.name], data_cfg.path)
-        if data_cfg.name == "folder":
-            return folders.folder_files(data_cfg)
-        return folders.list_files(data_cfg, num_classes)
+        return FORMATS[data_cfg.name].files(data_cfg, num_classes)
     except OSError as exc:
         raise UserError(f"the data cannot be listed ({exc.strerror}: {exc.filename})") from None
 
@@ -215,19 +168,7 @@ def class_names(data_cfg: DataConfig, num_classes: int) -> list[str]:
     """Class names for reports, without downloading anything: the digits, the class folders
     or ``data.label_names`` of your own data, CIFAR's from the archive's meta when the
     archive is here; otherwise the class indices."""
-    if data_cfg.name == "digits":
-        return name_classes(digits_class_names(), num_classes)
-    if data_cfg.name == "folder":
-        train = os.path.join(data_cfg.path, "train")
-        return name_classes(folders.class_folders(train) if os.path.isdir(train) else [],
-                            num_classes)
-    if data_cfg.name == "list":
-        return folders.label_names(data_cfg, num_classes)
-    cifar = CIFARS[data_cfg.name]
-    archive = archive_here(cifar, data_cfg.path)  # the one a run reads
-    if archive is not None:
-        return name_classes(cifar_class_names(cifar, archive), num_classes)
-    return name_classes([], num_classes)
+    return name_classes(FORMATS[data_cfg.name].class_names(data_cfg, num_classes), num_classes)
 
 
 def names_for_weights(weights: str, data_cfg: DataConfig, num_classes: int) -> list[str]:

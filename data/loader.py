@@ -15,6 +15,7 @@ import numpy as np
 import paddle
 from paddle.io import DataLoader, DistributedBatchSampler
 
+from data.samples import FAILED
 from utils.errors import UserError
 from utils.runtime.dist import die_with_parent, process_alive
 from utils.runtime.seeds import derived_seed
@@ -23,8 +24,6 @@ from utils.runtime.signals import ignore_stop_signals
 if TYPE_CHECKING:
     from data.samples import ImageDataset
 
-# Labels at or below this mark a sample whose loading failed: FAILED - index.
-FAILED = -2
 
 
 class SampleErrorLoader(DataLoader):

@@ -11,13 +11,15 @@ import numpy as np
 from paddle.io import Dataset
 
 from data.augment import eval_view, train_view
-from data.loader import FAILED
 from data.sources import FileImages, as_source
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from data.dataset import Split
+    from data.sources import Split
     from utils.schema import DataConfig
+
+# Labels at or below this mark a sample whose loading failed: FAILED - index.
+FAILED = -2
 
 
 class ImageDataset(Dataset):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -96,3 +96,14 @@ class FileImages:
         first = not self.warned[slot]
         self.warned[slot] = 1
         return first
+
+
+class Split(NamedTuple):
+    """A split's images (a :mod:`data.sources` source) and int64 labels."""
+
+    images: object
+    labels: np.ndarray
+
+    def take(self, indices: Union[np.ndarray, slice]) -> Split:
+        """The samples at ``indices`` (an index array or a slice)."""
+        return Split(self.images.take(indices), self.labels[indices])

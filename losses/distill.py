@@ -3,6 +3,7 @@
 import paddle
 import paddle.nn as nn
 
+from losses.parts import value_text
 from losses.rdrop import log_softmax, nll
 
 KINDS = ("soft", "hard")
@@ -54,3 +55,12 @@ class DistillationLoss(nn.Layer):
             distill = distill * self.copies  # per copy, summed like the paper form's ce
         loss = (1.0 - self.alpha) * parts["loss"] + self.alpha * distill
         return dict(parts, loss=loss, distill=distill)
+
+    def terms(self, means: dict) -> str:
+        """The loss as its parts' means (``means``) add up to it."""
+        return (f"{1 - self.alpha:g} x ({self.base.terms(means)}) + {self.alpha:g} x distill "
+                f"{value_text(means.get('distill'))}")
+
+    def in_words(self, means: dict) -> str:
+        """The epoch's ``loss`` and its terms, for the epoch line."""
+        return f"loss {value_text(means['loss'])} = {self.terms(means)}"

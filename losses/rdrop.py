@@ -3,6 +3,8 @@
 import paddle
 import paddle.nn as nn
 
+from losses.parts import value_text
+
 KL_REDUCTIONS = ("batchmean", "sum")
 FORMS = ("mean", "paper")
 
@@ -78,6 +80,14 @@ class RDropLoss(nn.Layer):
                 kl = kl / batch
         return {"loss": ce + self.alpha * kl, "ce": ce, "kl": kl}
 
+    def terms(self, means: dict) -> str:
+        """The loss as its parts' means (``means``) add up to it."""
+        return f"ce {value_text(means['ce'])} + {self.alpha:g} x kl {value_text(means['kl'])}"
+
+    def in_words(self, means: dict) -> str:
+        """The epoch's ``loss`` and its terms, for the epoch line."""
+        return f"loss {value_text(means['loss'])} = {self.terms(means)}"
+
 
 class CrossEntropyLoss(nn.Layer):
     """The plain baseline: cross-entropy on one copy, with the same dict of parts (kl = 0)."""
@@ -87,3 +97,11 @@ class CrossEntropyLoss(nn.Layer):
     def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> dict[str, paddle.Tensor]:
         ce = nll(log_softmax(logits.astype("float32")), label)
         return {"loss": ce, "ce": ce, "kl": paddle.zeros_like(ce)}
+
+    def terms(self, means: dict) -> str:
+        """The loss as its parts' means (``means``) add up to it."""
+        return f"ce {value_text(means['ce'])}"
+
+    def in_words(self, means: dict) -> str:
+        """The epoch's ``loss``, which is its cross-entropy, for the epoch line."""
+        return f"loss {value_text(means['loss'])} (cross-entropy)"

@@ -7,6 +7,7 @@ bicubically to the new grid, the class and distillation tokens' entries are kept
 from __future__ import annotations
 
 from typing import Optional
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F

@@ -70,7 +70,7 @@ SMALL_DEMO = ["data.train_subset=256", "data.val_subset=100", "stages.0.epochs=1
 
 def small_demo_config(out, *extra):
     """The demo's config with :data:`SMALL_DEMO` and ``extra`` overrides, writing to ``out``."""
-    from utils.config import load_config
+    from training.config import load_config
 
     return load_config("configs/demo.yaml", [f"train.output_dir={out}", *SMALL_DEMO, *extra])
 
@@ -252,6 +252,7 @@ def stop_at_evaluation(cfg, call, monkeypatch, resume=False):
 def run_stages_with_loss(monkeypatch, loss_of_stage):
     """Make the run's stages (not the stage check's) train with ``loss_of_stage(index)``
     where that gives a loss (``None``: the stage's own)."""
+    import training.stage_check  # noqa: F401 - the check binds the real build_stage first
     from training import stage as stage_module
 
     real_build = stage_module.build_stage

@@ -7,7 +7,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from utils.config import load_config, path_override
+from training.config import load_config
+from utils.config import path_override
 from utils.schema import Node
 
 CLASSES = ["flower", "temple_left", "temple_right"]

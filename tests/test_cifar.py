@@ -24,8 +24,9 @@ from conftest import (
 )
 
 from data import cifar
-from data.cifar import CIFARS, cifar_class_names, load_cifar, locate_cifar
+from data.cifar import CIFAR10, CIFAR100, cifar_class_names, load_cifar, locate_cifar
 from data.digits import load_digits
+from data.formats import FORMATS
 from utils.errors import UserError
 
 
@@ -152,7 +153,7 @@ def test_bad_data_is_one_error_line(tmp_path, row):
 FINE_NAMES = [f"class_{i}" for i in range(100)]
 
 
-C100, C10 = CIFARS["cifar100"], CIFARS["cifar10"]
+C100, C10 = CIFAR100, CIFAR10
 
 
 def _real_digit_images(mode):
@@ -244,7 +245,7 @@ def test_cifar10_reader_is_byte_identical_to_paddle_cifar10(cifar10_archive, mod
 
 def test_cifar10_is_a_data_name_with_its_class_names(cifar10_archive):
     from data.dataset import class_names, run_splits
-    from utils.config import load_config
+    from training.config import load_config
 
     cfg = load_config("configs/demo.yaml", ["data.name=cifar10", f"data.path={cifar10_archive}",
                                             "data.val_split=100"])
@@ -278,7 +279,7 @@ def test_an_archive_mounted_by_ai_studio_is_used_when_data_path_is_unset(tmp_pat
     """The public CIFAR-100 dataset added to an AI Studio project: found under
     /home/aistudio/data/dataNNNN/ and named in a line; nothing to download then."""
     from data import cifar
-    from utils.config import load_config
+    from training.config import load_config
 
     monkeypatch.setattr(cifar, "AISTUDIO_DATA", str(tmp_path))
     archive = tmp_path / "data12345" / "cifar-100-python.tar.gz"
@@ -286,12 +287,12 @@ def test_an_archive_mounted_by_ai_studio_is_used_when_data_path_is_unset(tmp_pat
     archive.write_bytes(b"an archive")
     cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml")
     assert cfg.data.path is None
-    assert cifar.locate_cifar(cifar.CIFARS["cifar100"]) == str(archive)
+    assert cifar.locate_cifar(cifar.CIFAR100) == str(archive)
     assert f"AI Studio dataset mounted at {archive}" in capsys.readouterr().out
-    assert cifar.pending_download(cfg.data) is None
+    assert FORMATS["cifar100"].download(cfg.data) is None
     given = tmp_path / "mine.tar.gz"
     given.write_bytes(b"another")
-    assert cifar.locate_cifar(cifar.CIFARS["cifar100"], str(given)) == str(given)  # it wins
+    assert cifar.locate_cifar(cifar.CIFAR100, str(given)) == str(given)  # it wins
 
 
 def test_the_mounted_archive_a_run_read_decides_whether_it_is_complete(tmp_path):

@@ -23,7 +23,7 @@ from conftest import (
 )
 
 from models.build import build_model
-from utils.config import load_config
+from training.config import load_config
 from utils.io.tensor_io import save_tensors
 
 

@@ -10,19 +10,19 @@ import pytest
 from conftest import DEMO_CLI, HANG_S, ROOT, assert_one_error, run_script
 
 from models.inference import _checked_contract
-from utils.config import DEFAULT_CONFIG, apply_override, load_config, parse_value, path_override
+from training.config import CONFIG, load_config
+from training.optimizers.adamw import AdamWConfig
+from training.optimizers.momentum import MomentumConfig
+from utils.config import DEFAULT_CONFIG, apply_override, parse_value, path_override
 from utils.errors import UserError
 from utils.io.files import path_problem
 from utils.schema import (
-    CONFIG,
-    AdamWConfig,
     Config,
     CropConfig,
     DataConfig,
     EmaConfig,
     Field,
     ListOf,
-    MomentumConfig,
     Node,
     Section,
     StageConfig,
@@ -70,7 +70,8 @@ def test_defaults_are_filled_and_ints_accepted_for_floats():
     ("data.batch_size=true", "config key 'data.batch_size' must be int, got bool True"),
     ("stages.0.optimizer.momentum=0.9",
      "config key 'stages.0.optimizer.momentum' is unknown; valid keys at stages.0.optimizer: name, lr"),
-    ("stages.0.optimizer.name=SGD", "config key 'stages.0.optimizer.name' must be one of AdamW, Momentum"),
+    ("stages.0.optimizer.name=Adagrad",
+     "config key 'stages.0.optimizer.name' must be one of AdamW, Momentum, SGD"),
     ("stages.0.optimizer.betas=[0.9]", "config key 'stages.0.optimizer.betas' must have 2 items"),
     ("loss.kl_reduction=mean", "config key 'loss.kl_reduction' must be one of batchmean, sum"),
     ("data.hflip_prob=1.5", "config key 'data.hflip_prob' must be <= 1.0"),
@@ -106,7 +107,6 @@ def test_missing_required_key_is_named():
     raw = {"stages": [{"optimizer": {"name": "AdamW", "lr": 1.0}}], "data": {"batch_size": 2},
            "model": {"num_classes": 3}}
     from utils.config import check_relations, validate
-    from utils.schema import CONFIG
 
     with pytest.raises(UserError, match="config key 'stages.0.epochs' is missing"):
         check_relations(validate(raw, CONFIG))
@@ -168,7 +168,7 @@ FLOAT_KEYS = ["loss.alpha", "train.ema.decay", "stages.0.optimizer.lr", "stages.
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "-.Inf"])
 def test_non_finite_numbers_are_refused_for_every_float_key(value):
-    from utils.config import load_config
+    from training.config import load_config
     from utils.errors import UserError
 
     for key in FLOAT_KEYS:
@@ -290,7 +290,7 @@ CONFIG_ROWS = [
     ("loss.alpha=-1", "'loss.alpha' must be >= 0.0"),
     ("data.hflip_prob=1.5", "'data.hflip_prob' must be <= 1.0"),
     ("data.batch_size=0", "'data.batch_size' must be >= 1"),
-    ("stages.0.optimizer.name=SGD", "'stages.0.optimizer.name' must be one of AdamW, Momentum"),
+    ("stages.0.optimizer.name=Adagrad", "'stages.0.optimizer.name' must be one of AdamW, Momentum, SGD"),
     ("stages.1.optimizer.momentum=1.5", "'stages.1.optimizer.momentum' must be <= 1.0"),
     ("stages.0.optimizer.betas=[0.9, 2]", "'stages.0.optimizer.betas.1' must be <= 1.0"),
     ("stages.0.until.val_top1=93", "'stages.0.until.val_top1' must be <= 1.0"),
@@ -346,6 +346,7 @@ def test_every_section_is_a_typed_view_that_declares_its_keys_with_their_types()
     assert {path: keys for path, keys in extra.items() if keys} == {
         "config.stages.N.optimizer[AdamW]": {"name"},
         "config.stages.N.optimizer[Momentum]": {"name"},
+        "config.stages.N.optimizer[SGD]": {"name"},
         "config.stages.N.lr_schedule[constant]": {"name", "end_lr", "power"},
         "config.stages.N.lr_schedule[polynomial]": {"name"},
         "config.stages.N.lr_schedule[cosine]": {"name", "power"}}

@@ -20,11 +20,11 @@ from conftest import (
 )
 
 from data.batching import micro_batch
-from data.dataset import Split, eval_loader, holdout_indices, subset_indices
+from data.dataset import eval_loader, holdout_indices, subset_indices
 from data.digits import load_digits
 from data.loader import build_loader, set_epoch
 from data.samples import ImageDataset
-from data.sources import as_source
+from data.sources import Split, as_source
 from main import train
 from utils.errors import UserError
 from utils.schema import Node

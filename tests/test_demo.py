@@ -22,9 +22,9 @@ from conftest import (
     run_script,
 )
 
-from data.cifar import CIFARS
+from data.cifar import CIFAR100
 from data.digits import load_digits
-from utils.config import load_config
+from training.config import load_config
 from utils.io.tensor_io import load_tensors
 
 
@@ -153,7 +153,7 @@ def test_val_without_checkpoint_is_one_error_line(tmp_path):
 
 def _cifar_host_reachable():
     try:
-        socket.create_connection((urlparse(CIFARS['cifar100'].url).hostname, 443), timeout=3).close()
+        socket.create_connection((urlparse(CIFAR100.url).hostname, 443), timeout=3).close()
     except OSError:
         return False
     return True

@@ -15,7 +15,7 @@ from losses import build_loss
 from losses.distill import DistillationLoss
 from losses.rdrop import CrossEntropyLoss, RDropLoss
 from models.build import build_model
-from utils.config import load_config
+from training.config import load_config
 from utils.errors import UserError
 from utils.io.tensor_io import load_tensors, save_tensors
 
@@ -252,8 +252,8 @@ def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
     from conftest import stop_at_evaluation
 
     from main import train
-    from models.teacher import build_teacher
     from training.amp import Precision
+    from training.teacher import build_teacher
     from utils.run_folder import RunFolder
 
     copy = tmp_path / "teacher"
@@ -284,8 +284,8 @@ def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
 
 
 def test_a_teacher_folder_whose_config_asks_ppim_to_load_is_refused(tmp_path):
-    from models.teacher import build_teacher
     from training.amp import Precision
+    from training.teacher import build_teacher
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()

@@ -14,14 +14,14 @@ import time
 import pytest
 from conftest import HANG_S, ROOT
 
-from utils.config import load_config
+from training.config import load_config
 from utils.errors import UserError
 
 
 def test_offline_every_missing_download_is_named_at_once(monkeypatch):
     import data.cifar as cifar
     import utils.io.download as download
-    from data.cifar import pending_download as cifar_download
+    from data.formats import FORMATS
     from models.build import pending_download as weights_download
 
     monkeypatch.setattr(cifar, "default_archive_path", lambda c: "/nonexistent/archive.tar.gz")
@@ -31,7 +31,7 @@ def test_offline_every_missing_download_is_named_at_once(monkeypatch):
 
     monkeypatch.setattr(build, "weights_cached", lambda url: False)
     cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml")
-    needed = [cifar_download(cfg.data), weights_download(cfg.model)]
+    needed = [FORMATS[cfg.data.name].download(cfg.data), weights_download(cfg.model)]
     assert all(needed)
     with pytest.raises(UserError) as caught:
         download.ensure_downloadable(needed)

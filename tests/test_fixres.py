@@ -23,11 +23,11 @@ from models.build import build_model, input_size
 from models.resolution import resample_pos_embed
 from training import stage as stage_module
 from training.averaging import EMA
+from training.config import load_config
 from training.optim import MasterCopies, build_optimizer, master_copies
 from training.recipe import stage_data
 from training.stage import change_resolution, set_trainable
 from utils.checkpoint import find_last, load_last
-from utils.config import load_config
 from utils.errors import UserError
 from utils.io.tensor_io import load_tensors
 
@@ -194,7 +194,7 @@ def _block_outputs(model, x):
 def test_a_stage_with_frozen_blocks_runs_them_as_at_test_time(mode, capsys):
     """FixRes fits the head on the features evaluation gives it: the frozen blocks (and the
     dropout in front of them) run in eval mode, unless the stage says frozen_mode: train."""
-    from training.engine import train_mode
+    from models.frozen import train_mode
     from training.stage import random_layers
 
     paddle.seed(1)
@@ -227,7 +227,7 @@ def test_a_stage_with_frozen_blocks_runs_them_as_at_test_time(mode, capsys):
 def test_a_trained_layer_keeps_the_dropout_that_feeds_it():
     """The original's MLP head: dropout between its two trained layers stays on when only the
     head trains; the frozen backbone runs in eval mode."""
-    from training.engine import train_mode
+    from models.frozen import train_mode
 
     model = build_model(tiny_model_config(head="mlp", drop_rate=0.3))
     set_trainable(model, ["fc1", "fc2"], 2)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from data.dataset import run_splits
 from main import train
-from utils.config import load_config
+from training.config import load_config
 from utils.errors import UserError
 from utils.io.tensor_io import class_names_of
 

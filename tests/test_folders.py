@@ -18,7 +18,7 @@ from data.folders import folder_split, label_names, list_split
 from data.images import read_rgb
 from data.loader import build_loader, set_epoch
 from data.samples import ImageDataset
-from utils.config import load_config
+from training.config import load_config
 from utils.errors import UserError
 from utils.schema import Node
 

@@ -28,9 +28,9 @@ from conftest import (
 
 from main import train
 from training import engine
+from training.config import load_config
 from training.state import RunState
 from utils.checkpoint import find_last, load_last, weights_path
-from utils.config import load_config
 from utils.errors import Interrupted, UserError
 from utils.io.tensor_io import load_tensors
 
@@ -317,8 +317,8 @@ def test_a_forked_worker_does_not_keep_the_run_folder_locked(tmp_path):
 
 def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatch, capsys):
     from main import train
+    from training.config import load_config
     from training.run import Run
-    from utils.config import load_config
 
     real = Run.checkpoint
 

@@ -53,7 +53,7 @@ def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
     assert len(images) >= 3  # curves, per-class chart, predictions
     assert _outputs(notebook, "error") == []
     text = _text(notebook)
-    assert "data: scikit-learn's handwritten digits" in text
+    assert "data (digits): scikit-learn's handwritten digits" in text
     assert "Warning" not in text and "warnings.warn" not in text  # no Paddle import noise
     for noise in ("attention: ", "fontManager", "val: 100%", "eval: 100%"):
         assert noise not in text, noise  # finished bars leave no line
@@ -98,7 +98,7 @@ def test_notebook_trains_on_a_folder_of_photos(tmp_path):
     notebook = nbformat.read(executed, as_version=4)
     assert _outputs(notebook, "error") == []
     text = _text(notebook)
-    assert f"data: your images (folder) under {photos}" in text
+    assert f"data (folder): {photos}" in text
     assert os.path.isfile(os.path.join(out, "best.safetensors"))
     assert "the test split as validation" in text  # no val/ here
     images = [o for o in _outputs(notebook, "display_data") if "image/png" in o["data"]]
@@ -180,6 +180,7 @@ def test_a_failing_notebook_says_in_one_line_which_parameter_to_change(tmp_path)
 
 
 def test_errors_give_the_notebook_parameters_instead_of_command_line_options():
+    import utils.notebook  # noqa: F401 - the notebook's first data cell imports it
     from utils.errors import Interrupted, UserError
 
     [line] = UserError("train.output_dir out holds a finished run; use another "
@@ -198,8 +199,8 @@ def test_errors_give_the_notebook_parameters_instead_of_command_line_options():
 
 
 def test_the_notebook_states_the_full_runs_hours_as_the_plan_gives_them():
+    from training.config import load_config
     from training.plan import plan
-    from utils.config import load_config
 
     cells = nbformat.read(os.path.join(ROOT, "main.ipynb"), as_version=4).cells
     text = " ".join(cells[0].source.split())

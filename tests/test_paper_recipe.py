@@ -15,8 +15,8 @@ from data.digits import load_digits
 from data.preprocess import DevicePreprocess
 from main import train
 from models.build import build_model
+from training.config import load_config
 from training.recipe import describe_stage
-from utils.config import load_config
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import HANG_S, ROOT, assert_one_error, run_script, tiny_model_config
 
 from models.build import build_model
+from training.config import load_config
 from training.plan import activation_bytes, forward_flops, model_shape, plan
-from utils.config import load_config
 from utils.runtime.device import peaks_reset
 from utils.schema import ModelConfig
 

@@ -31,7 +31,7 @@ from data.images import read_rgb
 from data.preprocess import DevicePreprocess
 from models.build import build_model
 from models.inference import ExportedModel, export_model
-from utils.config import load_config
+from training.config import load_config
 from utils.errors import Interrupted, UserError
 from utils.io.tensor_io import save_tensors
 

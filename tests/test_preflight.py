@@ -7,7 +7,7 @@ import pytest
 from conftest import DEMO_CLI, HANG_S, run_script
 
 from training import engine
-from utils.config import load_config
+from training.config import load_config
 from utils.errors import UserError
 from utils.runtime.device import peaks_reset
 

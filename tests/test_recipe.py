@@ -20,6 +20,7 @@ from losses import RDropLoss
 from main import train
 from models.build import build_model
 from training.averaging import EMA, SWA
+from training.config import load_config
 from training.engine import train_step
 from training.optim import (
     build_optimizer,
@@ -30,7 +31,6 @@ from training.optim import (
 )
 from training.recipe import describe_stage
 from training.stage import Stage
-from utils.config import load_config
 from utils.schema import Node
 
 SMALL = ["data.train_subset=256", "data.val_subset=100", "data.batch_size=32"]

@@ -18,7 +18,7 @@ from data.preprocess import DevicePreprocess
 from main import train
 from models.build import build_model
 from training import engine
-from utils.config import load_config
+from training.config import load_config
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 STEPS_PER_EPOCH = 6  # 96 images / 16 per step = 6 steps of 2 micro-batches of 8

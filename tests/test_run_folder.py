@@ -199,7 +199,7 @@ def test_an_unfinished_run_is_described_with_the_epoch_a_resume_reports(tmp_path
 def test_a_folder_inside_a_run_or_resume_with_overwrite_is_one_line(tmp_path):
     """-c naming the run's last/ (or any folder in it) says which folder to pass; --resume
     with --overwrite (continue and start afresh) is refused before anything runs."""
-    from utils.config import load_config
+    from training.config import load_config
 
     run = tmp_path / "run"
     (run / "last").mkdir(parents=True)

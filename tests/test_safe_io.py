@@ -35,8 +35,8 @@ from photo_folders import folder_data_cfg
 from data.digits import load_digits
 from data.folders import label_names, list_split
 from models.build import build_model
+from training.config import load_config
 from utils.checkpoint import find_last, save_last
-from utils.config import load_config
 from utils.errors import UserError
 from utils.io.files import check_writable, open_unlinked, read_json, write_atomically, write_json
 from utils.io.safe_pickle import safe_unpickle

@@ -15,6 +15,7 @@ from data.preprocess import DevicePreprocess
 from losses import RDropLoss
 from training.amp import Precision
 from training.averaging import EMA, SWA
+from training.config import load_config
 from training.grads import apply_update, trainable
 from training.optim import (
     MasterCopies,
@@ -23,7 +24,6 @@ from training.optim import (
     optimizer_state_for,
     portable_optimizer_state,
 )
-from utils.config import load_config
 from utils.io.tensor_io import as_paddle, load_tensors, save_tensors
 
 # The FixRes demo shortened: three stages (AdamW at 24 px, Momentum, a head-only AdamW at
@@ -61,7 +61,7 @@ def test_a_training_step_is_six_calls_below_main_py_in_four_files_at_most(fixres
         frames = step["frames"]
         assert frames[0] == "main.py:<module>" and frames[-1] == "training/grads.py:apply_update"
         assert len(frames) <= 6 and len({frame.split(":")[0] for frame in frames}) <= 4, frames
-        assert "training/engine.py:train_one_epoch" in frames
+        assert "training/epoch.py:train_one_epoch" in frames
 
 
 def test_every_optimizer_and_loss_of_a_run_and_its_check_is_built_by_build_stage(fixres_run):

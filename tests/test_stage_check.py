@@ -20,11 +20,12 @@ from conftest import (
 from main import train
 from training import amp
 from training.amp import LossScaler, Precision
+from training.config import load_config
 from training.optim import build_optimizer
 from training.stage_check import _failure, check_stages
 from training.state import Position, RunState, check_same_config
 from utils.checkpoint import load_last
-from utils.config import load_config, to_plain
+from utils.config import to_plain
 from utils.errors import UserError
 from utils.io.tensor_io import load_tensors
 from utils.run_folder import RunFolder

@@ -69,8 +69,9 @@ def test_weights_swapped_in_come_back_even_when_the_block_fails():
 
 
 def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default():
+    from training.config import load_config
     from training.state import check_same_config
-    from utils.config import load_config, to_plain
+    from utils.config import to_plain
     from utils.errors import UserError
 
     cfg = load_config("configs/demo.yaml")

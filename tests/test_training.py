@@ -20,11 +20,11 @@ from losses import RDropLoss
 from main import train
 from models.build import build_model
 from training import engine
+from training.config import load_config
 from training.engine import train_step, train_steps
 from training.optim import build_optimizer
 from training.stage import Stage
 from training.state import EpochProgress
-from utils.config import load_config
 from utils.errors import UserError
 from utils.schema import Node
 
@@ -158,7 +158,7 @@ def test_tiny_kwargs_are_the_demo_model():
 def test_a_non_finite_validation_loss_is_an_error_and_never_the_best(tmp_path, monkeypatch):
     from main import train
     from training import engine
-    from utils.config import load_config
+    from training.config import load_config
     from utils.errors import UserError
 
     real = engine.evaluate

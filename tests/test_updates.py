@@ -25,6 +25,7 @@ from losses import RDropLoss
 from main import train
 from training import amp
 from training.amp import GROWTH_INTERVAL, INIT_LOSS_SCALE, MIN_LOSS_SCALE, LossScaler, Precision
+from training.config import load_config
 from training.engine import train_steps
 from training.grads import apply_update, trainable
 from training.optim import (
@@ -33,7 +34,6 @@ from training.optim import (
 from training.stage import Stage
 from training.state import EpochProgress
 from utils.checkpoint import find_last, load_last
-from utils.config import load_config
 
 CLIP = 1.0
 
@@ -109,6 +109,9 @@ class _InjectsNonFiniteGradients:
         if self.count in self.calls:
             logits.register_hook(lambda grad: grad * float("inf"))
         return self.loss(logits, labels)
+
+    def in_words(self, means):
+        return self.loss.in_words(means)
 
 
 def _run_epoch(precision, criterion, batches, warmup_steps=4):
@@ -193,6 +196,9 @@ class _InjectsNonFiniteLoss:
             parts["loss"] = parts["loss"] * float("inf")
         return parts
 
+    def in_words(self, means):
+        return self.loss.in_words(means)
+
 
 def test_an_fp16_overflow_of_the_loss_is_skipped_like_one_of_the_gradients():
     precision = _loss_scaling()
@@ -273,14 +279,14 @@ def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(t
 def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, monkeypatch):
     from losses.rdrop import RDropLoss
     from main import train
-    from utils.config import load_config
+    from training.config import load_config
 
     loss = RDropLoss(alpha=1.0)
 
     def nan_loss(logits, labels):
         return {k: v * float("nan") for k, v in loss(logits, labels).items()}
 
-    nan_loss.copies = 2
+    nan_loss.copies, nan_loss.in_words = 2, loss.in_words
     run_stages_with_loss(monkeypatch, lambda index: nan_loss if index == 0 else None)
     out = str(tmp_path / "run")
     train(load_config("configs/demo.yaml", [

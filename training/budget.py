@@ -90,7 +90,7 @@ def _gib(count):
 
 def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) -> list[str]:
     """The budget table's lines for the configs at ``paths``, in ``language`` (``en``, ``zh``)."""
-    from utils.config import load_config
+    from training.config import load_config
 
     words = WORDS[language]
     lines = [words["header"].format(gpus=" | ".join(GPUS)), "|---" * (4 + len(GPUS)) + "|"]

@@ -1,8 +1,8 @@
-"""One epoch of a stage and one evaluation pass, the same on CPU, one GPU or N ranks.
+"""Training steps and one evaluation pass, the same on CPU, one GPU or N ranks.
 
-:func:`train_one_epoch` iterates :func:`train_steps`, which yields after each optimizer
-update (:func:`training.grads.apply_update`); :func:`validate` evaluates the raw weights
-and each average with :func:`evaluate`.
+:func:`train_steps` yields after each optimizer update (:func:`training.grads.apply_update`)
+to the epoch loop (:mod:`training.epoch`), which knows the run; :func:`evaluate` measures
+a model on a loader. Nothing here knows the run.
 """
 
 from __future__ import annotations
@@ -15,21 +15,17 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Opti
 import numpy as np
 import paddle
 
-from data.loader import set_epoch
 from losses.rdrop import log_softmax, nll
+from models.frozen import train_mode
 from training.amp import Precision
-from training.averaging import weights_in
 from training.grads import apply_update, trainable
-from training.state import EpochProgress, Position
-from utils.errors import UserError
 from utils.reports.progress import track
-from utils.reports.text import place
 from utils.runtime.dist import all_min, all_sum, any_rank, rank, world_size
 from utils.runtime.seeds import derived_seed
 
 if TYPE_CHECKING:
-    from training.run import Run, Segment
     from training.stage import Stage
+    from training.state import EpochProgress
     from utils.runtime.signals import StopRequests
 
 # With several ranks, how often an evaluation pass asks whether any rank was asked to stop:
@@ -65,33 +61,6 @@ def train_step(stage: Stage, images: paddle.Tensor, labels: paddle.Tensor,
     return parts
 
 
-def train_mode(model: paddle.nn.Layer, frozen_eval: bool = True) -> paddle.nn.Layer:
-    """``model.train()``, then, with ``frozen_eval``, the frozen part back in eval mode (no
-    dropout, attention dropout or drop path), as at test time: every layer whose parameters
-    are all frozen, and every layer without parameters (a dropout) that feeds one. A FixRes
-    stage thus fits its trained part on the features evaluation will give it."""
-    model.train()
-    if frozen_eval:
-        _frozen_to_eval(model)
-    return model
-
-
-def _frozen_to_eval(layer: paddle.nn.Layer) -> None:
-    children = [child for _, child in layer.named_children()]
-    params = [list(child.parameters()) for child in children]
-    trains = [any(not p.stop_gradient for p in group) for group in params]
-    for i, child in enumerate(children):
-        if params[i]:
-            if trains[i]:
-                _frozen_to_eval(child)
-            else:
-                child.eval()
-            continue
-        following = next((j for j in range(i + 1, len(children)) if params[j]), None)
-        if following is not None and not trains[following]:
-            child.eval()  # a parameterless layer (dropout) in front of a frozen one
-
-
 class Step(NamedTuple):
     """One optimizer step as :func:`train_steps` reports it: the loss parts of its last
     micro-batch with ``lr`` and ``grad_norm`` (``None`` when not measured), and whether it
@@ -118,7 +87,7 @@ def train_steps(stage: Stage, batches: Iterable, progress: EpochProgress,
     micro-batch from those keys and its index, so that a resumed epoch draws the masks
     the uninterrupted one drew; ranks add their own key and draw different masks.
     The frozen parameters' layers run per ``stage.frozen_eval``
-    (:func:`train_mode`).
+    (:func:`models.frozen.train_mode`).
     """
     model, optimizer, scheduler = stage.model, stage.optimizer, stage.scheduler
     precision, accum_steps = stage.precision, stage.accum_steps
@@ -166,66 +135,6 @@ def train_steps(stage: Stage, batches: Iterable, progress: EpochProgress,
         yield Step(dict(values, lr=lr, grad_norm=grad_norm, **extra), status)
         nonfinite = False
     progress.elapsed = time.perf_counter() - start
-
-
-def train_one_epoch(stage: Stage, run: Run, segment: Segment) -> None:
-    """Train ``stage`` through the ``segment`` of an epoch (its whole window, or up to the
-    next validation with ``train.eval_every_steps``). After each optimizer step: the step
-    log, the EMA, a checkpoint when one is due, and the end of the run when a stop was
-    requested; at the epoch's end the SWA. Only applied updates count as steps: a skipped
-    one (a non-finite loss under ``nan_policy: skip``, an fp16 overflow) moves neither the
-    schedule nor the averages."""
-    here, progress, train = segment.here, segment.progress, run.cfg.train
-    loader = stage.train_loader
-    set_epoch(loader, run.state.epoch_index, start=progress.micro)
-    loader.batch_sampler.stop = stage.length.window(here.epoch)
-    desc = place(here.stage, here.epoch + 1, stage.length.epochs)
-    for step in train_steps(stage, loader, progress, (train.seed, run.state.epoch_index), desc):
-        if step.status == "nonfinite":  # stop, or skip (train.nan_policy)
-            run.skip_nonfinite(step.values, here, progress.micro // stage.accum_steps)
-        if step.status == "applied":
-            run.log_step(step.values, stage.optimizer)
-        validate_now = stage.length.eval_due(here.epoch, progress.micro, train.eval_every_steps)
-        stop = run.stop_requested()
-        if stop or (step.status == "applied" and run.step_checkpoint_due()
-                    and progress.micro < loader.batch_sampler.stop):
-            run.checkpoint(Position(here.stage, here.epoch, progress.micro,
-                                    evaluating=validate_now), progress.summed())
-        if stop:
-            raise run.interrupted(here)
-        if validate_now:
-            break  # validate now; the epoch goes on from here afterwards
-    if stage.length.ends_epoch(here.epoch, progress.micro):
-        run.update_swa(here, stage.optimizer)
-
-
-def validate(stage: Stage, run: Run, segment: Segment) -> Optional[dict]:
-    """The validation results of the raw weights and of each average updated so far, by
-    kind; ``None`` when a stop was requested meanwhile, which abandons the pass."""
-    results, desc = {}, place(segment.here.stage, segment.here.epoch + 1)
-    stops = run.stops
-    net = stage.net
-    candidates = {"raw": None, **{kind: average for kind, average in net.averages.items()
-                                  if average.updates}}
-    for kind, average in candidates.items():
-        with weights_in(net.model, average.state_dict()) if average else contextlib.nullcontext():
-            result = evaluate(net.model, stage.preprocess, stage.val_loader,
-                              run.cfg.model.num_classes, desc="val", stops=stops,
-                              precision=stage.precision)
-        if result is None:
-            return None
-        results[kind] = finite_validation(kind, result, desc, segment.here.stage)
-    return results
-
-
-def finite_validation(kind: str, result: dict, where: str, stage_index: int) -> dict:
-    """``result`` if its loss is finite; weights that give a non-finite validation loss
-    end the run (they are never saved as best)."""
-    if not math.isfinite(result["loss"]):
-        raise UserError(f"the {kind} weights give a non-finite validation loss at {where} "
-                        f"({result['loss']}); they are not saved as best: lower "
-                        f"stages.{stage_index}.optimizer.lr or check train.ema / train.swa")
-    return result
 
 
 @paddle.no_grad()

@@ -8,7 +8,9 @@ import paddle
 from paddle.optimizer import Optimizer
 from paddle.optimizer.lr import LRScheduler
 
+from training.optimizers import OPTIMIZERS
 from training.recipe import StageLength
+from training.schedules import SCHEDULES
 from utils.errors import UserError
 from utils.schema import StageConfig, TrainConfig
 
@@ -33,22 +35,15 @@ def build_schedule(stage: StageConfig, steps_per_epoch: int,
                    scale: float = 1.0) -> Union[float, LRScheduler]:
     """The stage's LR: a float (constant) or a ``paddle.optimizer.lr`` scheduler stepped per update.
 
-    Polynomial and cosine decay run over the steps after the warmup, from the stage's LR
-    to ``end_lr``; LinearWarmup wraps
-    whichever schedule the stage has. ``scale`` multiplies every learning rate of the
+    The stage's schedule (:mod:`training.schedules`) runs over the steps after the warmup;
+    LinearWarmup wraps whichever schedule the stage has. ``scale`` multiplies every learning rate of the
     stage (``train.lr_scaling``).
     """
     lr = stage.optimizer.lr * scale
     total = StageLength.of(stage, steps_per_epoch).steps
     warmup = warmup_steps(stage, steps_per_epoch)
-    schedule = lr
-    if stage.lr_schedule.name == "polynomial":
-        schedule = paddle.optimizer.lr.PolynomialDecay(
-            learning_rate=lr, decay_steps=max(total - warmup, 1),
-            end_lr=stage.lr_schedule.end_lr * scale, power=stage.lr_schedule.power)
-    elif stage.lr_schedule.name == "cosine":
-        schedule = paddle.optimizer.lr.CosineAnnealingDecay(
-            learning_rate=lr, T_max=max(total - warmup, 1), eta_min=stage.lr_schedule.end_lr * scale)
+    schedule = SCHEDULES[stage.lr_schedule.name].build(stage.lr_schedule, lr,
+                                                       max(total - warmup, 1), scale)
     if warmup:
         schedule = paddle.optimizer.lr.LinearWarmup(learning_rate=schedule, warmup_steps=warmup,
                                                     start_lr=stage.warmup.start_lr * scale,
@@ -86,15 +81,7 @@ def build_optimizer(stage: StageConfig, model: paddle.nn.Layer, steps_per_epoch:
     lr = build_schedule(stage, steps_per_epoch, lr_scale)
     opt = stage.optimizer
     groups = decay_groups(model, train_cfg.exclude_from_decay)
-    if opt.name == "AdamW":
-        optimizer = paddle.optimizer.AdamW(learning_rate=lr, beta1=opt.betas[0], beta2=opt.betas[1],
-                                           epsilon=opt.epsilon, weight_decay=opt.weight_decay,
-                                           parameters=groups, multi_precision=master_weights)
-    else:
-        optimizer = paddle.optimizer.Momentum(
-            learning_rate=lr, momentum=opt.momentum, use_nesterov=opt.use_nesterov,
-            weight_decay=paddle.regularizer.L2Decay(opt.l2_decay) if opt.l2_decay else None,
-            parameters=groups, multi_precision=master_weights)
+    optimizer = OPTIMIZERS[opt.name].build(opt, lr, groups, master_weights)
     scheduler = lr if isinstance(lr, paddle.optimizer.lr.LRScheduler) else None
     if master_weights and masters:
         state = {"master_weights": dict(masters)}

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import paddle
 
+from data.formats import FORMATS
 from data.loader import less_than_a_batch
 from training.gpus import (
     GPUS,
@@ -42,13 +43,12 @@ from training.gpus import (
     fused_attention_on,
     precision_on,
 )
+from training.optimizers import OPTIMIZERS
 from training.recipe import StageLength, stage_data, stage_loss
 from utils.errors import UserError
 from utils.runtime.device import paddle_version
 from utils.schema import Config, DataConfig, ModelConfig
 
-# Split sizes known from the data set's name: (training images, test images).
-KNOWN_SPLITS = {"cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000), "digits": (1437, 360)}
 # Per block: 19 T·D token values, 4 of them the two norms' inputs and outputs.
 TOKEN_VALUES, NORM_VALUES = 19, 4
 # Bytes per attention value (H·T² per block and copy) in float32 (None) and under AMP O1
@@ -146,8 +146,8 @@ def _split_sizes(data_cfg, num_classes):
     the run's message."""
     from data.dataset import check_holdout, run_splits
 
-    if data_cfg.name in KNOWN_SPLITS:
-        train, test = KNOWN_SPLITS[data_cfg.name]
+    if FORMATS[data_cfg.name].split_sizes:  # known without reading the data
+        train, test = FORMATS[data_cfg.name].split_sizes
     elif data_cfg.path is None or not os.path.isdir(data_cfg.path):
         return None, None
     else:
@@ -342,7 +342,7 @@ def _state_bytes(cfg, stage, params, precision):
     ``precision``."""
     half = precision != "off" and cfg.train.amp_level == "O2"
     weights = params * (2 + 4 if half else 4)  # O2: half weights and float32 masters
-    moments = 2 if stage.optimizer.name == "AdamW" else 1
+    moments = OPTIMIZERS[stage.optimizer.name].moments
     averages = cfg.train.ema.enabled + cfg.train.swa.enabled
     return weights + params * (2 if half else 4) + params * 4 * (moments + averages)
 
@@ -372,7 +372,7 @@ def _disk(cfg):
     """Checkpoints (the resume checkpoint twice while one replaces the other) plus the best
     weights: float32 weights, optimizer state and averages."""
     shape = model_shape(cfg.model)
-    moments = max(2 if s.optimizer.name == "AdamW" else 1 for s in cfg.stages)
+    moments = max(OPTIMIZERS[s.optimizer.name].moments for s in cfg.stages)
     averages = cfg.train.ema.enabled + cfg.train.swa.enabled
     checkpoint = shape["params"] * 4 * (1 + moments + averages)
     return 2 * checkpoint + shape["params"] * 4

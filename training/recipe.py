@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from data.batching import micro_batch
+from training.optimizers import OPTIMIZERS
+from training.schedules import SCHEDULES
 from utils.errors import UserError
 from utils.schema import Config, DataConfig, LossConfig, StageConfig, TrainConfig
 
@@ -88,20 +90,8 @@ def describe_stage(cfg: Config, index: int, image_size: int) -> str:
     decay, data at ``image_size`` pixels, the loss and whether a teacher takes part."""
     stage, distill_cfg = cfg.stages[index], cfg.distill
     data_cfg, loss_cfg = stage_data(cfg.data, stage), stage_loss(cfg.loss, stage)
-    opt = stage.optimizer
-    if opt.name == "AdamW":
-        opt_text = (f"AdamW lr={opt.lr:g} betas=({opt.betas[0]:g}, {opt.betas[1]:g}) "
-                    f"eps={opt.epsilon:g} weight_decay={opt.weight_decay:g}")
-    else:
-        opt_text = (f"Momentum lr={opt.lr:g} momentum={opt.momentum:g} l2_decay={opt.l2_decay:g}"
-                    + (" nesterov" if opt.use_nesterov else ""))
-    schedule = stage.lr_schedule
-    sched_text = {
-        "constant": "constant LR",
-        "polynomial": f"polynomial decay to {schedule.get('end_lr', 0):g} (power "
-                      f"{schedule.get('power', 1):g}) over the stage",
-        "cosine": f"cosine decay to {schedule.get('end_lr', 0):g} over the stage",
-    }[schedule.name]
+    opt_text = OPTIMIZERS[stage.optimizer.name].describe(stage.optimizer)
+    sched_text = SCHEDULES[stage.lr_schedule.name].describe(stage.lr_schedule)
     if stage.warmup.steps or stage.warmup.epochs:
         length = (f"{stage.warmup.steps} steps" if stage.warmup.steps
                   else f"{stage.warmup.epochs:g} epochs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from losses.parts import ALWAYS, NAMES
 from training.state import KINDS
 from utils.errors import UserError
 from utils.schema import TrainConfig
@@ -19,13 +20,12 @@ def epoch_record(stage: int, epoch: int, step: int, lr: float, stats: dict, resu
     val = results["raw"]
     record = {
         "stage": stage, "epoch": epoch, "step": step, "lr": lr,
-        "train_loss": stats["loss"], "train_ce": stats["ce"], "train_kl": stats["kl"],
+        **{f"train_{part}": stats[part] for part in ALWAYS},
         "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
         "images_per_s": stats["images_per_s"], "grad_norm": stats["grad_norm"],
         "grad_norm_max": stats["grad_norm_max"], "overflow_steps": stats["overflow_steps"],
+        **{f"train_{part}": stats[part] for part in NAMES if part not in ALWAYS and part in stats},
     }
-    if "distill" in stats:
-        record["train_distill"] = stats["distill"]
     for kind in averages:
         record[f"val_top1_{kind}"] = results[kind]["top1"] if kind in results else None
     return record

@@ -22,8 +22,6 @@ from typing import Iterator, Optional, Union
 
 import paddle
 
-from data.cifar import CIFARS, archive_here
-from data.cifar import pending_download as cifar_download
 from data.dataset import (
     FINGERPRINT,
     Split,
@@ -32,11 +30,11 @@ from data.dataset import (
     eval_loader,
     validation_source,
 )
+from data.formats import FORMATS
 from data.preprocess import DevicePreprocess
 from models.build import input_size
 from models.build import pending_download as weights_download
 from models.resolution import fit_resolution
-from models.teacher import check_teacher_pin
 from training.averaging import weights_in
 from training.engine import evaluate
 from training.optim import optimizer_state_for, portable_optimizer_state
@@ -53,6 +51,7 @@ from training.state import (
     finished,
     restore,
 )
+from training.teacher import check_teacher_pin
 from utils.checkpoint import (
     find_last,
     load_last,
@@ -71,7 +70,7 @@ from utils.reports.logger import RunLogger
 from utils.reports.plots import curves_at_end
 from utils.reports.progress import one_output
 from utils.reports.progress import set_mode as set_progress
-from utils.reports.text import best_line, epoch_line, place, position_text, run_line
+from utils.reports.text import best_line, epoch_line, place, run_line
 from utils.run_folder import RESUME_FILE, RunFolder
 from utils.runtime.device import matmul_flop_rate, select_device
 from utils.runtime.dist import any_rank, init, is_main
@@ -240,7 +239,7 @@ class Run:
         where = place(here.stage, here.epoch + 1, length.epochs)
         if cfg.train.eval_every_steps:
             where += f", step {step}/{length.steps}"
-        print(epoch_line(where, stats, results, stage.loss, cfg.distill), flush=True)
+        print(epoch_line(where, stats, results, stage.criterion.in_words(stats)), flush=True)
         if reached:
             print(f"stage {here.stage} ends early: {', '.join(reached)} reached", flush=True)
         last = done and here.stage == len(cfg.stages) - 1
@@ -388,7 +387,7 @@ def _start(cfg: Config, resume, device: str) -> Run:
     state, restored = RunState(config=to_plain(cfg)), {}
     if resume:
         state, restored = restore(folder, cfg)
-        print(f"resuming from {folder} at {position_text(state.position, cfg.stages)}",
+        print(f"resuming from {folder} at {state.position.in_words(cfg.stages)}",
               flush=True)
     return Run(cfg, state, restored, device)
 
@@ -407,7 +406,8 @@ def run_inputs(cfg: Config, resume: bool) -> list[tuple[str, str]]:
     absent = [data_path_problem(cfg.data) if key == "data.path" else f"{key} {path} {problem}"
               for key, path in named for problem in [path_problem(path, "any")] if problem]
     ensure_downloadable([item for item in (
-        cifar_download(cfg.data), weights_download(cfg.model, load_pretrained=not resume))
+        FORMATS[cfg.data.name].download(cfg.data),
+        weights_download(cfg.model, load_pretrained=not resume))
         if item], absent=absent)
     if absent:
         raise UserError("; ".join(absent))
@@ -464,7 +464,7 @@ def _still_complete(out: str, cfg: Config, state: RunState) -> None:
         now, unreadable = "", f": {exc}"
     if recorded is not None and now is not None and now != recorded:
         where = (f"data.path={cfg.data.path}" if cfg.data.path else
-                 archive_here(CIFARS[cfg.data.name]))  # the mounted or cached archive
+                 FORMATS[cfg.data.name].source(cfg.data))  # e.g. a mounted or cached archive
         raise UserError(f"the run in {out} finished on other data than {where} holds now "
                         f"(its files changed since it trained{unreadable}); to train on the "
                         f"data as it is, pass --overwrite or another train.output_dir")

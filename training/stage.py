@@ -21,17 +21,18 @@ from typing import Any, Callable, Optional
 
 import paddle
 
-from data.dataset import Split, stage_loaders
+from data.dataset import stage_loaders
 from data.preprocess import DevicePreprocess
+from data.sources import Split
 from losses import build_loss
 from models.build import build_model, input_size
+from models.frozen import train_mode
 from models.resolution import backbone_of, fit_resolution, resolution_of, set_resolution
-from models.teacher import build_teacher
 from training.amp import Precision
 from training.averaging import WeightAverage, build_averages
-from training.engine import train_mode
 from training.optim import MasterCopies, build_optimizer, master_named
 from training.recipe import StageLength, lr_scale, stage_data, stage_loss
+from training.teacher import build_teacher
 from utils.errors import UserError
 from utils.io.tensor_io import as_paddle, load_state
 from utils.runtime.dist import world_size, wrap

@@ -38,6 +38,7 @@ from training.amp import Precision
 from training.engine import evaluate, train_steps
 from training.gpus import capability_of, card_of, fused_on_capability
 from training.optim import warmup_steps
+from training.optimizers import OPTIMIZERS
 from training.recipe import stage_data
 from training.stage import RunModel, build_stage, trainable_paths
 from training.state import EpochProgress
@@ -193,10 +194,11 @@ def _failure(cfg, index, exc, device, precision):
         fix = (f"a step of {TRIAL_IMAGES} images does not fit beside the run's model: lower "
                f"stages.{index}.data.image_size, set model.recompute=true or use a larger GPU")
     elif precision.mode == "bf16" and train.amp_level == "O2" \
-            and stage.optimizer.name == "Momentum":
-        fix = (f"Paddle's GPU momentum kernel has no bfloat16 version in some releases, and "
-               f"O2 keeps the weights in bfloat16: set train.amp_level=O1 (float32 weights), "
-               f"train.amp=fp16, or stages.{index}.optimizer.name=AdamW")
+            and not OPTIMIZERS[stage.optimizer.name].gpu_bfloat16:
+        others = "/".join(name for name, kind in OPTIMIZERS.items() if kind.gpu_bfloat16)
+        fix = (f"Paddle's GPU {stage.optimizer.name} kernel has no bfloat16 version in some "
+               f"releases, and O2 keeps the weights in bfloat16: set train.amp_level=O1 "
+               f"(float32 weights), train.amp=fp16, or stages.{index}.optimizer.name={others}")
     elif cfg.model.recompute and world_size() > 1 and not hooks_keep_random_state():
         fix = ("on several CPU ranks recompute needs Paddle 3 (Paddle 2.6 keeps dropout's "
                "random state in its DataParallel-safe recompute on GPUs only): upgrade Paddle "

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from utils.checkpoint import load_last
+from losses.parts import ALWAYS, NAMES
+from training.config import CONFIG
+from utils.checkpoint import STATE, load_last
 from utils.config import to_plain, validate
 from utils.errors import UserError
+from utils.reports.text import place
 from utils.runtime.dist import all_sum, is_main
-from utils.schema import CONFIG, Config, StageConfig
+from utils.schema import Config, StageConfig
 
 if TYPE_CHECKING:
     import paddle
@@ -28,8 +31,6 @@ if TYPE_CHECKING:
 # The kinds of weights a run keeps, by the name they have everywhere (records, best.json,
 # the checkpoint's files, val.py --kind): the trained weights and their two averages.
 KINDS = ("raw", "ema", "swa")
-# The loss parts an epoch sums (distill only with distillation).
-LOSS_PARTS = ("loss", "ce", "kl", "distill")
 
 
 @dataclass
@@ -53,6 +54,17 @@ class Position:
         """The position a :meth:`to_json` dict describes (other keys are ignored)."""
         return cls(data["stage"], data["epoch"], data["micro"], data.get("evaluating", False))
 
+    def in_words(self, stages: list[StageConfig]) -> str:
+        """Where a checkpoint at this position resumes, in words."""
+        if self.stage >= len(stages):
+            return "after the last stage (training complete, the final test follows)"
+        text = place(self.stage, self.epoch + 1, stages[self.stage].epochs)
+        if stages[self.stage].steps:
+            text += f" (a stage of {stages[self.stage].steps} optimizer steps)"
+        if self.evaluating:
+            return text + ", its evaluation"
+        return text + (f", after micro-batch {self.micro}" if self.micro else ", its start")
+
 
 @dataclass
 class EpochProgress:
@@ -65,7 +77,7 @@ class EpochProgress:
 
     micro: int = 0
     seen: int = 0
-    sums: dict = field(default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kl": 0.0})
+    sums: dict = field(default_factory=lambda: dict.fromkeys(ALWAYS, 0.0))
     elapsed: float = 0.0
     excluded: int = 0
     steps: int = 0
@@ -95,7 +107,7 @@ class EpochProgress:
         """This progress with sample counts and loss sums added over all ranks (what a
         checkpoint and the epoch record hold). Step counts and gradient norms are the same
         on every rank (gradients are all-reduced before they are measured)."""
-        names = LOSS_PARTS  # the same list on every rank, whichever have summed a part yet
+        names = NAMES  # the same list on every rank, whichever have summed a part yet
         totals = all_sum([self.seen, self.excluded, *(self.sums.get(n, 0.0) for n in names),
                           *(n in self.sums for n in names)])
         sums, present = totals[2:2 + len(names)], totals[2 + len(names):]
@@ -295,6 +307,11 @@ def restore(folder: str, cfg: Config, trees: bool = True,
     the files it needs, finite weights. Without ``trees`` only the state is read and the
     config compared."""
     saved, tensors = load_last(folder, trees=trees)
+    progress = saved["progress"]  # the loss parts every criterion sums (losses/parts.py)
+    missing = [part for part in ALWAYS if progress is not None and part not in progress["sums"]]
+    if missing:
+        raise UserError(f"the checkpoint in {folder} is damaged ({STATE}: 'progress.sums' "
+                        f"lacks {', '.join(missing)}); resume from another copy or start again")
     state = RunState.from_json(saved)
     later = check_same_config(state, cfg, folder, resuming)
     if trees:

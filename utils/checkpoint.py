@@ -177,7 +177,8 @@ def check_state(state: dict) -> None:
         for key in ("micro", "seen", "excluded", "steps", "overflow_steps"):
             if key in progress:
                 _count(progress[key], f"progress.{key}")
-        for key, value in _mapping(progress["sums"], "progress.sums", ("loss", "ce", "kl")).items():
+        # Which loss parts the sums must hold is the run state's to say (losses/parts.py).
+        for key, value in _mapping(progress["sums"], "progress.sums").items():
             _number(value, f"progress.sums.{key}")
         for key in ("elapsed", "grad_norm_sum"):
             if key in progress:

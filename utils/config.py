@@ -16,7 +16,7 @@ import yaml
 
 from utils.errors import UserError
 from utils.io.files import shown
-from utils.schema import CONFIG, KWARG_BOUNDS, REQUIRED, Config, Field, ListOf, Section, Tagged
+from utils.schema import KWARG_BOUNDS, REQUIRED, Config, Field, ListOf, Section, Tagged
 from utils.yaml_text import MAX_CONFIG_DEPTH, load_yaml, read_yaml, short
 
 DEFAULT_CONFIG = "configs/rdrop_deit_b_384_cifar100.yaml"
@@ -167,10 +167,11 @@ def validate(value: Any, schema: Any, path: str = "") -> Any:
     raise TypeError(f"unknown schema node {schema!r}")
 
 
-def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Config:
-    """Read ``path``, apply ``overrides`` (``section.key=value`` strings) and validate.
-    ``path`` may be a run's output folder: its ``config.yaml``, with the folder as
-    ``train.output_dir`` (wherever it has moved since)."""
+def read_config(path: str, overrides: Sequence[str], schema: Section) -> Config:
+    """Read ``path``, apply ``overrides`` (``section.key=value`` strings) and validate against
+    ``schema`` (the whole config's: :func:`training.config.load_config`). ``path`` may be a
+    run's output folder: its ``config.yaml``, with the folder as ``train.output_dir``
+    (wherever it has moved since)."""
     if os.path.isdir(path):
         saved = os.path.join(path, "config.yaml")
         if not os.path.isfile(saved):
@@ -185,7 +186,7 @@ def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> Co
     raw = read_yaml(path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    cfg = validate(raw, CONFIG)
+    cfg = validate(raw, schema)
     check_relations(cfg)
     return cfg
 
@@ -231,9 +232,6 @@ def check_relations(cfg: Config) -> None:
     if cfg.train.lr_scaling == "linear" and cfg.train.reference_batch is None:
         raise UserError("config key 'train.reference_batch' is missing: train.lr_scaling=linear "
                         "scales the learning rates by data.batch_size / train.reference_batch")
-    if cfg.data.name in ("folder", "list") and not cfg.data.path:
-        raise UserError(f"config key 'data.path' is missing: data.name={cfg.data.name} reads "
-                        f"your images from that folder (see docs/own_images.md)")
     crop = cfg.data.random_resized_crop
     if crop and not (0 < crop.scale[0] <= crop.scale[1] and crop.ratio[0] <= crop.ratio[1]):
         raise UserError(f"config key 'data.random_resized_crop': scale must be [a, b] with "

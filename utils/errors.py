@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
+
+
+class NotebookTerms:
+    """How an error reads in a notebook: plain, until the notebook's helpers
+    (:mod:`utils.notebook`) install their wording of command-line advice."""
+
+    advice: Callable[[str], str] = staticmethod(lambda message: message)
+    resume: str = "resume it with --resume"
 
 
 class UserError(Exception):
@@ -16,9 +24,7 @@ class UserError(Exception):
     def _render_traceback_(self) -> list[str]:
         """IPython's hook: in a notebook the error is one line too (the cell still fails,
         so "Run All" stops), its advice in the notebook's parameters."""
-        from utils.notebook import in_notebook_terms
-
-        return [f"error: {in_notebook_terms(str(self))}"]
+        return [f"error: {NotebookTerms.advice(str(self))}"]
 
 
 class Interrupted(Exception):
@@ -35,9 +41,7 @@ class Interrupted(Exception):
 
     def _render_traceback_(self) -> list[str]:
         """IPython's hook: in a notebook, one line that says how to continue there."""
-        from utils.notebook import PARAMETERS_CELL
-
-        return [f"interrupted: {self}; to continue set RESUME = True in {PARAMETERS_CELL}"]
+        return [f"interrupted: {self}; to continue {NotebookTerms.resume}"]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -8,6 +8,8 @@ import json
 import os
 import re
 
+from utils.errors import NotebookTerms
+
 # Command-line options and the notebook parameters (first code cell) that set them.
 PARAMETERS = {"data.path": "DATA_PATH", "train.output_dir": "OUTPUT_DIR"}
 FLAGS = {"--overwrite": "OVERWRITE = True", "--resume": "RESUME = True", "-c": "CONFIG"}
@@ -36,6 +38,11 @@ def in_notebook_terms(message: str) -> str:
     if text != message:
         text += f"; set it in {PARAMETERS_CELL}"
     return text
+
+
+# Errors raised in a cell read in these terms once the notebook has imported this module.
+NotebookTerms.advice = staticmethod(in_notebook_terms)
+NotebookTerms.resume = f"set RESUME = True in {PARAMETERS_CELL}"
 
 
 def results_table(output_dir: str) -> str:

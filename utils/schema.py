@@ -113,7 +113,8 @@ class DataConfig(Node):
 
 
 DATA = Section({
-    "name": Field(str, "cifar100", choices=("cifar100", "cifar10", "digits", "folder", "list")),
+    # The data format (:mod:`data.formats`): its choices are the formats declared there.
+    "name": Field(str, "cifar100"),
     # CIFAR: the archive or its folder (null: Paddle's cache); folder and list: the data's root.
     "path": _nullable(str),
     # data.name=list: the list files (relative to data.path), the optional label-names file.
@@ -306,61 +307,21 @@ TRAIN = Section({
 }, TrainConfig)
 
 
-class AdamWConfig(Node):
-    """``stages.N.optimizer`` with ``name: AdamW``."""
+class OptimizerConfig(Node):
+    """``stages.N.optimizer``: the name of an optimizer of :mod:`training.optimizers` and its
+    keys (each declares its own view)."""
 
     name: str
     lr: float
-    betas: list[float]
-    epsilon: float
-    weight_decay: float
-
-
-class MomentumConfig(Node):
-    """``stages.N.optimizer`` with ``name: Momentum`` (L2 decay on the gradients)."""
-
-    name: str
-    lr: float
-    momentum: float
-    l2_decay: float
-    use_nesterov: bool
-
-
-OPTIMIZER = Tagged({
-    "AdamW": Section({
-        "lr": Field(float, minimum=0.0),
-        "betas": Field(list, [0.9, 0.999], item_type=float, length=2, minimum=0.0, maximum=1.0),
-        "epsilon": Field(float, 1e-8, minimum=0.0),
-        "weight_decay": Field(float, 0.01, minimum=0.0),
-    }, AdamWConfig),
-    "Momentum": Section({
-        "lr": Field(float, minimum=0.0),
-        "momentum": Field(float, 0.9, minimum=0.0, maximum=1.0),
-        "l2_decay": Field(float, 0.0, minimum=0.0),
-        "use_nesterov": Field(bool, False),
-    }, MomentumConfig),
-})
 
 
 class LRScheduleConfig(Node):
-    """``stages.N.lr_schedule``: ``constant``, ``polynomial`` (``end_lr``, ``power``) or
-    ``cosine`` (``end_lr``); a key its variant lacks is absent."""
+    """``stages.N.lr_schedule``: the name of a schedule of :mod:`training.schedules` and its
+    keys (``end_lr`` of a decay, ``power`` of a polynomial one); a key it lacks is absent."""
 
     name: str
     end_lr: float
     power: float
-
-
-LR_SCHEDULE = Tagged({
-    "constant": Section({}, LRScheduleConfig),
-    "polynomial": Section({
-        "end_lr": Field(float, 0.0, minimum=0.0),
-        "power": Field(float, 1.0, minimum=0.0),
-    }, LRScheduleConfig),
-    "cosine": Section({
-        "end_lr": Field(float, 0.0, minimum=0.0),
-    }, LRScheduleConfig),
-}, default_name="constant")
 
 
 class WarmupConfig(Node):
@@ -405,7 +366,7 @@ class StageConfig(Node):
     epochs: Optional[int]
     steps: Optional[int]
     until: UntilConfig
-    optimizer: Union[AdamWConfig, MomentumConfig]
+    optimizer: OptimizerConfig
     lr_schedule: LRScheduleConfig
     warmup: WarmupConfig
     data: StageDataConfig
@@ -414,14 +375,14 @@ class StageConfig(Node):
     frozen_mode: str
 
 
-STAGE = Section({
+# A stage's keys besides its optimizer and LR schedule, whose sections the registries of
+# training/ declare (:func:`config_section`).
+STAGE_FIELDS = {
     "name": _nullable(str),
     # How long: whole epochs, or optimizer steps (the last epoch then ends midway); one of them.
     "epochs": _nullable(int, minimum=1, maximum=BIG),
     "steps": _nullable(int, minimum=1, maximum=BIG),
     "until": UNTIL,
-    "optimizer": OPTIMIZER,
-    "lr_schedule": LR_SCHEDULE,
     "warmup": WARMUP,
     "data": STAGE_DATA,
     "loss": Section({"alpha": _nullable(float, minimum=0.0)}, StageLossConfig, partial=True),
@@ -430,7 +391,7 @@ STAGE = Section({
     # With trainable: the frozen part runs as at test time (eval: no dropout or drop path,
     # FixRes), or keeps them (train).
     "frozen_mode": Field(str, "eval", choices=("eval", "train")),
-}, StageConfig)
+}
 
 # Bounds of the PPIM constructor arguments that size a model (model.kwargs): generous, but a
 # typo cannot ask for a model that exhausts the machine.
@@ -479,11 +440,19 @@ class Config(Node):
     stages: list[StageConfig]
 
 
-CONFIG = Section({
-    "data": DATA,
-    "model": MODEL,
-    "loss": LOSS,
-    "train": TRAIN,
-    "distill": DISTILL,
-    "stages": ListOf(STAGE),
-}, Config)
+def config_section(data_formats: tuple[str, ...], optimizer: Tagged,
+                   lr_schedule: Tagged) -> Section:
+    """The whole config's schema, completed by what the recipe's registries declare: the
+    data formats' names (``data.name``), the optimizers' and LR schedules' sections."""
+    name = Field(str, DATA.fields["name"].default, choices=data_formats)
+    data = Section({**DATA.fields, "name": name}, DataConfig)
+    stage = Section({**STAGE_FIELDS, "optimizer": optimizer, "lr_schedule": lr_schedule},
+                    StageConfig)
+    return Section({
+        "data": data,
+        "model": MODEL,
+        "loss": LOSS,
+        "train": TRAIN,
+        "distill": DISTILL,
+        "stages": ListOf(stage),
+    }, Config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
@@ -112,7 +113,9 @@ def plot_curves(output_dir: str) -> Optional[str]:
     # text stays readable (four panels in a row were shrunk to half their size).
     figure = _figure(figsize=CURVES_INCHES)
     (loss_ax, lr_ax), (grad_ax, top1_ax) = figure.subplots(2, 2)
-    for name, style in (("train_loss", "-"), ("train_ce", "--"), ("train_kl", ":")):
+    # The loss parts the run recorded (train_<part>, in their order: losses/parts.py).
+    parts = list(dict.fromkeys(key for r in records for key in r if key.startswith("train_")))
+    for name, style in zip(parts, itertools.cycle(("-", "--", ":", "-."))):
         loss_ax.plot(epochs, [_number(r.get(name)) for r in records], style,
                      label=name[len("train_"):])
     loss_ax.set(title="training loss (per sample)", xlabel="epoch")

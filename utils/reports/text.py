@@ -7,11 +7,7 @@ stage ("stage 1 epoch 3/10"), in the console, in ``metrics.jsonl`` and ``best.js
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:
-    from training.state import Position
-    from utils.schema import DistillConfig, LossConfig, StageConfig
+from typing import Optional
 
 
 def place(stage: int, epoch: int, epochs: Optional[int] = None) -> str:
@@ -37,37 +33,12 @@ def run_line(device: str, train: int, val: int, test: int, output_dir: str, sour
                                                      f"current folder)"))
 
 
-def position_text(position: Position, stages: list[StageConfig]) -> str:
-    """Where a checkpoint resumes (a :class:`training.state.Position`), in words."""
-    if position.stage >= len(stages):
-        return "after the last stage (training complete, the final test follows)"
-    text = place(position.stage, position.epoch + 1, stages[position.stage].epochs)
-    if stages[position.stage].steps:
-        text += f" (a stage of {stages[position.stage].steps} optimizer steps)"
-    if position.evaluating:
-        return text + ", its evaluation"
-    return text + (f", after micro-batch {position.micro}" if position.micro else ", its start")
-
-
-def _fmt(value):
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def epoch_line(where: str, stats: dict, results: dict, loss_cfg: LossConfig,
-               distill_cfg: Optional[DistillConfig] = None) -> str:
-    """The console line of one finished epoch: the training loss and its parts (R-Drop:
-    ``loss = ce + alpha x kl``, with distillation ``(1 - a) x that + a x distill``, so the
-    parts add up), validation metrics of the raw weights and of each average, gradient
-    norms, speed."""
+def epoch_line(where: str, stats: dict, results: dict, loss_text: str) -> str:
+    """The console line of one finished epoch: the training loss in its terms (``loss_text``,
+    the criterion's :meth:`in_words`), validation metrics of the raw weights and of each
+    average, gradient norms, speed."""
     val = results["raw"]
-    parts = (f"ce {_fmt(stats['ce'])} + {loss_cfg.alpha:g} x kl {_fmt(stats['kl'])}"
-             if loss_cfg.rdrop else f"ce {_fmt(stats['ce'])}")
-    if distill_cfg:
-        share = distill_cfg.alpha
-        parts = f"{1 - share:g} x ({parts}) + {share:g} x distill {_fmt(stats.get('distill'))}"
-    loss = (f"loss {_fmt(stats['loss'])} = {parts}" if loss_cfg.rdrop or distill_cfg
-            else f"loss {_fmt(stats['loss'])} (cross-entropy)")
-    text = (f"{where}: {loss} | val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss "
+    text = (f"{where}: {loss_text} | val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss "
             f"{val['loss']:.4f} on {val['num_samples']}"
             + "".join(f", {kind} top1 {result['top1']:.4f}" for kind, result in results.items()
                       if kind != "raw"))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Optional
 
-from models.build import build_model, describe_load, load_trained, load_weights, ppim_constructor
+from models.build import build_model, describe_load, load_weights, ppim_constructor
 from models.resolution import backbone_of
+from training.trained import load_trained
 from utils.errors import UserError
 from utils.io.files import file_digest, path_problem
 from utils.run_folder import folder_in_use
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 def _run_teacher(folder, distill_cfg, precision):
     """The best (or ``distill.weights``) weights of the run in ``folder``, built from the
     run's own config."""
+    from training.config import load_config
     from utils.checkpoint import weights_path
-    from utils.config import load_config
 
     if folder_in_use(folder):
         raise UserError(f"distill.teacher {folder} is the output folder of a run that is still "

@@ -1,0 +1,31 @@
+"""Polynomial decay from the stage's learning rate to ``end_lr`` over the stage (the
+original's Momentum stages)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from training.schedules import ScheduleKind
+from utils.schema import Field, LRScheduleConfig, Section
+
+if TYPE_CHECKING:
+    import paddle
+
+
+def build(cfg: LRScheduleConfig, lr: float, steps: int,
+          scale: float) -> paddle.optimizer.lr.PolynomialDecay:
+    """Paddle's PolynomialDecay over ``steps``."""
+    import paddle  # here: a config is read before Paddle is imported (its flags)
+
+    return paddle.optimizer.lr.PolynomialDecay(learning_rate=lr, decay_steps=steps,
+                                               end_lr=cfg.end_lr * scale, power=cfg.power)
+
+
+SCHEDULE = ScheduleKind(
+    name="polynomial",
+    section=Section({
+        "end_lr": Field(float, 0.0, minimum=0.0),
+        "power": Field(float, 1.0, minimum=0.0),
+    }, LRScheduleConfig),
+    build=build,
+    describe=lambda cfg: f"polynomial decay to {cfg.end_lr:g} (power {cfg.power:g}) over the stage")
