@@ -68,9 +68,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def print_plan(cfg: Config, as_json: bool = False) -> None:
-    """The resolved config, one line per stage and the cost (:mod:`training.plan`); with
+    """The resolved config, one line per stage and the cost (:mod:`planning.plan`); with
     ``as_json`` the cost alone, as one JSON document."""
-    from training.plan import cost_lines, plan
+    from planning.plan import cost_lines, plan
 
     cost = plan(cfg)
     if as_json:
@@ -121,6 +121,7 @@ def train(cfg: Config, resume: Union[bool, str, None] = None, overwrite: bool = 
     # Imported here: --help and --dry-run answer without loading Paddle.
     from data.dataset import run_splits
     from data.samples import shipping_line
+    from planning.plan import report_attention, warn_if_cpu
     from training.amp import Precision
     from training.epoch import train_one_epoch, validate
     from training.recipe import describe_stage, stage_data
@@ -132,6 +133,7 @@ def train(cfg: Config, resume: Union[bool, str, None] = None, overwrite: bool = 
     with training_run(cfg, resume, overwrite, resume_with) as run:
         if run.complete:
             return run.state.best
+        warn_if_cpu(cfg, run.device)  # the GPU recipe on a CPU by mistake: its hours first
         # The reader: training, validation (held-out training images) and test splits.
         train_split, val_split, test_split, class_names = run_splits(
             cfg.data, cfg.model.num_classes, cfg.train.seed)
@@ -142,7 +144,8 @@ def train(cfg: Config, resume: Union[bool, str, None] = None, overwrite: bool = 
         run.begin(net, (train_split, val_split, test_split), class_names)
         # One step of every stage still to run, on scratch weights, before hours are spent.
         if cfg.train.check_stages and run.start.stage < len(cfg.stages):
-            check_stages(cfg, precision, net.teacher, run.start.stage, run.device)
+            check = check_stages(cfg, precision, net.teacher, run.start.stage, run.device)
+            report_attention(cfg, run.device, check)  # where it is not what the plan sized
         with run.training():
             for index in range(run.start.stage, len(cfg.stages)):
                 # The stage: its resolution and trained set, data, optimizer, schedule, loss.
@@ -170,7 +173,8 @@ def run_preflight(cfg: Config, as_json: bool) -> int:
     standard error."""
     import contextlib
 
-    from preflight import preflight, print_report
+    from planning.preflight_report import print_report
+    from preflight import preflight
 
     report_out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():

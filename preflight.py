@@ -9,19 +9,19 @@ Prints a table (``--json``: one JSON line) with the step time, images per second
 memory, the projected time per epoch and for the whole recipe (its epoch caps or step
 budgets), and the disk the checkpoints need; on a GPU of the plan's table the plan's rate
 beside each measured one. A micro-batch that does not fit is halved until one does, and the
-settings that keep the same global batch are printed.
+settings that keep the same global batch are printed (the report:
+:mod:`planning.preflight_report`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import paddle
 
@@ -30,9 +30,16 @@ from data.dataset import eval_loader, run_splits, stage_loaders
 from data.formats import FORMATS
 from data.loader import loader_rate, set_epoch
 from data.sources import Split
-from models.attention import AMP_DTYPES, sdpa_kernel
 from models.build import pending_download as weights_download
 from models.frozen import train_mode
+from planning.plan import FASTEST_CPU_FLOPS, plan, report_attention
+from planning.preflight_report import (
+    activations_report,
+    attention_report,
+    human_seconds,
+    plan_rates,
+    project,
+)
 from training.amp import Precision
 from training.engine import (
     STOP_AGREEMENT_BATCHES,
@@ -40,13 +47,11 @@ from training.engine import (
     train_step,
     train_steps,
 )
-from training.gpus import SOURCE, card_of, flop_rates
 from training.grads import apply_update, trainable
 from training.optim import portable_optimizer_state
-from training.plan import FASTEST_CPU_FLOPS, activation_plan, plan
-from training.recipe import StageLength, stage_data, stage_loss
+from training.recipe import stage_data, stage_loss
 from training.stage import RunModel, Stage, build_stage
-from training.stage_check import TRIAL_IMAGES, StageCheck, check_stages, validate_stages
+from training.stage_check import TRIAL_IMAGES, check_stages, validate_stages
 from training.state import EpochProgress, RunState, checkpoint_trees
 from utils.checkpoint import load_last, save_last
 from utils.errors import UserError, is_out_of_memory
@@ -183,95 +188,6 @@ def _checkpoint_bytes(net: RunModel, stage: Stage, class_names: list) -> tuple[i
     return sum(sizes.values()), sizes["raw.safetensors"]
 
 
-def _human_bytes(count):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-
-
-def _human_seconds(seconds):
-    hours, rest = divmod(int(round(seconds)), 3600)
-    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
-
-
-def print_report(report: dict, as_json: bool = False, out: TextIO = None) -> None:
-    """The table (or the JSON document) of :func:`preflight`, to ``out`` (standard output)."""
-    out = out or sys.stdout
-    if as_json:
-        print(json.dumps(report), file=out, flush=True)
-        return
-
-    def say(text: str) -> None:
-        print(text, file=out, flush=True)
-
-    attention = report["attention"]
-    planned = "fused" if attention["planned"]["fused"] else "not fused"
-    say(f"device {report['device']}, Paddle {report['paddle']}, {report['ranks']} rank(s), "
-        f"{report['precision']}, attention {attention['observed']['described']} (counted in "
-        f"the stage check; the plan assumed {planned}), "
-        f"recompute {'on' if report['recompute'] else 'off'}")
-    say(f"{'stage':>5} {'batch':>6} {'micro':>6} {'accum':>6} {'step':>9} {'img/s':>8} "
-        f"{'steps/epoch':>12} {'epoch':>14}" + ("  plan img/s (ratio)" if report["card"] else ""))
-    for entry in report["stages"]:
-        planned = entry.get("plan_images_per_s")
-        say(f"{entry['stage']:>5} {entry['batch_size']:>6} {entry['micro_batch']:>6} "
-            f"{entry['accum_steps']:>6} {entry['step_s']:>8.3g}s "
-            f"{entry['train_images_per_s']:>8.3g} {entry['steps_per_epoch']:>12} "
-            f"{_human_seconds(entry['projected_epoch_s']):>14}"
-            + (f"  {planned:.3g} ({entry['train_images_per_s'] / planned:.3g})"
-               if planned else ""))
-    for entry in report["stages"]:
-        held = entry["activation_bytes_per_image"]
-        measured = ("not measured (this Paddle cannot reset its allocator's peak)"
-                    if held["observed"] is None else
-                    f"measured {_human_bytes(held['observed'])} ({held['ratio']:.2f} of it)")
-        say(f"stage {entry['stage']}: activations per training image: the plan counts "
-            f"{_human_bytes(held['planned'])}, {measured}")
-    if report["card"]:
-        say(f"plan: {report['card']}'s rate in training/gpus.py ({SOURCE}); a ratio far "
-            f"from 1 is worth reporting, so the rate can be corrected")
-    reserved = report["peak_reserved_bytes"]
-    say(f"evaluation {report['eval_images_per_s']:.3g} img/s per rank; peak memory "
-        f"{_human_bytes(report['peak_memory_bytes'])} in tensors"
-        + (f", {_human_bytes(reserved)} held by Paddle's allocator" if reserved else "")
-        + f" (after the stage check); checkpoint "
-        f"{_human_bytes(report['checkpoint_bytes'])}, disk needed about "
-        f"{_human_bytes(report['disk_bytes'])}")
-    loader = report["loader_images_per_s"]
-    if loader is not None:
-        wait = loader < report["train_images_per_s"]
-        say(f"host loader {loader:.3g} img/s with {report['num_workers']} workers, "
-            f"{_human_bytes(report['host_bytes_per_image'])} per image: "
-            + ("slower than training, which will wait for it; raise data.num_workers"
-               if wait else "faster than training, which will not wait for it"))
-    late = report["stop_s"] > report["launcher_grace_s"]
-    say(("warning: " if late else "") + f"a stop request is done within about "
-        f"{report['stop_s']:.3g} s here (the longest step, {STOP_AGREEMENT_BATCHES} "
-        f"evaluation batches and the checkpoint)" + (
-            f": longer than the {report['launcher_grace_s']} s paddle.distributed.launch "
-            f"waits after its SIGTERM before its SIGKILL, so a run stopped through the "
-            f"launcher loses the work since its last checkpoint; stop the ranks themselves "
-            f"(kill -TERM RANK_PIDS), or lower train.save_every_steps to lose less"
-            if late else ""))
-    say(f"projected: the whole recipe at its full length "
-        f"{_human_seconds(report['projected_total_s'])} (preflight took "
-        f"{report['preflight_s']:.0f} s)")
-
-
-def plan_rates(report: dict, cfg: Config, device: str) -> None:
-    """On a GPU of the plan's table: each stage's planned images per second beside the
-    measurement (``plan_images_per_s``), and the card (``None`` elsewhere)."""
-    card = card_of(device)
-    report["card"] = card
-    if card is None:
-        return
-    costs = plan(cfg)["stages"]
-    for entry in report["stages"]:
-        flops = costs[entry["stage"]]["flops_per_image"]
-        entry["plan_images_per_s"] = flop_rates(card, cfg.train.amp)[1] / flops
-
-
 def preflight(cfg: Config) -> dict:
     """Measure the run of ``cfg``; return the report (a dict). One :class:`UserError` when
     the configured micro-batch does not fit (naming the settings that do)."""
@@ -312,7 +228,7 @@ def cpu_duration(cfg: Config, flop_rate: Callable[[], float]) -> Optional[str]:
     if seconds < CPU_NOTICE_S:
         return None
     return (f"warning: preflight's training steps of this config are {work / 1e12:,.0f} TFLOPs "
-            f"of work: at least {_human_seconds(seconds)} on this CPU ({rate / 1e9:.0f} "
+            f"of work: at least {human_seconds(seconds)} on this CPU ({rate / 1e9:.0f} "
             f"GFLOP/s measured on a matrix product just now); Ctrl-C stops it")
 
 
@@ -349,9 +265,10 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
     validate_stages(cfg, net.model, net.base_size, net.teacher)
     phase("the stage check")
     check = check_stages(cfg, precision, net.teacher, device=device)
+    report_attention(cfg, device, check)
     report = {"device": str(device), "paddle": paddle.__version__, "ranks": world_size(),
               "precision": precision.mode if precision.mode != "off" else "float32",
-              "attention": _attention_report(check, device, precision),
+              "attention": attention_report(cfg, check, device, precision),
               "recompute": cfg.model.recompute, "stage_check_s": check.seconds, "stages": []}
     fits, stage = True, None
     peaks = PeakMemory(device)  # what the run holds from here, not the check's peak
@@ -367,12 +284,12 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
             report["stages"].append({"stage": index, "batch_size": batch, "micro_batch": micro,
                                      "accum_steps": accum, "optimizer": name,
                                      "step_s": step_s, "train_images_per_s": batch / step_s})
-            _activations_report(cfg, report["stages"][-1], step_bytes,
+            activations_report(cfg, report["stages"][-1], step_bytes,
                                 report["attention"]["observed"]["fused_calls"] > 0, precision)
     phase("timing evaluation, the loader and a checkpoint")
     eval_s, eval_images = _time_eval(cfg, net, stage, val)
     report.update(_time_loader(cfg, (train, val), net.base_size))
-    _project(report, cfg, train, val, test, eval_images / eval_s)
+    project(report, cfg, (train, val, test), eval_images / eval_s)
     checkpoint_start = time.perf_counter()
     last, best = _checkpoint_bytes(net, stage, class_names)
     checkpoint_s = time.perf_counter() - checkpoint_start
@@ -393,32 +310,6 @@ def _preflight(cfg: Config, device: str, start: float, phase: Callable[[str], No
                   + STOP_AGREEMENT_BATCHES * eval_batch_s, launcher_grace_s=LAUNCHER_GRACE_S)
     plan_rates(report, cfg, device)
     return report
-
-
-def _attention_report(check: StageCheck, device: str, precision: Precision) -> dict:
-    """The attention as the plan assumed it on ``device`` and as the stage check counted it:
-    the calls that took the fused kernel (and, by Paddle's rule, which kernel), their
-    dtypes, why others took PPIM's computation, and the line where the two disagree."""
-    kernel = sdpa_kernel(str(device), AMP_DTYPES[precision.mode])
-    return {"planned": {"fused": check.planned_fused,
-                        "kernel": kernel if check.planned_fused else None},
-            "observed": {**check.attention.to_json(), "described": check.attention.describe(),
-                         "kernel_by_paddles_rule": kernel if check.attention.fused else None},
-            "disagreement": check.disagreement}
-
-
-def _activations_report(cfg: Config, entry: dict, step_bytes: Optional[int], fused: bool,
-                        precision: Precision) -> None:
-    """Beside ``entry`` (a timed stage setup): the activation bytes per training image the plan
-    counts for this precision and the attention the stage check counted, and what the timed
-    steps held beyond what was allocated before them, per image of a micro-batch (``None``
-    where this Paddle cannot reset its allocator's peak: 2.6)."""
-    level = None if precision.mode == "off" else cfg.train.amp_level
-    planned = activation_plan(cfg, entry["stage"], level, fused)
-    observed = None if step_bytes is None else step_bytes / entry["micro_batch"]
-    entry["activation_bytes_per_image"] = {
-        "planned": planned, "observed": observed,
-        "ratio": None if observed is None else observed / planned}
 
 
 def _time_loader(cfg, splits, base_size):
@@ -445,25 +336,3 @@ def _time_eval(cfg: Config, net: RunModel, stage: Stage, val: Split) -> tuple[fl
     result = evaluate(net.model, stage.preprocess, loader, cfg.model.num_classes,
                       desc="preflight", precision=net.precision)
     return time.perf_counter() - start, result["num_samples"]
-
-
-def _project(report, cfg, train, val, test, eval_ips):
-    """Fill in each stage's projected epoch time and the total at the stages' lengths (the
-    epoch caps, or the steps), validations included."""
-    kinds = 1 + cfg.train.ema.enabled + cfg.train.swa.enabled
-    total = 0.0
-    for entry in report["stages"]:
-        stage = cfg.stages[entry["stage"]]
-        data_cfg = stage_data(cfg.data, stage)
-        images = data_cfg.train_subset or len(train[1])
-        steps = images // entry["batch_size"]
-        val_images = data_cfg.val_subset or len(val[1])
-        validation_s = kinds * val_images / eval_ips
-        entry["steps_per_epoch"] = steps
-        entry["projected_epoch_s"] = steps * entry["step_s"] + validation_s
-        length = StageLength.of(stage, max(steps, 1))
-        every = cfg.train.eval_every_steps
-        validations = length.epochs + (length.steps // every if every else 0)
-        total += length.steps * entry["step_s"] + validations * validation_s
-    report["projected_epoch_s"] = report["stages"][0]["projected_epoch_s"]
-    report["projected_total_s"] = total + 2 * len(test[1]) / eval_ips

@@ -49,16 +49,11 @@ def _rate(function, count, seconds=2.0):
     return done / (time.perf_counter() - start)
 
 
-def _image_files(folder):
-    return sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
-                  for name in names)
-
-
 def _decode_rate(folder):
     """Images/s of one worker decoding the JPEGs, nothing else."""
-    from data.images import read_rgb
+    from data.images import image_files, read_rgb
 
-    files = _image_files(folder)
+    files = image_files(folder)
     return _rate(lambda i: read_rgb(files[i]), len(files))
 
 
@@ -67,9 +62,9 @@ def _view_rates(folder, size):
     import numpy as np
 
     from data.augment import eval_view, train_view
-    from data.images import read_rgb
+    from data.images import image_files, read_rgb
 
-    files = _image_files(folder)
+    files = image_files(folder)
     crop = {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]}
     rng = np.random.default_rng(0)
     return {

@@ -35,26 +35,10 @@ if TYPE_CHECKING:
 
     from utils.schema import Config
 
-# Dense fp16/bf16 tensor-core peaks (FLOP/s) by device-name fragment, from NVIDIA's sheets.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12,
-              "V100": 125e12, "A10": 125e12, "T4": 65e12}
 QUICK = {"config": "configs/demo.yaml", "overrides": ["model.kwargs.img_size=64"],
          "batch_sizes": [32], "amp": ["off"], "steps": 10}
 FULL = {"config": "configs/rdrop_deit_b_384_cifar100.yaml", "overrides": [],
         "batch_sizes": [32, 64, 128], "amp": ["fp16", "bf16"], "steps": 20}
-
-
-def forward_flops(model: paddle.nn.Layer) -> int:
-    """FLOPs (2 per multiply-add) of one image's forward pass through a PPIM ViT/DeiT."""
-    from models.resolution import backbone_of
-
-    backbone = backbone_of(model)
-    tokens, dim = backbone.pos_embed.shape[1], backbone.pos_embed.shape[2]
-    patch = backbone.patch_embed.proj.weight.shape
-    patches = backbone.patch_embed.num_patches
-    hidden = backbone.blocks[0].mlp.fc1.weight.shape[1]
-    per_block = 2 * tokens * dim * (3 * dim + dim + 2 * hidden) + 4 * tokens * tokens * dim
-    return 2 * patches * dim * patch[1] * patch[2] * patch[3] + len(backbone.blocks) * per_block
 
 
 def _seed_loader(images, labels, size, batch_size, workers):
@@ -168,17 +152,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     import paddle
 
     from models.build import input_size
+    from planning.gpus import HALF_PEAKS
+    from planning.plan import forward_flops, model_shape
 
     device = select_device()
     name = paddle.device.cuda.get_device_name() if device.startswith("gpu") else "cpu"
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else
-            next((flops for key, flops in PEAK_FLOPS.items() if key in name), None))
+            next((flops for key, flops in HALF_PEAKS.items() if key in name), None))
     for batch_size in args.batch_sizes or preset["batch_sizes"]:
         for amp in args.amp or preset["amp"]:
             ours, seed, model, used = measure(cfg, batch_size, amp, args.steps or preset["steps"],
                                               warmup=args.warmup, workers=args.workers,
                                               device=device)
-            flops = 6 * forward_flops(model)
+            # The plan's count (tested against the operations a forward pass runs): an R-Drop
+            # training image is two copies of a forward and its backward (about twice it).
+            flops = 6 * forward_flops(model_shape(cfg.model, input_size(model)))
             print(json.dumps({
                 "device": name, "paddle": paddle.__version__, "model": cfg.model.name,
                 "image_size": input_size(model), "batch_size": batch_size, "amp": used,

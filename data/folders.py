@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from data.images import IMAGE_EXTENSIONS, MAX_FOLDER_DEPTH, is_image_name
+from data.images import IMAGE_EXTENSIONS, file_identity, image_files, is_image_name
 from data.sources import FileImages
 from utils.errors import UserError
 from utils.io.files import path_problem, read_text_lines
@@ -68,7 +68,7 @@ def class_folders(folder: str) -> list[str]:
               lambda a, b: f"the class folders {a!r} and {b!r} in {folder} differ only in "
                            f"their Unicode normalisation (NFC/NFD); they are one name: merge "
                            f"or rename them")
-    _distinct(names, lambda name: _identity(os.path.join(folder, name)),
+    _distinct(names, lambda name: file_identity(os.path.join(folder, name)),
               lambda a, b: f"the class folders {a!r} and {b!r} in {folder} are the same folder "
                            f"(a symbolic link): their images would be read under two labels; "
                            f"remove the link")
@@ -92,41 +92,6 @@ def _is_number(text):
     """Whether ``text`` is a count in the digits 0-9 (``str.isdigit`` also takes "٣" and "³",
     which ``int`` reads as 3)."""
     return text.isascii() and text.isdigit()
-
-
-def _identity(path):
-    status = os.stat(path)
-    return status.st_dev, status.st_ino
-
-
-def _image_files(folder, prefix, ignored, seen, depth=0):
-    """Paths (``prefix/...``) of the image files under ``folder``, recursively, sorted;
-    ``ignored`` counts the regular files that are not images. Folders in ``seen`` (device
-    and inode: the split and class folders, those already read) are not entered, so a
-    symbolic link up the tree or into another class reads nothing twice; folders nested
-    deeper than ``MAX_FOLDER_DEPTH`` are one error."""
-    if depth > MAX_FOLDER_DEPTH:
-        raise UserError(f"{folder} lies more than {MAX_FOLDER_DEPTH} folders deep in its class "
-                        f"folder; no data set nests so deep: flatten it")
-    found = []
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as exc:
-        raise UserError(f"cannot list {folder} ({exc.strerror})") from None
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        relative = f"{prefix}/{entry.name}"
-        if entry.is_dir():
-            if _identity(entry.path) not in seen:
-                seen.add(_identity(entry.path))
-                found += _image_files(entry.path, relative, ignored, seen, depth + 1)
-        elif entry.is_file():  # regular files only (a pipe named x.png would block)
-            if is_image_name(entry.name):
-                found.append(relative)
-            else:
-                ignored[0] += 1
-    return found
 
 
 def folder_split(data_cfg: DataConfig, split: str,
@@ -161,8 +126,9 @@ def _class_files(folder, present):
     relative to it, as :func:`folder_split` reads them), and how many other files were
     passed over."""
     ignored = [0]
-    seen = {_identity(folder)} | {_identity(os.path.join(folder, name)) for name in present}
-    by_class = [_image_files(os.path.join(folder, name), name, ignored, seen)
+    seen = {file_identity(folder)} | {file_identity(os.path.join(folder, name))
+                                       for name in present}
+    by_class = [image_files(os.path.join(folder, name), name, ignored, seen)
                 for name in present]
     return by_class, ignored[0]
 

@@ -1,4 +1,5 @@
-"""Image files given on a command line: files, folders and globs, read as uint8 RGB.
+"""Image files: the listing of image folders, the files, folders and globs of a command line,
+and each image read as uint8 RGB.
 
 Only raster formats are opened, by content as well as by name: Pillow would hand an EPS or
 PostScript file (whatever its name) to Ghostscript, an external program. Only regular
@@ -12,6 +13,7 @@ import glob
 import os
 import stat
 import warnings
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -43,7 +45,7 @@ def find_images(inputs: list[str]) -> list[str]:
     found = []
     for item in inputs:
         if os.path.isdir(item):
-            found += sorted(_images_under(item))
+            found += sorted(image_files(item))
         elif not path_problem(item):
             found.append(item)
         elif glob.has_magic(item) and glob.glob(item, recursive=True):
@@ -59,15 +61,46 @@ def find_images(inputs: list[str]) -> list[str]:
     return found
 
 
-def _images_under(folder):
-    """The image files under ``folder``, at most ``MAX_FOLDER_DEPTH`` folders down (deeper is
-    one error: walking it would recurse as deep)."""
-    for root, folders, names in os.walk(folder):
-        if os.path.relpath(root, folder).count(os.sep) >= MAX_FOLDER_DEPTH:
-            raise UserError(f"{root} lies more than {MAX_FOLDER_DEPTH} folders deep in "
-                            f"{folder}; name a shallower folder")
-        yield from (os.path.join(root, name) for name in names
-                    if is_image_name(name) and not path_problem(os.path.join(root, name)))
+def file_identity(path: str) -> tuple[int, int]:
+    """The device and inode of ``path`` (links followed): one folder however it is reached."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def image_files(folder: str, prefix: str = "", ignored: Optional[list] = None,
+                seen: Optional[set] = None, depth: int = 0) -> list[str]:
+    """Paths (``prefix/...``; ``folder/...`` without one) of the image files under
+    ``folder``, recursively, each folder's entries sorted by name: the one listing of image
+    folders that training, the data's fingerprint, prediction and the benches read. Hidden
+    files and folders (``.ipynb_checkpoints``, macOS ``._x.jpg``) are passed over, only
+    regular files with a raster-image extension are listed (``ignored[0]`` counts the other
+    regular files), symbolic links are followed and a folder in ``seen`` (device and inode:
+    those already read) is not entered again, so a link up the tree or into another class
+    reads nothing twice; folders nested deeper than ``MAX_FOLDER_DEPTH`` are one error."""
+    if depth > MAX_FOLDER_DEPTH:
+        raise UserError(f"{folder} lies more than {MAX_FOLDER_DEPTH} folders deep in the image "
+                        f"folder; no data set nests so deep: flatten it")
+    prefix, ignored = prefix or folder, [0] if ignored is None else ignored
+    seen = {file_identity(folder)} if seen is None else seen
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise UserError(f"cannot list {folder} ({exc.strerror})") from None
+    found = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        relative = f"{prefix}/{entry.name}"
+        if entry.is_dir():
+            if file_identity(entry.path) not in seen:
+                seen.add(file_identity(entry.path))
+                found += image_files(entry.path, relative, ignored, seen, depth + 1)
+        elif entry.is_file():  # regular files only (a pipe named x.png would block)
+            if is_image_name(entry.name):
+                found.append(relative)
+            else:
+                ignored[0] += 1
+    return found
 
 
 def is_image_name(name: str) -> bool:

@@ -275,3 +275,13 @@ def sdpa_kernel(device: str, dtype: str) -> str:
         return MATH
     major, _ = paddle.device.cuda.get_device_capability()
     return kernel_by_rule(major, dtype, paddle_version())
+
+
+def fused_on_capability(capability: Optional[int], precision: str, setting: str,
+                        paddle_version: tuple[int, int, int]) -> bool:
+    """Whether PPIM's attention runs through Paddle's fused kernel on a GPU of compute
+    capability ``capability`` (``None``: a CPU, where attention is never fused) training in
+    ``precision`` (``off``, ``fp16``, ``bf16``) with ``model.fused_attention = setting``."""
+    if setting == "off" or precision == "off" or capability is None:
+        return False
+    return kernel_runs(capability, AMP_DTYPES[precision], paddle_version)

@@ -256,7 +256,7 @@ def test_the_plan_reads_a_folder_data_set_and_refuses_what_a_run_refuses(photos,
     root, _ = photos
     cfg = _cfg(root, str(tmp_path / "run"))
     train_split, val_split, test_split, _ = run_splits(cfg.data, 3, cfg.train.seed)
-    from training.plan import plan
+    from planning.plan import plan
 
     cost = plan(cfg)
     assert cost["test_images"] == len(test_split.labels) > 0

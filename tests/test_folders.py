@@ -212,7 +212,26 @@ def test_folders_nested_past_the_bound_are_one_error(tmp_path):
         deep = deep / "d"
     deep.mkdir(parents=True)
     png_file(deep / "y.png")
-    with pytest.raises(UserError, match="more than 32 folders deep in its class folder"):
+    with pytest.raises(UserError, match="more than 32 folders deep in the image folder"):
         folder_split(folder_data_cfg(str(root)), "train", ["a"])
     with pytest.raises(UserError, match="more than 32 folders deep in"):
         find_images([str(root)])
+
+
+def test_prediction_lists_a_folder_as_training_does(tmp_path):
+    """One listing of image folders: hidden files and folders passed over (a notebook's
+    checkpoint copies), links followed once, non-images and pipes left out."""
+    from data.images import find_images, image_files
+
+    root = tmp_path / "photos"
+    for name in ("b/x.png", "a/y.png", ".ipynb_checkpoints/y-checkpoint.png", "a/._y.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        png_file(root / name)
+    (root / "a" / "notes.txt").write_text("not an image")
+    os.mkfifo(root / "a" / "pipe.png")
+    os.symlink(root, root / "a" / "up")  # a link up the tree: read once
+    os.symlink(root / "b", root / "c")  # a second way into b: not read twice
+    ignored = [0]
+    assert image_files(str(root), "photos", ignored) == ["photos/a/y.png", "photos/b/x.png"]
+    assert ignored == [1]
+    assert find_images([str(root)]) == [str(root / "a" / "y.png"), str(root / "b" / "x.png")]

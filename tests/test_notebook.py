@@ -180,7 +180,7 @@ def test_a_failing_notebook_says_in_one_line_which_parameter_to_change(tmp_path)
 
 
 def test_errors_give_the_notebook_parameters_instead_of_command_line_options():
-    import utils.notebook  # noqa: F401 - the notebook's first data cell imports it
+    import planning.notebook  # noqa: F401 - the notebook's first data cell imports it
     from utils.errors import Interrupted, UserError
 
     [line] = UserError("train.output_dir out holds a finished run; use another "
@@ -199,8 +199,8 @@ def test_errors_give_the_notebook_parameters_instead_of_command_line_options():
 
 
 def test_the_notebook_states_the_full_runs_hours_as_the_plan_gives_them():
+    from planning.plan import plan
     from training.config import load_config
-    from training.plan import plan
 
     cells = nbformat.read(os.path.join(ROOT, "main.ipynb"), as_version=4).cells
     text = " ".join(cells[0].source.split())

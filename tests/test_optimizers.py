@@ -8,10 +8,10 @@ import numpy as np
 import paddle
 import pytest
 
+from planning.plan import plan
 from training.config import load_config
 from training.optim import build_optimizer
 from training.optimizers import OPTIMIZERS
-from training.plan import plan
 from training.recipe import describe_stage
 from training.schedules import SCHEDULES
 from training.stage_check import _failure

@@ -12,8 +12,8 @@ import pytest
 from conftest import HANG_S, ROOT, assert_one_error, run_script, tiny_model_config
 
 from models.build import build_model
+from planning.plan import activation_bytes, forward_flops, model_shape, plan
 from training.config import load_config
-from training.plan import activation_bytes, forward_flops, model_shape, plan
 from utils.runtime.device import peaks_reset
 from utils.schema import ModelConfig
 
@@ -185,7 +185,7 @@ def test_preflight_json_is_one_document_and_a_cpu_says_so_first():
     assert 0 < report["stop_s"] < report["launcher_grace_s"] == 30
     import io
 
-    from preflight import print_report
+    from planning.preflight_report import print_report
 
     table = io.StringIO()
     print_report({**report, "launcher_grace_s": 0}, out=table)
@@ -217,7 +217,7 @@ def test_the_front_pages_budget_table_is_the_plans(language):
 
     from conftest import ROOT
 
-    from training.budget import PAGES, budget_markdown
+    from planning.budget import PAGES, budget_markdown
 
     text = open(os.path.join(ROOT, PAGES[language]), encoding="utf-8").read()
     table = text.split("<!-- budget:start -->\n", 1)[1].split("\n<!-- budget:end -->", 1)[0]
@@ -229,7 +229,7 @@ def test_a_known_gpu_gets_the_plans_rate_beside_the_measured_one(monkeypatch):
     measurement is compared with to correct the card's rate); elsewhere nothing."""
     from types import SimpleNamespace
 
-    import preflight as report_module
+    from planning import preflight_report as report_module
 
     monkeypatch.setattr(paddle.device.cuda, "get_device_name", lambda: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(paddle.device.cuda, "get_device_properties",
@@ -361,13 +361,13 @@ def test_the_plan_refuses_a_student_that_is_not_a_vit_and_says_so_of_such_a_teac
 
 
 def test_the_budget_table_in_an_unknown_language_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "training.budget", "cn"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "planning.budget", "cn"], cwd=ROOT,
                           capture_output=True, text=True, timeout=HANG_S)
     assert_one_error(proc, "no budget table in 'cn'; use one of en, zh")
 
 
 def test_the_cpu_warning_prices_every_stage_validation_and_test_at_the_rate_given():
-    from training.plan import CPU_WARN_HOURS, cpu_warning, plan
+    from planning.plan import CPU_WARN_HOURS, cpu_warning, plan
 
     cfg = load_config(os.path.join(ROOT, "configs/rdrop_deit_b_384_cifar100.yaml"), [])
     cost = plan(cfg)

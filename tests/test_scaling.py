@@ -260,7 +260,10 @@ def test_two_ranks_with_recompute_train_to_the_same_weights(two_rank_short_run, 
     with open(os.path.join(logs, "workerlog.0"), encoding="utf-8") as handle:
         log = handle.read()
     if not hooks_keep_random_state():  # Paddle 2.6 on a CPU: refused before the first step
-        assert code == 2 and "on several CPU ranks recompute needs Paddle 3" in log
+        # Each rank refuses on its own (exit 2); the launcher reports the first end it sees:
+        # a rank's 2, or, under load, the SIGTERM it sent the other rank on it (-15: 241).
+        assert code in (2, 256 - signal.SIGTERM), _log_tail(logs)
+        assert "on several CPU ranks recompute needs Paddle 3" in log
         return
     assert code == 0, _log_tail(logs)
     assert "stage check: stages 0-1 each ran one optimizer step" in log

@@ -237,20 +237,21 @@ def test_the_check_counts_the_attention_and_says_where_the_plan_assumed_otherwis
     CPU, which the plan assumes too: no line); on a card of the plan's table an attention
     that is not fused where the plan sized it fused is one warning with both memories."""
     from models.attention import AttentionTally
-    from training import stage_check
-    from training.plan import plan
+    from planning import plan as planning
+    from planning.plan import attention_disagreement, plan
 
     cfg = _cfg(str(tmp_path))
     check = check_stages(cfg, Precision("off", "cpu"))
     # 3 stages x (one training micro-batch of [x; x] + one evaluation batch) x 2 blocks
     assert check.attention.to_json() == {"calls": 12, "fused_calls": 0,
                                          "dtypes": {"float32": 12}, "unfused_reasons": ["CPU"]}
-    assert not check.planned_fused and check.disagreement is None
+    assert not check.planned_fused
+    assert attention_disagreement(cfg, "cpu", check.planned_fused, check.attention) is None
 
-    monkeypatch.setattr(stage_check, "card_of", lambda device: "V100-16GB")
+    monkeypatch.setattr(planning, "card_of", lambda device: "V100-16GB")
     unfused = AttentionTally()
     unfused.add("PPIM's", "float32", "float32 inputs outside autocast")
-    line = stage_check.attention_disagreement(cfg, "gpu:0", True, unfused)
+    line = attention_disagreement(cfg, "gpu:0", True, unfused)
     fused_gib = plan(cfg, attention_fused=True)["memory_bytes"]["V100-16GB"] / 2 ** 30
     unfused_gib = plan(cfg, attention_fused=False)["memory_bytes"]["V100-16GB"] / 2 ** 30
     assert unfused_gib > fused_gib
@@ -260,7 +261,7 @@ def test_the_check_counts_the_attention_and_says_where_the_plan_assumed_otherwis
                     f"measures it)")
     fused = AttentionTally()
     fused.add("fused kernel", "float16")
-    assert stage_check.attention_disagreement(cfg, "gpu:0", True, fused) is None
-    assert stage_check.attention_disagreement(cfg, "gpu:0", False, fused).startswith(
+    assert attention_disagreement(cfg, "gpu:0", True, fused) is None
+    assert attention_disagreement(cfg, "gpu:0", False, fused).startswith(
         "note: attention fused: 1 of 1 calls in float16 on gpu:0, where the plan (--dry-run) "
         "sized the attention matrix: expect about")

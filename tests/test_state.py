@@ -8,8 +8,8 @@ import paddle
 import pytest
 
 from training.averaging import weights_in
-from training.state import EpochProgress, Position, RunState
-from utils.checkpoint import check_state
+from training.state import EpochProgress, Position, RunState, check_json
+from utils.checkpoint import check_files
 
 
 def _busy_state():
@@ -28,7 +28,9 @@ def test_the_run_state_survives_json_unchanged_and_passes_the_checkpoint_check()
     text = json.dumps(state.to_json())
     again = RunState.from_json(json.loads(text))
     assert again == state and again.progress.sums == {"loss": 12.5, "ce": 10.0, "kl": 2.5}
-    check_state(dict(json.loads(text), files=["raw", "optimizer", "ema", "swa"]))
+    written = dict(json.loads(text), files=["raw", "optimizer", "ema", "swa"])
+    check_files(written)
+    check_json(RunState, written)
     fresh = RunState(config={})
     assert RunState.from_json(fresh.to_json()) == fresh
     assert fresh.to_json()["position"] == {"stage": 0, "epoch": 0, "micro": 0}
@@ -84,3 +86,50 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default():
     with pytest.raises(UserError, match="'loss.form' differs"):
         check_same_config(RunState(config=to_plain(cfg)),
                           load_config("configs/demo.yaml", ["loss.form=paper"]), "last")
+
+
+def test_a_saved_config_reads_with_todays_defaults_or_not_at_all():
+    """One reading of a saved config for a resume and for val/predict/export: a key added
+    since takes its default, a key this version does not know makes it unreadable."""
+    import yaml
+
+    from training.config import load_config
+    from training.state import first_difference, saved_config, value_at
+    from utils.config import dump_config, to_plain
+
+    cfg = load_config("configs/demo.yaml")
+    written = yaml.safe_load(dump_config(cfg))
+    assert saved_config(written) == to_plain(cfg)
+    del written["model"]["mlp_hidden"]  # saved before the key existed
+    assert value_at(saved_config(written), "model.mlp_hidden") == 512
+    assert saved_config({**written, "extra": 1}) is None
+    other = to_plain(load_config("configs/demo.yaml", ["model.kwargs.depth=3"]))
+    assert first_difference(value_at(saved_config(written), "model.kwargs"),
+                            value_at(other, "model.kwargs"), path="model.kwargs") \
+        == "model.kwargs.depth"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: dict(s, epoch_index=True), "'epoch_index' must be a count (an integer >= 0)"),
+    (lambda s: dict(s, progress=dict(s["progress"], elapsed=float("inf"))),
+     "'progress.elapsed' must be a finite number, got inf"),
+    (lambda s: dict(s, progress=dict(s["progress"], sums={"loss": "1"})),
+     "'progress.sums.loss' must be a finite number"),
+    (lambda s: dict(s, updates={"ema": -1}), "'updates.ema' must be a count"),
+    (lambda s: dict(s, best={"val_top1": 0.5}), "'best' lacks val_num_samples, kind, stage"),
+    (lambda s: dict(s, position=dict(s["position"], evaluating=1)),
+     "'position.evaluating' must be true or false"),
+    (lambda s: dict(s, teacher={"weights": 3, "sha256": "x"}),
+     "'teacher' must name a weights file and its sha256"),
+    (lambda s: dict(s, data=7), "'data' must be the data's fingerprint or null"),
+    (lambda s: {k: v for k, v in s.items() if k != "progress"}, "'the state' lacks progress"),
+])
+def test_the_state_check_is_read_from_the_state_dataclasses(edit, message):
+    """Every key of state.json is checked as its field declares it (and keys that older
+    checkpoints lack may be absent)."""
+    written = _busy_state().to_json()
+    with pytest.raises(ValueError) as caught:
+        RunState.from_json(edit(written))
+    assert message in str(caught.value)
+    older = {k: v for k, v in written.items() if k not in ("records", "tested", "teacher", "data")}
+    assert RunState.from_json(older).records == written["epoch_index"]

@@ -38,7 +38,6 @@ from models.resolution import fit_resolution
 from training.averaging import weights_in
 from training.engine import evaluate
 from training.optim import optimizer_state_for, portable_optimizer_state
-from training.plan import cpu_warning
 from training.recipe import final_image_size
 from training.results import epoch_record, new_best, skip_nonfinite, test_line
 from training.stage import RunModel, Stage
@@ -72,7 +71,7 @@ from utils.reports.progress import one_output
 from utils.reports.progress import set_mode as set_progress
 from utils.reports.text import best_line, epoch_line, place, run_line
 from utils.run_folder import RESUME_FILE, RunFolder
-from utils.runtime.device import matmul_flop_rate, select_device
+from utils.runtime.device import select_device
 from utils.runtime.dist import any_rank, init, is_main
 from utils.runtime.invocation import environment_line
 from utils.runtime.seeds import seed_everything
@@ -340,10 +339,6 @@ def training_run(cfg: Config, resume: Union[bool, str, None] = None,
     with one_output():
         # First: it also takes SIGTERM back from Paddle's C++ handler.
         device = select_device(cfg.train.deterministic)
-        if device == "cpu" and is_main():  # the GPU recipe started on a CPU by mistake
-            warning = cpu_warning(cfg, matmul_flop_rate)
-            if warning:
-                print(warning, flush=True)
         set_progress(cfg.train.progress)
         out = cfg.train.output_dir
         done = None if resume or overwrite else complete_run(out, cfg)

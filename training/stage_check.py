@@ -31,12 +31,11 @@ import numpy as np
 import paddle
 
 from data.batching import micro_batch
-from models.attention import AttentionTally, tallying_attention
+from models.attention import AttentionTally, fused_on_capability, tallying_attention
 from models.recompute import hooks_keep_random_state
 from models.resolution import backbone_of, patch_size
 from training.amp import Precision
 from training.engine import evaluate, train_steps
-from training.gpus import capability_of, card_of, fused_on_capability
 from training.optim import warmup_steps
 from training.optimizers import OPTIMIZERS
 from training.recipe import stage_data
@@ -44,7 +43,7 @@ from training.stage import RunModel, build_stage, trainable_paths
 from training.state import EpochProgress
 from utils.errors import UserError, is_out_of_memory
 from utils.reports.progress import silenced
-from utils.runtime.device import paddle_version
+from utils.runtime.device import capability_of, paddle_version
 from utils.runtime.dist import world_size
 from utils.runtime.seeds import preserved_random_state
 from utils.schema import Config
@@ -87,14 +86,13 @@ def validate_stages(cfg: Config, model: paddle.nn.Layer, base_size: int,
 
 @dataclass
 class StageCheck:
-    """What the stage check observed: its seconds, the attention calls it counted, whether
-    the plan (``--dry-run``) assumed fused attention on this device, and the line saying how
-    the two disagree (``None`` when they agree)."""
+    """What the stage check observed: its seconds, the attention calls it counted, and
+    whether the plan (``--dry-run``) assumed fused attention on this device
+    (:func:`planning.plan.attention_disagreement` says how the two differ)."""
 
     seconds: float
     attention: AttentionTally
     planned_fused: bool
-    disagreement: Optional[str]
 
 
 def check_stages(cfg: Config, precision: Precision, teacher: Optional[paddle.nn.Layer] = None,
@@ -129,34 +127,7 @@ def check_stages(cfg: Config, precision: Precision, teacher: Optional[paddle.nn.
           f"(train.check_stages=false skips it)", flush=True)
     planned = fused_on_capability(capability_of(device), scratch.mode,
                                   cfg.model.fused_attention, paddle_version())
-    disagreement = attention_disagreement(cfg, device, planned, attention)
-    if disagreement:
-        print(disagreement, flush=True)
-    return StageCheck(seconds, attention, planned, disagreement)
-
-
-def attention_disagreement(cfg: Config, device: str, planned: bool,
-                           attention: AttentionTally) -> Optional[str]:
-    """One line where the counted attention calls are not what the plan assumed on
-    ``device`` (``planned``: fused), with what it means for memory on a card of the plan's
-    table; ``None`` where they agree."""
-    fused = attention.total > 0 and attention.fused == attention.total
-    if fused == planned or not attention.total:
-        return None
-    card = card_of(device)
-    memory = ""
-    if card:
-        from training.plan import plan
-
-        assumed, observed = (plan(cfg, attention_fused=value)["memory_bytes"][card]
-                             for value in (planned, fused))
-        memory = (f": expect about {observed / 2 ** 30:.3g} GiB on this {card}, not "
-                  f"{assumed / 2 ** 30:.3g} GiB (python main.py --preflight measures it)")
-    if planned:
-        return (f"warning: attention {attention.describe()}, on {device}; the plan "
-                f"(--dry-run) sized it fused{memory}")
-    return (f"note: attention {attention.describe()} on {device}, where the plan (--dry-run) "
-            f"sized the attention matrix{memory}")
+    return StageCheck(seconds, attention, planned)
 
 
 def _trial_step(cfg: Config, index: int, net: RunModel) -> None:

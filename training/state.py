@@ -2,14 +2,17 @@
 state a checkpoint's ``state.json`` holds, each with a JSON round trip; and the checks a
 resume makes of a checkpoint against the config it is resumed with.
 
-The JSON form is the one ``state.json`` has on disk (checked key by key by
-:func:`utils.checkpoint.check_state` before it is read here).
+The JSON form is the one ``state.json`` has on disk, declared once by the dataclasses'
+fields and checked key by key from them (:func:`check_json`) before it is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
@@ -33,6 +36,63 @@ if TYPE_CHECKING:
 KINDS = ("raw", "ema", "swa")
 
 
+# A key that checkpoints written before it existed lack (its default then applies).
+LATER = {"later": True}
+
+
+def check_json(kind: type, data: Any, key: str = "the state") -> None:
+    """Raise :class:`ValueError` naming the first key of ``data``, the JSON form of the
+    dataclass ``kind`` (:class:`RunState` for ``state.json``), that is missing or of the
+    wrong kind, as the fields declare them: an ``int`` is a count (an integer >= 0), a
+    ``float`` a finite number, a nested dataclass is checked the same way; a ``dict`` field's
+    metadata names its keys (``keys``) or the kind of its values (``values``), ``later``
+    marks a key older checkpoints lack and ``says`` the words of its error."""
+    _check_value(data, kind, key, {})
+
+
+def _check_value(value, hint, key, meta):
+    if typing.get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    wrong = None
+    if dataclasses.is_dataclass(hint):
+        _check_mapping(value, key, [f.name for f in dataclasses.fields(hint)
+                                    if not f.metadata.get("later")])
+        hints = typing.get_type_hints(hint)
+        for item in dataclasses.fields(hint):
+            if item.name in value:
+                _check_value(value[item.name], hints[item.name],
+                             item.name if key == "the state" else f"{key}.{item.name}",
+                             item.metadata)
+    elif hint is dict:
+        _check_mapping(value, key, list(meta.get("keys", ())))
+        for name, kind in meta.get("keys", {}).items():
+            _check_value(value[name], kind, f"{key}.{name}", {"says": meta["says"]}
+                         if "says" in meta else {})
+        if "values" in meta:
+            for name, item in value.items():
+                _check_value(item, meta["values"], f"{key}.{name}", {})
+    elif hint is int and (type(value) is not int or value < 0):
+        wrong = f"'{key}' must be a count (an integer >= 0), got {value!r}"
+    elif hint is float and (type(value) not in (int, float) or not math.isfinite(value)):
+        wrong = f"'{key}' must be a finite number, got {value!r}"
+    elif hint is bool and not isinstance(value, bool):
+        wrong = f"'{key}' must be true or false"
+    elif hint is str and not isinstance(value, str):
+        wrong = f"'{key}' must be a string, got {value!r}"
+    if wrong:
+        raise ValueError(meta.get("says", wrong[:160]))
+
+
+def _check_mapping(value, key, required):
+    if not isinstance(value, dict):
+        raise ValueError(f"'{key}' must be a mapping, got {type(value).__name__}")
+    missing = [name for name in required if name not in value]
+    if missing:
+        raise ValueError(f"'{key}' lacks {', '.join(missing)}")
+
+
 @dataclass
 class Position:
     """The next thing a run does: micro-batch ``micro`` of epoch ``epoch`` of stage ``stage``
@@ -42,7 +102,7 @@ class Position:
     stage: int = 0
     epoch: int = 0
     micro: int = 0
-    evaluating: bool = False
+    evaluating: bool = field(default=False, metadata=LATER)
 
     def to_json(self) -> dict:
         """The JSON form (``evaluating`` only when set)."""
@@ -77,13 +137,14 @@ class EpochProgress:
 
     micro: int = 0
     seen: int = 0
-    sums: dict = field(default_factory=lambda: dict.fromkeys(ALWAYS, 0.0))
+    sums: dict = field(default_factory=lambda: dict.fromkeys(ALWAYS, 0.0),
+                       metadata={"values": float})
     elapsed: float = 0.0
     excluded: int = 0
-    steps: int = 0
-    overflow_steps: int = 0
-    grad_norm_sum: float = 0.0
-    grad_norm_max: Optional[float] = None
+    steps: int = field(default=0, metadata=LATER)
+    overflow_steps: int = field(default=0, metadata=LATER)
+    grad_norm_sum: float = field(default=0.0, metadata=LATER)
+    grad_norm_max: Optional[float] = field(default=None, metadata=LATER)
 
     def __post_init__(self):
         self.sums = dict(self.sums)  # never the caller's (a checkpoint's) dict
@@ -151,15 +212,19 @@ class RunState:
     config: dict
     position: Position = field(default_factory=Position)
     epoch_index: int = 0
-    records: int = 0
+    records: int = field(default=0, metadata=LATER)
     global_step: int = 0
     skipped_steps: int = 0
-    best: Optional[dict] = None
+    best: Optional[dict] = field(default=None, metadata={"keys": {
+        "val_top1": float, "val_num_samples": int, "kind": str, "stage": int, "epoch": int}})
     progress: Optional[EpochProgress] = None
-    updates: dict = field(default_factory=dict)
-    tested: bool = False
-    teacher: Optional[dict] = None
-    data: Optional[str] = None
+    updates: dict = field(default_factory=dict, metadata={"values": int})
+    tested: bool = field(default=False, metadata=LATER)
+    teacher: Optional[dict] = field(default=None, metadata={
+        **LATER, "keys": {"weights": str, "sha256": str},
+        "says": "'teacher' must name a weights file and its sha256"})
+    data: Optional[str] = field(default=None, metadata={
+        **LATER, "says": "'data' must be the data's fingerprint or null"})
 
     def to_json(self) -> dict:
         """The JSON form ``state.json`` holds."""
@@ -172,7 +237,9 @@ class RunState:
 
     @classmethod
     def from_json(cls, data: dict) -> RunState:
-        """The state a (checked) ``state.json`` describes; keys it does not know are ignored."""
+        """The state ``state.json`` describes (:func:`check_json` first: a :class:`ValueError`
+        names a missing or wrong key); keys it does not know are ignored."""
+        check_json(cls, data)
         return cls(config=data["config"], position=Position.from_json(data["position"]),
                    epoch_index=data["epoch_index"],
                    records=data.get("records", data["epoch_index"]),
@@ -226,11 +293,9 @@ def check_same_config(state: RunState, cfg: Config, folder: str,
     change nothing of the results, and when ``resuming`` those read only at the start),
     except in the stages that have not started yet: those may be corrected, added or
     removed. Returns the indices of the later stages that differ."""
-    saved = state.config
-    try:  # keys added to the schema since the checkpoint was written take their defaults
-        saved = to_plain(validate(saved, CONFIG))
-    except UserError:
-        pass  # a config this version no longer accepts: compared as it was saved
+    saved = saved_config(state.config)
+    if saved is None:  # a config this version no longer accepts: compared as it was saved
+        saved = state.config
     current = to_plain(cfg)
     saved_stages, stages = saved.get("stages"), current["stages"]
     done = last_started_stage(state.position) + 1  # the stages that have trained
@@ -253,6 +318,25 @@ def check_same_config(state: RunState, cfg: Config, folder: str,
     return [index for index in range(done, max(len(saved_stages), len(stages)))
             if index >= len(saved_stages) or index >= len(stages)
             or saved_stages[index] != stages[index]]
+
+
+def saved_config(raw: Any) -> Optional[dict]:
+    """A config a run saved (``state.json``'s, a run folder's ``config.yaml``) as this
+    version reads it, for :func:`first_difference`: validated, keys added to the schema
+    since with their defaults, in plain form; ``None`` when this version no longer accepts
+    it. A resume and the commands that use a run's weights (val, predict, export, a
+    teacher) read a saved config through this, the one comparison of configs."""
+    try:
+        return to_plain(validate(raw, CONFIG))
+    except UserError:
+        return None
+
+
+def value_at(plain: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of a plain config (``None`` where it is absent)."""
+    for part in key.split("."):
+        plain = plain.get(part) if isinstance(plain, dict) else None
+    return plain
 
 
 def first_difference(saved: Any, current: Any, ignore: tuple = (),
@@ -307,12 +391,15 @@ def restore(folder: str, cfg: Config, trees: bool = True,
     the files it needs, finite weights. Without ``trees`` only the state is read and the
     config compared."""
     saved, tensors = load_last(folder, trees=trees)
-    progress = saved["progress"]  # the loss parts every criterion sums (losses/parts.py)
-    missing = [part for part in ALWAYS if progress is not None and part not in progress["sums"]]
-    if missing:
-        raise UserError(f"the checkpoint in {folder} is damaged ({STATE}: 'progress.sums' "
-                        f"lacks {', '.join(missing)}); resume from another copy or start again")
-    state = RunState.from_json(saved)
+    try:
+        state = RunState.from_json(saved)
+        sums = {} if state.progress is None else state.progress.sums
+        missing = [part for part in ALWAYS if state.progress is not None and part not in sums]
+        if missing:  # the loss parts every criterion sums (losses/parts.py)
+            raise ValueError(f"'progress.sums' lacks {', '.join(missing)}")
+    except ValueError as exc:
+        raise UserError(f"the checkpoint in {folder} is damaged ({STATE}: {exc}); resume from "
+                        f"another copy or start again") from None
     later = check_same_config(state, cfg, folder, resuming)
     if trees:
         check_position(state, tensors, cfg.stages, folder)

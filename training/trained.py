@@ -8,12 +8,13 @@ import os
 from typing import TYPE_CHECKING, Optional
 
 from models.build import build_model, describe_load, load_weights
-from training.config import load_config
 from training.recipe import final_image_size
+from training.state import first_difference, saved_config, value_at
 from utils.checkpoint import weights_path
 from utils.config import to_plain
 from utils.errors import UserError
 from utils.io.files import path_problem
+from utils.yaml_text import read_yaml
 
 if TYPE_CHECKING:
     import paddle
@@ -37,15 +38,18 @@ def _check_trained_with(cfg, config):
     if path_problem(saved_path):
         return
     try:
-        saved, current = to_plain(load_config(saved_path)), to_plain(cfg)
-    except UserError:  # written by another version of this project: not comparable
+        saved = saved_config(read_yaml(saved_path))
+    except UserError:  # damaged: not comparable
         return
+    if saved is None:  # written by another version of this project: not comparable
+        return
+    current = to_plain(cfg)
     for key in TRAINED_WITH:
-        section, name = key.split(".")
-        then, now = saved[section].get(name), current[section].get(name)
-        if then != now:
+        changed = first_difference(value_at(saved, key), value_at(current, key), path=key)
+        if changed:
             raise UserError(f"the run in {cfg.train.output_dir} was trained with another "
-                            f"{key} ({then!r}, here {now!r}); pass the -o it was trained "
+                            f"{changed} ({value_at(saved, changed)!r}, here "
+                            f"{value_at(current, changed)!r}); pass the -o it was trained "
                             f"with (its config.yaml), or --weights PATH")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from utils.errors import UserError
 from utils.io.files import fsync_dir, read_json, write_json
@@ -114,11 +114,12 @@ def load_last(folder: str, trees: bool = True) -> tuple[dict, dict]:
     """``(state, trees)`` of a resume checkpoint folder; trees by name, tensors as NumPy arrays
     (none with ``trees=False``).
 
-    ``state.json`` is checked key by key: a damaged or edited one is one clear error.
+    The files ``state.json`` lists are checked before they are opened: a damaged or edited
+    list is one clear error (the run state itself: :func:`training.state.check_json`).
     """
     state = read_json(os.path.join(folder, STATE))
     try:
-        check_state(state)
+        check_files(state)
     except ValueError as exc:
         raise UserError(f"the checkpoint in {folder} is damaged ({STATE}: {exc}); resume from "
                         f"another copy or start again") from None
@@ -128,71 +129,13 @@ def load_last(folder: str, trees: bool = True) -> tuple[dict, dict]:
                    for name in state["files"]}
 
 
-def _count(value, key):
-    if type(value) is not int or value < 0:
-        raise ValueError(f"'{key}' must be a count (an integer >= 0), got {value!r}"[:160])
-
-
-def _number(value, key):
-    if type(value) not in (int, float) or value != value or value in (float("inf"), -float("inf")):
-        raise ValueError(f"'{key}' must be a finite number, got {value!r}"[:160])
-
-
-def _mapping(value, key, keys=()):
-    if not isinstance(value, dict):
-        raise ValueError(f"'{key}' must be a mapping, got {type(value).__name__}")
-    missing = [k for k in keys if k not in value]
-    if missing:
-        raise ValueError(f"'{key}' lacks {', '.join(missing)}")
-    return value
-
-
-def check_state(state: dict) -> None:
-    """Raise :class:`ValueError` naming the first key of a resume state that is missing or
-    of the wrong kind (counts are integers >= 0, numbers finite)."""
-    _mapping(state, "the state", ("position", "epoch_index", "global_step", "skipped_steps",
-                                  "best", "progress", "updates", "config", "files"))
-    position = _mapping(state["position"], "position", ("stage", "epoch", "micro"))
-    for key in ("stage", "epoch", "micro"):
-        _count(position[key], f"position.{key}")
-    for key, value in (("position.evaluating", position.get("evaluating", False)),
-                       ("tested", state.get("tested", False))):
-        if not isinstance(value, bool):
-            raise ValueError(f"'{key}' must be true or false")
-    for key in ("epoch_index", "global_step", "skipped_steps"):
-        _count(state[key], key)
-    if "records" in state:
-        _count(state["records"], "records")
-    for kind, updates in _mapping(state["updates"], "updates").items():
-        _count(updates, f"updates.{kind}")
-    if state["best"] is not None:
-        best = _mapping(state["best"], "best", ("val_top1", "val_num_samples", "kind", "stage",
-                                                "epoch"))
-        _number(best["val_top1"], "best.val_top1")
-        for key in ("val_num_samples", "stage", "epoch"):
-            _count(best[key], f"best.{key}")
-    if state["progress"] is not None:
-        progress = _mapping(state["progress"], "progress", ("micro", "seen", "sums", "elapsed",
-                                                            "excluded"))
-        for key in ("micro", "seen", "excluded", "steps", "overflow_steps"):
-            if key in progress:
-                _count(progress[key], f"progress.{key}")
-        # Which loss parts the sums must hold is the run state's to say (losses/parts.py).
-        for key, value in _mapping(progress["sums"], "progress.sums").items():
-            _number(value, f"progress.sums.{key}")
-        for key in ("elapsed", "grad_norm_sum"):
-            if key in progress:
-                _number(progress[key], f"progress.{key}")
-        if progress.get("grad_norm_max") is not None:
-            _number(progress["grad_norm_max"], "progress.grad_norm_max")
-    if not isinstance(state.get("data"), (str, type(None))):
-        raise ValueError("'data' must be the data's fingerprint or null")
-    if state.get("teacher") is not None:
-        teacher = _mapping(state["teacher"], "teacher", ("weights", "sha256"))
-        if not all(isinstance(teacher[key], str) for key in ("weights", "sha256")):
-            raise ValueError("'teacher' must name a weights file and its sha256")
-    _mapping(state["config"], "config")
-    files = state["files"]
+def check_files(state: Any) -> None:
+    """Raise :class:`ValueError` unless ``state`` (a ``state.json``) is a mapping whose
+    ``files`` lists checkpoint files by their names; the rest of it is the run state's to
+    check (:func:`training.state.check_json`)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"'the state' must be a mapping, got {type(state).__name__}")
+    files = state.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) and f in TREES for f in files):
         raise ValueError(f"'files' must list checkpoint files among {', '.join(TREES)}")
 

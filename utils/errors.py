@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Optional
 
 class NotebookTerms:
     """How an error reads in a notebook: plain, until the notebook's helpers
-    (:mod:`utils.notebook`) install their wording of command-line advice."""
+    (:mod:`planning.notebook`) install their wording of command-line advice."""
 
     advice: Callable[[str], str] = staticmethod(lambda message: message)
     resume: str = "resume it with --resume"

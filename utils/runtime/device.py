@@ -173,3 +173,12 @@ def gpu_visible() -> bool:
     import paddle
 
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def capability_of(device: str) -> Optional[int]:
+    """The compute capability (major) of ``device``; ``None`` for a CPU."""
+    if not str(device).startswith("gpu"):
+        return None
+    import paddle
+
+    return paddle.device.cuda.get_device_capability()[0]

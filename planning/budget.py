@@ -1,15 +1,15 @@
 """The front pages' budget table: the cost of each shipped GPU config on each GPU of
-:mod:`training.gpus`, from :func:`training.plan.plan`, in English or Chinese.
+:mod:`planning.gpus`, from :func:`planning.plan.plan`, in English or Chinese.
 
-  python -m training.budget        # the table of README.md
-  python -m training.budget zh     # the table of README_cn.md
+  python -m planning.budget        # the table of README.md
+  python -m planning.budget zh     # the table of README_cn.md
 """
 
 import os
 import sys
 
-from training.gpus import GPUS
-from training.plan import plan
+from planning.gpus import GPUS
+from planning.plan import plan
 from utils import cli
 from utils.errors import UserError
 
@@ -36,7 +36,7 @@ WORDS = {
         "recompute": "; `-o model.recompute=true` keeps the micro-batch ({memory}, {fits}, "
                      "≈ {hours:.3g} h)",
         "source": "Hours: training, validations and the final test, an estimate from published "
-                  "runs of ViT-B/384 on each card and precision (`training/gpus.py` cites "
+                  "runs of ViT-B/384 on each card and precision (`planning/gpus.py` cites "
                   "them), not measured by this project; the range spans the slowest and the "
                   "fastest of them. Memory for Paddle 3.3 or newer (`requirements.txt`), which "
                   "fuses attention on a V100 too; with Paddle 2.6 - 3.2 a V100 has no fused kernel "
@@ -60,7 +60,7 @@ WORDS = {
         "recompute": "；`-o model.recompute=true` 保持微批次（{memory}，{fits}，"
                      "≈ {hours:.3g} 小时）",
         "source": "时长：训练、验证和最后的测试，按已发表的 ViT-B/384 在各卡、各精度上的训练记录"
-                  "估算（出处见 `training/gpus.py`），本项目没有实测；区间取这些记录中最慢和最快的。"
+                  "估算（出处见 `planning/gpus.py`），本项目没有实测；区间取这些记录中最慢和最快的。"
                   "显存按 Paddle 3.3 及以上（`requirements.txt`）估算，"
                   "V100 上同样走融合注意力；Paddle 2.6 到 3.2 在 V100 上没有融合算子，"
                   "在那里运行 `--dry-run` 会计入注意力矩阵（{older}）。",

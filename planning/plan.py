@@ -1,7 +1,7 @@
 """The cost of a run from its config alone, in about a second on any machine: optimizer steps
 and images per stage, the FLOPs and activation bytes of one training image, the memory one
 GPU needs, whether it fits and the largest micro-batch that does, the hours on each GPU of
-:mod:`training.gpus` (training, validations and the final test; an estimate with a range),
+:mod:`planning.gpus` (training, validations and the final test; an estimate with a range),
 and the disk. ``python main.py --dry-run --json`` prints it.
 
 The model's sizes come from PPIM's own constructor, built under ``paddle.LazyGuard`` (its
@@ -35,18 +35,22 @@ import paddle
 
 from data.formats import FORMATS
 from data.loader import less_than_a_batch
-from training.gpus import (
+from models.attention import AttentionTally
+from planning.gpus import (
     GPUS,
     RESERVED_BYTES,
     SOURCE,
+    card_of,
     flop_rates,
     fused_attention_on,
     precision_on,
 )
 from training.optimizers import OPTIMIZERS
 from training.recipe import StageLength, stage_data, stage_loss
+from training.stage_check import StageCheck
 from utils.errors import UserError
-from utils.runtime.device import paddle_version
+from utils.runtime.device import matmul_flop_rate, paddle_version
+from utils.runtime.dist import is_main
 from utils.schema import Config, DataConfig, ModelConfig
 
 # Per block: 19 T·D token values, 4 of them the two norms' inputs and outputs.
@@ -254,6 +258,15 @@ def cpu_warning(cfg: Config, flop_rate: Callable[[], float]) -> Optional[str]:
             f"product just now), against {gpus}; Ctrl-C stops it")
 
 
+def warn_if_cpu(cfg: Config, device: str) -> None:
+    """Print :func:`cpu_warning` (rank 0, on a CPU): the GPU recipe started on a CPU by
+    mistake learns its hours before any are spent."""
+    if device == "cpu" and is_main():
+        warning = cpu_warning(cfg, matmul_flop_rate)
+        if warning:
+            print(warning, flush=True)
+
+
 def _fixes(cfg, stages, version):
     """Per GPU where a stage does not fit: the largest micro-batch that does, the
     ``train.accum_steps`` that brings every stage's micro-batch under it (the same images per
@@ -421,5 +434,34 @@ def cost_lines(cost: dict) -> list[str]:
     lines.append(f"  (several GPUs: DataParallel adds about "
                  f"{gb(max(cost['data_parallel_extra_bytes'].values()))} on each)")
     lines.append(f"  (hours: training, validations and the final test; {cost['hours_source']}; "
-                 f"the rates and their sources: training/gpus.py)")
+                 f"the rates and their sources: planning/gpus.py)")
     return lines
+
+
+def attention_disagreement(cfg: Config, device: str, planned: bool,
+                           attention: AttentionTally) -> Optional[str]:
+    """One line where the attention calls the stage check counted (``attention``) are not
+    what the plan assumed on ``device`` (``planned``: fused), with what it means for memory
+    on a card of the plan's table; ``None`` where they agree."""
+    fused = attention.total > 0 and attention.fused == attention.total
+    if fused == planned or not attention.total:
+        return None
+    card = card_of(device)
+    memory = ""
+    if card:
+        assumed, observed = (plan(cfg, attention_fused=value)["memory_bytes"][card]
+                             for value in (planned, fused))
+        memory = (f": expect about {observed / 2 ** 30:.3g} GiB on this {card}, not "
+                  f"{assumed / 2 ** 30:.3g} GiB (python main.py --preflight measures it)")
+    if planned:
+        return (f"warning: attention {attention.describe()}, on {device}; the plan "
+                f"(--dry-run) sized it fused{memory}")
+    return (f"note: attention {attention.describe()} on {device}, where the plan (--dry-run) "
+            f"sized the attention matrix{memory}")
+
+
+def report_attention(cfg: Config, device: str, check: StageCheck) -> None:
+    """Print :func:`attention_disagreement` for what the stage check counted, if any."""
+    line = attention_disagreement(cfg, device, check.planned_fused, check.attention)
+    if line:
+        print(line, flush=True)

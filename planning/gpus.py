@@ -6,7 +6,7 @@ fraction of that peak (model-FLOPs utilisation, MFU) published training runs of 
 fastest run found, and an estimate in its middle. None of it is measured by this project;
 preflight prints the estimate beside its measurement on the user's card.
 
-FLOPs per image below are the plan's own counts (training/plan.py): 111.2 GFLOPs for a
+FLOPs per image below are the plan's own counts (planning/plan.py): 111.2 GFLOPs for a
 forward pass of ViT-B/16 or DeiT-B at 384 px, 3 forwards' worth for a training image,
 6 (667 GFLOPs) for an R-Drop training image.
 """
@@ -15,17 +15,22 @@ from __future__ import annotations
 
 from typing import Optional
 
-from models.attention import AMP_DTYPES, kernel_runs
+from models.attention import fused_on_capability
 
 # name: (memory bytes, peak FLOP/s in float32, peak FLOP/s in float16/bfloat16 tensor cores).
 # Memory: what the cards expose to CUDA (cudaMemGetInfo's total), a little under the
 # datasheet's 16/32/40 GB.
+# Dense fp16/bf16 tensor-core peaks (FLOP/s) by device-name fragment, from NVIDIA's
+# datasheets ("A100" before "A10": the first fragment in a device's name is its card);
+# bench/throughput.py's MFU reads them for cards beyond the plan's.
+HALF_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12,
+              "V100": 125e12, "A10": 125e12, "T4": 65e12}
 GPUS = {
     # NVIDIA Tesla V100 datasheet (SXM2): 15.7 TFLOPS fp32, 125 TFLOPS tensor (fp16); 16/32 GB.
-    "V100-16GB": (int(15.78 * 2 ** 30), 15.7e12, 125e12),
-    "V100-32GB": (int(31.75 * 2 ** 30), 15.7e12, 125e12),
+    "V100-16GB": (int(15.78 * 2 ** 30), 15.7e12, HALF_PEAKS["V100"]),
+    "V100-32GB": (int(31.75 * 2 ** 30), 15.7e12, HALF_PEAKS["V100"]),
     # NVIDIA A100 datasheet: 19.5 TFLOPS fp32, 312 TFLOPS fp16/bf16 tensor (dense); 40 GB.
-    "A100-40GB": (int(39.59 * 2 ** 30), 19.5e12, 312e12),
+    "A100-40GB": (int(39.59 * 2 ** 30), 19.5e12, HALF_PEAKS["A100"]),
 }
 # Compute capability (major) of each card: what decides the fused attention kernel.
 CAPABILITY = {"V100-16GB": 7, "V100-32GB": 7, "A100-40GB": 8}
@@ -84,16 +89,6 @@ def fused_attention_on(gpu: str, amp: str, setting: str,
     return fused_on_capability(CAPABILITY[gpu], precision_on(gpu, amp), setting, paddle_version)
 
 
-def fused_on_capability(capability: Optional[int], precision: str, setting: str,
-                        paddle_version: tuple[int, int, int]) -> bool:
-    """:func:`fused_attention_on` for a GPU of compute capability ``capability`` (``None``: a
-    CPU, where attention is never fused) training in ``precision`` (``off``, ``fp16``,
-    ``bf16``)."""
-    if setting == "off" or precision == "off" or capability is None:
-        return False
-    return kernel_runs(capability, AMP_DTYPES[precision], paddle_version)
-
-
 def card_of(device: str) -> Optional[str]:
     """The card of :data:`GPUS` that ``device`` is (by name and memory), or ``None``."""
     if not str(device).startswith("gpu"):
@@ -106,12 +101,3 @@ def card_of(device: str) -> Optional[str]:
         if card.split("-")[0] in name and abs(memory - card_memory) < 0.15 * card_memory:
             return card
     return None
-
-
-def capability_of(device: str) -> Optional[int]:
-    """The compute capability (major) of ``device``; ``None`` for a CPU."""
-    if not str(device).startswith("gpu"):
-        return None
-    import paddle
-
-    return paddle.device.cuda.get_device_capability()[0]
