@@ -129,11 +129,11 @@ def train(cfg: Config, resume: Union[bool, str, None] = None, overwrite: bool = 
     from training.stage import RunModel, build_stage
     from training.stage_check import check_stages
 
-    # The device, the output folder, the checkpoint to resume, stop requests: the edges.
-    with training_run(cfg, resume, overwrite, resume_with) as run:
+    # The device, the output folder, the checkpoint to resume, stop requests: the edges. On
+    # a CPU, the hours of a GPU recipe started there by mistake come before anything else.
+    with training_run(cfg, resume, overwrite, resume_with, on_device=warn_if_cpu) as run:
         if run.complete:
             return run.state.best
-        warn_if_cpu(cfg, run.device)  # the GPU recipe on a CPU by mistake: its hours first
         # The reader: training, validation (held-out training images) and test splits.
         train_split, val_split, test_split, class_names = run_splits(
             cfg.data, cfg.model.num_classes, cfg.train.seed)

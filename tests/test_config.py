@@ -5,6 +5,7 @@ numbers, bounds, YAML bombs, repeated keys, paths parsed as YAML, PPIM's loader 
 import os
 import time
 import typing
+from typing import Optional
 
 import pytest
 from conftest import DEMO_CLI, HANG_S, ROOT, assert_one_error, run_script
@@ -332,24 +333,44 @@ def _accepts(hint, field):
     return allowed == want
 
 
-def test_every_section_is_a_typed_view_that_declares_its_keys_with_their_types():
+def _keys(view):
+    return {key: hint for key, hint in typing.get_type_hints(view).items()
+            if not key.startswith("_")}
+
+
+def test_every_section_is_read_from_the_keys_its_view_declares_with_their_types():
     for path, section in _sections(CONFIG):
-        hints = typing.get_type_hints(section.view)
+        hints = _keys(section.view)
         assert section.view is not Node, path
         assert set(section.fields) <= set(hints), (path, set(section.fields) - set(hints))
         for key, field in section.fields.items():
             if isinstance(field, (Field, Section)):
                 assert _accepts(hints[key], field), (path, key, hints[key], field)
-    extra = {path: set(typing.get_type_hints(s.view)) - set(s.fields) for path, s in
-             _sections(CONFIG)}
-    # Only a tagged section's name, and the keys other variants of it have.
+    extra = {path: set(_keys(s.view)) - set(s.fields) for path, s in _sections(CONFIG)}
+    # Only a tagged section's name, which selects the variant.
     assert {path: keys for path, keys in extra.items() if keys} == {
-        "config.stages.N.optimizer[AdamW]": {"name"},
-        "config.stages.N.optimizer[Momentum]": {"name"},
-        "config.stages.N.optimizer[SGD]": {"name"},
-        "config.stages.N.lr_schedule[constant]": {"name", "end_lr", "power"},
-        "config.stages.N.lr_schedule[polynomial]": {"name"},
-        "config.stages.N.lr_schedule[cosine]": {"name", "power"}}
+        f"config.stages.N.{kind}[{name}]": {"name"}
+        for kind, names in (("optimizer", ("AdamW", "Momentum", "SGD")),
+                            ("lr_schedule", ("constant", "polynomial", "cosine")))
+        for name in names}
+
+
+def test_a_key_is_declared_once_on_its_view():
+    """The schema is read from the views: a default, a bound or a choice given on a view
+    is the validator's, and the view's class keeps no declaration in place of a value."""
+    from training.optimizers.adamw import AdamWConfig as View
+    from utils.schema import DataConfig, Section, key
+
+    class Probe(Node):
+        size: int = key(3, minimum=1)
+        names: Optional[list[str]] = key(None)
+
+    section = Section.of(Probe)
+    assert section.fields["size"].types == (int,) and section.fields["size"].minimum == 1
+    assert section.fields["names"].nullable and section.fields["names"].item_type is str
+    assert not hasattr(Probe, "size") and "lr" in View._declared
+    assert CONFIG.fields["data"].fields["batch_size"].maximum == \
+        DataConfig._declared["batch_size"].maximum
 
 
 def test_a_loaded_config_is_made_of_the_typed_views():

@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import paddle
 
@@ -325,9 +325,11 @@ class Run:
 
 @contextlib.contextmanager
 def training_run(cfg: Config, resume: Union[bool, str, None] = None,
-                 overwrite: bool = False, resume_with: Optional[str] = None) -> Iterator[Run]:
+                 overwrite: bool = False, resume_with: Optional[str] = None,
+                 on_device: Optional[Callable[[Config, str], None]] = None) -> Iterator[Run]:
     """The edges of a run of ``cfg`` (from a checkpoint with ``resume``: True or a path;
-    ``overwrite`` moves an earlier run aside): the device, ``train.output_dir`` held
+    ``overwrite`` moves an earlier run aside): the device (``on_device(cfg, device)`` is
+    called as soon as it is chosen, before anything can fail), ``train.output_dir`` held
     meanwhile, a complete run recognised (the :class:`Run` yielded is then ``complete``),
     every missing download named at once, the checkpoint read, the seeds set, the command
     ``resume_with`` (that continues the run) kept in its ``RESUME.txt``; an
@@ -339,6 +341,8 @@ def training_run(cfg: Config, resume: Union[bool, str, None] = None,
     with one_output():
         # First: it also takes SIGTERM back from Paddle's C++ handler.
         device = select_device(cfg.train.deterministic)
+        if on_device is not None:
+            on_device(cfg, device)
         set_progress(cfg.train.progress)
         out = cfg.train.output_dir
         done = None if resume or overwrite else complete_run(out, cfg)

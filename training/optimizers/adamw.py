@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from training.optimizers import OptimizerKind
-from utils.schema import Field, Node, Section
+from utils.schema import Node, Section, key
 
 if TYPE_CHECKING:
     import paddle
@@ -16,10 +16,10 @@ class AdamWConfig(Node):
     """``stages.N.optimizer`` with ``name: AdamW``."""
 
     name: str
-    lr: float
-    betas: list[float]
-    epsilon: float
-    weight_decay: float
+    lr: float = key(minimum=0.0)
+    betas: list[float] = key([0.9, 0.999], length=2, minimum=0.0, maximum=1.0)
+    epsilon: float = key(1e-8, minimum=0.0)
+    weight_decay: float = key(0.01, minimum=0.0)
 
 
 def build(cfg: AdamWConfig, lr: Union[float, LRScheduler], groups: list,
@@ -40,11 +40,6 @@ def describe(cfg: AdamWConfig) -> str:
 
 OPTIMIZER = OptimizerKind(
     name="AdamW",
-    section=Section({
-        "lr": Field(float, minimum=0.0),
-        "betas": Field(list, [0.9, 0.999], item_type=float, length=2, minimum=0.0, maximum=1.0),
-        "epsilon": Field(float, 1e-8, minimum=0.0),
-        "weight_decay": Field(float, 0.01, minimum=0.0),
-    }, AdamWConfig),
+    section=Section.of(AdamWConfig),
     build=build, describe=describe,
     moments=2)  # the first and second moments

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from training.optimizers import OptimizerKind
-from utils.schema import Field, Node, Section
+from utils.schema import Node, Section, key
 
 if TYPE_CHECKING:
     import paddle
@@ -16,10 +16,10 @@ class MomentumConfig(Node):
     """``stages.N.optimizer`` with ``name: Momentum`` (L2 decay on the gradients)."""
 
     name: str
-    lr: float
-    momentum: float
-    l2_decay: float
-    use_nesterov: bool
+    lr: float = key(minimum=0.0)
+    momentum: float = key(0.9, minimum=0.0, maximum=1.0)
+    l2_decay: float = key(0.0, minimum=0.0)
+    use_nesterov: bool = key(False)
 
 
 def build(cfg: MomentumConfig, lr: Union[float, LRScheduler], groups: list,
@@ -41,12 +41,7 @@ def describe(cfg: MomentumConfig) -> str:
 
 OPTIMIZER = OptimizerKind(
     name="Momentum",
-    section=Section({
-        "lr": Field(float, minimum=0.0),
-        "momentum": Field(float, 0.9, minimum=0.0, maximum=1.0),
-        "l2_decay": Field(float, 0.0, minimum=0.0),
-        "use_nesterov": Field(bool, False),
-    }, MomentumConfig),
+    section=Section.of(MomentumConfig),
     build=build, describe=describe,
     moments=1,  # the velocity
     gpu_bfloat16=False)  # Paddle's GPU momentum kernel, in some releases

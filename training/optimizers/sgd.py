@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from training.optimizers import OptimizerKind
-from utils.schema import Field, Node, Section
+from utils.schema import Node, Section, key
 
 if TYPE_CHECKING:
     import paddle
@@ -16,8 +16,8 @@ class SGDConfig(Node):
     """``stages.N.optimizer`` with ``name: SGD``."""
 
     name: str
-    lr: float
-    l2_decay: float
+    lr: float = key(minimum=0.0)
+    l2_decay: float = key(0.0, minimum=0.0)
 
 
 def build(cfg: SGDConfig, lr: Union[float, LRScheduler], groups: list,
@@ -37,9 +37,6 @@ def describe(cfg: SGDConfig) -> str:
 
 OPTIMIZER = OptimizerKind(
     name="SGD",
-    section=Section({
-        "lr": Field(float, minimum=0.0),
-        "l2_decay": Field(float, 0.0, minimum=0.0),
-    }, SGDConfig),
+    section=Section.of(SGDConfig),
     build=build, describe=describe,
     moments=0)

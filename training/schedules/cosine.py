@@ -6,13 +6,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from training.schedules import ScheduleKind
-from utils.schema import Field, LRScheduleConfig, Section
+from utils.schema import Node, Section, key
 
 if TYPE_CHECKING:
     import paddle
 
 
-def build(cfg: LRScheduleConfig, lr: float, steps: int,
+class CosineConfig(Node):
+    """``stages.N.lr_schedule`` with ``name: cosine``."""
+
+    name: str
+    end_lr: float = key(0.0, minimum=0.0)
+
+
+def build(cfg: CosineConfig, lr: float, steps: int,
           scale: float) -> paddle.optimizer.lr.CosineAnnealingDecay:
     """Paddle's CosineAnnealingDecay over ``steps``."""
     import paddle  # here: a config is read before Paddle is imported (its flags)
@@ -23,6 +30,6 @@ def build(cfg: LRScheduleConfig, lr: float, steps: int,
 
 SCHEDULE = ScheduleKind(
     name="cosine",
-    section=Section({"end_lr": Field(float, 0.0, minimum=0.0)}, LRScheduleConfig),
+    section=Section.of(CosineConfig),
     build=build,
     describe=lambda cfg: f"cosine decay to {cfg.end_lr:g} over the stage")

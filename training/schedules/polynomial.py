@@ -6,13 +6,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from training.schedules import ScheduleKind
-from utils.schema import Field, LRScheduleConfig, Section
+from utils.schema import Node, Section, key
 
 if TYPE_CHECKING:
     import paddle
 
 
-def build(cfg: LRScheduleConfig, lr: float, steps: int,
+class PolynomialConfig(Node):
+    """``stages.N.lr_schedule`` with ``name: polynomial``."""
+
+    name: str
+    end_lr: float = key(0.0, minimum=0.0)
+    power: float = key(1.0, minimum=0.0)
+
+
+def build(cfg: PolynomialConfig, lr: float, steps: int,
           scale: float) -> paddle.optimizer.lr.PolynomialDecay:
     """Paddle's PolynomialDecay over ``steps``."""
     import paddle  # here: a config is read before Paddle is imported (its flags)
@@ -23,9 +31,6 @@ def build(cfg: LRScheduleConfig, lr: float, steps: int,
 
 SCHEDULE = ScheduleKind(
     name="polynomial",
-    section=Section({
-        "end_lr": Field(float, 0.0, minimum=0.0),
-        "power": Field(float, 1.0, minimum=0.0),
-    }, LRScheduleConfig),
+    section=Section.of(PolynomialConfig),
     build=build,
     describe=lambda cfg: f"polynomial decay to {cfg.end_lr:g} (power {cfg.power:g}) over the stage")
