@@ -152,8 +152,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     import paddle
 
     from models.build import input_size
+    from models.cost import forward_flops
     from planning.gpus import HALF_PEAKS
-    from planning.plan import forward_flops, model_shape
+    from planning.plan import model_shape
 
     device = select_device()
     name = paddle.device.cuda.get_device_name() if device.startswith("gpu") else "cpu"

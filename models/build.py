@@ -6,10 +6,9 @@ or abort Paddle)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import paddle
@@ -19,6 +18,7 @@ from ppim.models.common import DropPath as PPIMDropPath
 from ppim.models.vit import Block
 
 from models.attention import use_fused_attention
+from models.cost import activation_bytes, declared_shape, state_bytes
 from models.drop_path import DropPath
 from models.heads import separate_heads
 from models.recompute import RecomputedBlock
@@ -26,9 +26,7 @@ from models.resolution import backbone_of, extra_tokens, resample_pos_embed, set
 from utils.errors import UserError
 from utils.io.download import download_weights, weights_cached
 from utils.io.tensor_io import load_state, load_tensors
-
-if TYPE_CHECKING:
-    from utils.schema import ModelConfig
+from utils.schema import ModelConfig
 
 # ImageNet classes of PPIM's pretrained heads, kept by the original's MLP head.
 IMAGENET_CLASSES = 1000
@@ -52,46 +50,25 @@ class MLPHeadClassifier(nn.Layer):
         return self.fc2(self.drop(self.act(self.fc1(self.backbone(x)))))
 
 
-# What an unnamed size defaults to in the estimate (a named model's: DeiT-B at 384 px).
-DEFAULT_SIZES = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0,
-                 "img_size": 384, "patch_size": 16, "in_chans": 3, "class_dim": 1000}
-
-
-def estimate_bytes(name: str, kwargs: dict) -> tuple[int, int]:
-    """``(weights_and_state, attention_per_image)`` in bytes of training PPIM's ``name``
-    built with ``kwargs``, counted from its sizes (the constructor's defaults where it has
-    them): float32 weights, gradients and two optimizer moments; the attention scores one
-    image keeps for the backward pass (scores, softmax, dropout mask, per block and head, for
-    both R-Drop copies)."""
-    from models.build import ppim_constructor
-
-    defaults = {key: param.default for key, param in
-                inspect.signature(ppim_constructor(name)).parameters.items()
-                if param.default is not inspect.Parameter.empty}
-    size = {key: kwargs.get(key, defaults.get(key, value)) for key, value in DEFAULT_SIZES.items()}
-    dim, depth = size["embed_dim"], size["depth"]
-    tokens = (size["img_size"] // max(size["patch_size"], 1)) ** 2 + 2
-    params = (depth * (4 + 2 * size["mlp_ratio"]) * dim * dim
-              + size["patch_size"] ** 2 * size["in_chans"] * dim + tokens * dim
-              + 2 * dim * size["class_dim"])
-    attention = 2 * 3 * depth * size["num_heads"] * tokens * tokens * 4
-    return int(params * 16), int(attention)
-
-
 def check_model_size(name: str, kwargs: dict) -> None:
     """One :class:`UserError` with the estimate when training the model ``kwargs`` describe
     (each size within its bound, their product not) would take more than this machine's
-    memory: ``embed_dim: 8192, mlp_ratio: 64`` is 2 TB of state, ``patch_size: 1,
-    img_size: 1024`` a million tokens (Paddle aborted the process on them)."""
+    memory (:mod:`models.cost`: float32 weights, gradients and two optimizer moments, and one
+    training image's activations, both R-Drop copies): ``embed_dim: 8192, mlp_ratio: 64`` is
+    2 TB of state, ``patch_size: 1, img_size: 1024`` a million tokens (Paddle aborted the
+    process on them)."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no such figure here
         return
-    state, attention = estimate_bytes(name, kwargs)
-    if state + attention > memory:
+    shape = declared_shape(ppim_constructor(name), kwargs)
+    state = state_bytes(shape["params"], moments=2)
+    dropout = ModelConfig(attn_drop_rate=kwargs.get("attn_drop_rate", 0.0), recompute=False)
+    activations = 2 * activation_bytes(shape, dropout, None, fused=False)
+    if state + activations > memory:
         raise UserError(f"model.kwargs {kwargs} ask for about {state / 1e9:.1f} GB of weights, "
-                        f"gradients and optimizer state and {attention / 1e9:.1f} GB of "
-                        f"attention per training image, more than this machine's "
+                        f"gradients and optimizer state and {activations / 1e9:.1f} GB of "
+                        f"activations per training image, more than this machine's "
                         f"{memory / 1e9:.0f} GB; lower embed_dim, depth, mlp_ratio or the "
                         f"tokens (img_size / patch_size)")
 

@@ -5,7 +5,8 @@ GPU needs, whether it fits and the largest micro-batch that does, the hours on e
 and the disk. ``python main.py --dry-run --json`` prints it.
 
 The model's sizes come from PPIM's own constructor, built under ``paddle.LazyGuard`` (its
-parameters are declared, never allocated or drawn). Counts, for a ViT of width D, depth L,
+parameters are declared, never allocated or drawn). Counts (:mod:`models.cost`, which the
+size check of a model before it is built shares), for a ViT of width D, depth L,
 H heads, MLP ratio r and T tokens (patches plus the class and distillation tokens):
 
 - FLOPs of a forward pass (2 per multiply-add): the patch embedding, per block the qkv,
@@ -36,6 +37,7 @@ import paddle
 from data.formats import FORMATS
 from data.loader import less_than_a_batch
 from models.attention import AttentionTally
+from models.cost import activation_bytes, forward_flops, state_bytes
 from planning.gpus import (
     GPUS,
     RESERVED_BYTES,
@@ -53,13 +55,6 @@ from utils.runtime.device import matmul_flop_rate, paddle_version
 from utils.runtime.dist import is_main
 from utils.schema import Config, DataConfig, ModelConfig
 
-# Per block: 19 T·D token values, 4 of them the two norms' inputs and outputs.
-TOKEN_VALUES, NORM_VALUES = 19, 4
-# Bytes per attention value (H·T² per block and copy) in float32 (None) and under AMP O1
-# and O2: the softmax's output, its half copy that attention·v keeps, the gradient of the
-# same size the backward pass holds beside them at its peak, attention dropout's output (and
-# its one-byte mask).
-ATTENTION_BYTES = {None: (4, 0, 4, 4), "O1": (4, 2, 4, 4), "O2": (2, 0, 2, 2)}
 # A run that a CPU would train for longer than this is announced with a warning; below the
 # work a CPU this fast does in that time, the CPU is not measured.
 CPU_WARN_HOURS, FASTEST_CPU_FLOPS = 1.0, 5e12
@@ -101,36 +96,6 @@ def model_shape(model_cfg: ModelConfig, image_size: Optional[int] = None) -> dic
             "channels": net.patch_embed.proj.weight.shape[1],
             "tokens": (size // patch) ** 2 + extra, "classes": kwargs["class_dim"],
             "class_heads": 1 + hasattr(net, "head_dist"), "params": params}
-
-
-def forward_flops(shape: dict) -> int:
-    """FLOPs of one image's forward pass."""
-    dim, tokens, patches = shape["dim"], shape["tokens"], shape["tokens"] - shape["class_heads"]
-    block = 2 * (3 * tokens * dim * dim + 2 * tokens * tokens * dim + tokens * dim * dim
-                 + 2 * tokens * dim * shape["hidden"])
-    embed = 2 * patches * shape["patch"] ** 2 * shape["channels"] * dim
-    return embed + shape["depth"] * block + 2 * dim * shape["classes"] * shape["class_heads"]
-
-
-def activation_bytes(shape: dict, model_cfg: ModelConfig, amp_level: Optional[str],
-                     fused: bool) -> int:
-    """Bytes one copy of one image keeps for the backward pass: in float32 (``amp_level``
-    ``None``) or under AMP ``O1``/``O2``, with attention through the fused kernel or not."""
-    dim, tokens, heads = shape["dim"], shape["tokens"], shape["heads"]
-    if amp_level == "O1":  # the norms in float32, half copies of their outputs for the matmuls
-        token = NORM_VALUES * 4 + 2 * 2 + (TOKEN_VALUES - NORM_VALUES) * 2
-    else:
-        token = TOKEN_VALUES * (2 if amp_level else 4)
-    if fused:  # no attention matrix: the kernel keeps one float32 log-sum-exp per query
-        attention = heads * tokens * 4
-    else:
-        softmax, copy, gradient, dropped = ATTENTION_BYTES[amp_level]
-        dropout = dropped + 1 if model_cfg.attn_drop_rate > 0 else 0  # p = 0 runs no dropout
-        attention = (softmax + copy + gradient + dropout) * heads * tokens ** 2
-    block = token * tokens * dim + attention
-    if model_cfg.recompute:  # each block's input (the residual stream: float32 unless O2)
-        return int(shape["depth"] * tokens * dim * (2 if amp_level == "O2" else 4) + block)
-    return int(shape["depth"] * block)
 
 
 def activation_plan(cfg: Config, stage_index: int, amp_level: Optional[str], fused: bool) -> int:
@@ -353,11 +318,9 @@ def _teacher_model(cfg):
 def _state_bytes(cfg, stage, params, precision):
     """Weights, gradients, optimizer state and averages of ``params`` parameters trained in
     ``precision``."""
-    half = precision != "off" and cfg.train.amp_level == "O2"
-    weights = params * (2 + 4 if half else 4)  # O2: half weights and float32 masters
-    moments = OPTIMIZERS[stage.optimizer.name].moments
-    averages = cfg.train.ema.enabled + cfg.train.swa.enabled
-    return weights + params * (2 if half else 4) + params * 4 * (moments + averages)
+    return state_bytes(params, OPTIMIZERS[stage.optimizer.name].moments,
+                       cfg.train.ema.enabled + cfg.train.swa.enabled,
+                       half=precision != "off" and cfg.train.amp_level == "O2")
 
 
 def _memory(cfg, stage, shape, activation, micro):

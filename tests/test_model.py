@@ -196,7 +196,7 @@ def test_nan_weights_are_never_loaded(tmp_path):
 
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"embed_dim": 8192, "mlp_ratio": 64.0}, "GB of weights, gradients and optimizer state"),
-    ({"patch_size": 1, "img_size": 1024}, "GB of attention per training image"),
+    ({"patch_size": 1, "img_size": 1024}, "GB of activations per training image"),
     ({"depth": 128, "embed_dim": 8192, "num_heads": 8}, "more than this machine's"),
 ])
 def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built(kwargs, fragment):

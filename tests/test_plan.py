@@ -12,7 +12,8 @@ import pytest
 from conftest import HANG_S, ROOT, assert_one_error, run_script, tiny_model_config
 
 from models.build import build_model
-from planning.plan import activation_bytes, forward_flops, model_shape, plan
+from models.cost import activation_bytes, forward_flops
+from planning.plan import model_shape, plan
 from training.config import load_config
 from utils.runtime.device import peaks_reset
 from utils.schema import ModelConfig
@@ -57,6 +58,21 @@ def _executed_flops(model, size):
         for hook in hooks:
             hook.remove()
     return count[0]
+
+
+def test_the_size_check_counts_a_model_as_the_plan_does_before_it_is_built():
+    """The shape read from the constructor's arguments (before building: the size check)
+    and from the built model (the plan) agree for DeiT-B/384, so both price it alike."""
+    from models.build import ppim_constructor
+    from models.cost import declared_shape
+
+    cfg = load_config("configs/rdrop_deit_b_384_cifar100.yaml").model
+    built = model_shape(ModelConfig(cfg, num_classes=1000))
+    declared = declared_shape(ppim_constructor(cfg.name), {})
+    same = ("dim", "depth", "heads", "hidden", "patch", "channels", "tokens", "classes")
+    assert {k: declared[k] for k in same} == {k: built[k] for k in same}
+    assert declared["params"] == built["params"]
+    assert forward_flops(declared) == forward_flops(built)
 
 
 @pytest.mark.parametrize("size", [32, 48])
