@@ -28,11 +28,12 @@ def _file(data_cfg: DataConfig, mode: str) -> str:
     return os.path.join(data_cfg.path, f"{mode}.npz")
 
 
-def _arrays(path: str) -> dict[str, np.ndarray]:
-    """The arrays of ``path``, or one :class:`UserError` that says what is wrong with it."""
+def _arrays(path: str, keys: Optional[tuple] = None) -> dict[str, np.ndarray]:
+    """The arrays of ``path`` (only ``keys`` of them when given: the others are not read), or
+    one :class:`UserError` that says what is wrong with it."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+            return {key: archive[key] for key in archive.files if keys is None or key in keys}
     except OSError as exc:
         words = read_error_words(exc)
         raise UserError(f"{path} cannot be read ({words or exc}); data.name=npz reads "
@@ -64,15 +65,18 @@ def read_split(data_cfg: DataConfig, mode: str,
             or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: 'labels' is {labels.dtype} {list(labels.shape)}; it must "
                         f"be integers [{images.shape[0]}], one per image")
-    return Split(as_source(images), labels.astype(np.int64)), class_names(data_cfg, 0)
+    names = _names(arrays, path) if mode == "train" else class_names(data_cfg, 0)
+    return Split(as_source(images), labels.astype(np.int64)), names
 
 
 def class_names(data_cfg: DataConfig, num_classes: int) -> list[str]:
     """``class_names`` of ``train.npz`` when it has them (strings), else none."""
     path = _file(data_cfg, "train")
-    if path_problem(path):
-        return []
-    names = _arrays(path).get("class_names")
+    return [] if path_problem(path) else _names(_arrays(path, ("class_names",)), path)
+
+
+def _names(arrays, path):
+    names = arrays.get("class_names")
     if names is None:
         return []
     if names.ndim != 1 or names.dtype.kind != "U":
