@@ -48,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         refuse_input_as_output(target, [weights, args.config], "--out")
     export_model(model, input_size(model), out,
                  names_for_weights(weights, cfg.data, cfg.model.num_classes),
-                 cfg.data.crop_fraction)
+                 cfg.data.crop_fraction, weights)
     print(f"exported to {out}", flush=True)
     return 0
 

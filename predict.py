@@ -78,6 +78,7 @@ def _main(args, json_out):
         from models.inference import ExportedModel
 
         exported = ExportedModel(args.model_dir)
+        print(exported.describe(args.model_dir), flush=True)
         size, names = exported.contract["image_size"], exported.contract["class_names"]
         crop_fraction = exported.contract["crop_fraction"]
 

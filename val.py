@@ -20,6 +20,7 @@ from utils import cli
 from utils.cli import add_weights_option, config_parser
 from utils.errors import UserError, optional_output
 from utils.reports.progress import one_output
+from utils.reports.text import top5_text
 from utils.run_folder import CHART_FILES, RESULT_FILES
 from utils.runtime.device import select_device
 
@@ -114,7 +115,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if chosen == "test" and args.split == "test":
         print("note: these weights were chosen on the test split (data.val_split: 0); this "
               "top-1 is biased upward", flush=True)
-    print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} loss={result['loss']:.4f} "
+    print(f"top1={result['top1']:.4f}{top5_text(result['top5'], ' top5={:.4f}')} "
+          f"loss={result['loss']:.4f} "
           f"n={result['num_samples']} on the {args.split} split", flush=True)
     return 0
 

@@ -8,10 +8,13 @@ under ``--out`` (a finished run is read back, not trained again, so an interrupt
 continues where it stopped). Per arm, mean ± sample standard deviation over the seeds of:
 test top-1 of the best weights, best validation top-1, the last epoch's training KL
 (unweighted), and the train–validation gap (last epoch's validation loss minus its training
-cross-entropy). Prints a Markdown table, then one JSON line.
+cross-entropy). Prints a Markdown table, then one JSON line (with the Paddle version and
+the math libraries' settings the runs inherited).
 
-  python bench/rdrop_effect.py                         # α 0, 1, 5; seeds 0-4 (about 30 min, 2 cores)
+  python bench/rdrop_effect.py                         # α 0, 1, 5; seeds 0-4 (about 17 min, 2 cores)
   python bench/rdrop_effect.py --alphas 0 1 --seeds 2  # quicker
+  MKL_CBWR=COMPATIBLE python bench/rdrop_effect.py --alphas 1 --seeds 2 --out output/bench_mkl
+                                                       # MKL's portable kernels, as another CPU's
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Settings that choose the CPU kernels a run computes with, and so its exact digits.
+KERNEL_SETTINGS = ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "FLAGS_use_mkldnn")
 MEASURES = {  # key: what the table's column says
     "test_top1": "test top-1 (best weights)",
     "val_top1": "best val top-1",
@@ -123,7 +128,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"| {alpha} | " + " | ".join(f"{arm[key]['mean']:.4f} ± {arm[key]['std']:.4f}"
                                           for key in MEASURES) + " |")
     print(json.dumps({"config": args.config, "seeds": args.seeds, "overrides": args.override,
+                      "paddle": paddle_version(), "date": time.strftime("%Y-%m-%d"),
+                      "kernel_settings": {name: os.environ[name] for name in KERNEL_SETTINGS
+                                          if name in os.environ},
                       "wall_s": round(time.time() - started, 1), "alphas": arms}))
+
+
+def paddle_version() -> str:
+    """The installed Paddle's version, read without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("paddlepaddle", "paddlepaddle-gpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
     return 0
 
 

@@ -107,6 +107,9 @@ def archive_here(cifar: Cifar, path: Optional[str] = None) -> Optional[str]:
     return mounted_archive(cifar) or (cached if os.path.isfile(cached) else None)
 
 
+_SAID: set = set()  # the lines locate_cifar has printed in this process
+
+
 def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
     """Return the archive or folder to read (:func:`archive_here`, the source said in a line
     when it is a mount), downloaded into Paddle's cache when none is here."""
@@ -117,11 +120,13 @@ def locate_cifar(cifar: Cifar, path: Optional[str] = None) -> str:
             raise UserError(f"data.path {path} {problem}; {fix}")
         return path
     mounted, skipped = _mounted_archives(cifar)
-    for line in skipped:
-        print(f"data: skipped {line}", flush=True)
+    for line in [f"data: skipped {line}" for line in skipped] + (
+            [] if mounted is None else [f"data: {cifar.title} from the AI Studio dataset "
+                                        f"mounted at {mounted} (data.path unset)"]):
+        if line not in _SAID:  # once per process, not once per split read
+            _SAID.add(line)
+            print(line, flush=True)
     if mounted is not None:
-        print(f"data: {cifar.title} from the AI Studio dataset mounted at {mounted} "
-              f"(data.path unset)", flush=True)
         return mounted
     cached = default_archive_path(cifar)
     if os.path.isfile(cached):

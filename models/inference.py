@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -65,10 +65,10 @@ def _native_lines_without(fragment):
 
 
 def export_model(model: paddle.nn.Layer, image_size: int, out_dir: str, class_names: list[str],
-                 crop_fraction: float = 1.0) -> str:
+                 crop_fraction: float = 1.0, weights: Optional[str] = None) -> str:
     """Save ``model`` (eval mode) as a static graph for ``image_size`` inputs, plus its contract
     (evaluation's view: the shorter side resized to ``image_size / crop_fraction``, the centre
-    cropped)."""
+    cropped) and the file of the ``weights`` it holds."""
     import paddle
     from paddle.static import InputSpec
 
@@ -102,6 +102,7 @@ def export_model(model: paddle.nn.Layer, image_size: int, out_dir: str, class_na
                       "centre crop of image_size, then uint8 RGB / 255",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "output": "logits [batch, num_classes]", "class_names": list(class_names),
+            "weights": weights and os.path.abspath(weights),
         })
         written = sorted(os.listdir(staging), key=lambda name: name == CONTRACT)  # it last
         for old in glob.glob(os.path.join(out_dir, MODEL_PREFIX + ".*")):
@@ -193,3 +194,12 @@ class ExportedModel:
                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); run "
                             f"python export.py again") from None
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
+
+    def describe(self, model_dir: str) -> str:
+        """One line naming the exported model: its folder, the weights it was exported from,
+        its classes and input size."""
+        weights = self.contract.get("weights")
+        source = f"exported from {weights}" if isinstance(weights, str) else \
+            "the weights it was exported from are not recorded"
+        return (f"model {model_dir}: {source}; {len(self.contract['class_names'])} classes, "
+                f"{self.contract['image_size']} px")

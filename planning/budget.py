@@ -49,21 +49,21 @@ WORDS = {
         "your data": "取决于你的数据", "fits": "放得下", "does not fit": "放不下",
         "does not fit either": "仍放不下", "separator": "，", "list": "；",
         "hours": "≈ {hours:.3g} 小时（{low:.3g}-{high:.3g}）",
-        "runs": "- {hours} 个 GPU 小时的额度：`{name}` {times}。",
+        "runs": "- {hours} 个 GPU 小时能跑几次：`{name}` {times}。",
         "times": "在 {gpu} 上够跑约 {count:.2g} 次",
         "less than once": "在 {gpu} 上跑不完一次（约 {count:.2g} 次）",
         "once": "在 {gpu} 上够跑约 {count:.2g} 次",
         "until": "- `{name}`：达到 `until` 目标的阶段会提前结束；表中的步数、图片数和时长按完整长度计算。",
         "nothing fits": "- `{name}` 在 {gpu} 上：一张图片都放不下，请换更大的卡。",
-        "accumulate": "- `{name}` 在 {gpu} 上：微批次最多放得下 {largest} 张图片："
-                      "`-o train.accum_steps={accum}` 保持每步的图片数和时长",
-        "recompute": "；`-o model.recompute=true` 保持微批次（{memory}，{fits}，"
+        "accumulate": "- `{name}` 在 {gpu} 上，微批次最多放得下 {largest} 张图片。"
+                      "加 `-o train.accum_steps={accum}`，每步的图片数和时长都不变",
+        "recompute": "；或者加 `-o model.recompute=true`，微批次不变（{memory}，{fits}，"
                      "≈ {hours:.3g} 小时）",
         "source": "时长：训练、验证和最后的测试，按已发表的 ViT-B/384 在各卡、各精度上的训练记录"
                   "估算（出处见 `planning/gpus.py`），本项目没有实测；区间取这些记录中最慢和最快的。"
                   "显存按 Paddle 3.3 及以上（`requirements.txt`）估算，"
                   "V100 上同样走融合注意力；Paddle 2.6 到 3.2 在 V100 上没有融合算子，"
-                  "在那里运行 `--dry-run` 会计入注意力矩阵（{older}）。",
+                  "这时 `--dry-run` 会把注意力矩阵算进显存（{older}）。",
         "older": "`{name}` 在 {gpu} 上：{memory}",
         "older fix": "`{name}` 在 {gpu} 上：{memory}，"
                      "加 `-o train.accum_steps={accum}` 可放下",
@@ -104,9 +104,8 @@ def budget_markdown(language: str = "en", paths: tuple[str, ...] = GPU_CONFIGS) 
             hours, memory = cost["hours"][gpu], _gib(cost["memory_bytes"][gpu])
             fit = words["fits"] if cost["fits"][gpu] else words["does not fit"]
             when = "" if hours is None else words["hours"].format(
-                hours=hours, low=cost["hours_range"][gpu][0],
-                high=cost["hours_range"][gpu][1]) + ", "
-            cells.append(f"{when}{memory}, {fit}")
+                hours=hours, low=cost["hours_range"][gpu][0], high=cost["hours_range"][gpu][1])
+            cells.append(words["separator"].join(filter(None, [when, memory, fit])))
             if gpu in cost["fixes"]:
                 notes.append(_what_fits(name, gpu, cost["fixes"][gpu], words))
         steps, images = cost["total_optimizer_steps"], cost["total_images"]

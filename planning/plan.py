@@ -50,7 +50,7 @@ from planning.gpus import (
 from training.optimizers import OPTIMIZERS
 from training.recipe import StageLength, stage_data, stage_loss
 from training.stage_check import StageCheck
-from utils.errors import UserError
+from utils.errors import NotebookTerms, UserError
 from utils.runtime.device import matmul_flop_rate, paddle_version
 from utils.runtime.dist import is_main
 from utils.schema import Config, DataConfig, ModelConfig
@@ -220,7 +220,7 @@ def cpu_warning(cfg: Config, flop_rate: Callable[[], float]) -> Optional[str]:
     gpus = ", ".join(f"{gpu} about {cost['hours'][gpu]:.2g} h" for gpu in GPUS)
     return (f"warning: this run is {cost['total_flops'] / 1e15:,.0f} PFLOPs of work: at least "
             f"{hours:,.0f} h on this CPU ({flop_rate / 1e9:.0f} GFLOP/s measured on a matrix "
-            f"product just now), against {gpus}; Ctrl-C stops it")
+            f"product just now), against {gpus}; {NotebookTerms.stop} stops it")
 
 
 def warn_if_cpu(cfg: Config, device: str) -> None:

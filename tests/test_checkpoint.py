@@ -42,6 +42,7 @@ STATE_EDITS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", sorted(STATE_EDITS))
 def test_an_edited_state_json_is_one_line(trained, tmp_path, edit):
     change, message = STATE_EDITS[edit]
@@ -55,6 +56,7 @@ def test_an_edited_state_json_is_one_line(trained, tmp_path, edit):
     assert_one_error(_resume(copy), message)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_bytes_changed_is_refused(trained, tmp_path):
     copy = str(tmp_path / "copy")
     subprocess.run(["cp", "-r", trained, copy], check=True)

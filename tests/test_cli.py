@@ -35,6 +35,7 @@ def _has_loaded_paddle(pid):
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_as_soon_as_paddle_is_loaded_is_one_line(tmp_path):
     """Paddle's import installs a C++ SIGTERM handler that printed a "FatalError" dump; a
@@ -42,8 +43,8 @@ def test_sigterm_as_soon_as_paddle_is_loaded_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *DEMO_CLI,
                              *out_args(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not _has_loaded_paddle(proc.pid) and time.time() < deadline:
+    deadline = time.time() + HANG_S
+    while not _has_loaded_paddle(proc.pid) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=HANG_S)
@@ -64,6 +65,19 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("package", ["PIL", "yaml", "paddle"])
+def test_a_python_without_the_projects_packages_says_so_in_one_line(tmp_path, package):
+    """A new terminal where the environment is not active: the command names the Python it
+    ran with and how to get the packages, without a traceback."""
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{package!r}] = None\n")
+    for script in ("main.py", "val.py"):
+        proc = run_script(script, *DEMO_CLI, env={"PYTHONPATH": str(tmp_path)})
+        assert_one_error(proc, f"this Python ({sys.executable}) has no {package!r}",
+                         ". .venv/bin/activate", "pip install -r requirements.txt", code=1)
+
+
+@pytest.mark.slow
 def test_a_full_disk_before_any_checkpoint_says_none_was_kept(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NO_SPACE, *DEMO_CLI, *FAST_CLI, *out_args(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
@@ -71,6 +85,7 @@ def test_a_full_disk_before_any_checkpoint_says_none_was_kept(tmp_path):
     assert "None" not in line and "previous checkpoint" not in line
 
 
+@pytest.mark.slow
 def test_no_space_without_a_file_name_says_no_none():
     code = ("import errno, os, sys; sys.path.insert(0, '.')\n"
             "from utils import cli\n"
@@ -81,6 +96,7 @@ def test_no_space_without_a_file_name_says_no_none():
     assert "None" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_class_names_a_terminal_cannot_show_are_escaped_not_a_traceback(tmp_path):
     import paddle
 
@@ -96,6 +112,7 @@ def test_class_names_a_terminal_cannot_show_are_escaped_not_a_traceback(tmp_path
     assert "\\u" in proc.stdout and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} main.py -c configs/demo.yaml --dry-run | head -1",
                           shell=True, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
@@ -103,6 +120,7 @@ def test_a_closed_pipe_ends_quietly():
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_the_traceback(tmp_path):
     path = cut_in_half(tiny_weights_file(tmp_path, "w.safetensors"))
     proc = run_script("val.py", *DEMO_CLI, "--weights", path, "--debug")

@@ -127,6 +127,7 @@ def test_override_creates_missing_sections():
     assert raw == {"model": {"kwargs": {"depth": 2}}}
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_without_traceback():
     proc = run_script("main.py", "-o", "data.bach_size=3", "--dry-run")
     assert proc.returncode == 2
@@ -137,6 +138,7 @@ def test_cli_config_error_is_one_line_without_traceback():
         "train_augment, random_resized_crop, crop_fraction, skip_bad_images"]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_stage_plan():
     proc = run_script("main.py", "--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -154,6 +156,7 @@ def test_dry_run_prints_config_and_stage_plan():
     assert "SWA from stage 3 epoch 1" in run_line
 
 
+@pytest.mark.slow
 def test_help_describes_options():
     proc = run_script("main.py", "--help")
     assert proc.returncode == 0
@@ -179,6 +182,7 @@ def test_non_finite_numbers_are_refused_for_every_float_key(value):
         load_config("configs/demo.yaml", [f"stages.0.optimizer.betas=[0.9, {value}]"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("train.seed=-1", "'train.seed' must be >= 0"),
     ("train.seed=1099511627776", "'train.seed' must be <= 4294967295"),
@@ -196,6 +200,7 @@ def test_integer_and_model_size_bounds(override, message):
     assert_one_error(run_script("main.py", *DEMO_CLI, "-o", override, "--dry-run"), message)
 
 
+@pytest.mark.slow
 def test_a_config_that_is_not_utf8_or_a_yaml_bomb_is_one_line(tmp_path):
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("data:\n  name: d\xefgits\n".encode("latin-1"))
@@ -234,6 +239,7 @@ def test_a_repeated_yaml_key_is_an_error_not_a_silent_replacement(tmp_path):
         load_config(str(config))
 
 
+@pytest.mark.slow
 def test_paths_given_as_arguments_are_not_parsed_as_yaml(tmp_path):
     for path in ("run #2", "true", "1e3", "[a]", "a: b", "~"):
         cfg = load_config("configs/demo.yaml", [path_override("train.output_dir", path)])
@@ -243,6 +249,7 @@ def test_paths_given_as_arguments_are_not_parsed_as_yaml(tmp_path):
     assert proc.returncode == 0 and "run #2/w.safetensors" in proc.stdout, proc.stderr[-800:]
 
 
+@pytest.mark.slow
 def test_a_deep_override_and_a_nul_character_are_one_line(tmp_path):
     with pytest.raises(UserError, match="has 200 levels; configs have at most 32"):
         load_config("configs/demo.yaml", [".".join(["a"] * 200) + "=1"])
@@ -255,6 +262,7 @@ def test_a_deep_override_and_a_nul_character_are_one_line(tmp_path):
     assert_one_error(proc)
 
 
+@pytest.mark.slow
 def test_values_nested_thousands_of_levels_are_one_line_in_a_file_and_an_override(tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("train:\n  seed: " + "[" * 5000 + "]" * 5000 + "\n")
@@ -301,6 +309,7 @@ CONFIG_ROWS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", CONFIG_ROWS)
 def test_bad_config_value_names_the_key(override, message):
     assert_one_error(run_script("main.py", *DEMO_CLI, "-o", override, "--dry-run"), message)
@@ -384,6 +393,7 @@ def test_a_loaded_config_is_made_of_the_typed_views():
     assert cfg.stages[1].lr_schedule.end_lr == 0.001 and cfg.distill is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value, fragment", [
     ("...", "override value '...' is the documentation's placeholder"),
     ("/path/to/...", "is the documentation's placeholder"),

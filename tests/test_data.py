@@ -101,6 +101,7 @@ def _photo_tiles(count_per_photo=16, size=32):
     return np.stack(tiles)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [384, 96])
 def test_device_resize_stays_in_range_and_close_to_pils_bicubic(size):
     """PIL's bicubic resize (what PPIM's transforms and the ImageNet weights used) against
@@ -199,6 +200,7 @@ def test_holdout_is_stratified_seeded_and_disjoint():
         holdout_indices(uneven, 10, 0)
 
 
+@pytest.mark.slow
 def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(tmp_path):
     out = str(tmp_path / "run")
     best = train(small_demo_config(out, "data.val_subset=null"))
@@ -216,6 +218,7 @@ def test_validation_comes_from_held_out_images_and_the_test_split_is_used_once(t
     assert top1 == pytest.approx(tests["best"]["test_top1"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_the_old_protocol_says_its_best_is_chosen_on_the_test_split(tmp_path, capsys):
     out = str(tmp_path / "run")
     best = train(small_demo_config(out, "data.val_split=0"))
@@ -229,6 +232,7 @@ def test_the_old_protocol_says_its_best_is_chosen_on_the_test_split(tmp_path, ca
                      "this config holds out no validation images")
 
 
+@pytest.mark.slow
 def test_the_batch_of_a_step_splits_over_ranks_and_micro_batches():
     assert micro_batch(24, 1, 1) == 24 and micro_batch(24, 2, 4) == 3
     with pytest.raises(UserError, match=r"data.batch_size=24 does not split into 5 rank\(s\) x "
@@ -240,6 +244,7 @@ def test_the_batch_of_a_step_splits_over_ranks_and_micro_batches():
                      "data.batch_size=32 does not split into 1 rank(s) x train.accum_steps=5")
 
 
+@pytest.mark.slow
 def test_subset_larger_than_the_split_is_one_error_line(tmp_path):
     proc = run_script("main.py", *DEMO_CLI, "-o", "data.train_subset=5000",
                       "-o", f"train.output_dir={tmp_path}")

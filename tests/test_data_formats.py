@@ -87,6 +87,7 @@ def test_a_bad_npz_is_one_error_that_says_what_it_must_hold(tmp_path, arrays, fr
     assert fragment in str(caught.value)
 
 
+@pytest.mark.slow
 def test_npz_without_a_path_or_its_files_is_one_line_naming_the_layout(tmp_path):
     with pytest.raises(UserError, match="config key 'data.path' is missing: data.name=npz"):
         load_config("configs/demo.yaml", ["data.name=npz"])

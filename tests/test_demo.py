@@ -37,6 +37,7 @@ def demo_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_demo_trains_every_stage_and_epoch(demo_run):
     out, proc = demo_run
     cfg = load_config("configs/demo.yaml")
@@ -50,6 +51,7 @@ def test_demo_trains_every_stage_and_epoch(demo_run):
     assert "best val top1" in proc.stdout
 
 
+@pytest.mark.slow
 def test_val_reports_demo_accuracy_per_sample(demo_run):
     out, _ = demo_run
     proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}")
@@ -84,6 +86,7 @@ def test_val_reports_demo_accuracy_per_sample(demo_run):
     assert os.path.isfile(os.path.join(out, "per_class_top1_val.png"))
 
 
+@pytest.mark.slow
 def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_run, tmp_path):
     out, _ = demo_run
     for folder, _, files in os.walk(out):
@@ -111,6 +114,7 @@ def test_outputs_hold_no_pickles_and_paddle_saved_weights_still_evaluate(demo_ru
     assert lines[0] == lines[1] and lines[0].startswith("top1=")
 
 
+@pytest.mark.slow
 def test_val_at_another_resolution_resamples_the_position_embedding(demo_run, tmp_path):
     out, _ = demo_run
     proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={out}",
@@ -132,6 +136,7 @@ def _png_size(path):
         return struct.unpack(">II", handle.read(24)[16:24])
 
 
+@pytest.mark.slow
 def test_curves_are_drawn_at_the_end_and_on_demand(demo_run):
     out, proc = demo_run
     curves = os.path.join(out, "curves.png")
@@ -146,6 +151,7 @@ def test_curves_are_drawn_at_the_end_and_on_demand(demo_run):
     assert plotted.returncode == 0 and _is_png(os.path.join(out, "per_class_top1.png"))
 
 
+@pytest.mark.slow
 def test_val_without_checkpoint_is_one_error_line(tmp_path):
     proc = run_script("val.py", "-c", "configs/demo.yaml", "-o", f"train.output_dir={tmp_path}")
     assert_one_error(proc, f"no weights at {tmp_path}/best.safetensors", "train first")
@@ -159,6 +165,7 @@ def _cifar_host_reachable():
     return True
 
 
+@pytest.mark.slow
 def test_default_run_offline_fails_fast_with_one_line(tmp_path):
     if _cifar_host_reachable():
         pytest.skip("the CIFAR-100 host is reachable: plain main.py would download it")

@@ -38,6 +38,7 @@ def test_a_gpu_build_that_refuses_the_flags_must_have_them_from_the_environment(
     assert applied == [device.DETERMINISTIC_FLAGS]
 
 
+@pytest.mark.slow
 def test_main_puts_the_flags_in_the_environment_before_paddle_is_imported():
     """Paddle reads its flags from the environment when imported: main() sets them first."""
     code = ("import os, sys, main\n"

@@ -168,6 +168,7 @@ def _student(out, *overrides):
     return run_script("main.py", *args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_a_demo_student_learns_from_a_demo_teacher(teacher, tmp_path, kind):
     weights = os.path.join(teacher, "best.safetensors")
@@ -187,6 +188,7 @@ def test_a_demo_student_learns_from_a_demo_teacher(teacher, tmp_path, kind):
     assert "= 0.5 x (ce" in proc.stdout and "+ 0.5 x distill" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_ppim_model_with_weights_teaches_and_bad_teachers_are_one_error(teacher, tmp_path):
     weights = os.path.join(teacher, "best.safetensors")
     kwargs = ", ".join(f"{k}: {v}" for k, v in TINY_MODEL_KWARGS.items())
@@ -226,6 +228,7 @@ def test_build_loss_wraps_the_base_loss_only_with_a_distill_section():
     assert isinstance(build_loss(cfg.loss), RDropLoss)
 
 
+@pytest.mark.slow
 def test_preflight_times_a_distilled_fixres_run_with_its_teacher(teacher, tmp_path):
     proc = run_script("main.py", "-c", "configs/demo_fixres.yaml", "-o",
                       f"train.output_dir={tmp_path}", "-o", f"distill={{teacher: {teacher}}}",
@@ -245,6 +248,7 @@ def test_preflight_times_a_distilled_fixres_run_with_its_teacher(teacher, tmp_pa
     assert "trains head, head_dist, norm only" in dry.stdout
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_teacher_or_a_teacher_still_training_is_one_error(
         teacher, tmp_path, monkeypatch):
     """The teacher is pinned in the checkpoint by its weights' SHA-256; a teacher folder

@@ -98,6 +98,7 @@ def slow_server():
     server.server_close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and the launcher")
 def test_two_ranks_download_the_archive_once_and_both_read_it_whole(slow_server, tmp_path):
     url, gets = slow_server
@@ -123,6 +124,7 @@ def test_two_ranks_download_the_archive_once_and_both_read_it_whole(slow_server,
                                                            "cifar-100-python.tar.gz.lock"]
 
 
+@pytest.mark.slow
 def test_a_complete_file_is_not_fetched_again(slow_server, tmp_path, monkeypatch):
     import paddle.dataset.common as common
 

@@ -41,6 +41,7 @@ def _cfg(out, *extra):
     return load_config(CONFIG, [*SHORT, f"train.output_dir={out}", "train.progress=off", *extra])
 
 
+@pytest.mark.slow
 def test_a_fixres_stage_trains_only_its_parameters_at_the_test_resolution(tmp_path, monkeypatch):
     real_build, seen = stage_module.build_stage, {}
 
@@ -76,6 +77,7 @@ def test_a_fixres_stage_trains_only_its_parameters_at_the_test_resolution(tmp_pa
     assert f"top1={tests['best']['test_top1']:.4f}" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("call,stage", [(4, 1), (5, 2)])
 def test_a_run_stopped_before_or_after_the_resolution_change_resumes_to_the_same_records(
         tmp_path, monkeypatch, call, stage):
@@ -128,6 +130,7 @@ def test_the_resolution_change_resamples_averages_and_the_o2_master_copy(tmp_pat
     assert new.name in copies.by_name and set(master_copies(optimizer)) <= set(copies.by_name)
 
 
+@pytest.mark.slow
 def test_trainable_names_must_name_parameters_and_be_a_list_of_names(tmp_path):
     model = build_model(tiny_model_config())
     with pytest.raises(UserError, match=r"'stages.2.trainable': 'heads' names no parameter.*"

@@ -44,6 +44,7 @@ def _cfg(root, out, *extra):
         "data.num_workers=0", "model.num_classes=3", *extra])
 
 
+@pytest.mark.slow
 def test_a_folder_run_trains_tests_and_predicts_without_the_data(photos, tmp_path):
     root, _ = photos
     out = str(tmp_path / "run")
@@ -57,12 +58,15 @@ def test_a_folder_run_trains_tests_and_predicts_without_the_data(photos, tmp_pat
     with open(os.path.join(out, "best.json"), encoding="utf-8") as handle:
         best = json.load(handle)
     assert best["class_names"] == CLASSES and best["selected_on"] == "val"
+    # Three classes are all in any top five: no top-5 is said or recorded.
+    assert best["test_top5"] is None and "top5" not in proc.stdout
     for name in ("best.safetensors", "last/raw.safetensors", "last/ema.safetensors"):
         assert class_names_of(os.path.join(out, name)) == CLASSES, name
     tests = final_tests(out)
     assert tests["best"]["num_samples"] == 12
     proc = run_script("val.py", *args)
     assert proc.returncode == 0 and f"top1={tests['best']['test_top1']:.4f}" in proc.stdout
+    assert f"top1={tests['best']['test_top1']:.4f} loss=" in proc.stdout
     proc = run_script("val.py", *args, "--split", "val")
     assert proc.returncode == 0 and "n=9" in proc.stdout
     # Without the data: the class names come with the weights.
@@ -78,6 +82,7 @@ def test_a_folder_run_trains_tests_and_predicts_without_the_data(photos, tmp_pat
     with open(os.path.join(out, "inference", "preprocess.json"), encoding="utf-8") as handle:
         contract = json.load(handle)
     assert contract["class_names"] == CLASSES and contract["crop_fraction"] == 1.0
+    assert contract["weights"] == os.path.join(os.path.abspath(out), "best.safetensors")
 
 
 def _break(path):
@@ -95,6 +100,7 @@ def _linked_copy(photos, folder):
     return folder
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_stops_the_run_naming_it_even_from_a_worker(photos, tmp_path):
     bad = _linked_copy(photos, tmp_path / "bad")
     _break(bad / "train" / "flower" / "zz-broken.jpg")
@@ -104,6 +110,7 @@ def test_an_unreadable_image_stops_the_run_naming_it_even_from_a_worker(photos, 
     assert_one_error(proc, "zz-broken.jpg", "cannot be decoded", "data.skip_bad_images=true")
 
 
+@pytest.mark.slow
 def test_skipped_bad_images_are_warned_once_counted_and_left_out(photos, tmp_path, capfd):
     bad = _linked_copy(photos, tmp_path / "bad")
     _break(bad / "train" / "flower" / "zz-broken.jpg")
@@ -159,6 +166,7 @@ def test_a_bad_list_line_is_one_error_naming_file_and_line(photos, tmp_path, lin
     assert fragment in str(info.value)
 
 
+@pytest.mark.slow
 def test_missing_list_or_label_files_are_one_error_each(photos, tmp_path):
     root, _ = photos
     proc = run_script("main.py", "-c", "configs/demo_folder.yaml", "-o", "data.name=list",
@@ -176,6 +184,7 @@ def test_missing_list_or_label_files_are_one_error_each(photos, tmp_path):
     assert_one_error(proc, "'data.path' is missing", "data.name=folder")
 
 
+@pytest.mark.slow
 def test_a_folder_run_stopped_midway_resumes_to_the_same_records(photos, tmp_path, monkeypatch):
     root, _ = photos
     whole = str(tmp_path / "whole")
@@ -187,6 +196,7 @@ def test_a_folder_run_stopped_midway_resumes_to_the_same_records(photos, tmp_pat
     assert_same_run(whole, stopped.train.output_dir, 3, ("raw", "ema"))
 
 
+@pytest.mark.slow
 def test_preflight_and_the_gpu_recipe_s_data_settings_run_on_a_folder(photos, tmp_path):
     root, _ = photos
     proc = run_script("main.py", "-c", "configs/demo_folder.yaml", "-o", f"data.path={root}",
@@ -230,6 +240,7 @@ def test_an_exception_while_preparing_an_image_ends_the_run_in_one_line(photos, 
         train(_cfg(root, str(tmp_path), f"data.num_workers={workers}"))
 
 
+@pytest.mark.slow
 def test_a_loader_worker_killed_by_the_system_ends_the_run_in_one_line(photos, tmp_path,
                                                                        monkeypatch):
     """The out-of-memory killer takes a worker: one line, not Paddle's SystemError."""
@@ -250,6 +261,7 @@ def test_a_loader_worker_killed_by_the_system_ends_the_run_in_one_line(photos, t
         train(_cfg(root, str(tmp_path), "data.num_workers=2"))
 
 
+@pytest.mark.slow
 def test_the_plan_reads_a_folder_data_set_and_refuses_what_a_run_refuses(photos, tmp_path):
     """--dry-run on folder data that is there counts its images (the split a run reads); a
     data.val_split that leaves nothing to train on is the run's one error line."""
@@ -267,6 +279,7 @@ def test_the_plan_reads_a_folder_data_set_and_refuses_what_a_run_refuses(photos,
     assert_one_error(proc, "data.val_split=100000 leaves no training image")
 
 
+@pytest.mark.slow
 def test_a_finished_run_whose_data_changed_is_not_called_complete(tmp_path):
     """The same command after the data the run read changed (an image rewritten, in a split
     folder that is a symbolic link, as the reader follows it): one error saying so, not

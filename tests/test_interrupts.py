@@ -74,6 +74,7 @@ def _kill_midway(out):
     return proc.returncode, position
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_resume_ends_like_an_uninterrupted_run(whole, tmp_path):
     killed = str(tmp_path / "killed")
     code, position = _kill_midway(killed)
@@ -110,6 +111,7 @@ def _signal_at_stage_1(out, *signums, extra=(), group=False):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_says_how_to_resume_and_the_resumed_run_matches(whole, tmp_path):
     out = str(tmp_path / "term")
     code, err = _signal_at_stage_1(out, signal.SIGTERM)
@@ -134,6 +136,7 @@ def test_sigterm_saves_says_how_to_resume_and_the_resumed_run_matches(whole, tmp
     _assert_same_records(whole, read_records(out))
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_loader_workers_exits_130_with_a_checkpoint(tmp_path):
     out = str(tmp_path / "int")
     code, err = _signal_at_stage_1(out, signal.SIGINT, extra=["-o", "data.num_workers=2"],
@@ -144,6 +147,7 @@ def test_ctrl_c_with_loader_workers_exits_130_with_a_checkpoint(tmp_path):
     assert state["position"]["stage"] == 1 and set(trees) == {"raw", "optimizer", "ema", "swa"}
 
 
+@pytest.mark.slow
 def test_a_repeated_signal_is_one_request_and_the_run_saves(tmp_path):
     """A sender that repeats its signal at once (paddle.distributed.launch: three SIGTERMs
     0.2 s apart) asks once: the run still stops after its step with a checkpoint."""
@@ -183,6 +187,7 @@ def test_a_second_request_after_the_repeat_window_exits_at_once(monkeypatch, cap
     assert "error: second SIGTERM: exiting now" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_stop_during_evaluation_resumes_without_averaging_twice(tmp_path, monkeypatch):
     overrides = [*SMALL, "stages.0.epochs=1", "stages.1.epochs=2", "train.ema.enabled=true",
                  "train.swa.enabled=true"]
@@ -231,6 +236,7 @@ for version in range(1, 100000):
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_of_saving_leaves_a_loadable_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     versions = set()
@@ -268,6 +274,7 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_the_previous_checkpoint_survives(whole, tmp_path):
     out = str(tmp_path / "full")
     proc = subprocess.run([sys.executable, "-c", ENOSPC_AFTER_FIRST_EPOCH, out, *RUN,
@@ -315,6 +322,7 @@ def test_a_forked_worker_does_not_keep_the_run_folder_locked(tmp_path):
         child.join()
 
 
+@pytest.mark.slow
 def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatch, capsys):
     from main import train
     from training.config import load_config
@@ -336,6 +344,7 @@ def test_a_stop_after_the_last_epoch_is_not_an_interruption(tmp_path, monkeypatc
     assert "SIGINT after the last epoch: training is complete" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sighup_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = str(tmp_path / "hup")
     proc = subprocess.Popen([sys.executable, "main.py", *DEMO_CLI, "-o", f"train.output_dir={out}",
@@ -352,6 +361,7 @@ def test_sighup_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert os.path.isfile(os.path.join(out, "last", "state.json"))
 
 
+@pytest.mark.slow
 def test_a_resume_stopped_before_its_first_step_keeps_every_optimizer_moment(tmp_path,
                                                                              monkeypatch):
     """Stopped during a validation, resumed, and stopped again during the validation the
@@ -372,6 +382,7 @@ def test_a_resume_stopped_before_its_first_step_keeps_every_optimizer_moment(tmp
         assert np.array_equal(after[key], value), key
 
 
+@pytest.mark.slow
 def test_a_resume_reads_no_weights_it_started_from(trained, tmp_path):
     """A run started with --init-from FOLDER, killed, then FOLDER archived: RESUME.txt's
     command, pasted in another folder, continues it (a resume reads its checkpoint, not those

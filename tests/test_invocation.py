@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 from conftest import HANG_S, ROOT
 
 # Prints the resume command of a run started with these options, as main.py builds it.
@@ -29,6 +30,7 @@ def _expected(folder, start="", end=""):
     return f"cd {shlex.quote(str(folder))} && {start}{main}{end}"
 
 
+@pytest.mark.slow
 def test_a_plain_run_resumes_with_its_interpreter_and_main_py_by_path_from_any_folder(
         tmp_path):
     """Pasted into a shell in another folder, the command still finds main.py and the
@@ -44,6 +46,7 @@ def test_a_plain_run_resumes_with_its_interpreter_and_main_py_by_path_from_any_f
     assert "config file my config.yaml does not exist" in pasted.stderr
 
 
+@pytest.mark.slow
 def test_a_run_writing_to_files_resumes_writing_to_them(tmp_path):
     proc = _started("$RUN > out.log 2> err.log", tmp_path)
     assert proc.returncode == 0
@@ -51,6 +54,7 @@ def test_a_run_writing_to_files_resumes_writing_to_them(tmp_path):
         tmp_path, end=f" >> {tmp_path}/out.log 2>> {tmp_path}/err.log")
 
 
+@pytest.mark.slow
 def test_a_nohup_background_run_resumes_in_the_background_into_its_log(tmp_path):
     """The documented long-run form: ``nohup python main.py ... >> train.log 2>&1 &``."""
     proc = _started("nohup $RUN >> train.log 2>&1 & wait", tmp_path)

@@ -23,24 +23,26 @@ def _children(pid):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_loader_workers_exit_when_their_run_is_killed(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *DEMO_CLI,
                              "-o", "data.num_workers=2", *out_args(tmp_path)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, workers = time.time() + 120, []
-    while len(workers) < 2 and time.time() < deadline:
+    deadline, workers = time.time() + HANG_S, []
+    while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
         workers = _children(proc.pid)
         time.sleep(0.1)
     assert len(workers) >= 2
     proc.kill()
     proc.wait()
-    deadline = time.time() + 10
+    deadline = time.time() + HANG_S  # they die at once; only a hang waits this long
     while any(process_alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(process_alive(w) for w in workers)
 
 
+@pytest.mark.slow
 def test_workers_of_a_cut_iteration_end_quietly_with_their_process():
     """Workers ignore stop signals (the training process handles them); a process that
     exits in the middle of an epoch still ends at once, its workers killed without Paddle's
@@ -68,6 +70,7 @@ def _start_worker(parent, done):
     done.put("started")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_a_worker_starts_under_every_start_method(method):
@@ -80,4 +83,4 @@ def test_a_worker_starts_under_every_start_method(method):
     worker = context.Process(target=_start_worker, args=(os.getpid(), done))
     worker.start()
     worker.join(timeout=HANG_S)
-    assert worker.exitcode == 0 and done.get(timeout=10) == "started"
+    assert worker.exitcode == 0 and done.get(timeout=HANG_S) == "started"

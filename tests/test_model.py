@@ -76,6 +76,7 @@ def test_mlp_head_keeps_imagenet_heads_and_adds_the_originals_head(tmp_path, tin
     assert load_weights(model, own, strict=True)["loaded"] == len(model.state_dict())
 
 
+@pytest.mark.slow
 def test_real_deit_b_distilled_384_gives_100_logits_at_384px():
     cfg = validate({"num_classes": 100, "pretrained": False, "drop_rate": 0.3}, MODEL, "model")
     paddle.seed(0)
@@ -181,6 +182,7 @@ def test_zero_head_init_zeroes_new_heads_only(tmp_path, tiny_model_cfg, capsys):
     assert "model.head_init=zero: no new head set to zero" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_nan_weights_are_never_loaded(tmp_path):
     paddle.seed(0)
     state = build_model(tiny_model_config()).state_dict()
@@ -238,6 +240,7 @@ def test_recompute_gives_the_same_loss_and_gradients_with_dropout_on():
         np.testing.assert_allclose(results[1][1][name], grad, rtol=1e-6, atol=1e-9, err_msg=name)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_of_another_model_name_mismatched_tensors(tmp_path):
     other = tiny_weights_file(tmp_path, "other.pdparams", embed_dim=32)
     proc = run_script("main.py", *DEMO_CLI, *SUBSET_CLI, "-o", f"model.pretrained={other}",

@@ -12,6 +12,8 @@ import papermill
 import pytest
 from conftest import ROOT
 
+from utils.reports.progress import NOTEBOOK_COLUMNS
+
 # Short epochs but many of them: each prints a line and draws bars, so a notebook that kept
 # one output per write would hold far more than 20 in the training cell.
 FAST = ["data.train_subset=64", "data.val_subset=20", "stages.0.epochs=8", "stages.1.epochs=8"]
@@ -41,6 +43,7 @@ def report_kind(out):
         return json.load(handle)["kind"]
 
 
+@pytest.mark.slow
 def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
     out, executed = str(tmp_path / "notebook"), str(tmp_path / "executed.ipynb")
     papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
@@ -60,7 +63,9 @@ def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
     assert text.count("stage 1 epoch 8/8: loss") == 1 and "test split, best weights" in text
     log = [line for o in _outputs(notebook, "display_data")
            for line in o["data"].get("text/plain", "").splitlines()]
-    assert max(len(line) for line in log) <= 100
+    assert max(len(line) for line in log) <= NOTEBOOK_COLUMNS
+    epochs = [line for line in log if re.match(r"stage \d epoch \d/8: loss ", line)]
+    assert len(epochs) == 16 and all(line.endswith(" img/s") for line in epochs)  # one line each
     _assert_small(notebook)
     # The results: one table of the validation and the test split, the numbers val.py wrote.
     [table] = [o["data"]["text/markdown"] for o in _outputs(notebook, "display_data")
@@ -78,11 +83,12 @@ def test_notebook_trains_evaluates_and_shows_curves_on_the_demo(tmp_path):
                                parameters={"CONFIG": "configs/demo.yaml", "OUTPUT_DIR": out,
                                            "OVERRIDES": FAST, "RESUME": True})
     notebook = nbformat.read(executed, as_version=4)
-    # (Folded at 100 columns in the notebook.)
+    # (Folded at NOTEBOOK_COLUMNS in the notebook.)
     assert "is complete (its final test is done); nothing to resume" in " ".join(
         _text(notebook).split())
 
 
+@pytest.mark.slow
 def test_notebook_trains_on_a_folder_of_photos(tmp_path):
     from data.sample_photos import write_sample_folder
 
@@ -158,30 +164,123 @@ def test_one_output_outside_a_notebook_changes_nothing(capsys):
     assert capsys.readouterr().out == "plain\n"
 
 
-def test_a_failing_notebook_says_in_one_line_which_parameter_to_change(tmp_path):
-    """A wrong DATA_PATH, and OVERRIDES given as one string: the error is one line in the
-    notebook's terms, and the cell fails, so Run All stops there."""
-    executed = str(tmp_path / "executed.ipynb")
-    missing = str(tmp_path / "no such photos")
+PARAMETERS_CELL = "in the first code cell (the parameters) and run all cells again"
+
+
+def _another_run(folder):
+    """A folder holding another run's records."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as handle:
+        handle.write('{"stage": 0, "epoch": 1}\n{"stage": 0, "epoch": 2}\n')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["wrong DATA_PATH", "bad OVERRIDES entry", "another run"])
+def test_a_wrong_parameter_stops_run_all_at_the_data_cell_in_one_line(tmp_path, case):
+    """Each wrong parameter is the data cell's error (nothing is loaded before it), one line
+    naming the parameter and its value, and Run All stops there."""
+    executed, out = str(tmp_path / "executed.ipynb"), str(tmp_path / "out")
+    parameters = {"CONFIG": "configs/demo.yaml", "OUTPUT_DIR": out}
+    if case == "wrong DATA_PATH":  # the real config: its CIFAR archive is not downloaded
+        missing = str(tmp_path / "data99999" / "cifar-100-python.tar.gz")
+        parameters.update(CONFIG="configs/rdrop_deit_b_384_cifar100.yaml", DATA_PATH=missing)
+        start = f'error: DATA_PATH = "{missing}" does not exist; download https://'
+        end = f"; change DATA_PATH {PARAMETERS_CELL}"
+    elif case == "bad OVERRIDES entry":
+        parameters["OVERRIDES"] = ["stages.0.epochs=1", "loss.rdrop:false"]
+        start = ('error: OVERRIDES[1] = "loss.rdrop:false": override \'loss.rdrop:false\' must '
+                 'look like section.key=value')
+        end = f"; change OVERRIDES[1] {PARAMETERS_CELL}"
+    else:
+        _another_run(out)
+        start = (f"error: OUTPUT_DIR {out} already holds a run's records (2 epochs); continue "
+                 f"it with RESUME = True, choose another OUTPUT_DIR, or set OVERWRITE = True")
+        end = f"; set it {PARAMETERS_CELL}"
     with pytest.raises(papermill.PapermillExecutionError):
         papermill.execute_notebook(os.path.join(ROOT, "main.ipynb"), executed, cwd=ROOT,
                                    kernel_name="python3", progress_bar=False,
-                                   parameters={"CONFIG": "configs/demo_folder.yaml",
-                                               "OUTPUT_DIR": str(tmp_path / "out"),
-                                               "DATA_PATH": missing,
-                                               "OVERRIDES": "stages.0.epochs=1"})
-    notebook = nbformat.read(executed, as_version=4)
-    [error] = _outputs(notebook, "error")
-    [line] = error["traceback"]
-    assert line.startswith(f"error: DATA_PATH {missing} does not exist; data.name=folder reads")
-    assert line.endswith("; set it in the first code cell (the parameters) and run all cells "
-                         "again")
-    assert "data.path" not in line
+                                   parameters=parameters)
+    cells = [cell for cell in nbformat.read(executed, as_version=4).cells
+             if cell.cell_type == "code"]
+    [failed] = [index for index, cell in enumerate(cells)
+                if any(o["output_type"] == "error" for o in cell.get("outputs", []))]
+    assert "parameters = Parameters(" in cells[failed].source  # the data cell
+    assert all(cell.get("execution_count") is None for cell in cells[failed + 1:])
+    [line] = [o for o in cells[failed].outputs if o["output_type"] == "error"][0]["traceback"]
+    assert line.startswith(start) and line.endswith(end), line
+    assert "\n" not in line and not os.path.exists(os.path.join(out, "run.lock"))
+
+
+def test_parameters_name_the_parameter_that_makes_an_error(tmp_path):
+    """Without a kernel: a wrong type, a config error traced to the override that makes it,
+    the data path blamed on whoever set it."""
+    from planning.notebook import Parameters
+    from utils.errors import UserError
+
+    def error(**values):
+        given = dict(CONFIG="configs/demo.yaml", OUTPUT_DIR=str(tmp_path / "out"),
+                     OVERRIDES=[], DATA_PATH=None, RESUME=False, OVERWRITE=False)
+        with pytest.raises(UserError) as info:
+            Parameters(**{**given, **values}).config()
+        [line] = info.value._render_traceback_()
+        return line
+
+    assert error(OVERRIDES=3) == f"error: OVERRIDES = 3 must be a string or a list of strings; " \
+                                 f"change it {PARAMETERS_CELL}"
+    assert error(RESUME="yes").startswith("error: RESUME = 'yes' must be True or False")
+    assert error(OVERRIDES=["stages.0.epochs=2", "loss.alpha=x"]) == (
+        f"error: OVERRIDES[1] = \"loss.alpha=x\": config key 'loss.alpha' must be float, got "
+        f"str 'x'; change OVERRIDES[1] {PARAMETERS_CELL}")
+    assert error(OVERRIDES="loss.alphaa=1").startswith(
+        "error: OVERRIDES = \"loss.alphaa=1\": config key 'loss.alphaa' is unknown")
+    assert error(CONFIG="configs/nope.yaml").startswith(
+        'error: CONFIG = "configs/nope.yaml": config file configs/nope.yaml does not exist')
+    assert error(CONFIG="configs/demo_folder.yaml", OVERRIDES=["data.path=/nope"]).startswith(
+        'error: OVERRIDES[0] = "data.path=/nope": data.path /nope does not exist; '
+        'data.name=folder reads /nope/train/')
+    assert error(CONFIG="configs/demo_folder.yaml").startswith(
+        'error: CONFIG = "configs/demo_folder.yaml" reads its data from data.path '
+        'output/photos, which does not exist')
+
+
+@pytest.mark.slow
+def test_the_parameters_cell_shows_only_overrides_the_code_accepts(tmp_path):
+    """papermill reads all six parameters (a comment holding "=" hides one from it); the
+    examples of the introduction load with the default config, and no comment shows another
+    form of an override."""
+    from papermill.translators import PythonTranslator
+
+    from planning.notebook import Parameters
+
+    cells = nbformat.read(os.path.join(ROOT, "main.ipynb"), as_version=4).cells
+    assert [p.name for p in PythonTranslator.inspect(cells[1])] == [
+        "CONFIG", "OUTPUT_DIR", "OVERRIDES", "DATA_PATH", "RESUME", "OVERWRITE"]
+    assert not re.search(r"\w\.\w+[:=]", " ".join(line.partition("#")[2]
+                                                for line in cells[1].source.splitlines()))
+    examples = re.findall(r'"([\w.]+=[^"]*)"', cells[0].source)
+    assert len(examples) == 6, examples  # three in each language
+    for example in examples:
+        Parameters("configs/rdrop_deit_b_384_cifar100.yaml", str(tmp_path / "out"), example,
+                   None, False, False).config()
+
+
+@pytest.fixture(autouse=True)
+def plain_terms_after():
+    """Importing planning.notebook sets the notebook's terms for the whole process: this
+    module's tests leave the plain ones to the modules after them."""
+    from utils.errors import NotebookTerms
+
+    saved = {name: NotebookTerms.__dict__[name] for name in ("advice", "resume", "stop")}
+    yield
+    for name, value in saved.items():
+        setattr(NotebookTerms, name, value)
 
 
 def test_errors_give_the_notebook_parameters_instead_of_command_line_options():
-    import planning.notebook  # noqa: F401 - the notebook's first data cell imports it
+    from planning.notebook import use_notebook_terms
     from utils.errors import Interrupted, UserError
+
+    use_notebook_terms()
 
     [line] = UserError("train.output_dir out holds a finished run; use another "
                        "train.output_dir, or pass --overwrite to move it aside; micro-batch: "
@@ -193,6 +292,9 @@ def test_errors_give_the_notebook_parameters_instead_of_command_line_options():
                     'archive); set it in the first code cell (the parameters) and run all '
                     'cells again')
     assert UserError("unknown key foo")._render_traceback_() == ["error: unknown key foo"]
+    [line] = UserError("it takes 40 h on this CPU; Ctrl-C stops it")._render_traceback_()
+    assert line == "error: it takes 40 h on this CPU; interrupting the kernel (the ■ button) " \
+                   "stops it"
     [line] = Interrupted(2, "SIGINT at stage 1 epoch 3")._render_traceback_()
     assert line == ("interrupted: SIGINT at stage 1 epoch 3; to continue set RESUME = True in "
                     "the first code cell (the parameters) and run all cells again")
@@ -211,3 +313,11 @@ def test_the_notebook_states_the_full_runs_hours_as_the_plan_gives_them():
     assert f"about {v100} h on a V100 (16 or 32 GB) and {a100} h on an A100-40GB" in text
     assert re.search(f"V100（16 GB 或 32 GB）上约需 {v100} 小时， ?在 A100-40GB 上约需 {a100} 小时",
                      text)
+
+
+def test_the_committed_notebook_holds_no_outputs():
+    """JupyterLab saves outputs into main.ipynb as it runs: the file in the repository stays
+    clean (docs/notebook_predict_export.md says how to restore it)."""
+    cells = nbformat.read(os.path.join(ROOT, "main.ipynb"), as_version=4).cells
+    code = [cell for cell in cells if cell.cell_type == "code"]
+    assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)

@@ -25,6 +25,7 @@ def _cfg(*overrides):
     return load_config("configs/demo.yaml", [*SMALL, *overrides])
 
 
+@pytest.mark.slow
 def test_the_paper_recipes_parts_train_together_on_the_demo(tmp_path, capsys):
     from losses import build_loss
     from training.recipe import stage_loss
@@ -67,6 +68,7 @@ def _assert_same_records(expected, got):
                 assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-12), key
 
 
+@pytest.mark.slow
 def test_a_stage_budgeted_in_steps_ends_midway_through_an_epoch_and_resumes_there(
         tmp_path, monkeypatch):
     import signal
@@ -104,6 +106,7 @@ def test_a_stage_budgeted_in_steps_ends_midway_through_an_epoch_and_resumes_ther
     _assert_same_records(whole, read_records(cut_out))
 
 
+@pytest.mark.slow
 def test_the_paper_recipe_config_shows_the_authors_settings():
     proc = run_script("main.py", "-c", "configs/rdrop_paper_recipe.yaml", "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -118,6 +121,7 @@ def test_the_paper_recipe_config_shows_the_authors_settings():
     assert cfg.model.attn_drop_rate == 0.0 and cfg.train.accum_steps == 16
 
 
+@pytest.mark.slow
 def test_validation_every_few_steps_changes_no_weight_and_resumes_at_its_place(
         tmp_path, monkeypatch):
     import signal

@@ -100,6 +100,7 @@ def test_activation_estimate_agrees_with_the_cpu_measurement(kind, recompute):
     assert tensors <= estimate <= max(process, 1.4 * tensors), (estimate, tensors, process)
 
 
+@pytest.mark.slow
 def test_the_paper_recipe_plan_is_one_json_document():
     proc = run_script("main.py", "-c", "configs/rdrop_paper_recipe.yaml", "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -175,6 +176,7 @@ def test_offline_preflight_names_every_missing_download_at_once(monkeypatch):
     assert "DeiT_base_distilled_patch16_384.pdparams from https://" in message
 
 
+@pytest.mark.slow
 def test_preflight_json_is_one_document_and_a_cpu_says_so_first():
     proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", "stages.0.epochs=1",
                       "-o", "stages.1.epochs=1", "-o", "data.train_subset=256",
@@ -227,6 +229,7 @@ def test_the_heartbeat_names_the_phase_every_interval(capsys):
                                    for line in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("language", ["en", "zh"])
 def test_the_front_pages_budget_table_is_the_plans(language):
     import os
@@ -293,6 +296,7 @@ def test_the_demo_models_memory_per_image_agrees_with_its_measured_peak():
     assert estimate == pytest.approx(measured, rel=0.3)
 
 
+@pytest.mark.slow
 def test_bf16_is_sized_and_priced_as_float32_on_the_cards_without_it():
     """A V100 has no bfloat16, so a bf16 run trains there in float32 (training/amp.py): its
     memory and hours are float32's; an A100 keeps half precision."""
@@ -352,6 +356,7 @@ def test_memory_counts_how_paddle_runs_each_card():
     assert parts["reserved"] == 2 ** 30 and set(new["memory_basis"]) >= set(parts)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_setting_that_fits_a_card_with_its_hours():
     proc = run_script("main.py", "-c", "configs/rdrop_paper_recipe.yaml", "-o", "train.amp=off",
                       "--dry-run")
@@ -364,6 +369,7 @@ def test_dry_run_prints_the_setting_that_fits_a_card_with_its_hours():
     assert "not measured by this project" in text
 
 
+@pytest.mark.slow
 def test_the_plan_refuses_a_student_that_is_not_a_vit_and_says_so_of_such_a_teacher():
     proc = run_script("main.py", "-c", "configs/demo.yaml", "-o", "model.name=rexnet_1_0",
                       "-o", "model.kwargs={}", "--dry-run")
@@ -376,6 +382,7 @@ def test_the_plan_refuses_a_student_that_is_not_a_vit_and_says_so_of_such_a_teac
     assert taught["stages"][0]["memory_parts"]["A100-40GB"]["teacher"] > 0
 
 
+@pytest.mark.slow
 def test_the_budget_table_in_an_unknown_language_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "planning.budget", "cn"], cwd=ROOT,
                           capture_output=True, text=True, timeout=HANG_S)
@@ -422,6 +429,7 @@ def test_a_cpu_preflight_of_the_real_model_says_how_long_first():
     assert cpu_duration(load_config("configs/demo.yaml"), not_measured) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--json"]])
 def test_a_stage_without_a_whole_batch_is_the_runs_one_line_in_the_plan(extra):
     """A stage whose training subset holds no whole batch: --dry-run refused it with a

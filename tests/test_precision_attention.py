@@ -166,6 +166,7 @@ def test_the_real_probe_runs_here_and_leaves_the_random_stream_alone():
     assert attention.probe_kernel("cpu", "float64x", 17, 2, 32, 0.0) is not None  # a bad dtype
 
 
+@pytest.mark.slow
 def test_amp_without_support_says_so_once_and_trains_in_float32(tmp_path):
     out = str(tmp_path / "amp")
     proc = run_script("main.py", "-c", "configs/demo.yaml", *SMALL, "-o", "stages.0.epochs=1",
@@ -182,6 +183,7 @@ def test_amp_without_support_says_so_once_and_trains_in_float32(tmp_path):
     assert "AMP fp16 (O1); fused attention auto" in plan.stdout
 
 
+@pytest.mark.slow
 def test_throughput_quick_prints_one_json_line():
     # No loader workers: the original's pipeline (kept as it was) builds Paddle tensors in
     # forked workers, which on a loaded machine has ended in a worker's segmentation fault.

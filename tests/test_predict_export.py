@@ -59,6 +59,7 @@ def weights_and_photos(tmp_path_factory):
     return weights, str(photos)
 
 
+@pytest.mark.slow
 def test_exported_model_agrees_with_the_eager_model(weights_and_photos, tmp_path):
     weights, photos = weights_and_photos
     cfg = load_config("configs/demo.yaml")
@@ -96,6 +97,7 @@ def test_paddle_2_predicts_without_the_self_attention_fusion_that_needs_avx512(t
     assert (SELF_ATTENTION_FUSION in passes) == (major >= 3), (paddle.__version__, passes)
 
 
+@pytest.mark.slow
 def test_predict_reads_folders_globs_and_every_mode_the_same_through_both_paths(
         weights_and_photos, tmp_path):
     weights, photos = weights_and_photos
@@ -110,6 +112,9 @@ def test_predict_reads_folders_globs_and_every_mode_the_same_through_both_paths(
         proc = run_script("predict.py", "-c", "configs/demo.yaml", *path_args, photos,
                           os.path.join(photos, "*.jpg"), "--topk", "3", "--json", target)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        if path_args[0] == "--model-dir":  # the exported model is named with its weights
+            assert f"model {out}: exported from {os.path.abspath(weights)}; 10 classes, 32 px" \
+                in proc.stdout
         with open(target, encoding="utf-8") as handle:
             results.append(json.load(handle))
     eager, exported = results
@@ -123,6 +128,7 @@ def test_predict_reads_folders_globs_and_every_mode_the_same_through_both_paths(
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
 
 
+@pytest.mark.slow
 def test_predict_errors_are_one_line(weights_and_photos, tmp_path):
     weights, photos = weights_and_photos
     missing = run_script("predict.py", "-c", "configs/demo.yaml", "--weights", weights,
@@ -147,6 +153,7 @@ def _png_header(width, height):
             + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
+@pytest.mark.slow
 def test_prediction_skips_bad_images_with_a_warning_and_keeps_the_rest(tmp_path, trained):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -182,6 +189,7 @@ def test_prediction_skips_bad_images_with_a_warning_and_keeps_the_rest(tmp_path,
     assert_one_error(proc, "is not a regular file")
 
 
+@pytest.mark.slow
 def test_images_named_in_gbk_or_latin_1_are_predicted_and_written_as_json(trained, tmp_path):
     """File names unzipped from a Windows archive (GBK 好, Latin-1 é bytes, not UTF-8): each is
     read and predicted; the JSON gives each name back exactly (``\\udcXX`` escapes), the
@@ -201,6 +209,7 @@ def test_images_named_in_gbk_or_latin_1_are_predicted_and_written_as_json(traine
     assert f"{folder}/caf\ufffd.png: " in proc.stdout
 
 
+@pytest.mark.slow
 def test_prediction_checks_the_json_destination_before_the_work(trained, tmp_path):
     proc = run_script("predict.py", *DEMO_CLI, "-o", f"train.output_dir={trained}",
                       os.path.join(ROOT, "docs", "demo_predictions.png"),
@@ -209,6 +218,7 @@ def test_prediction_checks_the_json_destination_before_the_work(trained, tmp_pat
     assert "demo_predictions.png:" not in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("contract,message", [
     ([], "preprocess.json is damaged"),
     ({"image_size": "32", "class_names": ["a"]}, "preprocess.json is damaged"),
@@ -226,6 +236,7 @@ def test_a_damaged_export_is_one_line(trained, tmp_path, contract, message):
     assert_one_error(proc, message)
 
 
+@pytest.mark.slow
 def test_a_truncated_export_is_one_line(trained, tmp_path):
     for name in ("model.json", "model.pdiparams"):
         export = tmp_path / name
@@ -243,6 +254,7 @@ def test_a_truncated_export_is_one_line(trained, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_predict_json_to_dev_stdout_is_refused_and_dash_means_standard_output(tmp_path):
     paddle.seed(0)
     weights = str(tmp_path / "w.safetensors")
@@ -258,6 +270,7 @@ def test_predict_json_to_dev_stdout_is_refused_and_dash_means_standard_output(tm
     assert json.loads(proc.stdout)[0]["file"] == photo and f"{photo}: " in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_export_over_links_or_folders_is_one_error(tmp_path, victim):
     model = build_model(tiny_model_config())
     out = tmp_path / "export"
@@ -303,6 +316,7 @@ def test_a_stopped_prediction_writes_the_images_it_did(tmp_path, monkeypatch):
     assert all(len(r["topk"]) == 5 for r in done)
 
 
+@pytest.mark.slow
 def test_export_py_into_a_folder_with_a_planted_link_is_one_line(tmp_path, victim):
     paddle.seed(0)
     weights = str(tmp_path / "w.safetensors")
@@ -315,6 +329,7 @@ def test_export_py_into_a_folder_with_a_planted_link_is_one_line(tmp_path, victi
     assert victim.read_text() == "keep me\n"
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_midway_leaves_the_one_there_whole(tmp_path, monkeypatch):
     """A full disk while the new export is written: the working export stays as it was
     (model and contract together) and no staging folder is left."""
@@ -337,6 +352,7 @@ def test_an_export_that_fails_midway_leaves_the_one_there_whole(tmp_path, monkey
     assert ExportedModel(str(out))(image).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_an_output_that_is_one_of_the_inputs_is_refused(weights_and_photos, tmp_path):
     """--json naming an image it reads (by a hard link too), or the weights: one error before
     the work, the file as it was."""
@@ -358,6 +374,7 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(weights_and_photos, tmp_
     assert_one_error(proc, "--out", "which this command reads")
 
 
+@pytest.mark.slow
 def test_export_with_its_standard_error_closed_exports(trained, tmp_path):
     """``export.py 2>&-``: descriptor 2 gets /dev/null, so neither the capture of Paddle's
     native lines fails nor does a file opened later take its number."""

@@ -12,6 +12,7 @@ from utils.errors import UserError
 from utils.runtime.device import peaks_reset
 
 
+@pytest.mark.slow
 def test_preflight_measures_the_demo_in_one_json_line():
     proc = run_script("main.py", *DEMO_CLI, "--preflight", "--json", timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -29,6 +30,7 @@ def test_preflight_measures_the_demo_in_one_json_line():
     assert table.returncode == 0 and "projected: the whole recipe" in table.stdout
 
 
+@pytest.mark.slow
 def test_preflight_halves_a_micro_batch_that_does_not_fit(monkeypatch, capsys):
     import main
 
@@ -52,6 +54,7 @@ def test_preflight_halves_a_micro_batch_that_does_not_fit(monkeypatch, capsys):
     assert [(s["micro_batch"], s["accum_steps"]) for s in report["stages"]] == [(8, 4), (8, 4)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not peaks_reset(), reason="Paddle 2.6 cannot reset the allocator's peak: "
                                               "its preflight peak includes the stage check")
 def test_preflight_peak_memory_leaves_out_the_stage_check(monkeypatch, capsys):

@@ -40,6 +40,7 @@ def _cfg(*overrides):
     return load_config("configs/demo.yaml", [*SMALL, *overrides])
 
 
+@pytest.mark.slow
 def test_stage_ends_early_on_threshold_and_otherwise_runs_its_epochs(tmp_path):
     out = str(tmp_path / "run")
     train(_cfg(f"train.output_dir={out}", "stages.0.epochs=3", "stages.0.until={val_top1: 0.0}",
@@ -199,6 +200,7 @@ def test_a_restored_optimizer_state_is_whole_before_its_first_step(tiny_model_cf
         assert np.array_equal(again[key].numpy(), value), key
 
 
+@pytest.mark.slow
 def test_warm_start_from_our_own_checkpoint(tmp_path):
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train(_cfg(f"train.output_dir={first}", "stages.0.epochs=2", "stages.1.epochs=1"))
@@ -216,6 +218,7 @@ def test_warm_start_from_our_own_checkpoint(tmp_path):
     assert read_records(second)[0]["val_top1"] == pytest.approx(best["val_top1"])
 
 
+@pytest.mark.slow
 def test_linear_lr_scaling_scales_every_rate_of_a_stage():
     cfg = load_config("configs/demo.yaml", [
         "train.lr_scaling=linear", "train.reference_batch=16",

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+import pytest
 from safetensors.numpy import load_file
 
 from data.preprocess import DevicePreprocess
@@ -111,6 +112,7 @@ def _reference(cfg, initial, micro_batches):
     return weights, ema
 
 
+@pytest.mark.slow
 def test_training_equals_an_independent_implementation_of_the_recipe(tmp_path, monkeypatch):
     cfg = _config(str(tmp_path / "run"))
     seen, initial = [], {}

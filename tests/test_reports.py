@@ -25,6 +25,7 @@ from conftest import (
 from utils.errors import UserError
 
 
+@pytest.mark.slow
 def test_a_damaged_metrics_file_is_one_line_for_the_plots(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"stage": 0, "epoch": 0}\n{"stage": 0, "ep\n')
     proc = subprocess.run([sys.executable, "-m", "utils.reports.plots", str(tmp_path)], cwd=ROOT,
@@ -32,6 +33,7 @@ def test_a_damaged_metrics_file_is_one_line_for_the_plots(tmp_path):
     assert_one_error(proc, "line 2 of", "is damaged")
 
 
+@pytest.mark.slow
 def test_a_planted_metrics_or_visualdl_link_is_refused_and_its_target_untouched(tmp_path,
                                                                                  victim):
     from utils.reports.logger import VDL_FILE, RunLogger
@@ -54,6 +56,7 @@ def _scalars(out, tag):
     return [(r.id, r.value) for r in reader.get_data("scalar", tag)]
 
 
+@pytest.mark.slow
 def test_visualdl_keeps_one_continuous_history_across_a_resume(tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert run_script("main.py", *SAVING_RUN_CLI, "-o", f"train.output_dir={whole}").returncode == 0
@@ -72,6 +75,7 @@ def test_visualdl_keeps_one_continuous_history_across_a_resume(tmp_path):
         np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_people_read_one_numbering_and_loss_parts_that_add_up(tmp_path):
     out = str(tmp_path / "run")
     # Two epochs left after the signal: a loaded machine may read the line late.
@@ -86,7 +90,8 @@ def test_people_read_one_numbering_and_loss_parts_that_add_up(tmp_path):
     _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 143, stderr[-2000:]
     # At the end of epoch 1 (the signal came before its stop check) or inside a later one.
-    stopped = re.search(r"interrupted: SIGTERM at stage 1 epoch ([123]) \(step \d+\)", stderr)
+    stopped = re.search(r"interrupted: SIGTERM at stage 1 epoch ([123]) \(\d+ optimizer steps "
+                        r"into the whole run\)", stderr)
     assert stopped, stderr[-2000:]
     done = max(int(stopped.group(1)) - 1, 1)  # epochs of stage 1 completed
     epoch_lines = [l for l in lines if re.match(r"stage \d epoch \d/\d: ", l)]
@@ -103,6 +108,7 @@ def test_people_read_one_numbering_and_loss_parts_that_add_up(tmp_path):
         [(0, 1), (1, 1), (1, 2)][:1 + done]
 
 
+@pytest.mark.slow
 def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path, capsys):
     importlib.import_module("ipykernel")  # papermill imports it: that alone is no notebook
 
@@ -122,6 +128,27 @@ def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path, capsys):
     assert err.splitlines()[0].startswith("stage 0 epoch 1/1: 1/3 (33%), ")
     proc = run_script("main.py", *SAVING_RUN_CLI, "-o", f"train.output_dir={tmp_path / 'log'}")
     assert proc.returncode == 0 and "\r" not in proc.stderr  # a background job's log
+
+
+def test_an_epoch_in_a_notebook_is_one_line_of_its_width():
+    """The real recipe's worst case (R-Drop at α = 5, EMA and SWA, a 1,000 img/s GPU):
+    the brief line keeps the loss, validation and averages, and fits without a fold."""
+    from losses.rdrop import RDropLoss
+    from utils.reports.progress import NOTEBOOK_COLUMNS, fold
+    from utils.reports.text import epoch_line
+
+    means = {"loss": 1.23456, "ce": 0.98765, "kl": 0.04938}
+    stats = {**means, "grad_norm": 2.5, "grad_norm_max": 7.0, "overflow_steps": 3,
+             "images_per_s": 1234.5}
+    results = {"raw": {"top1": 0.91234, "top5": 0.98765, "loss": 0.34567, "num_samples": 5000},
+               "ema": {"top1": 0.92}, "swa": {"top1": 0.925}}
+    where = "stage 2 epoch 10/10"
+    line = epoch_line(where, stats, results, RDropLoss(alpha=5.0).in_words(means), brief=True)
+    assert line == ("stage 2 epoch 10/10: loss 1.2346 = ce 0.9877 + 5 x kl 0.0494 | val top1 "
+                    "0.9123, ema 0.9200, swa 0.9250 | 1234 img/s")
+    assert len(line) <= NOTEBOOK_COLUMNS and fold(line) == [line]
+    full = epoch_line(where, stats, results, RDropLoss(alpha=5.0).in_words(means))
+    assert "top5 0.9877" in full and "grad norm 2.5 (max 7)" in full and len(fold(full)) > 1
 
 
 def test_the_run_line_says_where_a_relative_output_folder_is(tmp_path, monkeypatch):
@@ -160,6 +187,7 @@ def test_charts_draw_chinese_class_names_with_real_glyphs(tmp_path):
     assert (tmp_path / "chinese.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_a_chart_is_written_after_paddle_is_loaded_through_the_project(tmp_path):
     """Paddle 2.6's wheels export their own zlib: a Pillow loaded after Paddle wrote PNG files
     through it and died of SIGSEGV. The project loads Pillow first (utils/__init__.py)."""
@@ -173,6 +201,7 @@ def test_a_chart_is_written_after_paddle_is_loaded_through_the_project(tmp_path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_damaged_chinese_font_or_a_failing_chart_never_ends_a_run(tmp_path):
     """The CJK font file cut short (a broken install) and a chart that cannot be written:
     training and val.py --plot still finish with exit 0 and their results, each failure one

@@ -23,6 +23,7 @@ from utils.errors import UserError
 from utils.run_folder import RunFolder
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(tmp_path):
     out = tmp_path / "run"
     # Long enough (about 30 steps after the lock) that the first run still holds its folder
@@ -31,8 +32,8 @@ def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(t
             "data.train_subset=512", "-o", "stages.0.epochs=2", "-o", f"train.output_dir={out}"]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
-    deadline = time.time() + 120
-    while not (out / "run.lock").exists() and time.time() < deadline:
+    deadline = time.time() + HANG_S
+    while not (out / "run.lock").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert_one_error(second, f"train.output_dir {out} is in use by another run (pid "
@@ -41,6 +42,7 @@ def test_a_second_run_into_a_held_folder_stops_and_the_first_keeps_its_records(t
     assert [(r["stage"], r["epoch"]) for r in read_records(str(out))] == [(0, 1), (0, 2), (1, 1)]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_writes_over_an_earlier_one(trained, tmp_path):
     before = {name: open(os.path.join(trained, name), "rb").read()
               for name in ("metrics.jsonl", "config.yaml", "best.safetensors")}
@@ -75,6 +77,7 @@ def test_a_fresh_run_never_writes_over_an_earlier_one(trained, tmp_path):
     assert (tmp_path / "other" / "thesis.tex").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_checks_what_the_run_reads_before_moving_anything(trained, tmp_path):
     """--overwrite with the weights to start from inside the folder it moves aside, or run
     from inside that folder (-c .): one line, nothing moved; a missing input is named before
@@ -115,6 +118,7 @@ def test_a_rename_the_os_refuses_is_one_line(tmp_path, monkeypatch):
     assert (folder / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_output_folders_that_cannot_be_folders_are_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -124,6 +128,26 @@ def test_output_folders_that_cannot_be_folders_are_one_line(tmp_path):
                      f"lies under {blocker}, which is a file")
     assert_one_error(run_script("val.py", *DEMO_CLI, "-o", f"train.output_dir={blocker}/run"),
                      f"lies under {blocker}, which is a file")
+
+
+@pytest.mark.slow
+def test_a_run_that_wrote_nothing_leaves_no_folder_and_no_lock(tmp_path):
+    """Refused at its start (here a --resume with nothing to resume): the folder it made
+    and its run.lock are gone; a folder that was there stays, without the lock."""
+    new, empty, used = tmp_path / "new", tmp_path / "empty", tmp_path / "used"
+    empty.mkdir()
+    for path in (new, empty, used):
+        folder = RunFolder(str(path))
+        folder.hold()
+        if path == used:
+            (path / "metrics.jsonl").write_text("{}\n")
+        folder.release()
+    assert not new.exists() and os.listdir(empty) == [] and \
+        sorted(os.listdir(used)) == ["metrics.jsonl", "run.lock"]
+    missing = tmp_path / "never trained"
+    assert_one_error(run_script("main.py", *DEMO_CLI, "-o", f"train.output_dir={missing}",
+                                "--resume"), "no complete checkpoint to resume")
+    assert not missing.exists()
 
 
 def test_overwrite_never_replaces_a_linked_output_folder(tmp_path):
@@ -137,6 +161,7 @@ def test_overwrite_never_replaces_a_linked_output_folder(tmp_path):
     assert link.is_symlink() and (real / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
     out = str(tmp_path / "run")
     assert run_script("main.py", *SAVING_RUN_CLI, "-o", f"train.output_dir={out}").returncode == 0
@@ -148,6 +173,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert not any(f for f in os.listdir(os.path.join(out, "vdl")) if f != "vdlrecords.run.log")
 
 
+@pytest.mark.slow
 def test_a_run_stopped_before_its_final_test_is_finished_by_resume(trained, tmp_path):
     """Every stage trained, the final test not run (killed during it): the same command says
     that --resume finishes it, and --resume does."""
@@ -170,6 +196,7 @@ def test_a_run_stopped_before_its_final_test_is_finished_by_resume(trained, tmp_
     assert len(read_records(str(copy), test=True)) == 2  # best and last
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_its_best_weights_is_not_called_complete(trained, tmp_path):
     """best.safetensors deleted or damaged: the same command says so and what to do instead
     of "complete" (val.py would say "train first": the two would send the user in a circle)."""
@@ -196,6 +223,7 @@ def test_an_unfinished_run_is_described_with_the_epoch_a_resume_reports(tmp_path
                                         "micro-batch 3)")
 
 
+@pytest.mark.slow
 def test_a_folder_inside_a_run_or_resume_with_overwrite_is_one_line(tmp_path):
     """-c naming the run's last/ (or any folder in it) says which folder to pass; --resume
     with --overwrite (continue and start afresh) is refused before anything runs."""

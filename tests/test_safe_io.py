@@ -132,6 +132,7 @@ def _load_in_child(blobs, limit_bytes=1 << 30):
                           text=True, timeout=HANG_S)
 
 
+@pytest.mark.slow
 def test_crafted_dtype_states_and_allocation_bombs_are_refused_by_name(tmp_path):
     bombs = {
         "dtype crash": (DTYPE_CRASH, "asks to call numpy.dtype('M8')"),
@@ -188,6 +189,7 @@ def _fuzz_seeds(tmp_path):
     return paths
 
 
+@pytest.mark.slow
 def test_fuzzed_pickles_load_or_fail_with_one_line_and_never_crash(tmp_path):
     paths = _fuzz_seeds(tmp_path)
     for path in paths:  # the seeds themselves load
@@ -206,6 +208,7 @@ def test_fuzzed_pickles_load_or_fail_with_one_line_and_never_crash(tmp_path):
 NDARRAY_BOMB = (b"\x80\x02cnumpy\nndarray\nJ@B\x0f\x00M\x00\x0c\x86X\x02\x00\x00\x00u1\x86R.")
 
 
+@pytest.mark.slow
 def test_the_dtype_crash_file_is_refused_by_every_entry_point(tmp_path, trained):
     evil = tmp_path / "evil.pdparams"
     evil.write_bytes(DTYPE_CRASH)
@@ -221,6 +224,7 @@ def test_the_dtype_crash_file_is_refused_by_every_entry_point(tmp_path, trained)
         assert_one_error(run_script(script, *args), "asks to call numpy.dtype('M8')")
 
 
+@pytest.mark.slow
 def test_allocation_bombs_in_a_small_archive_are_refused(tmp_path):
     bomb = write_cifar_archive(tmp_path / "bomb.tar.gz", {"train": NDARRAY_BOMB})
     assert os.path.getsize(bomb) < 2048
@@ -251,6 +255,7 @@ class _Zeros:
         return bytes(n)
 
 
+@pytest.mark.slow
 def test_more_paths_of_the_wrong_kind_are_one_line(tmp_path):
     cases = [
         (["main.py", "-c", str(tmp_path), "--dry-run"], "is a folder without config.yaml"),
@@ -309,6 +314,7 @@ def test_special_files_in_path_settings_are_one_line_each(tmp_path, specials):
                 read()
 
 
+@pytest.mark.slow
 def test_a_special_file_given_to_the_entry_points_is_one_line(tmp_path, specials):
     fifo, _ = specials["a pipe"]
     proc = run_script("main.py", "-c", fifo, "--dry-run", timeout=HANG_S)
@@ -317,6 +323,7 @@ def test_a_special_file_given_to_the_entry_points_is_one_line(tmp_path, specials
     assert_one_error(proc, "/dev/zero")
 
 
+@pytest.mark.slow
 def test_no_write_replaces_or_goes_through_a_link(tmp_path, victim):
     link = tmp_path / "out.json"
     link.symlink_to(victim)
@@ -347,6 +354,7 @@ def _evil_pickle(kind, marker):
                          "extra": Payload(function, argument(marker))}, protocol=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(PAYLOADS))
 def test_weights_pickle_with_code_is_refused_and_never_runs(tmp_path, kind):
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pdparams"

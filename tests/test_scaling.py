@@ -73,6 +73,7 @@ def two_rank_demo(tmp_path_factory):
     return out, logs
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_train_the_demo_to_its_accuracy(two_rank_demo):
     out, logs = two_rank_demo
     records = read_records(out)
@@ -82,6 +83,7 @@ def test_two_cpu_ranks_train_the_demo_to_its_accuracy(two_rank_demo):
     assert _test_top1(out) >= DEMO_BAND
 
 
+@pytest.mark.slow
 def test_two_local_nodes_follow_the_two_rank_trajectory(two_rank_demo, tmp_path):
     """Two one-rank "nodes" (``--nnodes 2``) train what two ranks on one node train: the
     same records epoch for epoch. Three epochs of the demo's first stage are enough to show
@@ -119,6 +121,7 @@ def two_rank_short_run(tmp_path_factory):
     return whole
 
 
+@pytest.mark.slow
 def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(two_rank_short_run,
                                                                     tmp_path):
     whole, killed = two_rank_short_run, str(tmp_path / "killed")
@@ -130,6 +133,7 @@ def test_two_ranks_killed_and_resumed_end_like_an_uninterrupted_run(two_rank_sho
     _assert_close_records(whole, killed, abs_tol=1e-12)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_saves_every_rank_and_the_printed_command_resumes(
         two_rank_short_run, tmp_path):
     """``kill <launcher>`` (a scheduler's stop): the launcher sends SIGTERM to each rank's
@@ -159,6 +163,7 @@ def test_sigterm_to_the_launcher_saves_every_rank_and_the_printed_command_resume
     _assert_close_records(whole, out, abs_tol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
 def test_a_rank_under_a_wrapper_script_saves_when_the_launcher_ends(tmp_path):
     """paddle.distributed.launch running a shell script that runs main.py: SIGHUP ends the
@@ -183,6 +188,7 @@ def test_a_rank_under_a_wrapper_script_saves_when_the_launcher_ends(tmp_path):
     assert "interrupted: SIGTERM at stage 1" in text and "Traceback" not in text, text[-2000:]
 
 
+@pytest.mark.slow
 def test_a_stop_in_a_validation_ends_it_on_every_rank_within_a_few_batches(tmp_path):
     """SIGTERM to rank 0 alone at the second batch of a validation of 50 batches a rank: the
     ranks agree within a few batches (not at the pass's end, which on GPUs could outlast the
@@ -216,6 +222,7 @@ def test_a_stop_in_a_validation_ends_it_on_every_rank_within_a_few_batches(tmp_p
     assert json.loads((out / "last" / "state.json").read_text())["tested"]
 
 
+@pytest.mark.slow
 def test_preflight_ranks_halve_a_micro_batch_together(tmp_path):
     """Rank 1 alone runs out of memory at 16 images a micro-batch (tests/preflight_ranks.py):
     both ranks try it without exchanging gradients, decide together, and report the same
@@ -252,6 +259,7 @@ def _assert_close_records(expected_run, run, abs_tol):
                 assert have[key] == pytest.approx(want[key], rel=1e-5, abs=abs_tol), key
 
 
+@pytest.mark.slow
 def test_two_ranks_with_recompute_train_to_the_same_weights(two_rank_short_run, tmp_path):
     """Recompute inside DataParallel (Paddle's re-entrant form crashed its reducer at the
     first backward): the same dropout masks, the same records and weights."""
@@ -298,6 +306,7 @@ def _relative_error(got, want):
     return max(np.abs(got[k] - want[k]).max() / max(np.abs(want[k]).max(), 1e-12) for k in want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_recompute_on_two_ranks_gives_the_full_batch_gradient_of_one_process(
         two_rank_gradients, accum):
@@ -323,6 +332,7 @@ def test_recompute_on_two_ranks_gives_the_full_batch_gradient_of_one_process(
         assert _relative_error(got, full) <= 1e-5, (recompute, accum)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_recompute_on_two_ranks_keeps_the_dropout_masks(two_rank_gradients, accum):
     without = two_rank_gradients[f"rc0_acc{accum}_drop0.3"]
@@ -342,6 +352,7 @@ def _ranks_end(out):
     return pid
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_ranks_stop_and_save_with_a_launcher_killed_by_sigkill(tmp_path):
     out = tmp_path / "run"
@@ -359,6 +370,7 @@ def test_ranks_stop_and_save_with_a_launcher_killed_by_sigkill(tmp_path):
     assert (stopped["epoch"], stopped["micro"]) > (saved["epoch"], saved["micro"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_sighup_to_the_launcher_saves_every_rank_and_resume_finishes(two_rank_short_run,
                                                                      tmp_path):

@@ -54,6 +54,7 @@ def _training_steps(records):
             if not any(frame.startswith("training/stage_check.py") for frame in step["frames"])]
 
 
+@pytest.mark.slow
 def test_a_training_step_is_six_calls_below_main_py_in_four_files_at_most(fixres_run):
     steps = _training_steps(fixres_run)
     assert len(steps) == 3  # one optimizer per stage
@@ -64,6 +65,7 @@ def test_a_training_step_is_six_calls_below_main_py_in_four_files_at_most(fixres
         assert "training/epoch.py:train_one_epoch" in frames
 
 
+@pytest.mark.slow
 def test_every_optimizer_and_loss_of_a_run_and_its_check_is_built_by_build_stage(fixres_run):
     built = fixres_run["built"]
     # Three stages, each built by the check and by the run: an optimizer and a loss each.
@@ -74,6 +76,7 @@ def test_every_optimizer_and_loss_of_a_run_and_its_check_is_built_by_build_stage
     assert len(checked) == 6
 
 
+@pytest.mark.slow
 def test_preflight_builds_its_stages_with_build_stage_too(tmp_path):
     records = _probe(tmp_path, "preflight", *FIXRES_SHORT, "--preflight", "--json")
     built = records["built"]
@@ -82,6 +85,7 @@ def test_preflight_builds_its_stages_with_build_stage_too(tmp_path):
     assert any("preflight.py:_fitting_accum" in item["frames"] for item in built)
 
 
+@pytest.mark.slow
 def test_nothing_of_the_check_or_an_earlier_stage_is_alive_when_a_stage_trains(fixres_run):
     """Paddle's optimizers sit in a reference cycle: with Python's automatic collection
     off, only the run's own collections free them, at the end of the check and of each
@@ -91,6 +95,7 @@ def test_nothing_of_the_check_or_an_earlier_stage_is_alive_when_a_stage_trains(f
         assert step["scratch_models_alive"] == 0
 
 
+@pytest.mark.slow
 def test_a_collection_at_the_first_step_of_each_optimizer_frees_almost_nothing(fixres_run):
     """Measured with Paddle's host allocator: what a garbage collection would still free at
     each optimizer's first step is at most a tenth of the model's weights (the check's
@@ -102,6 +107,7 @@ def test_a_collection_at_the_first_step_of_each_optimizer_frees_almost_nothing(f
         assert step["collection_frees_bytes"] <= 0.1 * weights, step
 
 
+@pytest.mark.slow
 def test_without_those_collections_the_probe_finds_the_optimizers_alive(tmp_path):
     """The probe itself: with ``gc.collect`` made a no-op the check's and the earlier
     stages' optimizers stay alive (so the test above can fail)."""

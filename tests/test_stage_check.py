@@ -61,6 +61,7 @@ def checked_and_unchecked(tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 def test_the_stage_check_leaves_the_run_bit_identical(checked_and_unchecked):
     checked, unchecked = checked_and_unchecked[True], checked_and_unchecked[False]
     assert_same_run(unchecked, checked, records=3, kinds=("raw", "ema"))
@@ -119,6 +120,7 @@ def test_a_later_stage_that_cannot_run_fails_before_the_first_epoch(tmp_path, ov
     _trained_nothing(out, capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_a_misnamed_trainable_in_stage_2_is_one_error_before_training(tmp_path):
     proc = run_script("main.py", "-c", CONFIG, *[a for o in SHORT for a in ("-o", o)],
                       "-o", f"train.output_dir={tmp_path}", "-o", "stages.2.trainable=[nosuch]")
@@ -157,6 +159,7 @@ def test_a_kernel_that_fails_in_stage_2_stops_the_run_before_stage_0(tmp_path, m
     assert "train.amp_level=O1" in hint and "stages.2.optimizer.name=AdamW" in hint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", [["head.bias"], ["pos_embed"]])
 def test_a_stage_may_train_a_single_tensor(tmp_path, names):
     """A stage with nothing to decay (one bias, the position embedding) trains: Paddle's
@@ -170,6 +173,7 @@ def test_a_stage_may_train_a_single_tensor(tmp_path, names):
     assert len(optimizer._param_groups) == 1
 
 
+@pytest.mark.slow
 def test_a_resume_takes_corrections_of_stages_that_have_not_started(tmp_path, monkeypatch,
                                                                     capfd):
     corrected = ["stages.2.optimizer={name: AdamW, lr: 2.0e-3, weight_decay: 0.0}",
@@ -224,6 +228,7 @@ def test_which_stages_may_differ_on_resume():
                                       position=Position(1)), cfg, "x") == [2]
 
 
+@pytest.mark.slow
 def test_a_bad_stage_is_reported_by_preflight_too(tmp_path):
     proc = run_script("main.py", "-c", CONFIG, *[a for o in SHORT for a in ("-o", o)],
                       "-o", f"train.output_dir={tmp_path}", "-o", "stages.1.data.image_size=20",
@@ -231,6 +236,7 @@ def test_a_bad_stage_is_reported_by_preflight_too(tmp_path):
     assert_one_error(proc, "stages.1: an image size of 20 px")
 
 
+@pytest.mark.slow
 def test_the_check_counts_the_attention_and_says_where_the_plan_assumed_otherwise(
         tmp_path, monkeypatch):
     """Every attention call of the trial steps is counted (here PPIM's computation on the

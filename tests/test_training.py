@@ -41,6 +41,7 @@ def _small_run(output_dir, *extra):
         *extra])
 
 
+@pytest.mark.slow
 def test_a_few_rdrop_steps_lower_the_loss(tiny_model_cfg):
     paddle.seed(0)
     model = build_model(tiny_model_cfg)
@@ -118,6 +119,7 @@ def test_momentum_stage_applies_l2_decay():
     assert float(layer.weight.numpy()[0, 0]) == pytest.approx(1.0 - stage.optimizer.lr * 0.5)
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     out = str(tmp_path / "run")
     best = train(_small_run(out, "stages.0.data={train_subset: 100, val_subset: 50}"))
@@ -138,6 +140,7 @@ def test_run_writes_metrics_checkpoints_and_logs(tmp_path):
     assert best["val_top1"] == max(max(r["val_top1"], r["val_top1_ema"]) for r in records[1:])
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_baseline_differs(tmp_path):
     runs = []
     for name, extra in (("a", ()), ("b", ()), ("c", ("loss.rdrop=false",))):
@@ -201,6 +204,7 @@ def test_out_of_memory_in_a_run_is_one_line_after_a_safe_checkpoint(tmp_path, mo
     assert state["position"]["micro"] == 4
 
 
+@pytest.mark.slow
 def test_the_engine_imports_no_model_builder_download_or_unpickler():
     """The loop and the update know nothing of building models, downloads or pickles: those
     happen at the run's edges."""

@@ -244,6 +244,7 @@ def test_without_loss_scaling_a_non_finite_gradient_is_a_non_finite_step():
     assert (progress.steps, progress.overflow_steps) == (2, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("injector", [_InjectsNonFiniteGradients, _InjectsNonFiniteLoss])
 def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(tmp_path,
                                                                               monkeypatch,
@@ -276,6 +277,7 @@ def test_overflow_steps_move_neither_the_ema_nor_the_step_count_and_are_logged(t
     assert trees["scaler"] == {"scale": INIT_LOSS_SCALE / 4, "good_steps": 5}
 
 
+@pytest.mark.slow
 def test_an_epoch_of_skipped_steps_records_no_loss_and_standard_json(tmp_path, monkeypatch):
     from losses.rdrop import RDropLoss
     from main import train
@@ -304,6 +306,7 @@ DIVERGE = [*DEMO_CLI, *SUBSET_CLI, "-o", "stages.0.warmup.epochs=0", "-o", "stag
            "-o", "train.save_every_steps=1"]
 
 
+@pytest.mark.slow
 def test_divergence_stops_naming_where_and_keeps_the_last_good_checkpoint(tmp_path):
     out = str(tmp_path / "out")
     proc = run_script("main.py", *DIVERGE, "-o", f"train.output_dir={out}")
@@ -315,6 +318,7 @@ def test_divergence_stops_naming_where_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(np.isfinite(array).all() for array in trees["raw"].values())
 
 
+@pytest.mark.slow
 def test_skipping_non_finite_steps_is_bounded(tmp_path):
     out = str(tmp_path / "out")
     proc = run_script("main.py", *DIVERGE, "-o", f"train.output_dir={out}",

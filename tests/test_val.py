@@ -23,6 +23,7 @@ def test_val_kind_reads_a_damaged_run_config_without_a_traceback(tmp_path, damag
     assert _kept_average(str(tmp_path), "ema") is True  # then the weights decide
 
 
+@pytest.mark.slow
 def test_asking_for_an_average_the_run_did_not_keep_says_so(tmp_path):
     out = str(tmp_path / "run")
     train(small_demo_config(out, "stages.1.epochs=1"))
@@ -42,12 +43,14 @@ WEIGHT_ROWS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", sorted(WEIGHT_ROWS))
 def test_bad_weights_for_val_are_one_error_line(tmp_path, row):
     make, *fragments = WEIGHT_ROWS[row]
     assert_one_error(run_script("val.py", *DEMO_CLI, "--weights", make(tmp_path)), *fragments)
 
 
+@pytest.mark.slow
 def test_a_run_trained_with_another_model_is_refused_and_a_run_folder_is_accepted(trained,
                                                                                   tmp_path):
     """The run in train.output_dir must have been trained with this config's model: its
@@ -61,6 +64,7 @@ def test_a_run_trained_with_another_model_is_refused_and_a_run_folder_is_accepte
     assert "best.safetensors" in proc.stdout and "top1=" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_run_folder_as_the_config_reads_its_config_and_weights(trained, tmp_path):
     """``-c RUN_FOLDER``: the run's own config.yaml, the folder as train.output_dir (even
     after the folder has moved), its best weights named in the output."""

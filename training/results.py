@@ -8,6 +8,7 @@ from typing import Optional
 from losses.parts import ALWAYS, NAMES
 from training.state import KINDS
 from utils.errors import UserError
+from utils.reports.text import top5_text
 from utils.schema import TrainConfig
 
 
@@ -52,7 +53,7 @@ def new_best(record: dict, results: dict, epoch_index: int, best: Optional[dict]
 def test_line(record: dict) -> str:
     """The console line of one final-test record."""
     return (f"test split, {record['test']} weights ({record['kind']}): top1 "
-            f"{record['test_top1']:.4f} top5 {record['test_top5']:.4f} loss "
+            f"{record['test_top1']:.4f}{top5_text(record['test_top5'])} loss "
             f"{record['test_loss']:.4f} on {record['num_samples']}")
 
 

@@ -67,7 +67,7 @@ from utils.io.files import path_problem, write_atomically
 from utils.io.tensor_io import as_paddle, load_tensors
 from utils.reports.logger import RunLogger
 from utils.reports.plots import curves_at_end
-from utils.reports.progress import one_output
+from utils.reports.progress import in_notebook, one_output
 from utils.reports.progress import set_mode as set_progress
 from utils.reports.text import best_line, epoch_line, place, run_line
 from utils.run_folder import RESUME_FILE, RunFolder
@@ -238,7 +238,8 @@ class Run:
         where = place(here.stage, here.epoch + 1, length.epochs)
         if cfg.train.eval_every_steps:
             where += f", step {step}/{length.steps}"
-        print(epoch_line(where, stats, results, stage.criterion.in_words(stats)), flush=True)
+        print(epoch_line(where, stats, results, stage.criterion.in_words(stats),
+                         brief=in_notebook()), flush=True)
         if reached:
             print(f"stage {here.stage} ends early: {', '.join(reached)} reached", flush=True)
         last = done and here.stage == len(cfg.stages) - 1
@@ -285,8 +286,8 @@ class Run:
         """The :class:`Interrupted` to raise once the stop checkpoint is saved."""
         return Interrupted(self.stops.signum or signal.SIGTERM,
                            f"{self.stops.requested or 'SIGTERM'} at "
-                           f"{place(here.stage, here.epoch + 1)} (step "
-                           f"{self.state.global_step}); checkpoint saved in "
+                           f"{place(here.stage, here.epoch + 1)} ({self.state.global_step} "
+                           f"optimizer steps into the whole run); checkpoint saved in "
                            f"{find_last(self.out)}")
 
     # The end --------------------------------------------------------------------------

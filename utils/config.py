@@ -253,6 +253,10 @@ def check_relations(cfg: Config) -> None:
             raise UserError(f"config key 'stages.{index}.epochs' is "
                             f"{'missing' if stage.epochs is None else 'given with .steps'}: "
                             f"give the stage's length in epochs or in optimizer steps (steps)")
+        if stage.until.get("val_top5") is not None and cfg.model.num_classes <= 5:
+            raise UserError(f"config key 'stages.{index}.until.val_top5': with "
+                            f"{cfg.model.num_classes} classes every label is in the top five, "
+                            f"so there is no top-5 accuracy to reach; use until.val_top1")
         if stage.warmup.steps and stage.warmup.epochs:
             raise UserError(f"config keys 'stages.{index}.warmup.steps' and '.epochs': "
                             f"give one of them, not both")

@@ -12,6 +12,7 @@ class NotebookTerms:
 
     advice: Callable[[str], str] = staticmethod(lambda message: message)
     resume: str = "resume it with --resume"
+    stop: str = "Ctrl-C"  # how a person stops a run in progress
 
 
 class UserError(Exception):

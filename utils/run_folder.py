@@ -7,6 +7,7 @@ locked. A second run into a held folder stops at once, naming the holder. A fres
 or anything else, is moved aside with ``--overwrite``, never deleted or mixed in.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -98,11 +99,24 @@ def _refuse_moving_inputs(folder, inputs):
                             f"and name the copy, or choose another train.output_dir")
 
 
+def fresh_start_problem(path: str) -> Optional[str]:
+    """Why a fresh run (neither ``--resume`` nor ``--overwrite``) cannot start in ``path``,
+    in words with the ways out; ``None`` when it can (a new or empty folder)."""
+    if not os.path.isdir(path) or not any(name != LOCK for name in os.listdir(path)):
+        return None
+    held = _describe(path)
+    fix = ("" if held.startswith("a finished run") else
+           "finish it with --resume (it runs the final test), " if "final test" in held
+           else "continue it with --resume, ")
+    return (f"train.output_dir {path} already holds {held}; {fix}choose another "
+            f"train.output_dir, or pass --overwrite to move it aside and start afresh")
+
+
 class RunFolder:
     """Hold ``path`` for one run: create it, lock it, and check what a fresh run finds there."""
 
     def __init__(self, path: str) -> None:
-        self.path, self._fd = path, None
+        self.path, self._fd, self._made = path, None, []
 
     def hold(self, resume: bool = False, overwrite: bool = False,
              inputs: Sequence[tuple[str, str]] = ()) -> Optional[str]:
@@ -113,6 +127,8 @@ class RunFolder:
         run was moved to, if any."""
         if overwrite and os.path.isdir(self.path):
             _refuse_moving_inputs(self.path, inputs)
+        self._made = [path for path in (os.path.join(self.path, LOCK), self.path)
+                      if not os.path.lexists(path)]
         ensure_folder(self.path, "train.output_dir")
         self._lock()
         if resume or not any(name != LOCK for name in os.listdir(self.path)):
@@ -120,13 +136,7 @@ class RunFolder:
         foreign = sorted(name for name in os.listdir(self.path)
                          if name not in RUN_ENTRIES and not name.endswith(".tmp"))
         if not overwrite:
-            held = _describe(self.path)
-            fix = ("" if held.startswith("a finished run") else
-                   "finish it with --resume (it runs the final test), " if "final test" in held
-                   else "continue it with --resume, ")
-            raise UserError(f"train.output_dir {self.path} already holds {held}; {fix}choose "
-                            f"another train.output_dir, or pass --overwrite to move it aside "
-                            f"and start afresh")
+            raise UserError(fresh_start_problem(self.path))
         if foreign:
             raise UserError(f"train.output_dir {self.path} holds files that no run wrote (e.g. "
                             f"{', '.join(foreign[:3])}); --overwrite moves only earlier runs: "
@@ -144,6 +154,7 @@ class RunFolder:
                             f"another train.output_dir") from None
         self.release()
         os.makedirs(self.path)
+        self._made = [os.path.join(self.path, LOCK), self.path]
         self._lock()
         print(f"moved the earlier contents of {self.path} to {moved}", flush=True)
         return moved
@@ -172,11 +183,24 @@ class RunFolder:
         _HELD.add(fd)
 
     def release(self) -> None:
-        """Let another run take the folder (also happens when the process ends)."""
-        if self._fd is not None:
-            _HELD.discard(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        """Let another run take the folder (also happens when the process ends). A run
+        that wrote nothing (refused at its start) leaves no trace: the lock file and the
+        folder it made are removed."""
+        if self._fd is None:
+            return
+        made, self._made = self._made, []
+        try:  # while the lock is held: no other run has the folder
+            unused = made and os.listdir(self.path) == [LOCK]
+            if unused and os.path.join(self.path, LOCK) in made:
+                os.unlink(os.path.join(self.path, LOCK))
+        except OSError:  # gone meanwhile: nothing to tidy
+            unused = False
+        _HELD.discard(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        if unused and self.path in made:
+            with contextlib.suppress(OSError):  # another run's lock may be there by now
+                os.rmdir(self.path)
 
 
 def folder_in_use(path: str) -> bool:

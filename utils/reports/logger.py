@@ -128,7 +128,9 @@ class RunLogger:
         with open_unlinked(self.metrics_path, "a") as handle:
             handle.write(json_text(record) + "\n")
         for key in ("test_top1", "test_top5", "test_loss"):
-            self._scalar(f"test/{record['test']}_{key[len('test_'):]}", float(record[key]), 0)
+            if record[key] is not None:  # no top-5 among at most five classes
+                self._scalar(f"test/{record['test']}_{key[len('test_'):]}", float(record[key]),
+                             0)
 
     def close(self) -> None:
         """Flush and close the VisualDL writer."""

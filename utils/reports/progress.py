@@ -44,7 +44,7 @@ def silenced() -> Iterator[None]:
         _mode = saved
 
 
-def _in_notebook():
+def in_notebook() -> bool:
     """Whether this process is a Jupyter kernel (not merely a process that imported one, as
     papermill's caller does)."""
     ipython = sys.modules.get("IPython")
@@ -53,7 +53,7 @@ def _in_notebook():
 
 
 def _watched():
-    return sys.stderr.isatty() or _in_notebook()
+    return sys.stderr.isatty() or in_notebook()
 
 
 def track(iterable: Iterable, desc: str) -> Iterable:
@@ -97,8 +97,10 @@ class _Lines:
 REDRAW_INTERVAL_S = 0.5
 # The output keeps the last lines only; metrics.jsonl holds every epoch.
 MAX_LINES = 400
-# A notebook output does not wrap: longer lines are folded at their clause separators.
-NOTEBOOK_COLUMNS = 100
+# Longer lines are folded at their clause separators, not wherever the page wraps them (or
+# scrolls, where it does not wrap); an epoch's line is written to fit (the brief form of
+# utils.reports.text.epoch_line). 115: what JupyterLab shows beside its file browser at 1366 px.
+NOTEBOOK_COLUMNS = 115
 _SEPARATOR = re.compile(r"(?<=\S)(?= \| )|(?<=; )(?=\S)")
 _INDENT = "   "
 
@@ -123,7 +125,7 @@ def fold(line: str, width: int = NOTEBOOK_COLUMNS) -> list[str]:
 def one_output() -> Iterator[None]:
     """In a notebook, what the block prints (lines, bars, warnings) is one output updated in
     place, bars redrawn where they stand; elsewhere nothing changes."""
-    if not _in_notebook() or isinstance(sys.stdout, _OneOutput):
+    if not in_notebook() or isinstance(sys.stdout, _OneOutput):
         yield
         return
     from IPython.display import display

@@ -10,6 +10,12 @@ import os
 from typing import Optional
 
 
+def top5_text(value: Optional[float], form: str = " top5 {:.4f}") -> str:
+    """A top-5 accuracy in ``form``, or nothing where there is none (at most five
+    classes)."""
+    return "" if value is None else form.format(value)
+
+
 def place(stage: int, epoch: int, epochs: Optional[int] = None) -> str:
     """``stage S epoch E[/N]`` for a 0-based stage and a 1-based epoch."""
     return f"stage {stage} epoch {epoch}" + (f"/{epochs}" if epochs else "")
@@ -33,12 +39,20 @@ def run_line(device: str, train: int, val: int, test: int, output_dir: str, sour
                                                      f"current folder)"))
 
 
-def epoch_line(where: str, stats: dict, results: dict, loss_text: str) -> str:
+def epoch_line(where: str, stats: dict, results: dict, loss_text: str,
+               brief: bool = False) -> str:
     """The console line of one finished epoch: the training loss in its terms (``loss_text``,
     the criterion's :meth:`in_words`), validation metrics of the raw weights and of each
-    average, gradient norms, speed."""
+    average, gradient norms, speed. ``brief`` (a notebook's output, which does not wrap):
+    the loss, validation top-1 of the weights and of each average, the speed, in one line
+    that fits its width; ``metrics.jsonl`` holds the rest."""
     val = results["raw"]
-    text = (f"{where}: {loss_text} | val top1 {val['top1']:.4f} top5 {val['top5']:.4f} loss "
+    if brief:
+        averages = "".join(f", {kind} {result['top1']:.4f}" for kind, result in results.items()
+                           if kind != "raw")
+        return (f"{where}: {loss_text} | val top1 {val['top1']:.4f}{averages} | "
+                f"{stats['images_per_s']:.0f} img/s")
+    text = (f"{where}: {loss_text} | val top1 {val['top1']:.4f}{top5_text(val['top5'])} loss "
             f"{val['loss']:.4f} on {val['num_samples']}"
             + "".join(f", {kind} top1 {result['top1']:.4f}" for kind, result in results.items()
                       if kind != "raw"))
@@ -57,5 +71,5 @@ def best_line(best: Optional[dict], path: str) -> str:
     text = (f"best val top1 {best['val_top1']:.4f} ({best['kind']} weights, "
             f"{place(best['stage'], best['epoch'])}, {chosen})")
     if "test_top1" in best:
-        text += f"; test top1 {best['test_top1']:.4f} top5 {best['test_top5']:.4f}"
+        text += f"; test top1 {best['test_top1']:.4f}{top5_text(best['test_top5'])}"
     return text + f"; weights in {path}"
