@@ -104,6 +104,15 @@ def test_zero_heads_need_the_linear_heads():
         load_config("configs/demo.yaml", ["model.head=mlp", "model.head_init=zero"])
 
 
+def test_a_top5_goal_among_five_classes_or_fewer_is_refused():
+    """Every label is in the top five there: no top-5 is measured, so no goal can be met."""
+    with pytest.raises(UserError, match="'stages.0.until.val_top5': with 5 classes every label "
+                                        "is in the top five"):
+        load_config("configs/demo.yaml", ["model.num_classes=5", "stages.0.until.val_top5=0.9"])
+    assert load_config("configs/demo.yaml", ["stages.0.until.val_top5=0.9"]).stages[0].until \
+        == {"val_top5": 0.9}  # ten classes
+
+
 def test_missing_required_key_is_named():
     raw = {"stages": [{"optimizer": {"name": "AdamW", "lr": 1.0}}], "data": {"batch_size": 2},
            "model": {"num_classes": 3}}
