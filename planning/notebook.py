@@ -20,6 +20,7 @@ from utils.config import path_override
 from utils.errors import NotebookTerms, UserError
 from utils.run_folder import fresh_start_problem
 from utils.schema import Config
+from utils.yaml_text import short
 
 # Command-line options and the notebook parameters (first code cell) that set them.
 PARAMETERS = {"data.path": "DATA_PATH", "train.output_dir": "OUTPUT_DIR"}
@@ -89,21 +90,20 @@ class Parameters:
 
     def __post_init__(self) -> None:
         overrides = [self.OVERRIDES] if isinstance(self.OVERRIDES, str) else self.OVERRIDES
-        for name, value, wanted in (
-                ("CONFIG", self.CONFIG, isinstance(self.CONFIG, str)),
-                ("OUTPUT_DIR", self.OUTPUT_DIR, isinstance(self.OUTPUT_DIR, str)),
-                ("OVERRIDES", self.OVERRIDES, isinstance(overrides, (list, tuple)) and all(
-                    isinstance(item, str) for item in overrides)),
-                ("DATA_PATH", self.DATA_PATH, self.DATA_PATH is None
-                 or isinstance(self.DATA_PATH, str)),
-                ("RESUME", self.RESUME, isinstance(self.RESUME, bool)),
-                ("OVERWRITE", self.OVERWRITE, isinstance(self.OVERWRITE, bool))):
+        accepted = {  # each parameter: whether its value is of its kind, and the kind in words
+            "CONFIG": (isinstance(self.CONFIG, str), "a path in quotes"),
+            "OUTPUT_DIR": (isinstance(self.OUTPUT_DIR, str), "a path in quotes"),
+            "OVERRIDES": (isinstance(overrides, (list, tuple))
+                          and all(isinstance(item, str) for item in overrides),
+                          "a string or a list of strings"),
+            "DATA_PATH": (self.DATA_PATH is None or isinstance(self.DATA_PATH, str),
+                          "None or a path in quotes"),
+            "RESUME": (isinstance(self.RESUME, bool), "True or False"),
+            "OVERWRITE": (isinstance(self.OVERWRITE, bool), "True or False")}
+        for name, (wanted, kind) in accepted.items():
             if not wanted:
-                kinds = {"OVERRIDES": "a string or a list of strings", "DATA_PATH": "None or a "
-                         "path in quotes", "RESUME": "True or False", "OVERWRITE": "True or "
-                         "False"}.get(name, "a path in quotes")
-                raise ParameterError(f"{name} = {value!r} must be {kinds}; change it in "
-                                     f"{PARAMETERS_CELL}")
+                raise ParameterError(f"{name} = {short(getattr(self, name))} must be {kind}; "
+                                     f"change it in {PARAMETERS_CELL}")
 
     def assignments(self) -> list[tuple[str, str]]:
         """``(parameter, -o assignment)`` of every override the parameters make, in the
@@ -164,10 +164,10 @@ class Parameters:
         (where ``DATA_PATH`` is the fix)."""
         rest = _translated(problem[len(f"data.path {path} "):])
         if name == "DATA_PATH":
-            return (f"DATA_PATH = {json.dumps(path, ensure_ascii=False)} {rest}; change "
+            return (f"DATA_PATH = {_shown(path)} {rest}; change "
                     f"DATA_PATH in {PARAMETERS_CELL}")
         if name == "CONFIG":
-            return (f"CONFIG = {json.dumps(self.CONFIG, ensure_ascii=False)} reads its data "
+            return (f"CONFIG = {_shown(self.CONFIG)} reads its data "
                     f"from data.path {path}, which {rest}; set DATA_PATH in {PARAMETERS_CELL}")
         return self._blamed(name, f"data.path {path} {rest}")
 
@@ -178,9 +178,15 @@ class Parameters:
                   "DATA_PATH": self.DATA_PATH, "OVERRIDES": self.OVERRIDES}
         index = re.fullmatch(r"OVERRIDES\[(\d+)\]", name)
         value = self.OVERRIDES[int(index[1])] if index else values[name]
-        return (f"{name} = {json.dumps(value, ensure_ascii=False)}: "
+        return (f"{name} = {_shown(value)}: "
                 f"{_translated(message, keys=False).replace('Ctrl-C', STOP)}; "
                 f"change {name} in {PARAMETERS_CELL}")
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    """A parameter's value as it would be written in the cell, cut for an error line."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def data_line(cfg: Config) -> str:

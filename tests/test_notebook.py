@@ -231,6 +231,7 @@ def test_parameters_name_the_parameter_that_makes_an_error(tmp_path):
     assert error(OVERRIDES=["stages.0.epochs=2", "loss.alpha=x"]) == (
         f"error: OVERRIDES[1] = \"loss.alpha=x\": config key 'loss.alpha' must be float, got "
         f"str 'x'; change OVERRIDES[1] {PARAMETERS_CELL}")
+    assert len(error(OVERRIDES=["x" * 100_000 + "=1"])) < 500  # a pasted blob is not echoed
     assert error(OVERRIDES="loss.alphaa=1").startswith(
         "error: OVERRIDES = \"loss.alphaa=1\": config key 'loss.alphaa' is unknown")
     assert error(CONFIG="configs/nope.yaml").startswith(

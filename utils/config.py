@@ -50,7 +50,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``a.b.0.c=value`` assignment to the raw (unvalidated) mapping."""
     key, sep, text = assignment.partition("=")
     if not sep or not key:
-        raise UserError(f"override {assignment!r} must look like section.key=value")
+        raise UserError(f"override {short(assignment)} must look like section.key=value")
     parts = key.split(".")
     if len(parts) > MAX_CONFIG_DEPTH:
         raise UserError(f"override key {short(key)} has {len(parts)} levels; configs have at "
@@ -62,11 +62,11 @@ def apply_override(raw: dict, assignment: str) -> None:
         if isinstance(node, list):
             if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
                 raise UserError(
-                    f"override {key!r}: {where} is a list of {len(node)}, "
-                    f"{part!r} is not an index in it")
+                    f"override {short(key)}: {where} is a list of {len(node)}, "
+                    f"{short(part)} is not an index in it")
             part = int(part)
         elif not isinstance(node, dict):
-            raise UserError(f"override {key!r}: {where} is a value, not a section")
+            raise UserError(f"override {short(key)}: {where} is a value, not a section")
         if last:
             node[part] = parse_value(text)
         else:
@@ -121,7 +121,8 @@ def _check_section(value, section, path, tag_keys=()):
     if unknown:
         valid = ", ".join([*tag_keys, *section.fields])
         raise UserError(
-            f"config key '{_join(path, unknown[0])}' is unknown; valid keys at {where}: {valid}")
+            f"config key {short(_join(path, unknown[0]))} is unknown; valid keys at {where}: "
+            f"{valid}")
     result = section.view()
     for key, schema in section.fields.items():
         key_path = _join(path, key)

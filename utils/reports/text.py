@@ -43,7 +43,7 @@ def epoch_line(where: str, stats: dict, results: dict, loss_text: str,
                brief: bool = False) -> str:
     """The console line of one finished epoch: the training loss in its terms (``loss_text``,
     the criterion's :meth:`in_words`), validation metrics of the raw weights and of each
-    average, gradient norms, speed. ``brief`` (a notebook's output, which does not wrap):
+    average, gradient norms, speed. ``brief`` (a notebook's output, one line per epoch):
     the loss, validation top-1 of the weights and of each average, the speed, in one line
     that fits its width; ``metrics.jsonl`` holds the rest."""
     val = results["raw"]
