@@ -110,16 +110,9 @@ def trained(tmp_path_factory):
     return out
 
 
-# The modules by their measured time, longest first (the whole demo on one process and on two
-# ranks lead), so that no worker is left alone with a long module at the end and the parallel
-# workers finish together (pytest.ini keeps this order); the rest follow, each a few seconds.
-LONGEST_FIRST = (
-    "test_demo.py", "test_scaling.py", "test_bench.py", "test_interrupts.py", "test_run_folder.py",
-    "test_predict_export.py", "test_distill.py", "test_cifar.py", "test_folder_runs.py",
-    "test_safe_io.py", "test_checkpoint.py", "test_paper_recipe.py", "test_reports.py",
-    "test_preflight.py", "test_stage_check.py", "test_plan.py", "test_model.py", "test_fixres.py",
-    "test_data.py", "test_val.py", "test_training.py", "test_notebook.py", "test_updates.py",
-    "test_recipe.py", "test_precision_attention.py", "test_stage.py", "test_config.py")
+# The modules with the longest runs (the whole demo on one process and on two ranks) start
+# first, so that the parallel workers finish together (pytest.ini keeps this order).
+LONGEST_FIRST = ("test_demo.py", "test_scaling.py")
 
 
 def pytest_collection_modifyitems(items):
